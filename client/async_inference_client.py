@@ -1,0 +1,204 @@
+"""asyncio inference client, the same surface as InferenceClient with `await`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorfleet.protos import inference_pb2 as pb
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+
+from .channel import ConnectionOptions, aio_channel
+from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
+from .inference_client import StreamResult, _stream_result
+from .messages import ParameterValue, build_infer_request, parse_infer_response
+
+
+class AsyncInferenceClient:
+    """Calls one server's GRPCInferenceService from asyncio code."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        server_name: str | None = None,
+        timeout: float | None = None,
+        options: ConnectionOptions | None = None,
+    ) -> None:
+        self.address = address
+        self._options = options or ConnectionOptions(
+            token=token,
+            tls=tls,
+            root_cert=root_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+        )
+        self._timeout = timeout
+        self._channel = aio_channel(address, self._options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(
+                request, metadata=self._options.metadata(), timeout=timeout or self._timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def is_live(self) -> bool:
+        return (await self._call(self._stub.ServerLive, pb.ServerLiveRequest())).live
+
+    async def is_ready(self) -> bool:
+        return (await self._call(self._stub.ServerReady, pb.ServerReadyRequest())).ready
+
+    async def is_model_ready(self, model: str, version: str = "") -> bool:
+        reply = await self._call(self._stub.ModelReady, pb.ModelReadyRequest(name=model, version=version))
+        return reply.ready
+
+    async def health(self, service: str = "") -> str:
+        reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def wait_until_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: Exception | None = None
+        while loop.time() < deadline:
+            try:
+                if await self.health() == "SERVING" and (
+                    model is None or await self.is_model_ready(model)
+                ):
+                    return
+            except TensorfleetError as error:
+                last = error
+            await asyncio.sleep(0.1)
+        raise error_for_code(
+            grpc.StatusCode.UNAVAILABLE, f"{self.address} not ready after {timeout}s: {last}"
+        )
+
+    async def server_metadata(self) -> pb.ServerMetadataResponse:
+        return await self._call(self._stub.ServerMetadata, pb.ServerMetadataRequest())
+
+    async def model_metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
+        return await self._call(
+            self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version)
+        )
+
+    async def model_config(self, model: str, version: str = "") -> Any:
+        reply = await self._call(self._stub.ModelConfig, pb.ModelConfigRequest(name=model, version=version))
+        return reply.config
+
+    async def model_statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        return await self._call(
+            self._stub.ModelStatistics, pb.ModelStatisticsRequest(name=model, version=version)
+        )
+
+    async def repository_index(self, ready_only: bool = False) -> list[Any]:
+        reply = await self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest(ready=ready_only))
+        return list(reply.models)
+
+    async def load_model(self, model: str) -> None:
+        await self._call(self._stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=model))
+
+    async def unload_model(self, model: str) -> None:
+        await self._call(
+            self._stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model)
+        )
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Iterable[str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        request = build_infer_request(
+            model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
+        )
+        return parse_infer_response(await self._call(self._stub.ModelInfer, request, timeout))
+
+    async def stream(
+        self,
+        model: str,
+        requests: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+        *,
+        window: int = 8,
+        outputs: Iterable[str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[StreamResult]:
+        """Keep `window` requests in flight on one stream; yield results in input order."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        output_names = list(outputs or ())
+        slots = asyncio.Semaphore(window)
+        call = self._stub.ModelStreamInfer(metadata=self._options.metadata())
+
+        async def write_all() -> None:
+            index = 0
+            async for inputs in _aiter(requests):
+                await slots.acquire()
+                await call.write(
+                    build_infer_request(
+                        model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
+                    )
+                )
+                index += 1
+            await call.done_writing()
+
+        writer = asyncio.ensure_future(write_all())
+        ready: dict[int, StreamResult] = {}
+        next_index = 0
+        try:
+            async for reply in call:
+                index, result = _stream_result(reply)
+                ready[index] = result
+                slots.release()
+                while next_index in ready:
+                    item = ready.pop(next_index)
+                    next_index += 1
+                    if isinstance(item, TensorfleetError) and not return_exceptions:
+                        raise item
+                    yield item
+            await writer
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            if not writer.done():
+                writer.cancel()
+            call.cancel()
+        if ready:
+            raise InternalError(f"stream ended with {len(ready)} responses out of order")
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if hasattr(items, "__aiter__"):
+        async for item in items:  # type: ignore[union-attr]
+            yield item
+    else:
+        for item in items:  # type: ignore[union-attr]
+            yield item

@@ -1,0 +1,218 @@
+"""Synchronous inference client: one channel, typed errors, an ordered windowed stream."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorfleet.protos import inference_pb2 as pb
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+
+from .channel import ConnectionOptions, sync_channel
+from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
+from .messages import ParameterValue, build_infer_request, parse_infer_response
+
+StreamResult = dict[str, np.ndarray] | TensorfleetError
+
+
+class InferenceClient:
+    """Calls one server's GRPCInferenceService.
+
+    >>> with InferenceClient("127.0.0.1:8001") as client:
+    ...     out = client.infer("protein_embedder", {"sequence": ["MKTAYIAK"]})
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        server_name: str | None = None,
+        timeout: float | None = None,
+        options: ConnectionOptions | None = None,
+    ) -> None:
+        self.address = address
+        self._options = options or ConnectionOptions(
+            token=token,
+            tls=tls,
+            root_cert=root_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+        )
+        self._timeout = timeout
+        self._channel = sync_channel(address, self._options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(
+                request, metadata=self._options.metadata(), timeout=timeout or self._timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    # --- health and metadata -------------------------------------------------
+    def is_live(self) -> bool:
+        return self._call(self._stub.ServerLive, pb.ServerLiveRequest()).live
+
+    def is_ready(self) -> bool:
+        return self._call(self._stub.ServerReady, pb.ServerReadyRequest()).ready
+
+    def is_model_ready(self, model: str, version: str = "") -> bool:
+        return self._call(self._stub.ModelReady, pb.ModelReadyRequest(name=model, version=version)).ready
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
+        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_until_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
+        """Block until health says SERVING (and `model` is ready), or raise Unavailable."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.health() == "SERVING" and (model is None or self.is_model_ready(model)):
+                    return
+            except TensorfleetError as error:
+                last = error
+            time.sleep(0.1)
+        raise error_for_code(
+            grpc.StatusCode.UNAVAILABLE, f"{self.address} not ready after {timeout}s: {last}"
+        )
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return self._call(self._stub.ServerMetadata, pb.ServerMetadataRequest())
+
+    def model_metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
+        return self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version))
+
+    def model_config(self, model: str, version: str = "") -> Any:
+        return self._call(self._stub.ModelConfig, pb.ModelConfigRequest(name=model, version=version)).config
+
+    def model_statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        return self._call(
+            self._stub.ModelStatistics, pb.ModelStatisticsRequest(name=model, version=version)
+        )
+
+    def repository_index(self, ready_only: bool = False) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+        return list(self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest(ready=ready_only)).models)
+
+    def load_model(self, model: str) -> None:
+        self._call(self._stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=model))
+
+    def unload_model(self, model: str) -> None:
+        self._call(self._stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model))
+
+    # --- inference -------------------------------------------------------------
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Iterable[str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One ModelInfer call; inputs are numpy arrays, torch tensors or lists of str/bytes."""
+        request = build_infer_request(
+            model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
+        )
+        return parse_infer_response(self._call(self._stub.ModelInfer, request, timeout))
+
+    def stream(
+        self,
+        model: str,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        window: int = 8,
+        outputs: Iterable[str] | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[StreamResult]:
+        """Keep `window` requests in flight on one ModelStreamInfer stream; yield in input order.
+
+        With `return_exceptions`, a failed request yields its typed error in its place and
+        the stream goes on; otherwise the first failure is raised.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        output_names = list(outputs or ())
+        slots = threading.Semaphore(window)
+        closed = threading.Event()
+
+        def produce() -> Iterator[pb.ModelInferRequest]:
+            for index, inputs in enumerate(requests):
+                while not slots.acquire(timeout=0.5):
+                    if closed.is_set():
+                        return
+                if closed.is_set():
+                    return
+                yield build_infer_request(
+                    model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
+                )
+
+        call = self._stub.ModelStreamInfer(produce(), metadata=self._options.metadata())
+        ready: dict[int, StreamResult] = {}
+        next_index = 0
+        try:
+            for reply in call:
+                index, result = _stream_result(reply)
+                ready[index] = result
+                slots.release()
+                while next_index in ready:
+                    item = ready.pop(next_index)
+                    next_index += 1
+                    if isinstance(item, TensorfleetError) and not return_exceptions:
+                        raise item
+                    yield item
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            closed.set()
+            call.cancel()
+        if ready:
+            raise InternalError(f"stream ended with {len(ready)} responses out of order")
+
+
+def _stream_result(reply: pb.ModelStreamInferResponse) -> tuple[int, StreamResult]:
+    """(request index, outputs or error) for one stream reply."""
+    try:
+        index = int(reply.infer_response.id)
+    except ValueError:
+        raise InternalError(f"stream reply without a request id: {reply.error_message!r}") from None
+    if reply.error_message:
+        return index, stream_error(reply.error_message)
+    return index, parse_infer_response(reply.infer_response)
+
+
+def stream_error(message: str) -> TensorfleetError:
+    """Stream errors travel as text; our server prefixes them with the status code name."""
+    code_name, sep, rest = message.partition(": ")
+    code = getattr(grpc.StatusCode, code_name, None) if sep else None
+    if isinstance(code, grpc.StatusCode):
+        return error_for_code(code, rest)
+    return error_for_code(grpc.StatusCode.UNKNOWN, message)

@@ -1,0 +1,1 @@
+"""tensorfleet coordinator: jobs, readers, planner, dispatcher, checkpoints, writers."""

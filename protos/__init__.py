@@ -1,0 +1,1 @@
+"""Generated protobuf modules and their .proto sources: the wire contract."""

@@ -1,0 +1,1 @@
+"""tensorfleet model server: gRPC servicers, model repository, backends, batcher."""

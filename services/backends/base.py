@@ -1,0 +1,99 @@
+"""The one interface every backend implements, and the registry that names them.
+
+A backend loads once, warms up, then runs batches of numpy arrays. Adding one is a new
+file that calls `register`; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorfleet.client.errors import InvalidArgument
+
+from ..model_config import ModelConfig
+
+
+class OutOfMemory(Exception):
+    """A batch did not fit on the device. The batcher halves the batch and retries.
+
+    Backends raise it (or let torch.cuda.OutOfMemoryError through); Python models may too.
+    """
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for our OutOfMemory and for the frameworks' own out-of-memory errors."""
+    if isinstance(error, (OutOfMemory, MemoryError)):
+        return True
+    name = type(error).__name__
+    if name in ("OutOfMemoryError", "ResourceExhaustedError"):  # torch.cuda, TensorFlow
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+@dataclass
+class ModelContext:
+    """What a model sees when it loads."""
+
+    model_dir: Path
+    config: ModelConfig
+    device: str = "cpu"
+    precision: str = "fp32"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def artifact(self, name: str) -> Path:
+        return self.model_dir / name
+
+
+class Backend(abc.ABC):
+    """Runs one loaded model. Calls come from one worker thread, one batch at a time."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.context = context
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Read artifacts and place the model on its device."""
+
+    def warmup(self) -> None:
+        """Run example shapes so the first real request pays no compile or allocation cost."""
+
+    @abc.abstractmethod
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch in (first axis = rows), one batch out with the same row count."""
+
+    def unload(self) -> None:
+        """Release device memory."""
+
+    def device_memory(self) -> tuple[int, int]:
+        """(used, total) bytes on this backend's device; (0, 0) when unknown."""
+        return 0, 0
+
+
+BackendFactory = Callable[[ModelContext], Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    def wrap(factory: BackendFactory) -> BackendFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def create_backend(context: ModelContext) -> Backend:
+    from . import available  # noqa: F401  (imports every backend module so they register)
+
+    name = context.config.backend
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise InvalidArgument(
+            f"model '{context.config.name}': unknown backend '{name}'; known: {sorted(_REGISTRY)}"
+        )
+    return factory(context)

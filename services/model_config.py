@@ -1,0 +1,137 @@
+"""The model configuration file (`config.yaml` in each model folder), validated by pydantic.
+
+Shapes exclude the batch dimension when `max_batch_size > 0` (as in Triton); -1 marks a
+variable dimension. See docs/model-repository.md for the documented format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tensorfleet.client.codec import DATATYPES
+from tensorfleet.client.errors import InvalidArgument
+
+CONFIG_FILENAME = "config.yaml"
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    """One input or output tensor, per row (batch dimension excluded)."""
+
+    name: str = Field(min_length=1)
+    datatype: str
+    shape: list[int] = Field(default_factory=list)
+    #: Ragged inputs may differ in their variable (-1) dimension between requests; the batcher
+    #: pads them to the longest in the batch with `pad_value`. Ragged outputs are cut back to
+    #: each request's own length along the same axis.
+    ragged: bool = False
+    pad_value: float = 0
+    optional: bool = False
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype '{value}'; expected one of {sorted(DATATYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(dim < -1 or dim == 0 for dim in value):
+            raise ValueError(f"shape {value}: dimensions are positive, or -1 for variable")
+        return value
+
+    @model_validator(mode="after")
+    def _ragged_needs_variable_dim(self) -> TensorSpec:
+        if self.ragged and -1 not in self.shape and self.datatype != "BYTES":
+            raise ValueError(f"tensor '{self.name}' is ragged but has no variable (-1) dimension")
+        return self
+
+
+class BatchingPolicy(_Strict):
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    #: Requests waiting; one more gets RESOURCE_EXHAUSTED.
+    max_queue_size: int = Field(default=4096, ge=1)
+    #: Upper bound on rows x padded length for a batch (ragged or BYTES inputs); 0 = rows only.
+    token_budget: int = Field(default=0, ge=0)
+    #: Lengths are grouped into buckets of this width so batches reuse a few shapes.
+    length_bucket: int = Field(default=32, ge=1)
+
+
+class PythonClass(_Strict):
+    module: str = "model.py"
+    class_name: str = Field(default="Model", alias="class")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    backend: str
+    version: str = "1"
+    description: str = ""
+    max_batch_size: int = Field(default=0, ge=0)
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    batching: BatchingPolicy = Field(default_factory=BatchingPolicy)
+    precision: Precision = "fp32"
+    #: artifact file name (relative to the model folder) -> sha256 hex digest.
+    artifacts: dict[str, str] = Field(default_factory=dict)
+    #: For backend torchscript / torch_export: which artifact holds the program.
+    model_file: str | None = None
+    python: PythonClass = Field(default_factory=PythonClass)
+    #: Free-form settings handed to the backend (e.g. max_length for a tokenizer).
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    #: Example inputs (one row each, name -> nested list / strings) run before SERVING.
+    warmup: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelConfig:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [spec.name for spec in specs]
+            if len(names) != len(set(names)):
+                raise ValueError(f"{kind} names repeat: {names}")
+        return self
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.outputs if spec.name == name), None)
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Read and validate `config.yaml`; every problem becomes one InvalidArgument naming the field."""
+    path = model_dir / CONFIG_FILENAME
+    if not path.is_file():
+        raise InvalidArgument(f"{path}: missing model config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InvalidArgument(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{path}: expected a mapping at the top level")
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or '(top)'}: {item['msg']}" for item in error.errors()
+        )
+        raise InvalidArgument(f"{path}: {problems}") from None
+    if config.name != model_dir.name:
+        raise InvalidArgument(
+            f"{path}: name '{config.name}' differs from its folder name '{model_dir.name}'"
+        )
+    return config
