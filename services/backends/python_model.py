@@ -1,0 +1,57 @@
+"""Backend `python`: a user's own `Model` class (load / predict on numpy arrays).
+
+For models that bring their own preprocessing, e.g. BYTES protein strings tokenized
+on the server. The class lives in the model folder (`python.module`, default model.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+from tensorfleet.client.errors import InvalidArgument
+
+from .base import Backend, ModelContext, register
+
+
+@register("python")
+class PythonModelBackend(Backend):
+    def __init__(self, context: ModelContext) -> None:
+        super().__init__(context)
+        self.model: object | None = None
+
+    def load(self) -> None:
+        spec_cfg = self.context.config.python
+        path = self.context.artifact(spec_cfg.module)
+        if not path.is_file():
+            raise InvalidArgument(f"model '{self.context.config.name}': python module {path} not found")
+        module_name = f"tensorfleet_user_model_{self.context.config.name}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        cls = getattr(module, spec_cfg.class_name, None)
+        if cls is None:
+            raise InvalidArgument(f"{path}: defines no class '{spec_cfg.class_name}'")
+        model = cls()
+        for method in ("load", "predict"):
+            if not callable(getattr(model, method, None)):
+                raise InvalidArgument(f"{path}: class {spec_cfg.class_name} has no {method}() method")
+        model.load(self.context)
+        self.model = model
+
+    def warmup(self) -> None:
+        warm = getattr(self.model, "warmup", None)
+        if callable(warm):
+            warm()
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.model.predict(inputs)  # type: ignore[union-attr]
+
+    def unload(self) -> None:
+        release = getattr(self.model, "unload", None)
+        if callable(release):
+            release()
+        self.model = None

@@ -1,0 +1,89 @@
+"""`tensorfleet serve` / `python -m tensorfleet.services`: run one model server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tensorfleet.client.errors import TensorfleetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="tensorfleet serve",
+        description="Serve the models of a repository over gRPC (Open Inference Protocol v2).",
+    )
+    parser.add_argument("--model-repository", type=Path, default=env("TENSORFLEET_MODEL_REPOSITORY"),
+                        required=env("TENSORFLEET_MODEL_REPOSITORY") is None,
+                        help="folder with one subfolder (config.yaml + artifacts) per model")
+    parser.add_argument("--model", action="append", dest="models", default=None,
+                        help="serve only this model (repeatable); default: every model in the repository")
+    parser.add_argument("--device", default=env("TENSORFLEET_DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    parser.add_argument("--host", default=env("TENSORFLEET_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(env("TENSORFLEET_PORT", "8001")),
+                        help="gRPC port; 0 picks a free one (see --port-file)")
+    parser.add_argument("--port-file", type=Path, default=None,
+                        help="write the bound port here once every model is loaded and warmed")
+    parser.add_argument("--metrics-port", type=int, default=_int_or_none(env("TENSORFLEET_METRICS_PORT")),
+                        help="serve Prometheus metrics on this HTTP port")
+    parser.add_argument("--token", default=env("TENSORFLEET_TOKEN"),
+                        help="require 'authorization: Bearer <token>' on every rpc but health")
+    parser.add_argument("--tls-cert", type=Path, default=env("TENSORFLEET_TLS_CERT"))
+    parser.add_argument("--tls-key", type=Path, default=env("TENSORFLEET_TLS_KEY"))
+    parser.add_argument("--tls-ca", type=Path, default=env("TENSORFLEET_TLS_CA"),
+                        help="CA for client certificates: turns on mutual TLS")
+    parser.add_argument("--drain-seconds", type=float, default=30.0,
+                        help="on SIGTERM, how long in-flight requests may take to finish")
+    parser.add_argument("--threads", type=int, default=_int_or_none(env("TENSORFLEET_THREADS")),
+                        help="torch intra-op threads (CPU)")
+    parser.add_argument("--log-level", default=env("TENSORFLEET_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .device import parse_device
+    from .server import ServerOptions, serve
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+    try:
+        options = ServerOptions(
+            model_repository=args.model_repository,
+            models=args.models or [],
+            device=parse_device(args.device),
+            host=args.host,
+            port=args.port,
+            port_file=args.port_file,
+            metrics_port=args.metrics_port,
+            token=args.token,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            drain_seconds=args.drain_seconds,
+            threads=args.threads,
+        )
+        asyncio.run(serve(options))
+    except TensorfleetError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    return 0

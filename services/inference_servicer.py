@@ -1,0 +1,254 @@
+"""GRPCInferenceService: the Open Inference Protocol rpcs, on top of the model runtime.
+
+No per-method error handling: domain errors propagate to the error interceptor, which
+maps them to status codes. Only the stream reports errors itself, per request, as Triton does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tensorfleet.client import __version__
+from tensorfleet.client.codec import serialize_bytes
+from tensorfleet.client.errors import InternalError, TensorfleetError, Unavailable
+from tensorfleet.protos import inference_pb2 as pb
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+from tensorfleet.protos import model_config_pb2 as mc
+
+from .model_config import ModelConfig
+from .model_runtime import ModelRuntime
+from .repository import ModelState
+from .validation import decode_request
+
+log = logging.getLogger("tensorfleet.inference")
+
+SERVER_NAME = "tensorfleet"
+EXTENSIONS = ["model_repository", "statistics", "model_configuration", "tensorfleet_exclusive_batch"]
+
+
+def encode_response(
+    request: pb.ModelInferRequest, config: ModelConfig, outputs: dict[str, np.ndarray]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=config.name, model_version=config.version, id=request.id)
+    for spec in config.outputs:
+        if spec.name not in outputs:
+            continue
+        array = outputs[spec.name]
+        response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(array.shape))
+        if spec.datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(array))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return response
+
+
+def stream_error_reply(request: pb.ModelInferRequest, error: TensorfleetError) -> pb.ModelStreamInferResponse:
+    """Triton's per-request stream error, with our status code name first and the id echoed."""
+    return pb.ModelStreamInferResponse(
+        error_message=f"{error.code.name}: {error.message}",
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.repository = runtime.repository
+
+    # --- health and metadata -----------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        entries = self.repository.entries()
+        ready = not self.runtime.draining and any(e.state is ModelState.READY for e in entries)
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request, context):
+        entry = self.repository.entry(request.name)
+        return pb.ModelReadyResponse(ready=entry.state is ModelState.READY and not self.runtime.draining)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        config = self.repository.ready(request.name).config
+        assert config is not None
+        batch = [-1] if config.batched else []
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=config.name,
+            versions=[config.version],
+            platform=_platform(config),
+            inputs=[tensor(name=s.name, datatype=s.datatype, shape=batch + s.shape) for s in config.inputs],
+            outputs=[tensor(name=s.name, datatype=s.datatype, shape=batch + s.shape) for s in config.outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        entry = self.repository.ready(request.name)
+        assert entry.config is not None
+        return pb.ModelConfigResponse(config=model_config_message(entry.config, self.repository.device, entry.checksum))
+
+    async def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else [e.name for e in self.repository.entries()]
+        reply = pb.ModelStatisticsResponse()
+        for name in names:
+            entry = self.repository.entry(name)
+            if entry.config is None and request.name:
+                self.repository.ready(name)  # raises with the reason
+            _fill_statistics(reply.model_stats.add(), name, entry.config, self.runtime.stats(name))
+        return reply
+
+    async def RepositoryIndex(self, request, context):
+        reply = pb.RepositoryIndexResponse()
+        for entry in self.repository.entries():
+            if request.ready and entry.state is not ModelState.READY:
+                continue
+            version = entry.config.version if entry.config else ""
+            reply.models.add(name=entry.name, version=version, state=entry.state.value, reason=entry.reason)
+        return reply
+
+    async def RepositoryModelLoad(self, request, context):
+        await self.runtime.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.runtime.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- inference -------------------------------------------------------------
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Validate, batch, run, encode: the whole path of one request."""
+        name = request.model_name
+        code: str | None = "UNKNOWN"
+        try:
+            if self.runtime.draining:
+                raise Unavailable("server is draining; send new requests elsewhere")
+            served = self.runtime.served(name)
+            config = served.entry.config
+            assert config is not None
+            decoded = decode_request(request, config)
+            outputs = await served.batcher.submit(decoded)
+            response = encode_response(request, config, outputs)
+            code = None
+            return response
+        except TensorfleetError as error:
+            code = error.code.name
+            raise
+        finally:
+            self.runtime.metrics.request_done(name or "(none)", code)
+
+    async def ModelInfer(self, request, context):
+        return await self.infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests in flight; each reply as soon as it is ready; errors per request."""
+        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+            except TensorfleetError as error:
+                reply = stream_error_reply(request, error)
+            except Exception as error:  # a bug must not end the stream for everyone
+                log.exception("stream request %s failed", request.id)
+                reply = stream_error_reply(request, InternalError(f"{type(error).__name__}: {error}"))
+            await replies.put(reply)
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.ensure_future(read_all())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+def _platform(config: ModelConfig) -> str:
+    return {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_export"}.get(
+        config.backend, config.backend
+    )
+
+
+def model_config_message(config: ModelConfig, device: str, checksum: str = "") -> mc.ModelConfig:
+    """The subset of Triton's ModelConfig that clients read."""
+    message = mc.ModelConfig(
+        name=config.name,
+        platform=_platform(config),
+        backend=config.backend,
+        max_batch_size=config.max_batch_size,
+    )
+    for spec in config.inputs:
+        message.input.add(
+            name=spec.name,
+            data_type=_data_type(spec.datatype),
+            dims=spec.shape,
+            allow_ragged_batch=spec.ragged,
+            optional=spec.optional,
+        )
+    for spec in config.outputs:
+        message.output.add(name=spec.name, data_type=_data_type(spec.datatype), dims=spec.shape)
+    if config.batched:
+        batching = message.dynamic_batching
+        batching.preferred_batch_size.extend(config.batching.preferred_batch_sizes)
+        batching.max_queue_delay_microseconds = int(config.batching.max_queue_delay_ms * 1000)
+        batching.default_queue_policy.max_queue_size = config.batching.max_queue_size
+    kind = mc.ModelInstanceGroup.KIND_GPU if device.startswith("cuda") else mc.ModelInstanceGroup.KIND_CPU
+    group = message.instance_group.add(name=config.name, count=1, kind=kind)
+    if device.startswith("cuda"):
+        group.gpus.append(int(device.partition(":")[2] or 0))
+    extra = {
+        "precision": config.precision,
+        "version": config.version,
+        "artifact_sha256": checksum,
+        "token_budget": str(config.batching.token_budget),
+    }
+    for key, value in extra.items():
+        message.parameters[key].string_value = value
+    return message
+
+
+def _data_type(datatype: str) -> int:
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+def _fill_statistics(target: pb.ModelStatistics, name: str, config: ModelConfig | None, stats) -> None:
+    target.name = name
+    target.version = config.version if config else ""
+    with stats.lock:
+        target.last_inference = stats.last_inference_ms
+        target.inference_count = stats.inference_count
+        target.execution_count = stats.execution_count
+        for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            value = getattr(stats, field)
+            duration = getattr(target.inference_stats, field)
+            duration.count, duration.ns = value.count, value.ns
+        for size in sorted(stats.by_batch_size):
+            sized = stats.by_batch_size[size]
+            batch = target.batch_stats.add(batch_size=size)
+            for field in ("compute_input", "compute_infer", "compute_output"):
+                value = getattr(sized, field)
+                duration = getattr(batch, field)
+                duration.count, duration.ns = value.count, value.ns

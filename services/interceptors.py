@@ -1,0 +1,103 @@
+"""Server interceptors: one maps our error types to gRPC status codes, one checks bearer tokens.
+
+Both wrap a handler's behaviour; `_wrap` knows the four rpc shapes so neither repeats it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from tensorfleet.client.errors import TensorfleetError, Unauthenticated
+
+log = logging.getLogger("tensorfleet.rpc")
+
+Guard = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+async def _fail(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    if isinstance(error, TensorfleetError):
+        await context.abort(error.code, error.message)
+    log.exception("unexpected error in rpc", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler, its behaviour passed through `around`."""
+    for kind, factory in (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    ):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return factory(
+                around(behaviour),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+def _guarded(behaviour: Callable, guard: Guard | None) -> Callable:
+    """Run `guard` first, then the behaviour; any domain error becomes a status code."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request_or_iterator, context):
+            try:
+                if guard:
+                    await guard(request_or_iterator, context)
+                async for item in behaviour(request_or_iterator, context):
+                    yield item
+            except (TensorfleetError, Exception) as error:
+                if isinstance(error, grpc.aio.AbortError):
+                    raise
+                await _fail(context, error)
+
+        return stream
+
+    async def unary(request_or_iterator, context):
+        try:
+            if guard:
+                await guard(request_or_iterator, context)
+            return await behaviour(request_or_iterator, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _fail(context, error)
+
+    return unary
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap(handler, lambda behaviour: _guarded(behaviour, None))
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` on every rpc but health; otherwise UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(given.encode(), self._expected):
+            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        return _wrap(handler, lambda behaviour: _guarded(behaviour, self._check))

@@ -1,0 +1,75 @@
+"""A served model: its repository entry, its batcher and its statistics, together."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from tensorfleet.client.errors import FailedPrecondition
+
+from .batcher import DynamicBatcher
+from .metrics import ServerMetrics
+from .repository import ModelEntry, ModelRepository, ModelState
+from .statistics import ModelStats
+
+
+@dataclass
+class ServedModel:
+    entry: ModelEntry
+    batcher: DynamicBatcher
+    stats: ModelStats
+
+
+class ModelRuntime:
+    """Keeps one batcher per READY model in step with the repository's loads and unloads."""
+
+    def __init__(self, repository: ModelRepository, metrics: ServerMetrics) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self._served: dict[str, ServedModel] = {}
+        self._stats: dict[str, ModelStats] = {}
+        self.draining = False
+
+    def stats(self, name: str) -> ModelStats:
+        return self._stats.setdefault(name, ModelStats())
+
+    def served(self, name: str) -> ServedModel:
+        """The batcher of a READY model (NotFound / FailedPrecondition otherwise)."""
+        entry = self.repository.ready(name)
+        current = self._served.get(name)
+        if current is None or current.entry.backend is not entry.backend:
+            if current is not None:
+                asyncio.ensure_future(current.batcher.close())
+            assert entry.config is not None and entry.backend is not None
+            stats = self.stats(name)
+            batcher = DynamicBatcher(
+                entry.config,
+                entry.backend.predict,
+                stats,
+                on_batch=self.metrics.batch_observer(name),
+            )
+            current = self._served[name] = ServedModel(entry, batcher, stats)
+        return current
+
+    async def load(self, name: str) -> None:
+        await self._drop(name)
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.load, name)
+
+    async def unload(self, name: str) -> None:
+        entry = self.repository.entry(name)
+        if entry.state is not ModelState.READY:
+            raise FailedPrecondition(f"model '{name}' is {entry.state.value}, not loaded")
+        await self._drop(name)
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.unload, name)
+
+    async def _drop(self, name: str) -> None:
+        current = self._served.pop(name, None)
+        if current is not None:
+            await current.batcher.close()
+
+    def in_flight(self) -> int:
+        return sum(s.batcher.in_flight for s in self._served.values())
+
+    def queue_depth(self, name: str) -> int:
+        current = self._served.get(name)
+        return current.batcher.queue_depth if current else 0

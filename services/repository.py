@@ -1,0 +1,174 @@
+"""The model repository: one folder per model, loaded once and kept loaded.
+
+A model that fails to load (bad config, missing artifact, checksum mismatch, backend
+error) is recorded as UNAVAILABLE with its reason; the other models keep serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from tensorfleet.client.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TensorfleetError,
+)
+
+from .backends.base import Backend, ModelContext, create_backend
+from .model_config import CONFIG_FILENAME, ModelConfig, load_config
+from .validation import example_inputs
+
+log = logging.getLogger("tensorfleet.repository")
+
+
+class ModelState(str, Enum):
+    UNLOADED = "UNLOADED"
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: ModelState = ModelState.UNLOADED
+    reason: str = ""
+    config: ModelConfig | None = None
+    backend: Backend | None = None
+    checksum: str = ""  # sha256 over the artifacts' digests: one fingerprint for provenance
+    loaded_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_artifacts(model_dir: Path, config: ModelConfig) -> str:
+    """Check every declared artifact exists and matches its sha256; return one fingerprint
+    over the config file and the artifacts, recorded as the model's provenance."""
+    combined = hashlib.sha256()
+    combined.update(f"{CONFIG_FILENAME}:{sha256_file(model_dir / CONFIG_FILENAME)}\n".encode())
+    for name, expected in sorted(config.artifacts.items()):
+        path = model_dir / name
+        if not path.is_file():
+            raise InvalidArgument(f"model '{config.name}': artifact {name} is missing from {model_dir}")
+        actual = sha256_file(path)
+        if actual != expected.lower():
+            raise InvalidArgument(
+                f"model '{config.name}': artifact {name} has sha256 {actual}, config expects {expected}"
+            )
+        combined.update(f"{name}:{actual}\n".encode())
+    return combined.hexdigest()
+
+
+class ModelRepository:
+    """Discovers, loads and unloads models. Loading runs in the caller's thread."""
+
+    def __init__(self, root: Path, device: str = "cpu", only: list[str] | None = None) -> None:
+        self.root = Path(root)
+        self.device = device
+        self.only = set(only or [])
+        self._entries: dict[str, ModelEntry] = {}
+        self._lock = threading.Lock()
+        if not self.root.is_dir():
+            raise NotFound(f"model repository {self.root} is not a directory")
+        for name in self.discover():
+            self._entries[name] = ModelEntry(name=name)
+
+    def discover(self) -> list[str]:
+        names = sorted(
+            child.name
+            for child in self.root.iterdir()
+            if child.is_dir() and (child / CONFIG_FILENAME).exists()
+        )
+        return [name for name in names if not self.only or name in self.only]
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            for name in self.discover():  # folders added since start show up in the index
+                self._entries.setdefault(name, ModelEntry(name=name))
+            return [self._entries[name] for name in sorted(self._entries)]
+
+    def entry(self, name: str) -> ModelEntry:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None and (self.root / name / CONFIG_FILENAME).exists():
+                entry = self._entries[name] = ModelEntry(name=name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'; this server has {sorted(self._entries)}")
+        return entry
+
+    def ready(self, name: str) -> ModelEntry:
+        """The entry of a loaded model, or NotFound / FailedPrecondition saying why not."""
+        entry = self.entry(name)
+        if entry.state is not ModelState.READY:
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise FailedPrecondition(f"model '{name}' is {entry.state.value}{detail}")
+        return entry
+
+    def load(self, name: str) -> ModelEntry:
+        """(Re)load one model. Failures are recorded on the entry and re-raised."""
+        entry = self.entry(name)
+        with entry.lock:
+            if entry.backend is not None:
+                self._release(entry)
+            entry.state, entry.reason = ModelState.LOADING, ""
+            started = time.monotonic()
+            try:
+                model_dir = self.root / name
+                config = load_config(model_dir)
+                checksum = verify_artifacts(model_dir, config)
+                context = ModelContext(
+                    model_dir=model_dir,
+                    config=config,
+                    device=self.device,
+                    precision=config.precision,
+                    parameters=dict(config.parameters),
+                )
+                backend = create_backend(context)
+                backend.load()
+                backend.warmup()
+                for example in config.warmup:
+                    backend.predict(example_inputs(config, example))
+            except Exception as error:  # any failure makes this model unavailable, not the server
+                entry.state = ModelState.UNAVAILABLE
+                entry.reason = error.message if isinstance(error, TensorfleetError) else f"{type(error).__name__}: {error}"
+                log.error("model %s failed to load: %s", name, entry.reason)
+                raise
+            entry.config, entry.backend, entry.checksum = config, backend, checksum
+            entry.state, entry.loaded_at = ModelState.READY, time.time()
+            log.info("model %s loaded on %s in %.2fs", name, self.device, time.monotonic() - started)
+            return entry
+
+    def load_all(self) -> None:
+        for entry in self.entries():
+            try:
+                self.load(entry.name)
+            except Exception:  # recorded on the entry; keep loading the others
+                pass
+
+    def unload(self, name: str) -> None:
+        entry = self.entry(name)
+        with entry.lock:
+            self._release(entry)
+            entry.state, entry.reason = ModelState.UNLOADED, ""
+
+    @staticmethod
+    def _release(entry: ModelEntry) -> None:
+        if entry.backend is not None:
+            try:
+                entry.backend.unload()
+            finally:
+                entry.backend = None

@@ -1,0 +1,151 @@
+"""Assemble and run one model server: gRPC (OIP + control + health + reflection), metrics, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from tensorfleet.client.settings import channel_options
+from tensorfleet.protos import inference_pb2, tensorfleet_pb2
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
+
+from .control_servicer import ControlServicer
+from .device import check_device_available
+from .inference_servicer import InferenceServicer
+from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .metrics import ServerMetrics
+from .model_runtime import ModelRuntime
+from .repository import ModelRepository, ModelState
+
+log = logging.getLogger("tensorfleet.server")
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CONTROL_SERVICE = tensorfleet_pb2.DESCRIPTOR.services_by_name["ServerControl"].full_name
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path
+    models: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    host: str = "0.0.0.0"
+    port: int = 8001
+    port_file: Path | None = None
+    metrics_port: int | None = None
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    drain_seconds: float = 30.0
+    threads: int | None = None
+
+
+def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+    if not options.tls_cert:
+        return None
+    key, cert = options.tls_key.read_bytes(), options.tls_cert.read_bytes()  # type: ignore[union-attr]
+    ca = options.tls_ca.read_bytes() if options.tls_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class ModelServer:
+    """One process, one device, its models kept loaded across requests and jobs."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.metrics = ServerMetrics()
+        self.repository = ModelRepository(options.model_repository, options.device, options.models)
+        self.runtime = ModelRuntime(self.repository, self.metrics)
+        self.health = HealthServicer()
+        self._stopping = asyncio.Event()
+        self.port = 0
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if options.token:
+            interceptors.insert(0, TokenAuthInterceptor(options.token))
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=channel_options())
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
+        tf_grpc.add_ServerControlServicer_to_server(ControlServicer(self.runtime, self.drain), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, CONTROL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.grpc,
+        )
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, status)
+        for entry in self.repository.entries():
+            ready = serving and entry.state is ModelState.READY
+            await self.health.set(entry.name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def drain(self) -> None:
+        """Stop accepting work; in-flight requests finish; then the process exits."""
+        if not self.runtime.draining:
+            log.info("draining: %d requests in flight", self.runtime.in_flight())
+            self.runtime.draining = True
+            self._stopping.set()
+
+    async def start(self) -> int:
+        check_device_available(self.options.device)
+        address = f"{self.options.host}:{self.options.port}"
+        credentials = _credentials(self.options)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await self._set_health(False)
+        await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
+        log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
+                 "TLS" if credentials else "plaintext", self.options.model_repository)
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.load_all)
+        for entry in self.repository.entries():
+            if entry.state is ModelState.READY:
+                self.runtime.served(entry.name).batcher.start()
+            else:
+                log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
+        if self.options.metrics_port is not None:
+            self.metrics.serve_http(self.options.metrics_port, self.options.host)
+        await self._set_health(True)
+        if self.options.port_file:
+            tmp = Path(f"{self.options.port_file}.tmp")
+            tmp.write_text(str(self.port))
+            os.replace(tmp, self.options.port_file)
+        log.info("SERVING on port %d with %d model(s) ready", self.port,
+                 sum(e.state is ModelState.READY for e in self.repository.entries()))
+        return self.port
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain)
+        await self._stopping.wait()
+        await self._set_health(False)
+        # Waits for in-flight rpcs (streams included) up to the grace period.
+        await self._wait_for_in_flight(self.options.drain_seconds)
+        await self.grpc.stop(grace=self.options.drain_seconds)
+        log.info("stopped")
+
+    async def _wait_for_in_flight(self, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while self.runtime.in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+
+async def serve(options: ServerOptions) -> None:
+    server = ModelServer(options)
+    await server.start()
+    await server.run_until_stopped()

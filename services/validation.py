@@ -1,0 +1,157 @@
+"""Check a ModelInferRequest against its model's config and decode it, before any model runs.
+
+Every error names the tensor (or field) and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tensorfleet.client.codec import decode_contents, decode_raw, element_count
+from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.client.messages import parameter_value
+from tensorfleet.protos import inference_pb2 as pb
+
+from .model_config import ModelConfig, TensorSpec
+
+EXCLUSIVE_PARAMETER = "tensorfleet.exclusive"
+
+
+@dataclass
+class DecodedRequest:
+    """A validated request: decoded inputs plus what the batcher needs to place it."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    length: int = 0  # longest ragged dimension or BYTES element, for token budgets
+    exclusive: bool = False
+    requested_outputs: list[str] = field(default_factory=list)
+
+
+def _shape_matches(spec_shape: list[int], shape: list[int]) -> bool:
+    return len(spec_shape) == len(shape) and all(
+        want == -1 or want == got for want, got in zip(spec_shape, shape, strict=True)
+    )
+
+
+def _describe(shape: list[int]) -> str:
+    return "[" + ", ".join("*" if dim == -1 else str(dim) for dim in shape) + "]"
+
+
+def _has_contents(contents: pb.InferTensorContents) -> bool:
+    return any(len(getattr(contents, name)) for name in (f.name for f in contents.DESCRIPTOR.fields))
+
+
+def _decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec, config: ModelConfig
+) -> np.ndarray:
+    name, shape = tensor.name, list(tensor.shape)
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(
+            f"input '{name}': datatype {tensor.datatype or '(empty)'}, model '{config.name}' expects {spec.datatype}"
+        )
+    expected = ([-1] if config.batched else []) + list(spec.shape)
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"input '{name}': shape {shape} has a negative dimension")
+    if not _shape_matches(expected, shape):
+        raise InvalidArgument(
+            f"input '{name}': shape {shape}, model '{config.name}' expects {_describe(expected)}"
+            + (" (first dimension = rows)" if config.batched else "")
+        )
+    if element_count(shape) == 0:
+        raise InvalidArgument(f"input '{name}': shape {shape} is empty; send at least one row")
+    if raw is not None:
+        if _has_contents(tensor.contents):
+            raise InvalidArgument(
+                f"input '{name}': both raw_input_contents and typed contents are set; send one"
+            )
+        return decode_raw(name, spec.datatype, shape, raw)
+    return decode_contents(name, spec.datatype, shape, tensor.contents)
+
+
+def _length(spec: TensorSpec, array: np.ndarray, batched: bool) -> int:
+    if spec.datatype == "BYTES":
+        return max((len(item) for item in array.reshape(-1)), default=0)
+    if spec.ragged:
+        axis = spec.shape.index(-1) + (1 if batched else 0)
+        return int(array.shape[axis])
+    return 0
+
+
+def _exclusive(request: pb.ModelInferRequest) -> bool:
+    if EXCLUSIVE_PARAMETER not in request.parameters:
+        return False
+    value = parameter_value(request.parameters[EXCLUSIVE_PARAMETER])
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"parameter '{EXCLUSIVE_PARAMETER}' must be a bool, got {value!r}")
+    return value
+
+
+def decode_request(request: pb.ModelInferRequest, config: ModelConfig) -> DecodedRequest:
+    """Validate names, dtypes, shapes, byte sizes and the batch limit; return decoded inputs."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
+            "send one raw buffer per input, or none"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    length = 0
+    for index, tensor in enumerate(request.inputs):
+        spec = config.input(tensor.name)
+        if spec is None:
+            known = [s.name for s in config.inputs]
+            raise InvalidArgument(f"unknown input '{tensor.name}' for model '{config.name}'; it takes {known}")
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}' is given more than once")
+        array = _decode_input(tensor, raw[index] if raw else None, spec, config)
+        inputs[tensor.name] = array
+        length = max(length, _length(spec, array, config.batched))
+    missing = [spec.name for spec in config.inputs if spec.name not in inputs and not spec.optional]
+    if missing:
+        raise InvalidArgument(f"model '{config.name}' needs input(s) {missing}, which the request lacks")
+    rows = _rows(inputs, config)
+    requested = [output.name for output in request.outputs]
+    for name in requested:
+        if config.output(name) is None:
+            known = [s.name for s in config.outputs]
+            raise InvalidArgument(f"unknown output '{name}' requested from model '{config.name}'; it has {known}")
+    return DecodedRequest(
+        inputs=inputs, rows=rows, length=length, exclusive=_exclusive(request), requested_outputs=requested
+    )
+
+
+def _rows(inputs: dict[str, np.ndarray], config: ModelConfig) -> int:
+    if not config.batched:
+        return 1
+    counts = {name: int(array.shape[0]) for name, array in inputs.items()}
+    distinct = set(counts.values())
+    if len(distinct) > 1:
+        raise InvalidArgument(f"inputs disagree on the number of rows: {counts}")
+    rows = distinct.pop()
+    if rows > config.max_batch_size:
+        raise InvalidArgument(
+            f"batch of {rows} rows is over model '{config.name}' max_batch_size {config.max_batch_size}"
+        )
+    return rows
+
+
+def example_inputs(config: ModelConfig, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One row of warm-up inputs from the config's `warmup` list, shaped like a real request."""
+    from tensorfleet.client.codec import NUMPY_DTYPES, to_numpy
+
+    arrays: dict[str, np.ndarray] = {}
+    for spec in config.inputs:
+        if spec.name not in example:
+            if spec.optional:
+                continue
+            raise InvalidArgument(f"model '{config.name}': warmup example lacks input '{spec.name}'")
+        value = example[spec.name]
+        if spec.datatype == "BYTES":
+            array = to_numpy([value] if isinstance(value, (str, bytes)) else value)
+        else:
+            array = np.asarray(value, dtype=NUMPY_DTYPES.get(spec.datatype, np.float32))
+        arrays[spec.name] = array[np.newaxis, ...] if config.batched else array
+    return arrays
