@@ -236,13 +236,16 @@ class DynamicBatcher:
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
-        self.stats.record_batch(assembly.rows, t1 - t0, t2 - t1, t3 - t2)
+        self.stats.record_io(t1 - t0, t3 - t2)
         return split
 
     def _predict_halving(self, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
         """Out of memory: run the two halves separately and join them, down to one row."""
+        started = time.monotonic_ns()
         try:
-            return self._predict(inputs)
+            outputs = self._predict(inputs)
+            self.stats.record_execution(rows, time.monotonic_ns() - started)
+            return outputs
         except Exception as error:
             if not is_out_of_memory(error):
                 raise

@@ -33,8 +33,10 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("tensorfleet_queue_depth", "Requests waiting", ["model"], registry=r)
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics over HTTP; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
 
     def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
         def observe(rows: int, queue_seconds: float, compute_seconds: float) -> None:

@@ -117,7 +117,8 @@ class ModelServer:
             else:
                 log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
         if self.options.metrics_port is not None:
-            self.metrics.serve_http(self.options.metrics_port, self.options.host)
+            port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
+            log.info("Prometheus metrics on port %d", port)
         await self._set_health(True)
         if self.options.port_file:
             tmp = Path(f"{self.options.port_file}.tmp")

@@ -39,18 +39,20 @@ class ModelStats:
     by_batch_size: dict[int, BatchSizeStats] = field(default_factory=lambda: defaultdict(BatchSizeStats))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_batch(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def record_execution(self, rows: int, infer_ns: int) -> None:
+        """One call of the model's predict on `rows` rows (after any out-of-memory halving)."""
         with self.lock:
             self.inference_count += rows
             self.execution_count += 1
             self.last_inference_ms = int(time.time() * 1000)
-            self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
+            self.by_batch_size[rows].compute_infer.add(infer_ns)
+
+    def record_io(self, input_ns: int, output_ns: int) -> None:
+        """Merging inputs and splitting outputs of one dispatched batch."""
+        with self.lock:
+            self.compute_input.add(input_ns)
             self.compute_output.add(output_ns)
-            sized = self.by_batch_size[rows]
-            sized.compute_input.add(input_ns)
-            sized.compute_infer.add(infer_ns)
-            sized.compute_output.add(output_ns)
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int) -> None:
         with self.lock:

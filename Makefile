@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both start from a bare clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+MODELS := examples/models/protein_embedder/encoder.pt
+PYTEST_WORKERS ?= auto
+
+.PHONY: install models demo test test-all lint protos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned (torch==2.13.0, a CPU build from local disk); see pyproject extras.
+	$(BIN)/python -m pip install -q -e ".[torch,io,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Model weights cannot be downloaded here: the example models are built locally, fixed seeds.
+$(MODELS): $(STAMP) examples/build_models.py
+	$(BIN)/python examples/build_models.py
+
+models: $(MODELS)
+
+demo: models
+	$(BIN)/tensorfleet run examples/jobs/protein-embeddings.yaml --restart
+
+test: models
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# Everything, including the slow memory test.
+test-all: models
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m ""
+
+lint: install
+	$(BIN)/ruff check .
+
+protos: install
+	$(BIN)/python -m tensorfleet.protos.generate
+
+bench: models
+	$(BIN)/python -m bench.serve_overhead
+	$(BIN)/python -m bench.coordinator
+
+clean:
+	rm -rf $(VENV) build *.egg-info jobs out

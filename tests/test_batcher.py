@@ -1,0 +1,159 @@
+"""The dynamic batcher driven directly: merging, ordering, token budgets, limits, failures."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from tensorfleet.client.errors import InternalError, ResourceExhausted
+from tensorfleet.services.backends.base import OutOfMemory
+from tensorfleet.services.batch_assembly import BatchAssembly
+from tensorfleet.services.batcher import DynamicBatcher
+from tensorfleet.services.model_config import ModelConfig
+from tensorfleet.services.validation import DecodedRequest
+
+
+def make_config(**batching) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "name": "m",
+            "backend": "python",
+            "max_batch_size": batching.pop("max_batch_size", 16),
+            "inputs": [{"name": "x", "datatype": "INT64", "shape": [-1], "ragged": True, "pad_value": -1}],
+            "outputs": [
+                {"name": "y", "datatype": "INT64", "shape": [-1], "ragged": True},
+                {"name": "width", "datatype": "INT64", "shape": []},
+            ],
+            "batching": {"max_queue_delay_ms": 20, **batching},
+        }
+    )
+
+
+class RecordingModel:
+    """y = x * 10; remembers the shape of every batch it ran."""
+
+    def __init__(self, fail_on: int | None = None, oom_above: int | None = None) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.fail_on, self.oom_above = fail_on, oom_above
+
+    def __call__(self, inputs):
+        x = inputs["x"]
+        if self.oom_above and x.shape[0] > self.oom_above:
+            raise OutOfMemory("too many rows")
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise ValueError(f"bad value {self.fail_on}")
+        self.batches.append(x.shape)
+        return {"y": x * 10, "width": np.full(x.shape[0], x.shape[1], dtype=np.int64)}
+
+
+def request(values, exclusive=False) -> DecodedRequest:
+    x = np.array(values, dtype=np.int64).reshape(1, -1)
+    return DecodedRequest(inputs={"x": x}, rows=1, length=x.shape[1], exclusive=exclusive)
+
+
+async def run_all(batcher, requests):
+    return await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+
+
+async def test_concurrent_requests_are_merged_and_each_gets_its_own_rows():
+    model = RecordingModel()
+    batcher = DynamicBatcher(make_config(), model)
+    requests = [request([i] * (1 + i % 3)) for i in range(12)]
+    results = await run_all(batcher, requests)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], np.array([[i * 10] * (1 + i % 3)]))
+    assert len(model.batches) < len(requests)  # merged
+    await batcher.close()
+
+
+async def test_ragged_inputs_are_padded_to_the_longest_and_cut_back():
+    model = RecordingModel()
+    batcher = DynamicBatcher(make_config(), model)
+    results = await run_all(batcher, [request([1]), request([2, 2, 2])])
+    assert model.batches == [(2, 3)]
+    np.testing.assert_array_equal(results[0]["y"], [[10]])  # padding removed
+    assert results[0]["width"].tolist() == [3]  # the model saw the padded width
+    await batcher.close()
+
+
+async def test_exclusive_requests_run_alone():
+    model = RecordingModel()
+    batcher = DynamicBatcher(make_config(), model)
+    await run_all(batcher, [request([1], exclusive=True), request([2], exclusive=True), request([3])])
+    assert sorted(model.batches) == [(1, 1)] * 3
+    await batcher.close()
+
+
+async def test_token_budget_bounds_rows_times_padded_length_and_groups_lengths():
+    model = RecordingModel()
+    config = make_config(token_budget=64, length_bucket=8, max_queue_delay_ms=50)
+    batcher = DynamicBatcher(config, model)
+    short = [request([1] * 4) for _ in range(6)]
+    long = [request([2] * 30) for _ in range(4)]
+    interleaved = [item for pair in zip(short, long, strict=False) for item in pair] + short[4:]
+    await run_all(batcher, interleaved)
+    for rows, width in model.batches:
+        padded = -(-width // 8) * 8
+        assert rows * padded <= 64 or rows == 1
+    # grouped by length: no batch mixes a 4-token and a 30-token request
+    assert all(width in (4, 30) for _, width in model.batches)
+    await batcher.close()
+
+
+async def test_full_queue_answers_resource_exhausted():
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def blocking(inputs):
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        return {"y": inputs["x"], "width": np.zeros(inputs["x"].shape[0], np.int64)}
+
+    batcher = DynamicBatcher(make_config(max_queue_size=3, max_batch_size=1), blocking)
+    first = asyncio.ensure_future(batcher.submit(request([0])))
+    await asyncio.sleep(0.1)  # the first is now running; the queue is empty
+    waiting = [asyncio.ensure_future(batcher.submit(request([i]))) for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        await batcher.submit(request([9]))
+    release.set()
+    await asyncio.gather(first, *waiting)
+    await batcher.close()
+
+
+async def test_out_of_memory_halves_the_batch_until_it_fits():
+    model = RecordingModel(oom_above=2)
+    batcher = DynamicBatcher(make_config(), model)
+    results = await run_all(batcher, [request([i]) for i in range(7)])
+    assert [r["y"][0, 0] for r in results] == [i * 10 for i in range(7)]
+    assert max(rows for rows, _ in model.batches) <= 2
+    await batcher.close()
+
+
+async def test_a_failing_request_fails_alone():
+    model = RecordingModel(fail_on=3)
+    batcher = DynamicBatcher(make_config(), model)
+    results = await run_all(batcher, [request([i]) for i in range(6)])
+    assert isinstance(results[3], InternalError) and "bad value 3" in results[3].message
+    assert [r["y"][0, 0] for i, r in enumerate(results) if i != 3] == [0, 10, 20, 40, 50]
+    await batcher.close()
+
+
+async def test_wrong_output_row_count_is_never_misrouted():
+    """A model that drops rows: the merged batch is refused and each request rerun alone."""
+    seen = []
+
+    def first_row_only(inputs):
+        seen.append(inputs["x"].shape[0])
+        return {"y": inputs["x"][:1] * 10, "width": np.zeros(1, np.int64)}
+
+    batcher = DynamicBatcher(make_config(max_queue_delay_ms=50), first_row_only)
+    results = await run_all(batcher, [request([1]), request([2])])
+    assert seen == [2, 1, 1]
+    assert [r["y"][0, 0] for r in results] == [10, 20]
+    await batcher.close()
+
+
+def test_assembly_checks_row_counts():
+    config = make_config()
+    assembly = BatchAssembly(config, [request([1]), request([2])])
+    with pytest.raises(InternalError, match="output 'y' has 1 rows for a batch of 2"):
+        assembly.split({"y": np.zeros((1, 1), np.int64), "width": np.zeros(2, np.int64)})
