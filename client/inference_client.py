@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
 from tensorfleet.protos import inference_pb2 as pb
 
 from .codec import decode_contents, decode_raw, encode_raw

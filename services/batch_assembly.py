@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from tensorfleet.client.codec import NUMPY_DTYPES, float32_to_bf16_words
 from tensorfleet.client.errors import InternalError
 

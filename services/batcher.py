@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from tensorfleet.client.errors import (
     InternalError,
     ResourceExhausted,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+
 from tensorfleet.client import __version__
 from tensorfleet.client.codec import serialize_bytes
 from tensorfleet.client.errors import InternalError, TensorfleetError, Unavailable

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from tensorfleet.client.errors import TensorfleetError, Unauthenticated
 
 log = logging.getLogger("tensorfleet.rpc")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from tensorfleet.client.codec import DATATYPES
 from tensorfleet.client.errors import InvalidArgument
 

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
 from tensorfleet.client.settings import channel_options
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc

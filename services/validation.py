@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from tensorfleet.client.codec import decode_contents, decode_raw, element_count
 from tensorfleet.client.errors import InvalidArgument
 from tensorfleet.client.messages import parameter_value

@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from tensorfleet.client.errors import InternalError, ResourceExhausted
 from tensorfleet.services.backends.base import OutOfMemory
 from tensorfleet.services.batch_assembly import BatchAssembly

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from tensorfleet.client.codec import (
     NUMPY_DTYPES,
     bf16_words_to_float32,

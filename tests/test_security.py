@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorfleet.client import InferenceClient, TensorfleetError, Unauthenticated, Unavailable
 
+from tensorfleet.client import InferenceClient, TensorfleetError, Unauthenticated, Unavailable
 from tests.certificates import make_pki
 from tests.serving import running_server
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorfleet.client import FailedPrecondition, InferenceClient
 
+from tensorfleet.client import FailedPrecondition, InferenceClient
 from tests.serving import launch_server, running_server
 
 MODELS = Path(__file__).parent / "models"
@@ -138,6 +138,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_zero():
 
 def _wait_for_in_flight(srv, at_least: int) -> None:
     import grpc
+
     from tensorfleet.protos import tensorfleet_pb2, tensorfleet_pb2_grpc
 
     with grpc.insecure_channel(srv.address) as channel:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tensorfleet.client.errors import InvalidArgument
 
 from ..model_config import ModelConfig

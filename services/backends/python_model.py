@@ -10,6 +10,7 @@ import importlib.util
 import sys
 
 import numpy as np
+
 from tensorfleet.client.errors import InvalidArgument
 
 from .base import Backend, ModelContext, register

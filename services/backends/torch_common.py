@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from tensorfleet.client.errors import InternalError
 
 from .base import Backend
@@ -84,6 +85,6 @@ class TorchProgramBackend(Backend):
     def _place(self, module: Any) -> Any:
         module = module.to(self.device)
         dtype = self._compute_dtype()
-        if dtype is not None and self.device.type == "cuda":
+        if dtype is not None:
             module = module.to(dtype)
         return module
