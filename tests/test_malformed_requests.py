@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from tensorfleet.client.settings import channel_options
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
-
 from tests.serving import REPO_ROOT, running_server
 
 MODELS = REPO_ROOT / "tests" / "models"

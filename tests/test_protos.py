@@ -136,7 +136,9 @@ def test_every_message_and_enum_we_define_matches_triton(ours: dict, triton: dic
             continue
         for number, description in sorted(mine.items()):
             if number not in theirs:
-                problems.append(f"{key} #{number} {description}: Triton has no field/value {number}")
+                problems.append(
+                    f"{key} #{number} {description}: Triton has no field/value {number}"
+                )
             elif theirs[number] != description:
                 problems.append(f"{key} #{number}: ours {description} != Triton {theirs[number]}")
     assert not problems, "wire incompatibilities with Triton:\n" + "\n".join(problems)
@@ -147,7 +149,9 @@ def test_every_rpc_we_define_matches_triton(ours: dict, triton: dict) -> None:
     mine, theirs = ours[key], triton[key]
     assert len(mine) == 12
     for method, signature in mine.items():
-        assert theirs.get(method) == signature, f"rpc {method}: ours {signature}, Triton {theirs.get(method)}"
+        assert theirs.get(method) == signature, (
+            f"rpc {method}: ours {signature}, Triton {theirs.get(method)}"
+        )
 
 
 def test_client_import_pulls_in_neither_torch_nor_tensorflow() -> None:
@@ -157,7 +161,12 @@ def test_client_import_pulls_in_neither_torch_nor_tensorflow() -> None:
         "print(json.dumps(heavy))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
