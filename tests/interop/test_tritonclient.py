@@ -121,8 +121,9 @@ def test_model_config(results: dict) -> None:
     assert "dynamic_batching" in config
     bytes_config = results["model_config"]["echo_bytes"]["config"]
     assert {t["name"]: t["data_type"] for t in bytes_config["input"]} == {"text": "TYPE_STRING"}
-    int64_config = results["model_config"]["simple_int64"]["config"]
-    assert {t["data_type"] for t in int64_config["input"]} == {"TYPE_INT64"}
+    for model, type_name in (("simple_int64", "TYPE_INT64"), ("simple_fp16", "TYPE_FP16")):
+        other = results["model_config"][model]["config"]
+        assert {t["data_type"] for t in other["input"] + other["output"]} == {type_name}
 
 
 def test_repository_index(results: dict) -> None:
@@ -148,6 +149,13 @@ def test_infer_matches_in_process_model(tensors: dict, results: dict, model: str
     assert results["infer_ids"][model] == f"unary-{model}"
 
 
+def test_unary_error_reaches_tritonclient(results: dict) -> None:
+    error = results["unary_error"]
+    assert error is not None, "a request without INPUT1 was accepted"
+    assert error["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "INPUT1" in error["message"]
+
+
 def test_infer_bytes(tensors: dict, results: dict) -> None:
     text = tensors["echo_bytes/text"]
     upper, length = tensors["echo_bytes/upper"], tensors["echo_bytes/length"]
@@ -158,7 +166,9 @@ def test_infer_bytes(tensors: dict, results: dict) -> None:
 
 def test_stream_100_in_flight(tensors: dict, results: dict) -> None:
     stream = results["stream"]
-    assert stream["errors"] == []
+    # The one bad request (INPUT1 missing) comes back as an error for itself alone.
+    assert len(stream["errors"]) == 1
+    assert stream["errors"][0].startswith("INVALID_ARGUMENT: ") and "INPUT1" in stream["errors"][0]
     assert sorted(stream["ids"]) == sorted(f"req-{i}" for i in range(100))
     model = _model_class(MODELS / "simple")
     worst = 0.0
@@ -218,6 +228,7 @@ def test_protein_embedder_matches_in_process(protein_run) -> None:
     backend.load()
     spec = config.input(results["protein_input"])
     batches = results["protein_sequences"]
+    worst = 0.0
     for key, sequences in [
         ("unary", batches[0]),
         *((f"stream/{i}", s) for i, s in enumerate(batches)),
@@ -231,6 +242,8 @@ def test_protein_embedder_matches_in_process(protein_run) -> None:
             want = np.asarray(expected[name])
             assert got.shape == want.shape, f"{key} {name}: {got.shape} != {want.shape}"
             if got.dtype.kind == "f":
-                assert np.max(np.abs(got.astype(np.float64) - want)) <= FP32_TOLERANCE, key
+                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
             else:
                 np.testing.assert_array_equal(got, want)
+    print(f"protein_embedder: max abs diff served vs in-process = {worst:.3g}")
+    assert worst <= FP32_TOLERANCE

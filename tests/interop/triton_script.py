@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 SIMPLE_MODELS = {"simple": "FP32", "simple_int64": "INT64", "simple_fp16": "FP16"}
 STREAM_REQUESTS = 100
@@ -90,6 +91,14 @@ def run_basic(client: grpcclient.InferenceServerClient, results: dict, tensors: 
     infer_ids["echo_bytes"] = result.get_response().id
     results["infer_ids"] = infer_ids
 
+    only_one = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    only_one.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    try:
+        client.infer("simple", [only_one])
+        results["unary_error"] = None
+    except InferenceServerException as error:
+        results["unary_error"] = {"status": error.status(), "message": error.message()}
+
     run_stream(client, results, tensors, rng)
 
 
@@ -111,8 +120,10 @@ def run_stream(
             inputs[0].set_data_from_numpy(a)
             inputs[1].set_data_from_numpy(b)
             client.async_stream_infer("simple", inputs, request_id=f"req-{index}")
+            if index == STREAM_REQUESTS // 2:  # one bad request among the good ones
+                client.async_stream_infer("simple", inputs[:1], request_id="bad-missing-input")
         errors, ids = [], []
-        for _ in range(STREAM_REQUESTS):
+        for _ in range(STREAM_REQUESTS + 1):
             result, error = replies.get(timeout=120)
             if error is not None:
                 errors.append(str(error))
