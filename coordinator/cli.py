@@ -1,0 +1,130 @@
+"""The `tensorfleet` command: run, status, schema, serve.
+
+Exit codes: 0 every row done, 1 some rows failed (see the errors table), 2 fatal (bad spec,
+unreadable input, no server reachable, ...), always with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorfleet", description="Batch inference over a fleet of model servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job file: shard, infer, checkpoint, merge")
+    run.add_argument("job", type=Path, help="job file (YAML); see `tensorfleet schema`")
+    run.add_argument("--job-dir", type=Path, help="checkpoint folder (default: job_dir in the spec, else <output>.tfjob)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the job in the job folder")
+    mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
+    run.add_argument("--dry-run", action="store_true", help="print the plan; compute and write nothing")
+    run.add_argument("--limit", type=int, help="only the first N rows (a smoke test; separate output and folder)")
+    run.add_argument("--servers", help="comma-separated host:port list; replaces the spec's model.servers/local")
+    run.add_argument("-v", "--verbose", action="store_true", help="log server events")
+
+    status = sub.add_parser("status", help="progress of a job, from its folder")
+    status.add_argument("job_dir", type=Path)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    sub.add_parser("schema", help="print the job file's JSON schema")
+
+    serve = sub.add_parser("serve", help="run a model server (python -m tensorfleet.services ...)", add_help=False)
+    serve.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # The coordinator never imports the server: hand the process over to it.
+        os.execv(sys.executable, [sys.executable, "-m", "tensorfleet.services", *argv[1:]])
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        from .spec import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    if args.command == "status":
+        return _status(args.job_dir, args.json)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .job import JobFatal, RunOptions, run_job
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    options = RunOptions(
+        job_dir=args.job_dir, resume=args.resume, restart=args.restart, dry_run=args.dry_run, limit=args.limit,
+        servers=[s.strip() for s in args.servers.split(",") if s.strip()] if args.servers else None,
+    )
+    try:
+        result = run_job(args.job, options)
+    except JobFatal as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("tensorfleet: interrupted; committed chunks are kept: run again with --resume", file=sys.stderr)
+        return EXIT_FATAL
+    print(result.summary())
+    if result.rows_failed:
+        print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed", file=sys.stderr)
+    return result.exit_code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _status(job_dir: Path, as_json: bool) -> int:
+    from .manifest import Manifest
+    from .progress import format_duration, pid_alive, read_status
+
+    manifest = Manifest.open_existing(job_dir)
+    status = read_status(job_dir) or {}
+    if manifest is None and not status:
+        print(f"tensorfleet: error: {job_dir} holds no job (no manifest.sqlite)", file=sys.stderr)
+        return EXIT_FATAL
+    counts = manifest.counts() if manifest else {}
+    if manifest:
+        manifest.close()
+    state = status.get("state", "planned")
+    if state in ("running", "starting", "merging") and status.get("pid") and not pid_alive(status["pid"]):
+        state = "stopped"
+    report = {**status, **counts, "state": state}
+    if as_json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+        return EXIT_OK
+    rows, done = report.get("rows", 0), report.get("rows_done", 0)
+    print(f"job folder: {job_dir}")
+    print(f"state: {state}" + (" (the coordinator is gone; continue with `tensorfleet run JOB --resume`)" if state == "stopped" else ""))
+    print(f"rows: {done}/{rows} done ({done / rows:.1%})" if rows else "rows: 0")
+    if "chunks" in report:
+        print(f"chunks: {report['chunks_done']}/{report['chunks']} done; rows failed: {report['rows_failed']}")
+    if status.get("rows_per_second"):
+        print(f"speed: {status['rows_per_second']} rows/s, ETA {format_duration(status.get('eta_seconds'))}")
+    for server in status.get("servers", []):
+        print(f"server {server['address']}: {'alive' if server['alive'] else 'down'}, {server['rows']} rows"
+              + (f" ({server['last_error']})" if server.get("last_error") else ""))
+    if status.get("output"):
+        print(f"output: {status['output']}")
+    if status.get("updated"):
+        print(f"updated: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status['updated']))}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

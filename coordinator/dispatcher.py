@@ -1,0 +1,402 @@
+"""Dispatch: every server pulls chunks and keeps a window of requests in flight on one stream.
+
+- A slow server simply takes fewer chunks.
+- A dead or stalled server loses its leases; those chunks go back to the queue, whole, and
+  are recomputed from scratch elsewhere. A server that comes back is probed and used again.
+- A request that fails for its rows (not for its server) is split in two and resent, down
+  to single rows; those become row errors. Bisection is deterministic, so is the output.
+- A finished chunk is handed to `commit` (run in one writer thread) exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, TensorfleetError
+from tensorfleet.client.channel import aio_channel
+from tensorfleet.client.inference_client import stream_error
+from tensorfleet.client.messages import parse_infer_response
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+
+from .manifest import RowError
+from .planner import Chunk
+from .source import RequestSource
+from .spec import PolicySpec
+
+log = logging.getLogger("tensorfleet.coordinator")
+
+#: Codes that say something about the server, not the rows: the server loses its leases.
+SERVER_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class ServerLost(Exception):
+    """The stream to a server broke, or the server stalled."""
+
+
+class DispatchFatal(Exception):
+    """The job cannot go on (no server for too long, a row failed under on_row_error: fail)."""
+
+
+@dataclass
+class CompletedChunk:
+    chunk: Chunk
+    ids: np.ndarray
+    ok: np.ndarray
+    #: Model outputs for the ok rows only, in row order.
+    outputs: dict[str, np.ndarray]
+    errors: list[RowError]
+    server: str
+
+
+@dataclass
+class Work:
+    chunk: Chunk
+    ids: np.ndarray | None = None
+    pending: deque = field(default_factory=deque)
+    inflight: int = 0
+    results: dict[int, tuple[int, dict[str, np.ndarray]]] = field(default_factory=dict)
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    losses: int = 0
+    handed_off: bool = False
+
+    def reset(self) -> None:
+        self.pending = deque(self.chunk.requests())
+        self.inflight = 0
+        self.results.clear()
+        self.errors.clear()
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and self.inflight == 0
+
+    def __lt__(self, other: Work) -> bool:
+        return self.chunk.index < other.chunk.index
+
+
+@dataclass
+class ServerState:
+    address: str
+    alive: bool = False
+    rows: int = 0
+    requests: int = 0
+    last_error: str = ""
+    leases: list[Work] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def summary(self) -> dict[str, Any]:
+        return {"address": self.address, "alive": self.alive, "rows": self.rows, "last_error": self.last_error}
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        servers: list[str],
+        source: RequestSource,
+        chunks: list[Chunk],
+        commit: Callable[[CompletedChunk], None],
+        policy: PolicySpec,
+        options: ConnectionOptions | None = None,
+        on_lease: Callable[[int, str], None] | None = None,
+        on_commit: Callable[[CompletedChunk], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.policy = policy
+        self.options = options or ConnectionOptions()
+        self.servers = [ServerState(address) for address in servers]
+        self._commit = commit
+        self._on_lease = on_lease
+        self._on_commit = on_commit
+        self._queue: list[Work] = []
+        for chunk in chunks:
+            work = Work(chunk)
+            work.reset()
+            self._queue.append(work)
+        heapq.heapify(self._queue)
+        self._remaining = len(chunks)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="tf-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tf-write")
+        self._commit_slots: asyncio.Semaphore | None = None
+        self._finished: asyncio.Event | None = None
+        self._fatal: BaseException | None = None
+        self._commits: set[asyncio.Future] = set()
+
+    # --- public ----------------------------------------------------------------------
+    @property
+    def alive(self) -> int:
+        return sum(server.alive for server in self.servers)
+
+    async def run(self) -> None:
+        """Until every chunk is committed; DispatchFatal when the job cannot finish."""
+        self._finished = asyncio.Event()
+        # Chunks leased or awaiting commit: this bounds the coordinator's memory.
+        self._commit_slots = asyncio.Semaphore(len(self.servers) * (self.policy.window + 2))
+        if self._remaining == 0:
+            return
+        workers = [asyncio.create_task(self._serve(server)) for server in self.servers]
+        watchdog = asyncio.create_task(self._watch_fleet())
+        try:
+            await self._finished.wait()
+        finally:
+            for task in [*workers, watchdog]:
+                task.cancel()
+            await asyncio.gather(*workers, watchdog, return_exceptions=True)
+            if self._commits:
+                await asyncio.gather(*self._commits, return_exceptions=True)
+            self._reader.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
+        if self._fatal is not None:
+            raise self._fatal
+
+    # --- fleet -------------------------------------------------------------------------
+    def _fail(self, error: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = error
+        self._finished.set()
+
+    def _notify(self) -> None:
+        for server in self.servers:
+            server.wake.set()
+
+    async def _watch_fleet(self) -> None:
+        last_alive = time.monotonic()
+        while not self._finished.is_set():
+            if self.alive:
+                last_alive = time.monotonic()
+            elif time.monotonic() - last_alive > self.policy.server_wait_s:
+                problems = "; ".join(f"{s.address}: {s.last_error or 'not reachable'}" for s in self.servers)
+                self._fail(
+                    DispatchFatal(
+                        f"no server reachable for {self.policy.server_wait_s:.0f}s ({problems}). "
+                        f"Start the servers or fix model.servers, then run again with --resume"
+                    )
+                )
+                return
+            await asyncio.sleep(0.2)
+
+    async def _serve(self, server: ServerState) -> None:
+        delay = 0.1
+        client = AsyncInferenceClient(server.address, options=self.options, timeout=5.0)
+        channel = aio_channel(server.address, self.options)
+        try:
+            while not self._finished.is_set():
+                try:
+                    await self._probe(client)
+                except (TensorfleetError, grpc.RpcError, asyncio.TimeoutError, OSError) as error:
+                    server.last_error = str(error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
+                server.alive, server.last_error = True, ""
+                log.info("server %s is serving", server.address)
+                try:
+                    await self._stream(server, channel)
+                except (ServerLost, grpc.RpcError, TensorfleetError) as error:
+                    server.last_error = str(error) or type(error).__name__
+                    log.warning("server %s lost: %s", server.address, server.last_error)
+                finally:
+                    server.alive = False
+                    self._return_leases(server)
+        finally:
+            await client.close()
+            await channel.close()
+
+    async def _probe(self, client: AsyncInferenceClient) -> None:
+        status = await client.health()
+        if status != "SERVING":
+            raise ServerLost(f"health is {status}")
+        if not await client.is_model_ready(self.source.model, self.source.version):
+            raise ServerLost(f"model '{self.source.model}' is not ready")
+
+    def _return_leases(self, server: ServerState) -> None:
+        for work in server.leases:
+            if work.handed_off:
+                continue
+            work.losses += 1
+            if work.losses > self.policy.retries:
+                message = (
+                    f"chunk {work.chunk.index} was lost {work.losses} times with its server "
+                    f"(last: {server.last_error}); a row in it may crash the server"
+                )
+                work.pending.clear()
+                work.inflight = 0
+                work.results.clear()
+                work.errors = {row: ("UNAVAILABLE", message) for row in range(work.chunk.start, work.chunk.stop)}
+                self._hand_off(work, server)
+                continue
+            work.reset()
+            heapq.heappush(self._queue, work)
+            self._commit_slots.release()
+        server.leases = []
+        self._notify()
+
+    # --- one stream ------------------------------------------------------------------------
+    async def _next_request(self, server: ServerState) -> tuple[Work, int, int] | None:
+        for work in server.leases:
+            if work.pending:
+                start, stop = work.pending.popleft()
+                work.inflight += 1  # counted before any await, so the chunk cannot look complete
+                return work, start, stop
+        if not self._queue or self._commit_slots.locked():
+            return None
+        await self._commit_slots.acquire()  # held until the chunk commits or goes back
+        if not self._queue:
+            self._commit_slots.release()
+            return None
+        work = heapq.heappop(self._queue)
+        server.leases.append(work)
+        loop = asyncio.get_running_loop()
+        if work.ids is None:
+            work.ids = await loop.run_in_executor(self._reader, self.source.ids, work.chunk.start, work.chunk.stop)
+        if self._on_lease is not None:
+            loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address)
+        start, stop = work.pending.popleft()
+        work.inflight += 1
+        return work, start, stop
+
+    async def _stream(self, server: ServerState, channel: grpc.aio.Channel) -> None:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(metadata=self.options.metadata())
+        inflight: dict[str, tuple[Work, int, int, float]] = {}
+        loop = asyncio.get_running_loop()
+
+        async def receive() -> None:
+            async for reply in call:
+                await self._on_reply(server, inflight, reply)
+                server.wake.set()
+            raise ServerLost("the server closed the stream")
+
+        receiver = asyncio.create_task(receive())
+        serial = 0
+        try:
+            while True:
+                server.wake.clear()
+                if receiver.done():
+                    receiver.result()
+                if self._finished.is_set() and not inflight:
+                    break
+                if inflight:
+                    oldest = min(entry[3] for entry in inflight.values())
+                    if time.monotonic() - oldest > self.policy.request_timeout_s:
+                        raise ServerLost(f"no answer for {self.policy.request_timeout_s:.0f}s (stalled)")
+                if len(inflight) < self.policy.window and not self._finished.is_set():
+                    item = await self._next_request(server)
+                    if item is not None:
+                        work, start, stop = item
+                        serial += 1
+                        request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
+                        request = await loop.run_in_executor(self._reader, self.source.request, request_id, start, stop)
+                        inflight[request_id] = (work, start, stop, time.monotonic())
+                        server.requests += 1
+                        await call.write(request)
+                        continue
+                waiter = asyncio.ensure_future(server.wake.wait())
+                await asyncio.wait([waiter, receiver], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            await call.done_writing()
+        finally:
+            receiver.cancel()
+            call.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    async def _on_reply(self, server: ServerState, inflight: dict, reply: Any) -> None:
+        entry = inflight.pop(reply.infer_response.id, None)
+        if entry is None:
+            if reply.error_message:
+                raise ServerLost(f"stream error: {reply.error_message}")
+            return
+        work, start, stop, _ = entry
+        work.inflight -= 1
+        if reply.error_message:
+            error = stream_error(reply.error_message)
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                work.pending.appendleft((start, stop))
+                await asyncio.sleep(0.05)
+                return
+            if error.code in SERVER_CODES:
+                work.pending.appendleft((start, stop))
+                raise ServerLost(reply.error_message)
+            self._row_failure(work, start, stop, error.code.name, error.message)
+        else:
+            outputs = parse_infer_response(reply.infer_response)
+            bad = [name for name, value in outputs.items() if len(value) != stop - start]
+            if bad:
+                self._row_failure(work, start, stop, "INTERNAL", f"outputs {bad} do not have {stop - start} rows")
+            else:
+                work.results[start] = (stop, outputs)
+                server.rows += stop - start
+        if work.complete and not work.handed_off:
+            server.leases.remove(work)
+            self._hand_off(work, server)
+
+    def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None:
+        if stop - start > 1:
+            middle = (start + stop) // 2
+            work.pending.appendleft((middle, stop))
+            work.pending.appendleft((start, middle))
+            return
+        if self.policy.on_row_error == "fail":
+            self._fail(DispatchFatal(f"row {start} failed: {code}: {message} (policy.on_row_error is 'fail')"))
+        work.errors[start] = (code, message)
+
+    # --- hand-off to the writer thread ------------------------------------------------------
+    def _hand_off(self, work: Work, server: ServerState) -> None:
+        work.handed_off = True
+        chunk = work.chunk
+        ok = np.ones(chunk.rows, dtype=bool)
+        for row in work.errors:
+            ok[row - chunk.start] = False
+        pieces = [outputs for _, (_, outputs) in sorted(work.results.items())]
+        names = sorted({name for piece in pieces for name in piece})
+        outputs = {name: np.concatenate([piece[name] for piece in pieces]) for name in names}
+        assert work.ids is not None
+        errors = [
+            RowError(row, str(work.ids[row - chunk.start]), code, message)
+            for row, (code, message) in sorted(work.errors.items())
+        ]
+        done = CompletedChunk(chunk, work.ids, ok, outputs, errors, server.address)
+        work.results.clear()
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self._commit, done)
+        self._commits.add(future)
+        future.add_done_callback(lambda f: self._committed(f, done))
+
+    def _committed(self, future: asyncio.Future, done: CompletedChunk) -> None:
+        self._commits.discard(future)
+        self._commit_slots.release()
+        if self._finished.is_set() and self._fatal is not None:
+            return
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._fail(future.exception())
+            return
+        self._remaining -= 1
+        if self._on_commit is not None:
+            self._on_commit(done)
+        if self._remaining == 0:
+            self._finished.set()
+            self._notify()

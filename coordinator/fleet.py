@@ -1,0 +1,121 @@
+"""What the servers serve: the model's inputs, outputs, batch limit and provenance, checked once.
+
+Everything comes over gRPC (ModelMetadata, ModelConfig and its parameters, RepositoryIndex).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, NotFound, TensorfleetError
+from tensorfleet.protos import model_config_pb2 as mc
+
+
+class FleetError(Exception):
+    """No usable server, or servers that disagree: fatal, with what to fix."""
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    version: str
+    max_batch_size: int
+    #: name -> (OIP datatype, row shape without the batch dim)
+    inputs: dict[str, tuple[str, list[int]]]
+    outputs: dict[str, tuple[str, list[int]]]
+    optional_inputs: set[str] = field(default_factory=set)
+    precision: str = ""
+    artifact_sha256: str = ""
+    token_budget: int = 0
+
+    def provenance(self) -> dict[str, str]:
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "model_artifact_sha256": self.artifact_sha256,
+            "precision": self.precision,
+        }
+
+
+def _datatype(value: int) -> str:
+    name = mc.DataType.Name(value).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+async def describe_model(address: str, model: str, version: str, options: ConnectionOptions) -> ModelInfo:
+    async with AsyncInferenceClient(address, options=options, timeout=10.0) as client:
+        try:
+            config = await client.model_config(model, version)
+        except NotFound:
+            try:
+                served = sorted({m.name for m in await client.repository_index()})
+            except TensorfleetError:
+                served = []
+            raise FleetError(
+                f"{address} does not serve model '{model}'"
+                + (f" (it serves: {', '.join(served)})" if served else "")
+                + "; fix model.name"
+            ) from None
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        batched = config.max_batch_size > 0
+        return ModelInfo(
+            name=config.name or model,
+            version=params.get("version", version),
+            max_batch_size=config.max_batch_size,
+            inputs={i.name: (_datatype(i.data_type), list(i.dims)) for i in config.input},
+            outputs={o.name: (_datatype(o.data_type), list(o.dims)) for o in config.output},
+            optional_inputs={i.name for i in config.input if i.optional},
+            precision=params.get("precision", ""),
+            artifact_sha256=params.get("artifact_sha256", ""),
+            token_budget=int(params.get("token_budget", "0") or 0) if batched else 0,
+        )
+
+
+async def wait_serving(address: str, model: str, version: str, options: ConnectionOptions, timeout: float) -> str | None:
+    """None once `address` is SERVING with the model ready, else the last problem seen."""
+    deadline = time.monotonic() + timeout
+    problem = "not reachable"
+    async with AsyncInferenceClient(address, options=options, timeout=3.0) as client:
+        while True:
+            try:
+                if await client.health() == "SERVING":
+                    if await client.is_model_ready(model, version):
+                        return None
+                    problem = f"model '{model}' not ready"
+                else:
+                    problem = "not SERVING"
+            except NotFound:
+                return None  # describe_model explains an unknown model better
+            except TensorfleetError as error:
+                problem = error.message.splitlines()[0] if error.message else type(error).__name__
+            if time.monotonic() >= deadline:
+                return problem
+            await asyncio.sleep(0.2)
+
+
+async def inspect_fleet(
+    servers: list[str], model: str, version: str, options: ConnectionOptions, timeout: float
+) -> tuple[ModelInfo, list[str]]:
+    """The model as served, and which servers answered. FleetError when none did or they disagree."""
+    problems = await asyncio.gather(*(wait_serving(s, model, version, options, timeout) for s in servers))
+    ready = [s for s, problem in zip(servers, problems, strict=True) if problem is None]
+    if not ready:
+        detail = "; ".join(f"{s}: {p}" for s, p in zip(servers, problems, strict=True))
+        raise FleetError(
+            f"no server reachable after {timeout:.0f}s ({detail}). "
+            f"Start servers (tensorfleet serve ...) or fix model.servers / --servers"
+        )
+    infos = await asyncio.gather(*(describe_model(s, model, version, options) for s in ready))
+    first = infos[0]
+    for address, info in zip(ready[1:], infos[1:], strict=True):
+        if (info.artifact_sha256, info.version, info.precision) != (first.artifact_sha256, first.version, first.precision):
+            raise FleetError(
+                f"servers disagree about model '{model}': {ready[0]} has version {first.version} "
+                f"{first.precision} sha256 {first.artifact_sha256[:12]}, {address} has version {info.version} "
+                f"{info.precision} sha256 {info.artifact_sha256[:12]}; serve one model build everywhere"
+            )
+    if first.max_batch_size < 1:
+        raise FleetError(f"model '{model}' has max_batch_size 0 (unbatched); the coordinator sends row batches")
+    return first, ready

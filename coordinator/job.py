@@ -1,0 +1,421 @@
+"""One `tensorfleet run`: spec -> fleet -> plan -> dispatch -> merge, with every fatal error explained.
+
+Fatal problems (exit 2) raise JobFatal with a message that says what to fix. Files only
+appear under their final name once complete, so a failed run never leaves a finished-looking
+output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import yaml
+
+from tensorfleet.client import ConnectionOptions
+from tensorfleet.client import __version__ as tensorfleet_version
+
+from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
+from .fleet import FleetError, ModelInfo, inspect_fleet
+from .local_fleet import LocalFleet, LocalFleetError
+from .manifest import MANIFEST_NAME, Manifest
+from .merge import MergeError, MergeResult, merge
+from .parts import write_part
+from .planner import Plan, PlanError, fingerprint, make_plan
+from .progress import Progress, write_json_atomic
+from .readers import InputError, Reader, open_reader
+from .source import FieldMappingError, RequestSource, resolve_fields
+from .spec import JobSpec, SpecError, load_spec
+
+PARTS_DIR = "parts"
+
+
+class JobFatal(Exception):
+    """Exit 2: the job cannot run or finish as asked; the message says what to fix."""
+
+
+@dataclass
+class RunOptions:
+    job_dir: Path | None = None
+    resume: bool = False
+    restart: bool = False
+    dry_run: bool = False
+    limit: int | None = None
+    servers: list[str] | None = None
+    progress_stream: TextIO | None = None
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    job_dir: Path
+    rows: int
+    rows_failed: int
+    rows_computed: int
+    seconds: float
+    columns: dict[str, tuple[list[int], str]] = field(default_factory=dict)
+    servers: list[str] = field(default_factory=list)
+    plan_text: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.rows_failed else 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.output is None:
+            return self.plan_text
+        dims = ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype) in self.columns.items())
+        lines = [
+            f"output: {self.output}",
+            f"rows: {self.rows} ({self.rows - self.rows_failed} ok, {self.rows_failed} failed)",
+            f"outputs: {dims}",
+            f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
+            f" on {len(self.servers)} server(s)",
+            f"job folder: {self.job_dir}",
+        ]
+        if self.rows_failed:
+            lines.append(f"failed rows: see the errors table in {self.output} ({self.job_dir / MANIFEST_NAME})")
+        return "\n".join(lines)
+
+
+def final_output_path(spec: JobSpec, limit: int | None) -> Path:
+    path = Path(spec.output.path)
+    return path.with_name(f"{path.stem}.limit{limit}{path.suffix}") if limit else path
+
+
+def default_job_dir(spec: JobSpec, output: Path) -> Path:
+    return Path(spec.job_dir) if spec.job_dir else output.with_name(output.name + ".tfjob")
+
+
+def load_job(path: Path | str, servers: list[str] | None = None) -> JobSpec:
+    try:
+        spec = load_spec(path)
+    except SpecError as error:
+        raise JobFatal(str(error)) from None
+    if servers:
+        model = spec.model.model_copy(update={"servers": servers, "local": None})
+        spec = spec.model_copy(update={"model": model})
+    return spec
+
+
+def local_model_info(spec: JobSpec) -> ModelInfo:
+    """For --dry-run with a local fleet: the model's config.yaml, read as plain YAML."""
+    assert spec.model.local is not None
+    path = Path(spec.model.local.repository) / spec.model.name / "config.yaml"
+    if not path.is_file():
+        LocalFleet(Path(spec.model.local.repository), spec.model.name, 1, "cpu", Path("."), []).check()
+        raise JobFatal(f"{path} does not exist")
+    config = yaml.safe_load(path.read_text())
+
+    def tensors(items: list[dict]) -> dict[str, tuple[str, list[int]]]:
+        return {t["name"]: (t["datatype"], list(t.get("shape", []))) for t in items}
+
+    return ModelInfo(
+        name=spec.model.name,
+        version=str(config.get("version", "1")),
+        max_batch_size=int(config.get("max_batch_size", 0)),
+        inputs=tensors(config.get("inputs", [])),
+        outputs=tensors(config.get("outputs", [])),
+        optional_inputs={t["name"] for t in config.get("inputs", []) if t.get("optional")},
+        precision=config.get("precision", "fp32"),
+        token_budget=int((config.get("batching") or {}).get("token_budget", 0)),
+    )
+
+
+def _batching(spec: JobSpec, info: ModelInfo) -> tuple[int, int | None]:
+    batch_rows = spec.chunking.batch_rows or min(info.max_batch_size, 64)
+    if batch_rows > info.max_batch_size:
+        raise JobFatal(
+            f"chunking.batch_rows {batch_rows} exceeds model '{info.name}' max_batch_size "
+            f"{info.max_batch_size}; lower chunking.batch_rows"
+        )
+    return batch_rows, spec.chunking.token_budget or info.token_budget or None
+
+
+def _fields(spec: JobSpec, reader: Reader, info: ModelInfo) -> dict[str, str]:
+    try:
+        return resolve_fields(spec.input.tensors, reader, info.inputs, info.optional_inputs)
+    except FieldMappingError as error:
+        raise JobFatal(str(error)) from None
+
+
+def _check_inputs(manifest: Manifest) -> None:
+    for stored in manifest.inputs():
+        path = Path(stored.path)
+        if not path.is_file():
+            raise JobFatal(f"input {path} is gone since this job began; restore it, or --restart with a new input")
+        now = fingerprint(path)
+        if (now.size, now.sha256) != (stored.size, stored.sha256):
+            raise JobFatal(
+                f"input {path} changed since this job began (size {stored.size} -> {now.size}, "
+                f"sha256 {stored.sha256[:12]} -> {now.sha256[:12]}); its committed chunks came from the old "
+                f"file. Restore the old file to --resume, or run with --restart to start over"
+            )
+
+
+def _check_resume(manifest: Manifest, plan_settings: dict, info: ModelInfo) -> None:
+    stored = manifest.plan_settings()
+    changed = [
+        f"{key} {stored.get(key)!r} -> {value!r}"
+        for key, value in plan_settings.items()
+        if key != "ids_digest" and stored.get(key) != value
+    ]
+    if changed:
+        raise JobFatal(
+            "the job changed since it began (" + "; ".join(changed) + "); "
+            "run with --restart to start over with the new settings"
+        )
+    model = manifest.meta("model") or {}
+    if model and model.get("model_artifact_sha256") != info.artifact_sha256:
+        raise JobFatal(
+            f"the servers now serve a different build of model '{info.name}' (sha256 "
+            f"{str(model.get('model_artifact_sha256'))[:12]} -> {info.artifact_sha256[:12]}) than the chunks "
+            f"already done; serve the old build to --resume, or --restart"
+        )
+
+
+def _committer(job_dir: Path, manifest: Manifest):
+    parts = job_dir / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+
+    def commit(done: CompletedChunk) -> None:
+        name = f"{PARTS_DIR}/chunk-{done.chunk.index:07d}.part"
+        write_part(job_dir / name, arrays={**done.outputs, "ok": done.ok}, strings={"ids": done.ids})
+        manifest.note_server(done.server)
+        manifest.commit_chunk(done.chunk.index, name, done.errors, done.server)
+
+    return commit
+
+
+def run_job(spec_path: Path | str, options: RunOptions) -> RunResult:
+    spec = load_job(spec_path, options.servers)
+    output = final_output_path(spec, options.limit)
+    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)
+    if options.limit is not None and options.limit < 1:
+        raise JobFatal("--limit must be at least 1")
+    try:
+        reader = open_reader(spec.input)
+    except InputError as error:
+        raise JobFatal(str(error)) from None
+    with reader:
+        if reader.num_rows == 0:
+            raise JobFatal(f"input {spec.input.path} has no rows")
+        if options.dry_run:
+            return _dry_run(spec, reader, options, output, job_dir)
+        return _run(spec, reader, options, output, job_dir)
+
+
+def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+    if spec.model.local is not None:
+        try:
+            info = local_model_info(spec)
+        except LocalFleetError as error:
+            raise JobFatal(str(error)) from None
+    else:
+        try:
+            info, _ = asyncio.run(
+                inspect_fleet(spec.model.servers, spec.model.name, spec.model.version, _connection(spec), 10.0)
+            )
+        except FleetError as error:
+            raise JobFatal(str(error)) from None
+    fields = _fields(spec, reader, info)
+    batch_rows, token_budget = _batching(spec, info)
+    try:
+        plan = make_plan(
+            reader, fields, batch_rows=batch_rows, chunk_rows=spec.chunking.chunk_rows,
+            token_budget=token_budget, limit=options.limit,
+        )
+    except PlanError as error:
+        raise JobFatal(str(error)) from None
+    fleet = (
+        f"{spec.model.local.count} local server(s) from {spec.model.local.repository} on {spec.model.local.device}"
+        if spec.model.local else ", ".join(spec.model.servers)
+    )
+    text = "\n".join(
+        [
+            f"job: {spec.name} (dry run: nothing computed, nothing written)",
+            f"model: {info.name} version {info.version} (max_batch_size {info.max_batch_size}) on {fleet}",
+            plan.describe(),
+            f"output: {output} ({spec.output.format})",
+            f"job folder: {job_dir}",
+        ]
+    )
+    return RunResult(None, job_dir, plan.rows, 0, 0, 0.0, plan_text=text)
+
+
+def _connection(spec: JobSpec) -> ConnectionOptions:
+    return ConnectionOptions(token=spec.model.token)
+
+
+def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[Manifest | None, bool]:
+    """(existing manifest to resume, whether this run created the folder)."""
+    existing = Manifest.open_existing(job_dir)
+    if existing is not None and not existing.has_plan():
+        existing.close()
+        existing = None
+    if existing is not None and options.restart:
+        existing.close()
+        existing = None
+        shutil.rmtree(job_dir)
+    if existing is not None and not options.resume:
+        counts = existing.counts()
+        existing.close()
+        raise JobFatal(
+            f"{job_dir} already holds this job ({counts['chunks_done']}/{counts['chunks']} chunks done); "
+            f"pass --resume to continue it or --restart to start over"
+        )
+    if existing is None:
+        for stale in (output, output.with_name(output.stem + ".errors.parquet")):
+            if options.restart:
+                stale.unlink(missing_ok=True)
+    created = not job_dir.exists()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    return existing, created
+
+
+def _run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+    manifest, created = _prepare_job_dir(job_dir, output, options)
+    fleet: LocalFleet | None = None
+    planned = manifest is not None
+    status = job_dir / "status.json"
+    try:
+        write_json_atomic(status, {"state": "starting", "output": str(output), "updated": time.time()})
+        if manifest is not None:
+            _check_inputs(manifest)
+        if spec.model.local is not None:
+            local = spec.model.local
+            fleet = LocalFleet(
+                Path(local.repository), spec.model.name, local.count, local.device, job_dir / "servers", local.args
+            )
+            try:
+                servers = fleet.start(local.startup_timeout_s)
+            except LocalFleetError as error:
+                raise JobFatal(str(error)) from None
+        else:
+            servers = list(spec.model.servers)
+        try:
+            info, _ = asyncio.run(
+                inspect_fleet(servers, spec.model.name, spec.model.version, _connection(spec), spec.policy.server_wait_s)
+            )
+        except FleetError as error:
+            raise JobFatal(str(error)) from None
+        fields = _fields(spec, reader, info)
+        batch_rows, token_budget = _batching(spec, info)
+        if manifest is None:
+            try:
+                plan = make_plan(
+                    reader, fields, batch_rows=batch_rows, chunk_rows=spec.chunking.chunk_rows,
+                    token_budget=token_budget, limit=options.limit,
+                )
+            except PlanError as error:
+                raise JobFatal(str(error)) from None
+            manifest = Manifest(job_dir / MANIFEST_NAME)
+            manifest.record_plan(plan)
+            manifest.set_meta("model", info.provenance())
+            manifest.set_meta("spec_sha256", spec.digest())
+            manifest.set_meta("outputs", {k: list(v) for k, v in info.outputs.items()})
+            planned = True
+        else:
+            rows = reader.num_rows if options.limit is None else min(options.limit, reader.num_rows)
+            settings = Plan(rows, batch_rows, token_budget, spec.chunking.chunk_rows, options.limit, fields, "", []).settings()
+            _check_resume(manifest, settings, info)
+        return _execute(spec, reader, options, output, job_dir, manifest, info, fields, servers)
+    except BaseException:
+        if created and not planned:
+            if fleet is not None:
+                fleet.stop()
+                fleet = None
+            with contextlib.suppress(OSError):
+                shutil.rmtree(job_dir)
+        else:
+            with contextlib.suppress(OSError):
+                write_json_atomic(status, {"state": "failed", "output": str(output), "updated": time.time()})
+        raise
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if manifest is not None:
+            manifest.close()
+
+
+def _execute(
+    spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
+    manifest: Manifest, info: ModelInfo, fields: dict[str, str], servers: list[str],
+) -> RunResult:
+    chunks = manifest.chunks()
+    done = manifest.done_chunks()
+    for index in sorted(done):
+        part = manifest.part_of(index)
+        if part is None or not (job_dir / part).is_file():
+            raise JobFatal(f"chunk {index} is marked done but its part file {part} is missing; run with --restart")
+    pending = [chunk for chunk in chunks if chunk.index not in done]
+    counts = manifest.counts()
+    rows = counts["rows"]
+    source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
+    dispatcher = Dispatcher(
+        servers=servers, source=source, chunks=pending, commit=_committer(job_dir, manifest),
+        policy=spec.policy, options=_connection(spec),
+        on_lease=manifest.note_lease,
+    )
+    progress = Progress(
+        job_dir, total_rows=rows, done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],
+        servers=lambda: [s.summary() for s in dispatcher.servers], output=str(output),
+        stream=options.progress_stream,
+    )
+    dispatcher._on_commit = lambda item: progress.add(item.chunk.rows, len(item.errors))
+    started = time.monotonic()
+
+    async def dispatch() -> None:
+        task = asyncio.create_task(dispatcher.run())
+        while not task.done():
+            progress.tick()
+            await asyncio.wait([task], timeout=0.2)
+        task.result()
+
+    try:
+        asyncio.run(dispatch())
+    except DispatchFatal as error:
+        progress.close("failed")
+        raise JobFatal(str(error)) from None
+    except BaseException:
+        progress.close("interrupted")
+        raise
+    seconds = time.monotonic() - started
+    computed = sum(chunk.rows for chunk in pending)
+    progress.tick("merging", force=True)
+    provenance = {
+        "tensorfleet_version": tensorfleet_version,
+        **(manifest.meta("model") or info.provenance()),
+        "spec_sha256": manifest.meta("spec_sha256", spec.digest()),
+        "job_name": spec.name,
+        "servers": manifest.servers(),
+        "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
+        "batch_rows": manifest.plan_settings().get("batch_rows"),
+        "token_budget": manifest.plan_settings().get("token_budget"),
+    }
+    declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
+    try:
+        result: MergeResult = merge(
+            job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
+            ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
+            provenance=provenance, limit=options.limit, final_path=output, declared_outputs=declared,
+        )
+    except (MergeError, ValueError, OSError) as error:
+        progress.close("failed")
+        raise JobFatal(f"merge failed: {error}") from None
+    progress.close("done" if not result.rows_failed else "done_with_errors")
+    return RunResult(
+        output=result.path, job_dir=job_dir, rows=rows, rows_failed=result.rows_failed, rows_computed=computed,
+        seconds=seconds, columns={c.name: (list(c.row_shape), str(np.dtype(c.dtype))) for c in result.columns},
+        servers=servers,
+    )

@@ -1,0 +1,147 @@
+"""Local servers: `python -m tensorfleet.services` subprocesses, started for a job and stopped by pid.
+
+The coordinator never imports the server; it only starts it and reads the port file the
+server writes once its models are loaded and warmed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the server gets SIGTERM when the coordinator dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class LocalFleetError(Exception):
+    """A local server would not start; the message carries the end of its log."""
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen
+    port_file: Path
+    log_path: Path
+    port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def available_models(repository: Path) -> list[str]:
+    return sorted(p.name for p in repository.iterdir() if (p / "config.yaml").is_file()) if repository.is_dir() else []
+
+
+def device_for(device: str, index: int) -> str:
+    """cuda:N with count k uses cuda:N..N+k-1; cpu stays cpu."""
+    if device.startswith("cuda"):
+        base = int(device.partition(":")[2] or 0)
+        return f"cuda:{base + index}"
+    return device
+
+
+class LocalFleet:
+    """Starts `count` servers for one model and stops them, by pid, when the job ends."""
+
+    def __init__(self, repository: Path, model: str, count: int, device: str, workdir: Path, args: list[str]) -> None:
+        self.repository = repository
+        self.model = model
+        self.count = count
+        self.device = device
+        self.workdir = workdir
+        self.args = args
+        self.servers: list[LocalServer] = []
+
+    def check(self) -> None:
+        if not self.repository.is_dir():
+            raise LocalFleetError(f"model.local.repository {self.repository} is not a folder")
+        models = available_models(self.repository)
+        if self.model not in models:
+            raise LocalFleetError(
+                f"model '{self.model}' is not in the repository {self.repository} "
+                f"(it has: {', '.join(models) or 'no models'}); fix model.name or model.local.repository"
+            )
+
+    def start(self, timeout: float) -> list[str]:
+        self.check()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for index in range(self.count):
+            port_file = self.workdir / f"server-{index}.port"
+            log_path = self.workdir / f"server-{index}.log"
+            port_file.unlink(missing_ok=True)
+            command = [
+                sys.executable, "-m", "tensorfleet.services",
+                "--model-repository", str(self.repository), "--model", self.model,
+                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+                "--device", device_for(self.device, index), *self.args,
+            ]
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+            self.servers.append(LocalServer(process, port_file, log_path))
+        self._write_pids()
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            while server.port is None:
+                text = server.port_file.read_text().strip() if server.port_file.exists() else ""
+                if text:
+                    server.port = int(text)
+                elif server.process.poll() is not None:
+                    raise LocalFleetError(
+                        f"local server {server.process.pid} exited with {server.process.returncode} "
+                        f"before serving; its log ({server.log_path}) ends:\n{server.log_tail()}"
+                    )
+                elif time.monotonic() > deadline:
+                    raise LocalFleetError(
+                        f"local server {server.process.pid} not serving after {timeout:.0f}s "
+                        f"(raise model.local.startup_timeout_s); its log ends:\n{server.log_tail()}"
+                    )
+                else:
+                    time.sleep(0.05)
+        self._write_pids()
+        return [server.address for server in self.servers]
+
+    def _write_pids(self) -> None:
+        """servers.json: pid, port and log of each server, for operators and tests."""
+        records = [
+            {"pid": s.process.pid, "port": s.port, "address": s.address if s.port else None, "log": str(s.log_path)}
+            for s in self.servers
+        ]
+        (self.workdir / "servers.json").write_text(json.dumps(records, indent=1))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            try:
+                server.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.process.pid, signal.SIGKILL)
+                server.process.wait(10)
+        self.servers = []

@@ -1,0 +1,165 @@
+"""The SQLite checkpoint in the job folder: the plan, which chunks are done, and failing rows.
+
+A chunk counts as done only once its part file is durable and its row here is committed,
+in one transaction with its errors. A resume reads this and skips done chunks at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .planner import Chunk, InputFingerprint, Plan
+
+MANIFEST_NAME = "manifest.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inputs (path TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    idx INTEGER PRIMARY KEY, start INTEGER NOT NULL, stop INTEGER NOT NULL, bounds TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0, part TEXT, failed INTEGER NOT NULL DEFAULT 0,
+    server TEXT, committed_at REAL
+);
+CREATE TABLE IF NOT EXISTS errors (
+    row INTEGER PRIMARY KEY, chunk INTEGER NOT NULL, id TEXT NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS servers (address TEXT PRIMARY KEY, first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (chunk INTEGER NOT NULL, server TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int
+    id: str
+    code: str
+    message: str
+
+
+class Manifest:
+    """One job folder's manifest. Used from one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def open_existing(cls, job_dir: Path) -> Manifest | None:
+        path = job_dir / MANIFEST_NAME
+        return cls(path) if path.is_file() else None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- meta -------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # --- the plan -----------------------------------------------------------------
+    def record_plan(self, plan: Plan) -> None:
+        """Store a fresh plan (one transaction), replacing nothing: the manifest must be new."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('plan', ?)", (json.dumps(plan.settings(), sort_keys=True),)
+            )
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db.executemany(
+                "INSERT INTO inputs VALUES (?, ?, ?)", [(i.path, i.size, i.sha256) for i in plan.inputs]
+            )
+            self._db.executemany(
+                "INSERT INTO chunks (idx, start, stop, bounds) VALUES (?, ?, ?, ?)",
+                [(c.index, c.start, c.stop, json.dumps(list(c.bounds))) for c in plan.chunks],
+            )
+
+    def has_plan(self) -> bool:
+        return self.meta("plan") is not None
+
+    def plan_settings(self) -> dict:
+        return self.meta("plan", {})
+
+    def inputs(self) -> list[InputFingerprint]:
+        return [InputFingerprint(*row) for row in self._db.execute("SELECT path, size, sha256 FROM inputs")]
+
+    def chunks(self) -> list[Chunk]:
+        rows = self._db.execute("SELECT idx, start, stop, bounds FROM chunks ORDER BY idx")
+        return [Chunk(i, s, e, tuple(json.loads(b))) for i, s, e, b in rows]
+
+    # --- progress -------------------------------------------------------------------
+    def done_chunks(self) -> set[int]:
+        return {row[0] for row in self._db.execute("SELECT idx FROM chunks WHERE done = 1")}
+
+    def part_of(self, chunk: int) -> str | None:
+        row = self._db.execute("SELECT part FROM chunks WHERE idx = ? AND done = 1", (chunk,)).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        total, done, rows_total, rows_done, failed = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(done), 0), COALESCE(SUM(stop - start), 0),"
+            " COALESCE(SUM(CASE WHEN done THEN stop - start ELSE 0 END), 0), COALESCE(SUM(failed), 0) FROM chunks"
+        ).fetchone()
+        return {"chunks": total, "chunks_done": done, "rows": rows_total, "rows_done": rows_done, "rows_failed": failed}
+
+    def commit_chunk(self, chunk: int, part: str, errors: Iterable[RowError], server: str) -> bool:
+        """Mark a chunk done with its errors in one transaction. False if it already was."""
+        errors = list(errors)
+        with self._transaction():
+            cursor = self._db.execute(
+                "UPDATE chunks SET done = 1, part = ?, failed = ?, server = ?, committed_at = ?"
+                " WHERE idx = ? AND done = 0",
+                (part, len(errors), server, time.time(), chunk),
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._db.executemany(
+                "INSERT OR REPLACE INTO errors VALUES (?, ?, ?, ?, ?)",
+                [(e.row, chunk, e.id, e.code, e.message) for e in errors],
+            )
+        return True
+
+    def errors(self, start: int = 0, stop: int | None = None) -> list[RowError]:
+        stop = 2**62 if stop is None else stop
+        rows = self._db.execute(
+            "SELECT row, id, code, message FROM errors WHERE row >= ? AND row < ? ORDER BY row", (start, stop)
+        )
+        return [RowError(*row) for row in rows]
+
+    def note_server(self, address: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO servers VALUES (?, ?)", (address, time.time()))
+
+    def servers(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT address FROM servers ORDER BY address")]
+
+    def note_lease(self, chunk: int, server: str) -> None:
+        self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (chunk, server, time.time()))
+
+    def lease_counts(self) -> dict[int, int]:
+        """How often each chunk was handed to a server, over every run of this job."""
+        return dict(self._db.execute("SELECT chunk, COUNT(*) FROM leases GROUP BY chunk").fetchall())
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self._db.execute("ROLLBACK" if kind else "COMMIT")

@@ -1,0 +1,138 @@
+"""Part files: one per chunk, written durably (temp, fsync, rename) and read back by mmap.
+
+Layout: magic, 8-byte header length, JSON header (arrays with dtype/shape/offset, a blake2b
+digest of the payload), then 64-byte-aligned raw little-endian buffers. String arrays
+(ids) are stored as UTF-8 bytes plus int64 offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"TFPART1\n"
+_ALIGN = 64
+
+
+class CorruptPart(Exception):
+    """A part file that does not hold what its header says: recompute the chunk."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_strings(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [str(v).encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype="<i8")
+    np.cumsum([len(v) for v in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> None:
+    """Write numeric `arrays` and str `strings` to `path` atomically and durably."""
+    flat: dict[str, np.ndarray] = {}
+    for name, values in strings.items():
+        flat[f"{name}.utf8"], flat[f"{name}.offsets"] = _encode_strings(values)
+    for name, values in arrays.items():
+        flat[name] = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    entries, offset = [], 0
+    digest = hashlib.blake2b(digest_size=16)
+    for name, values in flat.items():
+        offset = -(-offset // _ALIGN) * _ALIGN
+        entries.append({"name": name, "dtype": values.dtype.str, "shape": list(values.shape), "offset": offset})
+        offset += values.nbytes
+    for values in flat.values():
+        digest.update(memoryview(values).cast("B"))
+    header = json.dumps(
+        {"arrays": entries, "strings": sorted(strings), "digest": digest.hexdigest(), "size": offset}
+    ).encode()
+    start = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "wb") as handle:
+        handle.write(MAGIC + len(header).to_bytes(8, "little") + header)
+        position = len(MAGIC) + 8 + len(header)
+        for entry, values in zip(entries, flat.values(), strict=True):
+            target = start + entry["offset"]
+            handle.write(b"\0" * (target - position))
+            handle.write(memoryview(values).cast("B"))
+            position = target + values.nbytes
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+class Part:
+    """A part file opened read-only through mmap; arrays are views into it."""
+
+    def __init__(self, path: Path, verify: bool = True) -> None:
+        self.path = path
+        with open(path, "rb") as handle:
+            try:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:
+                raise CorruptPart(f"{path} is empty") from None
+        if self._map[: len(MAGIC)] != MAGIC:
+            raise CorruptPart(f"{path} is not a tensorfleet part file")
+        size = int.from_bytes(self._map[len(MAGIC) : len(MAGIC) + 8], "little")
+        try:
+            self.header = json.loads(self._map[len(MAGIC) + 8 : len(MAGIC) + 8 + size])
+        except ValueError:
+            raise CorruptPart(f"{path}: unreadable header") from None
+        self._start = -(-(len(MAGIC) + 8 + size) // _ALIGN) * _ALIGN
+        if len(self._map) < self._start + self.header["size"]:
+            raise CorruptPart(f"{path} is truncated")
+        self._entries = {entry["name"]: entry for entry in self.header["arrays"]}
+        if verify:
+            digest = hashlib.blake2b(digest_size=16)
+            for entry in self.header["arrays"]:
+                digest.update(memoryview(self._raw(entry)).cast("B"))
+            if digest.hexdigest() != self.header["digest"]:
+                raise CorruptPart(f"{path}: contents do not match their checksum")
+
+    def _raw(self, entry: dict) -> np.ndarray:
+        dtype = np.dtype(entry["dtype"])
+        count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + entry["offset"]).reshape(
+            entry["shape"]
+        )
+
+    @property
+    def names(self) -> list[str]:
+        strings = set(self.header["strings"])
+        return [
+            entry["name"] for entry in self.header["arrays"]
+            if entry["name"].rsplit(".", 1)[0] not in strings
+        ]
+
+    def array(self, name: str) -> np.ndarray:
+        return self._raw(self._entries[name])
+
+    def strings(self, name: str) -> np.ndarray:
+        data = self._raw(self._entries[f"{name}.utf8"]).tobytes()
+        offsets = self._raw(self._entries[f"{name}.offsets"])
+        out = np.empty(len(offsets) - 1, dtype=object)
+        out[:] = [data[offsets[i] : offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
+        return out
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # an array view still points into the map; it closes when that goes
+            pass
+
+    def __enter__(self) -> Part:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

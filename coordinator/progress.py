@@ -1,0 +1,144 @@
+"""Progress for people: a bar on a terminal, and status.json for other terminals and tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+STATUS_NAME = "status.json"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(temp, path)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Counts committed rows; draws the bar and writes status.json every `interval` seconds."""
+
+    def __init__(
+        self,
+        job_dir: Path,
+        *,
+        total_rows: int,
+        done_rows: int,
+        failed_rows: int,
+        servers: Callable[[], list[dict[str, Any]]],
+        output: str,
+        stream: TextIO | None = None,
+        interval: float = 2.0,
+    ) -> None:
+        self.status_path = job_dir / STATUS_NAME
+        self.total = total_rows
+        self.done = done_rows
+        self.failed = failed_rows
+        self.servers = servers
+        self.output = output
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = interval
+        self.started = time.time()
+        self.resumed_from = done_rows
+        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), done_rows)], maxlen=64)
+        self._last_write = 0.0
+        self._last_draw = 0.0
+
+    def add(self, rows: int, failed: int) -> None:
+        self.done += rows
+        self.failed += failed
+        self._samples.append((time.monotonic(), self.done))
+
+    def rate(self) -> float:
+        """Rows per second over the recent window (this run only)."""
+        (t0, r0), (t1, r1) = self._samples[0], self._samples[-1]
+        return (r1 - r0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def snapshot(self, state: str) -> dict[str, Any]:
+        rate = self.rate()
+        servers = self.servers()
+        return {
+            "state": state,
+            "pid": os.getpid(),
+            "output": self.output,
+            "rows": self.total,
+            "rows_done": self.done,
+            "rows_failed": self.failed,
+            "rows_per_second": round(rate, 2),
+            "eta_seconds": round((self.total - self.done) / rate, 1) if rate > 0 else None,
+            "servers": servers,
+            "servers_alive": sum(1 for s in servers if s.get("alive")),
+            "started": self.started,
+            "updated": time.time(),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    def tick(self, state: str = "running", force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_write >= self.interval:
+            self._last_write = now
+            write_json_atomic(self.status_path, self.snapshot(state))
+        if self.tty and (force or now - self._last_draw >= 0.2):
+            self._last_draw = now
+            self.draw()
+
+    def draw(self) -> None:
+        servers = self.servers()
+        alive = sum(1 for s in servers if s.get("alive"))
+        fraction = self.done / self.total if self.total else 1.0
+        width = 30
+        filled = int(width * fraction)
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        line = (
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} rows {fraction:6.1%} "
+            f"{rate:8.1f} rows/s ETA {format_duration(eta)} servers {alive}/{len(servers)}"
+            + (f" failed {self.failed}" if self.failed else "")
+        )
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self, state: str) -> None:
+        self.tick(state, force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def read_status(job_dir: Path) -> dict[str, Any] | None:
+    path = job_dir / STATUS_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,100 @@
+"""The reader interface and its registry. A new input format is one new file that registers itself.
+
+Readers read by row range, so a 20 GB input is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..spec import InputSpec
+
+
+class InputError(Exception):
+    """The input cannot be read as the job says (missing, corrupt, wrong field): a fatal error."""
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One readable field: numpy dtype (object = BYTES) and the shape of one row."""
+
+    name: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.dtype == np.dtype(object)
+
+
+class Reader(abc.ABC):
+    """Random access to rows [start, stop) of one input file."""
+
+    #: The field a one-input model reads when the job names none.
+    default_field: str = ""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+
+    @property
+    @abc.abstractmethod
+    def num_rows(self) -> int: ...
+
+    @abc.abstractmethod
+    def fields(self) -> dict[str, FieldInfo]:
+        """Every field this input offers (not only the mapped ones)."""
+
+    @abc.abstractmethod
+    def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one field; BYTES fields as object arrays of bytes."""
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        """Row ids as an object array of str; row numbers where the input has none."""
+        return np.array([str(row) for row in range(start, stop)], dtype=object)
+
+    def lengths(self, field: str, start: int, stop: int) -> np.ndarray:
+        """Tokens per row, for token-budget batching: element count of each row."""
+        info = self.fields()[field]
+        if info.is_bytes:
+            return np.array([len(item) for item in self.read(field, start, stop)], dtype=np.int64)
+        per_row = int(np.prod(info.row_shape)) if info.row_shape else 1
+        return np.full(stop - start, per_row, dtype=np.int64)
+
+    def close(self) -> None:
+        """Release file handles."""
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_REGISTRY: dict[str, Callable[[InputSpec], Reader]] = {}
+
+
+def register(fmt: str) -> Callable[[type[Reader]], type[Reader]]:
+    def decorate(cls: type[Reader]) -> type[Reader]:
+        _REGISTRY[fmt] = cls
+        return cls
+
+    return decorate
+
+
+def open_reader(spec: InputSpec) -> Reader:
+    """The registered reader for spec.format, opened; InputError if the file cannot be read."""
+    factory = _REGISTRY.get(spec.format or "")
+    if factory is None:
+        raise InputError(f"input.format '{spec.format}' has no reader (known: {sorted(_REGISTRY)})")
+    try:
+        return factory(spec)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"input file {spec.path} does not exist; fix input.path") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"cannot read {spec.path} as {spec.format}: {error}") from None

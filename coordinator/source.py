@@ -1,0 +1,94 @@
+"""Turn planned row ranges into inference requests: read the mapped fields, cast, encode.
+
+Every request carries `tensorfleet.exclusive = true`, so the server runs its rows as one
+batch on their own and the numbers never depend on what else was in flight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensorfleet.client.codec import NUMPY_DTYPES
+from tensorfleet.client.messages import build_infer_request
+from tensorfleet.protos import inference_pb2 as pb
+
+from .readers import FieldInfo, Reader
+
+EXCLUSIVE = "tensorfleet.exclusive"
+
+
+class FieldMappingError(Exception):
+    """The job maps fields that do not fit the model's inputs; says what to change."""
+
+
+def resolve_fields(
+    mapping: dict[str, str], reader: Reader, model_inputs: dict[str, tuple[str, list[int]]], optional: set[str]
+) -> dict[str, str]:
+    """model input -> input field, checked against the model's inputs and the file's fields."""
+    fields = reader.fields()
+    if not mapping:
+        required = [name for name in model_inputs if name not in optional]
+        if len(required) != 1 or not reader.default_field:
+            raise FieldMappingError(
+                f"set input.tensors (model input -> field): the model takes {sorted(model_inputs)}, "
+                f"the input offers {sorted(fields)}"
+            )
+        mapping = {required[0]: reader.default_field}
+    for name, field in mapping.items():
+        if name not in model_inputs:
+            raise FieldMappingError(f"input.tensors: the model has no input '{name}' (it has {sorted(model_inputs)})")
+        if field not in fields:
+            raise FieldMappingError(f"input.tensors.{name}: the input has no field '{field}' (it has {sorted(fields)})")
+        check_field(name, fields[field], *model_inputs[name])
+    missing = [name for name in model_inputs if name not in mapping and name not in optional]
+    if missing:
+        raise FieldMappingError(f"input.tensors: the model's inputs {missing} are not mapped to any field")
+    return dict(mapping)
+
+
+def check_field(name: str, info: FieldInfo, datatype: str, shape: list[int]) -> None:
+    if (datatype == "BYTES") != info.is_bytes:
+        want = "strings (BYTES)" if datatype == "BYTES" else f"numbers ({datatype})"
+        raise FieldMappingError(f"input.tensors.{name}: field '{info.name}' does not hold {want}")
+    if datatype == "BF16":
+        raise FieldMappingError(f"input '{name}' is BF16, which the coordinator cannot send yet")
+    if datatype != "BYTES" and (
+        len(shape) != len(info.row_shape)
+        or any(want not in (-1, have) for want, have in zip(shape, info.row_shape, strict=False))
+    ):
+        raise FieldMappingError(
+            f"input.tensors.{name}: field '{info.name}' rows have shape {list(info.row_shape)}, "
+            f"the model wants {shape}"
+        )
+
+
+class RequestSource:
+    """Reads rows for one model's requests. Called from one thread at a time."""
+
+    def __init__(
+        self, reader: Reader, fields: dict[str, str], datatypes: dict[str, str], model: str, version: str = ""
+    ) -> None:
+        self.reader = reader
+        self.fields = fields
+        self.datatypes = datatypes
+        self.model = model
+        self.version = version
+
+    def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name, field in self.fields.items():
+            values = self.reader.read(field, start, stop)
+            datatype = self.datatypes[name]
+            if datatype != "BYTES":
+                values = np.ascontiguousarray(values, dtype=NUMPY_DTYPES[datatype])
+            out[name] = values
+        return out
+
+    def request(self, request_id: str, start: int, stop: int) -> pb.ModelInferRequest:
+        return build_infer_request(
+            self.model, self.inputs(start, stop), request_id=request_id, parameters={EXCLUSIVE: True},
+            version=self.version,
+        )
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        return self.reader.ids(start, stop)

@@ -1,0 +1,222 @@
+"""The job file (YAML), validated into typed models; its JSON schema is `tensorfleet schema`.
+
+Relative paths in a job file resolve against the job file's own folder, so a job runs the
+same from any working directory. Errors name the field and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy"]
+OutputFormat = Literal["hdf5", "parquet", "h5ad"]
+
+_INPUT_SUFFIXES: dict[str, str] = {
+    ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".fna": "fasta",
+    ".h5": "hdf5", ".hdf5": "hdf5", ".h5ad": "h5ad",
+    ".parquet": "parquet", ".pq": "parquet", ".npy": "npy",
+}
+_OUTPUT_SUFFIXES: dict[str, str] = {
+    ".h5": "hdf5", ".hdf5": "hdf5", ".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet",
+}
+
+
+class SpecError(Exception):
+    """A job file that cannot run as written; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """Where rows come from and which stored field feeds which model input."""
+
+    path: str = Field(description="Input file (FASTA, HDF5, .h5ad, parquet or .npy).")
+    format: InputFormat | None = Field(default=None, description="Inferred from the suffix when unset.")
+    ids: str | None = Field(
+        default=None,
+        description="Id source: HDF5 dataset, parquet column; FASTA uses headers, h5ad obs names, "
+        "npy row numbers. Unset: the format's default (row numbers where there is none).",
+    )
+    tensors: dict[str, str] = Field(
+        default_factory=dict,
+        description="model input name -> stored field (FASTA: 'sequence'; HDF5: dataset path; "
+        "h5ad: 'X', 'layers/NAME' or 'obsm/NAME'; parquet: column; npy: 'array'). "
+        "Unset with a one-input model: the format's default field.",
+    )
+
+    @model_validator(mode="after")
+    def _infer_format(self) -> InputSpec:
+        if self.format is None:
+            found = _INPUT_SUFFIXES.get(Path(self.path).suffix.lower())
+            if found is None:
+                raise ValueError(
+                    f"cannot tell the format of '{self.path}' from its suffix; set input.format "
+                    f"to one of fasta, hdf5, h5ad, parquet, npy"
+                )
+            self.format = found  # type: ignore[assignment]
+        return self
+
+
+class LocalFleetSpec(_Strict):
+    """Servers the coordinator starts itself, as subprocesses, and stops when the job ends."""
+
+    repository: str = Field(description="Model repository folder.")
+    count: int = Field(default=1, ge=1, le=64, description="How many servers to start.")
+    device: str = Field(default="cpu", description="'cpu' or 'cuda:N'; cuda:N..N+count-1 are used.")
+    args: list[str] = Field(default_factory=list, description="Extra server command-line arguments.")
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, description="Model name as the servers know it.")
+    version: str = ""
+    servers: list[str] = Field(default_factory=list, description="host:port of running servers.")
+    local: LocalFleetSpec | None = None
+    token: str | None = Field(default=None, description="Bearer token for the servers, if any.")
+
+    @field_validator("servers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"server '{address}' is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _one_fleet(self) -> ModelSpec:
+        if bool(self.servers) == bool(self.local):
+            raise ValueError("give exactly one of model.servers (running servers) or model.local")
+        return self
+
+
+class OutputSpec(_Strict):
+    path: str
+    format: OutputFormat | None = Field(default=None, description="Inferred from the suffix when unset.")
+    tensors: dict[str, str] = Field(
+        default_factory=dict,
+        description="model output name -> stored name (dataset, column, obsm key). Unset: all outputs.",
+    )
+    dtype: Literal["float32", "float16"] | None = Field(
+        default=None, description="Stored dtype for floating outputs; unset keeps the model's."
+    )
+    compression: Literal["gzip", "lzf", "zstd", "snappy"] | None = None
+    row_group_size: int = Field(default=65536, ge=1, description="parquet rows per row group.")
+    h5ad_slot: Literal["obsm", "layers"] = "obsm"
+
+    @model_validator(mode="after")
+    def _infer_format(self) -> OutputSpec:
+        if self.format is None:
+            found = _OUTPUT_SUFFIXES.get(Path(self.path).suffix.lower())
+            if found is None:
+                raise ValueError(
+                    f"cannot tell the format of '{self.path}' from its suffix; set output.format "
+                    f"to one of hdf5, parquet, h5ad"
+                )
+            self.format = found  # type: ignore[assignment]
+        if self.compression in ("zstd", "snappy") and self.format != "parquet":
+            raise ValueError(f"compression '{self.compression}' is for parquet; HDF5 takes gzip or lzf")
+        if self.compression == "lzf" and self.format == "parquet":
+            raise ValueError("parquet takes compression gzip, zstd or snappy")
+        return self
+
+
+class ChunkingSpec(_Strict):
+    """How rows are grouped: into requests (computed together) and chunks (checkpointed together)."""
+
+    batch_rows: int | None = Field(
+        default=None, ge=1, description="Rows per request; unset: the model's max_batch_size (<= 64)."
+    )
+    token_budget: int | None = Field(
+        default=None, ge=1, description="Cap rows x longest row per request (ragged/BYTES inputs)."
+    )
+    chunk_rows: int = Field(default=1024, ge=1, description="About this many rows per part file.")
+
+
+class PolicySpec(_Strict):
+    window: int = Field(default=4, ge=1, description="Requests in flight per server.")
+    retries: int = Field(
+        default=3, ge=0, description="Times a chunk may be lost with a dead server before its rows fail."
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="A request unanswered this long marks its server stalled."
+    )
+    on_row_error: Literal["record", "fail"] = Field(
+        default="record", description="record: errors table and exit 1; fail: stop with exit 2."
+    )
+    server_wait_s: float = Field(
+        default=60.0, gt=0, description="Give up (exit 2) after this long with no server reachable."
+    )
+
+
+class JobSpec(_Strict):
+    name: str = Field(default="job", pattern=r"^[A-Za-z0-9_.\-]+$")
+    input: InputSpec
+    model: ModelSpec
+    output: OutputSpec
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    job_dir: str | None = Field(default=None, description="Checkpoint folder; default <output>.tfjob")
+
+    def resolved(self, base: Path) -> JobSpec:
+        """A copy with every relative path made absolute against `base`."""
+        data = self.model_dump()
+
+        def absolute(path: str) -> str:
+            return str((base / path).resolve()) if "://" not in path else path
+
+        data["input"]["path"] = absolute(data["input"]["path"])
+        data["output"]["path"] = absolute(data["output"]["path"])
+        if data["model"]["local"]:
+            data["model"]["local"]["repository"] = absolute(data["model"]["local"]["repository"])
+        if data["job_dir"]:
+            data["job_dir"] = absolute(data["job_dir"])
+        return JobSpec.model_validate(data)
+
+    def digest(self) -> str:
+        """sha256 of the canonical spec: provenance for the output file."""
+        return hashlib.sha256(
+            json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(raw: Any, source: str = "job") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping (input, model, output, ...) at the top level")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, source)) from None
+
+
+def load_spec(path: Path | str) -> JobSpec:
+    """Read a job file, validate it, and resolve its paths against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such job file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(raw, str(path)).resolved(path.resolve().parent)
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()

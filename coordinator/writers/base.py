@@ -1,0 +1,82 @@
+"""The writer interface and its registry. A new output format is one new file that registers itself.
+
+The merge calls `write` chunk by chunk in input order, then `finish`; the writer writes to a
+temporary path the merge renames into place, so a half-written file never looks finished.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..manifest import RowError
+from ..spec import InputSpec, OutputSpec
+
+
+@dataclass(frozen=True)
+class Column:
+    """One stored output: its stored name, the model output it comes from, dtype and row shape."""
+
+    name: str
+    source: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize if self.row_shape else self.dtype.itemsize
+
+
+@dataclass
+class WriteContext:
+    spec: OutputSpec
+    input: InputSpec
+    temp_path: Path
+    columns: list[Column]
+    rows: int
+    provenance: dict[str, Any]
+    errors: list[RowError]
+    limit: int | None
+
+
+class Writer(abc.ABC):
+    def __init__(self, context: WriteContext) -> None:
+        self.context = context
+
+    @abc.abstractmethod
+    def write(self, start: int, ids: np.ndarray, arrays: dict[str, np.ndarray], ok: np.ndarray, error: np.ndarray) -> None:
+        """Rows [start, start + len(ids)): ids (str), stored arrays by column name, ok, error text."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[Path]:
+        """Write the errors table and provenance, flush and close. Returns side files written."""
+
+    def abort(self) -> None:
+        """Close without finishing; the merge removes the temporary file."""
+
+
+_REGISTRY: dict[str, Callable[[WriteContext], Writer]] = {}
+
+
+def register(fmt: str) -> Callable[[type[Writer]], type[Writer]]:
+    def decorate(cls: type[Writer]) -> type[Writer]:
+        _REGISTRY[fmt] = cls
+        return cls
+
+    return decorate
+
+
+def open_writer(context: WriteContext) -> Writer:
+    factory = _REGISTRY.get(context.spec.format or "")
+    if factory is None:
+        raise ValueError(f"output.format '{context.spec.format}' has no writer (known: {sorted(_REGISTRY)})")
+    return factory(context)
+
+
+def rows_per_chunk(row_bytes: int, target: int = 1 << 20) -> int:
+    return max(1, target // max(row_bytes, 1))

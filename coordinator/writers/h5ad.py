@@ -1,0 +1,119 @@
+"""AnnData .h5ad: the input's obs and var kept, outputs into obsm (or layers), errors in uns.
+
+From an .h5ad input the input file is copied and the outputs are added with h5py, chunk by
+chunk, so X is never loaded. Other inputs get a fresh AnnData whose obs names are the ids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+from anndata.io import write_elem
+
+from .base import WriteContext, Writer, register, rows_per_chunk
+
+_ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
+
+
+def _start_file(context: WriteContext) -> None:
+    source = Path(context.input.path)
+    if context.input.format == "h5ad":
+        if context.limit is None:
+            shutil.copyfile(source, context.temp_path)
+        else:
+            backed = anndata.read_h5ad(source, backed="r")
+            backed[: context.rows].to_memory().write_h5ad(context.temp_path)
+            backed.file.close()
+        return
+    obs = pd.DataFrame(index=pd.Index([f"row{i}" for i in range(context.rows)], dtype=str))
+    anndata.AnnData(obs=obs).write_h5ad(context.temp_path)
+
+
+def _n_vars(file: h5py.File) -> int:
+    var = file["var"]
+    return len(var[var.attrs.get("_index", "_index")])
+
+
+@register("h5ad")
+class H5adWriter(Writer):
+    def __init__(self, context: WriteContext) -> None:
+        super().__init__(context)
+        _start_file(context)
+        self._file = h5py.File(context.temp_path, "r+")
+        obs = self._file["obs"]
+        index_key = obs.attrs.get("_index", "_index")
+        self._index = obs[index_key]
+        if len(self._index) != context.rows:
+            raise ValueError(f"{context.input.path} has {len(self._index)} obs but the job has {context.rows} rows")
+        self._own_index = context.input.format != "h5ad"
+        slot = self._file.require_group(context.spec.h5ad_slot)
+        for key, value in {"encoding-type": "dict", "encoding-version": "0.1.0"}.items():
+            slot.attrs.setdefault(key, value)
+        rows = context.rows
+        for column in context.columns:
+            if column.name in slot:
+                del slot[column.name]
+            if context.spec.h5ad_slot == "layers" and column.row_shape != (_n_vars(self._file),):
+                raise ValueError(f"output '{column.source}' is not n_vars wide; put it in obsm, not layers")
+            dataset = slot.create_dataset(
+                column.name,
+                shape=(rows, *column.row_shape),
+                dtype=column.dtype,
+                chunks=(min(max(rows, 1), rows_per_chunk(column.row_bytes)), *column.row_shape) if rows else None,
+                compression=context.spec.compression if rows else None,
+            )
+            dataset.attrs.update(_ARRAY)
+        self._slot = slot
+        self._ok = np.zeros(rows, dtype=bool)
+        self._failed: dict[int, str] = {}
+
+    def write(self, start, ids, arrays, ok, error) -> None:
+        stop = start + len(ids)
+        if self._own_index:
+            self._index[start:stop] = ids
+        else:
+            stored = [v.decode() if isinstance(v, bytes) else str(v) for v in self._index[start:stop]]
+            if stored != list(ids):
+                raise ValueError(f"rows {start}:{stop}: ids differ from the .h5ad obs names")
+        for name, values in arrays.items():
+            self._slot[name][start:stop] = values
+        self._ok[start:stop] = ok
+        for offset in np.nonzero(~ok)[0]:
+            self._failed[start + int(offset)] = str(error[offset])
+
+    def finish(self) -> list[Path]:
+        obs = self._file["obs"]
+        errors_text = np.full(len(self._ok), "", dtype=object)
+        for row, text in self._failed.items():
+            errors_text[row] = text
+        for name, values in (("tensorfleet_ok", self._ok), ("tensorfleet_error", errors_text)):
+            if name in obs:
+                del obs[name]
+            write_elem(obs, name, values if values.dtype == bool else values.astype(str))
+        order = [c for c in obs.attrs.get("column-order", []) if c not in ("tensorfleet_ok", "tensorfleet_error")]
+        obs.attrs["column-order"] = np.array([*order, "tensorfleet_ok", "tensorfleet_error"], dtype=object)
+        uns = self._file.require_group("uns")
+        if "tensorfleet" in uns:
+            del uns["tensorfleet"]
+        errors = self.context.errors
+        table = pd.DataFrame(
+            {
+                "row": np.array([e.row for e in errors], dtype=np.int64),
+                "id": [e.id for e in errors],
+                "code": [e.code for e in errors],
+                "message": [e.message for e in errors],
+            }
+        )
+        provenance = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in self.context.provenance.items()}
+        write_elem(uns, "tensorfleet", {"provenance": provenance, "errors": table})
+        self._file.close()
+        return []
+
+    def abort(self) -> None:
+        self._file.close()

@@ -1,0 +1,34 @@
+"""Test embedder: hashed 2-mer counts times a fixed random projection (one matmul per batch).
+
+Env (read at load): TF_TEST_ROW_LOG appends every computed sequence (one line each);
+TF_TEST_DELAY_MS sleeps per batch; a sequence holding '!' fails its whole batch.
+"""
+
+import os
+import time
+import zlib
+
+import numpy as np
+
+
+class Model:
+    def load(self, context):
+        self.projection = np.random.default_rng(7).standard_normal((64, 16)).astype(np.float32)
+        self.log = os.environ.get("TF_TEST_ROW_LOG")
+        self.delay = float(os.environ.get("TF_TEST_DELAY_MS", "0")) / 1000
+
+    def predict(self, inputs):
+        sequences = [bytes(s) for s in inputs["sequence"]]
+        if any(b"!" in s for s in sequences):
+            raise ValueError("poison row: sequence holds '!'")
+        counts = np.zeros((len(sequences), 64), dtype=np.float32)
+        for row, sequence in enumerate(sequences):
+            for i in range(len(sequence) - 1):
+                counts[row, zlib.crc32(sequence[i : i + 2]) % 64] += 1.0
+            counts[row] /= max(len(sequence), 1)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.log:
+            with open(self.log, "a") as handle:
+                handle.write("".join(s.decode() + "\n" for s in sequences))
+        return {"embedding": np.tanh(counts @ self.projection)}
