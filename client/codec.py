@@ -131,6 +131,11 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 def deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     """Split a length-prefixed buffer into exactly `count` elements, or say what is wrong."""
+    if count * 4 > len(raw):  # checked before allocating: the shape may be absurd
+        raise InvalidArgument(
+            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes of length "
+            f"prefixes, the buffer has {len(raw)}"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0

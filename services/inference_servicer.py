@@ -73,13 +73,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         entry = self.repository.entry(request.name)
-        return pb.ModelReadyResponse(ready=entry.state is ModelState.READY and not self.runtime.draining)
+        ready = entry.state is ModelState.READY and not self.runtime.draining
+        if ready and request.version and entry.config is not None:
+            ready = request.version == entry.config.version
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        config = self.repository.ready(request.name).config
+        config = self.repository.ready(request.name, request.version).config
         assert config is not None
         batch = [-1] if config.batched else []
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -92,7 +95,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        entry = self.repository.ready(request.name)
+        entry = self.repository.ready(request.name, request.version)
         assert entry.config is not None
         return pb.ModelConfigResponse(config=model_config_message(entry.config, self.repository.device, entry.checksum))
 
@@ -131,7 +134,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if self.runtime.draining:
                 raise Unavailable("server is draining; send new requests elsewhere")
-            served = self.runtime.served(name)
+            served = self.runtime.served(name, request.model_version)
             config = served.entry.config
             assert config is not None
             decoded = decode_request(request, config)

@@ -33,9 +33,9 @@ class ModelRuntime:
     def stats(self, name: str) -> ModelStats:
         return self._stats.setdefault(name, ModelStats())
 
-    def served(self, name: str) -> ServedModel:
+    def served(self, name: str, version: str = "") -> ServedModel:
         """The batcher of a READY model (NotFound / FailedPrecondition otherwise)."""
-        entry = self.repository.ready(name)
+        entry = self.repository.ready(name, version)
         current = self._served.get(name)
         if current is None or current.entry.backend is not entry.backend:
             if current is not None:

@@ -110,12 +110,17 @@ class ModelRepository:
             raise NotFound(f"unknown model '{name}'; this server has {sorted(self._entries)}")
         return entry
 
-    def ready(self, name: str) -> ModelEntry:
-        """The entry of a loaded model, or NotFound / FailedPrecondition saying why not."""
+    def ready(self, name: str, version: str = "") -> ModelEntry:
+        """The entry of a loaded model, or NotFound / FailedPrecondition saying why not.
+
+        An empty version means the one loaded; any other must match it."""
         entry = self.entry(name)
         if entry.state is not ModelState.READY:
             detail = f": {entry.reason}" if entry.reason else ""
             raise FailedPrecondition(f"model '{name}' is {entry.state.value}{detail}")
+        assert entry.config is not None
+        if version and version != entry.config.version:
+            raise NotFound(f"model '{name}' has no version '{version}'; it serves version '{entry.config.version}'")
         return entry
 
     def load(self, name: str) -> ModelEntry:

@@ -63,6 +63,10 @@ def _decode_input(
         )
     if element_count(shape) == 0:
         raise InvalidArgument(f"input '{name}': shape {shape} is empty; send at least one row")
+    if config.batched and shape[0] > config.max_batch_size:  # before decoding anything
+        raise InvalidArgument(
+            f"input '{name}': {shape[0]} rows is over model '{config.name}' max_batch_size {config.max_batch_size}"
+        )
     if raw is not None:
         if _has_contents(tensor.contents):
             raise InvalidArgument(
