@@ -47,7 +47,7 @@ def test_strings_and_lists_encode_as_bytes():
     [
         (b"\x05\x00\x00\x00ab", 1, "declares 5 bytes"),
         (b"\x01\x00", 1, "need at least 4 bytes of length prefixes"),
-        (b"\x01\x00\x00\x00a\x00\x00", 2, "no 4-byte length prefix at offset 5"),
+        (b"\x03\x00\x00\x00abc\x00\x00", 2, "no 4-byte length prefix at offset 7"),
         (b"\x01\x00\x00\x00ab", 1, "after its 1 elements"),
     ],
 )
