@@ -7,7 +7,9 @@ stream among good requests, where each must come back as `error_message` for its
 
 from __future__ import annotations
 
+import queue
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,33 +432,43 @@ def test_stream_errors_are_per_request_among_good_ones(stub, server) -> None:
 
 def test_stream_stays_open_after_errors(stub) -> None:
     """A stream that already carried a bad request keeps answering on the same call."""
-    import queue
-    import threading
-
     outgoing: queue.Queue = queue.Queue()
+    replies: queue.Queue = queue.Queue()
 
     def requests():
         while (item := outgoing.get()) is not None:
             yield item
 
     call = stub.ModelStreamInfer(requests(), timeout=60)
-    replies: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [replies.put(reply) for reply in call], daemon=True)
+
+    def read() -> None:
+        try:
+            for reply in call:
+                replies.put(reply)
+        except grpc.RpcError as error:
+            replies.put(error)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    bad = bytes_request(b"\x05\x00", [1])
-    bad.id = "first-bad"
-    outgoing.put(bad)
-    first = replies.get(timeout=30)
-    assert first.infer_response.id == "first-bad" and first.error_message.startswith(
-        "INVALID_ARGUMENT: "
-    )
-    outgoing.put(simple_request(rows=2, request_id="then-good"))
-    second = replies.get(timeout=30)
-    assert second.infer_response.id == "then-good" and second.error_message == ""
-    _assert_good_reply(second.infer_response, rows=2)
-    outgoing.put(None)
-    reader.join(30)
-    assert not reader.is_alive()
+    try:
+        bad = bytes_request(b"\x05\x00", [1])
+        bad.id = "first-bad"
+        outgoing.put(bad)
+        first = replies.get(timeout=30)
+        assert isinstance(first, pb.ModelStreamInferResponse), first
+        assert first.infer_response.id == "first-bad"
+        assert first.error_message.startswith("INVALID_ARGUMENT: ")
+        outgoing.put(simple_request(rows=2, request_id="then-good"))
+        second = replies.get(timeout=30)
+        assert isinstance(second, pb.ModelStreamInferResponse), second
+        assert second.infer_response.id == "then-good" and second.error_message == ""
+        _assert_good_reply(second.infer_response, rows=2)
+    finally:
+        outgoing.put(None)
+        reader.join(30)
+        if reader.is_alive():
+            call.cancel()
+    assert replies.empty(), "the stream ended with an error after its replies"
 
 
 def test_server_answers_correctly_after_all_cases(stub, server) -> None:
