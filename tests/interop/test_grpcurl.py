@@ -185,3 +185,48 @@ def test_bad_request_error_is_readable(server) -> None:
     assert result.returncode != 0
     assert "InvalidArgument" in result.stderr
     assert "INPUT0" in result.stderr
+
+
+def test_server_control_info(server) -> None:
+    result = grpcurl(server, "tensorfleet.v1.ServerControl/GetServerInfo")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert _field(info, "server_version")
+    assert int(_field(info, "host_pid")) == server.pid
+    assert {model["name"] for model in info["models"]} == {"simple", "echo_bytes"}
+
+
+def test_stream_infer_good_and_bad_messages(server) -> None:
+    """grpcurl sends a stream of JSON messages; the bad one is answered for its id alone."""
+    good = {
+        "model_name": "simple",
+        "id": "s-good",
+        "inputs": [
+            {
+                "name": n,
+                "datatype": "FP32",
+                "shape": [1, 16],
+                "contents": {"fp32_contents": [1.0] * 16},
+            }
+            for n in ("INPUT0", "INPUT1")
+        ],
+    }
+    bad = {**good, "id": "s-bad", "inputs": good["inputs"][:1]}
+    result = grpcurl(
+        server,
+        "inference.GRPCInferenceService/ModelStreamInfer",
+        data=json.dumps(good) + "\n" + json.dumps(bad),
+    )
+    assert result.returncode == 0, result.stderr
+    decoder, text, replies = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        reply, end = decoder.raw_decode(text)
+        replies.append(reply)
+        text = text[end:].lstrip()
+    by_id = {_field(r, "infer_response")["id"]: r for r in replies}
+    assert set(by_id) == {"s-good", "s-bad"}
+    assert not _field(by_id["s-good"], "error_message")
+    outputs = _decode_outputs(_field(by_id["s-good"], "infer_response"))
+    np.testing.assert_array_equal(outputs["OUTPUT0"], np.full((1, 16), 2, np.float32))
+    error = _field(by_id["s-bad"], "error_message")
+    assert error.startswith("INVALID_ARGUMENT: ") and "INPUT1" in error
