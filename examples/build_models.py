@@ -1,0 +1,130 @@
+"""Build the bundled example model repository (`examples/models/`).
+
+Model weights cannot be downloaded on the machines this project runs on, so the example
+protein embedder gets random weights from a fixed seed (`torch.manual_seed`), built on the
+CPU. The same seed, shape and torch version always give a byte-identical `encoder.pt`, so
+the checksums in the committed `config.yaml` stay valid after a rebuild.
+
+    python examples/build_models.py                      # the 8M shape into examples/models
+    python examples/build_models.py --layers 33 --dim 1280 --heads 20 --out /tmp/repo
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODEL_NAME = "protein_embedder"
+SOURCE_MODEL_DIR = HERE / "models" / MODEL_NAME
+
+CONFIG_TEMPLATE = """\
+# Written by examples/build_models.py; rebuild rather than edit (the checksums must match).
+name: {name}
+backend: python
+version: "1"
+description: >-
+  ESM-2-shaped protein encoder ({layers} layers, d={dim}, {heads} heads, ffn {ffn}) with
+  fixed-seed random weights (seed {seed}); BYTES sequences are tokenized on the server and
+  the embeddings are mean-pooled over residues.
+max_batch_size: {max_batch_size}
+inputs:
+  - {{name: sequence, datatype: BYTES, shape: []}}
+outputs:
+  - {{name: embedding, datatype: FP32, shape: [{dim}]}}
+batching:
+  max_queue_delay_ms: 2
+  preferred_batch_sizes: [16, 32, 64]
+  max_queue_size: 1024
+  token_budget: {token_budget}
+  length_bucket: 32
+precision: {precision}
+artifacts:
+  model.py: {model_sha}
+  encoder.pt: {encoder_sha}
+parameters:
+  # Longer sequences keep their first max_length residues (ESM-2's limit is 1022).
+  max_length: 1022
+warmup:
+  - {{sequence: "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAADHNLPRALLQAVESAYLSKLLEERAPAGR"}}
+"""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "models", help="model repository folder")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=320)
+    parser.add_argument("--heads", type=int, default=20)
+    parser.add_argument("--ffn", type=int, default=0, help="feed-forward width; 0 = 4 x dim")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--token-budget", type=int, default=16384)
+    args = parser.parse_args(argv)
+    if args.dim % args.heads:
+        parser.error(f"--dim {args.dim} is not a multiple of --heads {args.heads}")
+    return args
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Write encoder.pt, model.py and config.yaml into OUT/protein_embedder; return that folder."""
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    from examples.protein.encoder import EncoderShape, build_encoder
+
+    target = args.out.resolve() / MODEL_NAME
+    target.mkdir(parents=True, exist_ok=True)
+    if target != SOURCE_MODEL_DIR:
+        shutil.copyfile(SOURCE_MODEL_DIR / "model.py", target / "model.py")
+    shape = EncoderShape(layers=args.layers, dim=args.dim, heads=args.heads, ffn=args.ffn)
+    encoder = build_encoder(shape, seed=args.seed)
+    partial = target / "encoder.pt.tmp"
+    torch.jit.save(encoder, str(partial))
+    os.replace(partial, target / "encoder.pt")
+    config = CONFIG_TEMPLATE.format(
+        name=MODEL_NAME,
+        layers=shape.layers,
+        dim=shape.dim,
+        heads=shape.heads,
+        ffn=shape.ffn_dim,
+        seed=args.seed,
+        max_batch_size=args.max_batch_size,
+        token_budget=args.token_budget,
+        precision=args.precision,
+        model_sha=sha256_file(target / "model.py"),
+        encoder_sha=sha256_file(target / "encoder.pt"),
+    )
+    (target / "config.yaml").write_text(config)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    # TorchScript writes module constants in set order, which follows Python's string
+    # hashing: a fixed hash seed makes encoder.pt byte-identical from build to build.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        import subprocess
+
+        command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(command, env={**os.environ, "PYTHONHASHSEED": "0"})
+    args = parse_args(argv)
+    target = build(args)
+    print(f"built {target} ({args.layers} layers, d={args.dim}, {args.heads} heads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for the bundled protein example: the ESM-like encoder and the synthetic FASTA."""
