@@ -1,0 +1,374 @@
+"""`tensorfleet slurm JOB.yaml --gpus N`: run a job on a SLURM allocation with one sbatch script.
+
+The script starts one model server per GPU as the tasks of one background `srun` step
+(`--gpus-per-task=1`, so SLURM binds each task to its own GPU and the server uses `cuda:0`),
+each task writing its `host:port` to a hostfile in the run folder; a coordinator step waits for
+every server's gRPC health and runs `tensorfleet run JOB --servers <hostfile>`; then the servers
+are stopped. Steps share the allocation with `srun --overlap`: without it the coordinator step
+would wait for CPUs the servers hold, silently, forever.
+
+The same module holds the two helpers those steps run:
+`python -m tensorfleet.coordinator.slurm serve-task` and `... wait-healthy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FATAL = 0, 2
+
+
+class SlurmError(Exception):
+    """The job cannot be turned into a batch script or submitted; the message says why."""
+
+
+def _q(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def _sbatch_time(value: str) -> str:
+    allowed = set("0123456789:-")
+    if not value or not set(value) <= allowed:
+        raise SlurmError(f"--time {value!r}: use SLURM's forms, e.g. 90, 01:30:00 or 1-00:00:00")
+    return value
+
+
+def render_batch_script(
+    job_path: Path | str,
+    gpus: int,
+    partition: str | None = None,
+    time: str | None = None,
+    cpus_per_task: int | None = None,
+    python: str = sys.executable,
+    devices: str = "cuda",
+    *,
+    model_repository: Path | str | None = None,
+    run_dir: Path | str | None = None,
+    account: str | None = None,
+    mem_per_cpu: str | None = None,
+    server_args: list[str] | None = None,
+    run_args: list[str] | None = None,
+    startup_timeout: float | None = None,
+    drain_wait: float = 60.0,
+) -> str:
+    """One sbatch script: `gpus` servers (CPU servers with devices='cpu'), then the job on them.
+
+    The model repository and extra server arguments come from the job's `model.local`
+    unless given here; every path in the script is absolute, since steps run on other nodes.
+    """
+    from .spec import SpecError, load_spec
+
+    if gpus < 1:
+        raise SlurmError("--gpus must be at least 1")
+    if devices not in ("cuda", "cpu"):
+        raise SlurmError(f"devices must be 'cuda' or 'cpu', not {devices!r}")
+    job_path = Path(job_path).resolve()
+    try:
+        spec = load_spec(job_path)
+    except SpecError as error:
+        raise SlurmError(str(error)) from None
+    local = spec.model.local
+    if model_repository is None:
+        if local is None:
+            raise SlurmError(
+                f"{job_path}: model.servers names running servers; give --model-repository "
+                "(or use model.local in the job file) so the batch job can start its own"
+            )
+        model_repository = local.repository
+    repository = Path(model_repository).resolve()
+    extra = list(server_args if server_args is not None else (local.args if local else []))
+    timeout = startup_timeout or (local.startup_timeout_s if local else 300.0)
+    run_root = Path(run_dir).resolve() if run_dir else job_path.parent / f"{spec.name}.slurm"
+    python = str(Path(python).absolute())
+
+    sbatch = [f"--job-name=tensorfleet-{spec.name}", f"--ntasks={gpus}"]
+    if devices == "cuda":
+        sbatch.append("--gpus-per-task=1")
+    if cpus_per_task:
+        sbatch.append(f"--cpus-per-task={int(cpus_per_task)}")
+    if mem_per_cpu:
+        sbatch.append(f"--mem-per-cpu={mem_per_cpu}")
+    if partition:
+        sbatch.append(f"--partition={partition}")
+    if account:
+        sbatch.append(f"--account={account}")
+    if time:
+        sbatch.append(f"--time={_sbatch_time(time)}")
+    sbatch.append(f"--output={run_root}/slurm-%j.out")
+
+    device = "cuda:0" if devices == "cuda" else "cpu"  # cuda:0 = the one GPU SLURM gave the task
+    server = ["--model-repository", str(repository), "--model", spec.model.name, "--device", device]
+    if devices == "cpu" and cpus_per_task:
+        server += ["--threads", str(int(cpus_per_task))]
+    server += extra
+    server_step = ["srun", "--overlap", f"--ntasks={gpus}"]
+    if devices == "cuda":
+        server_step.append("--gpus-per-task=1")
+    server_step += ["--kill-on-bad-exit=0", '--output="$RUN_DIR/server-%t.log"']
+    token = ["--token", _q(spec.model.token)] if spec.model.token else []
+    run = ["run", '"$JOB"', '--servers "$SERVER_LIST"', *(_q(a) for a in (run_args or []))]
+
+    lines = [
+        "#!/bin/bash",
+        f"# Written by `tensorfleet slurm` for {job_path}.",
+        f"# {gpus} model server(s) ({'one GPU each' if devices == 'cuda' else 'CPU'}) run as the tasks of one background",
+        "# srun step; a coordinator step waits for their gRPC health and runs the job; then the",
+        "# servers drain and stop. Submit with: sbatch THIS_FILE",
+        *(f"#SBATCH {option}" for option in sbatch),
+        "set -uo pipefail",
+        "",
+        f"PYTHON={_q(python)}",
+        f"JOB={_q(job_path)}",
+        f'RUN_DIR={_q(run_root)}/"job-${{SLURM_JOB_ID:-$$}}"',
+        'HOSTFILE="$RUN_DIR/servers"',
+        'mkdir -p "$RUN_DIR" && : > "$HOSTFILE" || exit 2',
+        "export PYTHONUNBUFFERED=1",
+        "",
+        "# Servers: each task binds a free port, then appends host:port to the hostfile.",
+        " ".join(server_step) + " \\",
+        '    "$PYTHON" -m tensorfleet.coordinator.slurm serve-task --hostfile "$HOSTFILE" -- \\',
+        "    " + " ".join(_q(a) for a in server) + " &",
+        "SERVERS_PID=$!",
+        "stop_servers() {  # the stop file makes each server drain and exit; srun if they hang",
+        '    touch "$HOSTFILE.stop"',
+        f"    for _ in $(seq {int(drain_wait)}); do",
+        '        kill -0 "$SERVERS_PID" 2>/dev/null || break',
+        "        sleep 1",
+        "    done",
+        '    kill -TERM "$SERVERS_PID" 2>/dev/null',
+        '    wait "$SERVERS_PID" 2>/dev/null',
+        "}",
+        "trap stop_servers EXIT",
+        "",
+        "# Coordinator: wait until every server reports SERVING (models loaded), then run the job.",
+        'SERVER_LIST=$(srun --overlap --ntasks=1 --nodes=1 \\',
+        f'    "$PYTHON" -m tensorfleet.coordinator.slurm wait-healthy "$HOSTFILE" {gpus} \\',
+        f"    --model {_q(spec.model.name)} --timeout {float(timeout):g} {' '.join(token)}".rstrip() + ")",
+        "if [ -z \"$SERVER_LIST\" ]; then",
+        '    echo "tensorfleet: the servers did not become healthy; their logs are in $RUN_DIR" >&2',
+        "    exit 2",
+        "fi",
+        'echo "tensorfleet: servers $SERVER_LIST"',
+        'srun --overlap --ntasks=1 --nodes=1 "$PYTHON" -m tensorfleet.coordinator ' + " ".join(run),
+        "status=$?",
+        'echo "tensorfleet: job finished with exit code $status"',
+        "exit $status",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(script: str, sbatch: str = "sbatch", env: dict[str, str] | None = None) -> str:
+    """Submit with `sbatch --parsable`; return the job id."""
+    if shutil.which(sbatch, path=(env or os.environ).get("PATH")) is None:
+        raise SlurmError(f"'{sbatch}' is not on PATH: run this on a SLURM login node, or use --dry-run")
+    done = subprocess.run(
+        [sbatch, "--parsable"], input=script, capture_output=True, text=True, env=env, timeout=120
+    )
+    if done.returncode != 0:
+        raise SlurmError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]  # "<id>[;cluster]"
+
+
+# ------------------------------------------------------------------ the CLI subcommand
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `tensorfleet slurm`; the parser's `handler` default runs it (returns an exit code)."""
+    env = os.environ.get
+    parser = subparsers.add_parser(
+        "slurm",
+        help="run a job on SLURM: one server per GPU plus the coordinator, in one sbatch job",
+        description="Write one sbatch script (one srun server task per GPU, then a coordinator "
+        "step that waits for their health and runs the job) and submit it.",
+    )
+    parser.add_argument("job", type=Path, help="job file (YAML)")
+    parser.add_argument("--gpus", type=int, required=env("TENSORFLEET_GPUS") is None,
+                        default=int(env("TENSORFLEET_GPUS", "0")) or None,
+                        help="servers to start, one GPU each (CPU servers with --cpu)")
+    parser.add_argument("--partition", default=env("TENSORFLEET_PARTITION"))
+    parser.add_argument("--time", default=env("TENSORFLEET_TIME"), help="wall-time limit, e.g. 02:00:00")
+    parser.add_argument("--account", default=env("TENSORFLEET_ACCOUNT"))
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for each server")
+    parser.add_argument("--mem-per-cpu", default=None, help="e.g. 4G")
+    parser.add_argument("--cpu", action="store_true", help="CPU servers instead of GPU servers")
+    parser.add_argument("--model-repository", type=Path, default=None,
+                        help="default: the job file's model.local.repository")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="hostfile, server logs and slurm output (a shared filesystem); "
+                        "default: <job folder>/<job name>.slurm")
+    parser.add_argument("--startup-timeout", type=float, default=None,
+                        help="seconds the servers may take to load models (default: the job's)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="pass --resume to tensorfleet run")
+    mode.add_argument("--restart", action="store_true", help="pass --restart to tensorfleet run")
+    parser.add_argument("--python", default=sys.executable, help="python that runs the steps")
+    parser.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    parser.set_defaults(handler=run_subcommand)
+    return parser
+
+
+def run_subcommand(args: argparse.Namespace) -> int:
+    run_args = ["--resume"] if args.resume else ["--restart"] if args.restart else []
+    try:
+        script = render_batch_script(
+            args.job, args.gpus, partition=args.partition, time=args.time,
+            cpus_per_task=args.cpus_per_task, python=args.python,
+            devices="cpu" if args.cpu else "cuda", model_repository=args.model_repository,
+            run_dir=args.run_dir, account=args.account, mem_per_cpu=args.mem_per_cpu,
+            run_args=run_args, startup_timeout=args.startup_timeout,
+        )
+        if args.dry_run:
+            print(script, end="")
+            return EXIT_OK
+        script_dir = _script_dir(script)
+        script_dir.mkdir(parents=True, exist_ok=True)
+        path = script_dir / "submit.sbatch"
+        path.write_text(script)
+        job_id = submit(script)
+    except SlurmError as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    print(f"submitted batch job {job_id} (script {path}); follow it with: squeue -j {job_id}")
+    return EXIT_OK
+
+
+def _script_dir(script: str) -> Path:
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --output="):
+            return Path(line.removeprefix("#SBATCH --output=")).parent
+    return Path.cwd()
+
+
+# ------------------------------------------------------------------ helpers the steps run
+
+
+def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) -> int:
+    """Run one model server on a free port; once it is SERVING, append `host:port` to hostfile.
+
+    The server is stopped (SIGTERM: it drains, then exits) when the stop file next to the
+    hostfile appears, or when this task gets SIGTERM/SIGINT. The stop file is how the batch
+    script ends the servers gracefully: srun answers a signal by killing its tasks outright.
+    """
+    host = host or os.environ.get("TENSORFLEET_SERVER_HOST") or os.environ.get("SLURMD_NODENAME") \
+        or socket.gethostname()
+    workdir = Path(tempfile.mkdtemp(prefix="tf-slurm-task-"))
+    port_file = workdir / "port"
+    command = [sys.executable, "-m", "tensorfleet.services", *server_args, "--port", "0",
+               "--port-file", str(port_file)]
+    process = subprocess.Popen(command)
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    stop, serving, stopping = stop_file(hostfile), False, False
+    try:
+        while process.poll() is None:
+            if not serving and port_file.exists() and (text := port_file.read_text().strip()):
+                serving = True
+                _append_line(hostfile, f"{host}:{int(text)}\n")
+                print(f"tensorfleet: server {host}:{int(text)} is serving", file=sys.stderr, flush=True)
+            if not stopping and stop.exists():
+                stopping = True
+                forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+        if not serving:  # exited before serving: tell wait-healthy now rather than at its timeout
+            _append_line(failed_file(hostfile), f"{host}: server exited with {process.returncode}\n")
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop_file(hostfile: Path) -> Path:
+    return hostfile.with_name(hostfile.name + ".stop")
+
+
+def failed_file(hostfile: Path) -> Path:
+    return hostfile.with_name(hostfile.name + ".failed")
+
+
+def _append_line(path: Path, line: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one short O_APPEND write: lines from many tasks never interleave
+        os.write(descriptor, line.encode())
+    finally:
+        os.close(descriptor)
+
+
+def read_hostfile(hostfile: Path) -> list[str]:
+    if not hostfile.exists():
+        return []
+    return [line.strip() for line in hostfile.read_text().splitlines() if line.strip()]
+
+
+def wait_healthy(
+    hostfile: Path, count: int, timeout: float = 300.0, model: str | None = None, token: str | None = None
+) -> list[str]:
+    """Wait until the hostfile lists `count` servers and each says SERVING (and has `model`)."""
+    from tensorfleet.client import InferenceClient
+    from tensorfleet.client.errors import TensorfleetError
+
+    deadline = time.monotonic() + timeout
+    servers = read_hostfile(hostfile)
+    while len(servers) < count:
+        failed = read_hostfile(failed_file(hostfile))
+        if failed:
+            raise SlurmError(f"{len(failed)} server(s) failed to start: {'; '.join(failed)}")
+        if time.monotonic() > deadline:
+            raise SlurmError(f"{hostfile}: {len(servers)} of {count} servers after {timeout:g}s: {servers}")
+        time.sleep(0.2)
+        servers = read_hostfile(hostfile)
+    for address in servers:
+        with InferenceClient(address, token=token) as client:
+            try:
+                client.wait_until_ready(max(1.0, deadline - time.monotonic()), model=model)
+            except TensorfleetError as error:
+                raise SlurmError(f"server {address} is not healthy: {error}") from None
+    return servers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tensorfleet.coordinator.slurm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    task = sub.add_parser("serve-task", help="one model server of a batch job (an srun task)")
+    task.add_argument("--hostfile", type=Path, required=True)
+    task.add_argument("--host", default=None, help="name other nodes reach this one by")
+    task.add_argument("server_args", nargs=argparse.REMAINDER, help="-- then the server's arguments")
+    wait = sub.add_parser("wait-healthy", help="wait for the hostfile's servers; print them comma-separated")
+    wait.add_argument("hostfile", type=Path)
+    wait.add_argument("count", type=int)
+    wait.add_argument("--timeout", type=float, default=300.0)
+    wait.add_argument("--model", default=None)
+    wait.add_argument("--token", default=os.environ.get("TENSORFLEET_TOKEN"))
+    args = parser.parse_args(argv)
+    if args.command == "serve-task":
+        server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+        return serve_task(args.hostfile, server_args, args.host)
+    try:
+        servers = wait_healthy(args.hostfile, args.count, args.timeout, args.model, args.token)
+    except SlurmError as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    print(",".join(servers))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
