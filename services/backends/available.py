@@ -1,3 +1,3 @@
 """Every backend module, imported once so each registers itself. Add new backends here."""
 
-from . import python_model, torch_export, torchscript  # noqa: F401
+from . import python_model, tf_graph, tf_savedmodel, torch_export, torchscript  # noqa: F401

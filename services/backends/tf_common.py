@@ -1,0 +1,130 @@
+"""What the two TensorFlow backends share: the lazy import, device placement, dtype mapping.
+
+TensorFlow is an optional extra. It is imported only when a TensorFlow model loads, so a
+server without it starts and serves its other models; the TF model alone fails to load.
+Device visibility is process-wide in TensorFlow, so it is set once, before the runtime
+starts, and every TF model of the server shares it (a server owns one device anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from tensorfleet.client.errors import FailedPrecondition, InvalidArgument
+
+from ..model_config import ModelConfig, TensorSpec
+
+INSTALL_HINT = "tensorflow is not installed: pip install tensorfleet[tensorflow]"
+
+_lock = threading.Lock()
+_configured_for: str | None = None
+
+
+def import_tensorflow() -> Any:
+    """The tensorflow module, or a clear load error when it is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep C++ start-up chatter out of server logs
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise FailedPrecondition(f"{INSTALL_HINT} ({error})") from None
+    return tf
+
+
+def configure_device(tf: Any, device: str) -> str:
+    """Make only the server's device visible to TensorFlow; return the TF device name to run on.
+
+    `cpu` hides every GPU. `cuda:N` keeps only GPU N visible (it becomes TF's `/GPU:0`) and
+    turns on memory growth, so TensorFlow takes memory as it needs it instead of the whole GPU.
+    """
+    global _configured_for
+    with _lock:
+        if _configured_for is not None:
+            if _configured_for != device:
+                raise FailedPrecondition(
+                    f"TensorFlow was already set up for {_configured_for}; one server runs on one device"
+                )
+            return _tf_device_name(device)
+        gpus = tf.config.list_physical_devices("GPU")
+        try:
+            if device == "cpu":
+                tf.config.set_visible_devices([], "GPU")
+            else:
+                index = int(device.partition(":")[2])
+                if index >= len(gpus):
+                    raise FailedPrecondition(
+                        f"--device {device}: TensorFlow sees {len(gpus)} GPU(s)"
+                        + ("; tensorflow-cpu has no GPU support, install tensorflow[and-cuda]" if not gpus else "")
+                    )
+                tf.config.set_visible_devices([gpus[index]], "GPU")
+                tf.config.experimental.set_memory_growth(gpus[index], True)
+        except RuntimeError as error:  # the runtime already started (e.g. a model's own code ran TF)
+            raise FailedPrecondition(f"cannot place TensorFlow on {device}: {error}") from None
+        _configured_for = device
+        return _tf_device_name(device)
+
+
+def _tf_device_name(device: str) -> str:
+    return "/CPU:0" if device == "cpu" else "/GPU:0"
+
+
+def device_memory(tf: Any, device: str) -> tuple[int, int]:
+    """(bytes TensorFlow holds on the GPU, 0); TF does not report the device's total."""
+    if device == "cpu":
+        return 0, 0
+    try:
+        return int(tf.config.experimental.get_memory_info("GPU:0")["current"]), 0
+    except (ValueError, RuntimeError):
+        return 0, 0
+
+
+def reject_reduced_precision(config: ModelConfig, backend: str, how: str) -> None:
+    """fp16/bf16 cannot be applied to a saved TF program from outside; say so at load."""
+    if config.precision != "fp32":
+        raise InvalidArgument(
+            f"model '{config.name}': precision {config.precision} is not supported by backend "
+            f"'{backend}': {how}"
+        )
+
+
+def check_shape(config: ModelConfig, spec: TensorSpec, dims: list[int | None] | None, where: str) -> None:
+    """The config's per-row shape (plus the batch axis) must fit the saved tensor's shape."""
+    if dims is None:  # unknown rank: nothing to check
+        return
+    expected = ([-1] if config.batched else []) + list(spec.shape)
+    problem = ""
+    if len(dims) != len(expected):
+        problem = f"rank {len(dims)} {_show(dims)}, config implies rank {len(expected)} {expected}"
+    elif config.batched and dims[0] is not None:
+        problem = f"a fixed batch dimension {dims[0]}; export it with a None batch dimension"
+    else:
+        for axis, (saved, wanted) in enumerate(zip(dims, expected, strict=True)):
+            if saved is not None and wanted != saved:
+                problem = f"dimension {axis} = {saved}, config says {wanted}"
+                break
+    if problem:
+        raise InvalidArgument(f"model '{config.name}': {where} '{spec.name}' has {problem}")
+
+
+def _show(dims: list[int | None]) -> list[int]:
+    return [-1 if d is None else d for d in dims]
+
+
+def to_tensor(tf: Any, spec: TensorSpec, array: np.ndarray, dtype: Any) -> Any:
+    """A numpy batch as a tensor of the saved program's dtype (BF16 arrives as uint16 words)."""
+    if spec.datatype == "BF16":
+        tensor = tf.bitcast(tf.constant(np.ascontiguousarray(array, dtype=np.uint16)), tf.bfloat16)
+    else:
+        tensor = tf.constant(array)
+    return tensor if tensor.dtype == dtype else tf.cast(tensor, dtype)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A result tensor as numpy; half floats widen to float32 (the batcher casts to the config)."""
+    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    if array.dtype == np.float16 or array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    return array
