@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         import subprocess
 
-        command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *(sys.argv[1:] if argv is None else argv),
+        ]
         return subprocess.call(command, env={**os.environ, "PYTHONHASHSEED": "0"})
     args = parse_args(argv)
     target = build(args)

@@ -14,7 +14,9 @@ from tensorfleet.services.backends.base import ModelContext
 from tensorfleet.services.model_config import load_config
 
 
-def load_python_model(model_dir: Path | str, device: str = "cpu", precision: str | None = None) -> Any:
+def load_python_model(
+    model_dir: Path | str, device: str = "cpu", precision: str | None = None
+) -> Any:
     """Import the folder's model.py, build its ModelContext, call load() and warmup()."""
     model_dir = Path(model_dir).resolve()
     config = load_config(model_dir)

@@ -90,9 +90,13 @@ class Model:
         params = context.parameters or {}
         self.max_length = min(int(params.get("max_length", MAX_RESIDUES)), MAX_RESIDUES)
         if self.max_length < 1:
-            raise InvalidArgument(f"parameters.max_length must be at least 1, got {self.max_length}")
+            raise InvalidArgument(
+                f"parameters.max_length must be at least 1, got {self.max_length}"
+            )
         self.bucket = int(context.config.batching.length_bucket) if context.config else 32
-        self.preferred = list(context.config.batching.preferred_batch_sizes) if context.config else []
+        self.preferred = (
+            list(context.config.batching.preferred_batch_sizes) if context.config else []
+        )
         self.token_budget = int(context.config.batching.token_budget) if context.config else 0
         self.autocast_dtype = None
         precision = context.precision or "fp32"
@@ -100,7 +104,11 @@ class Model:
             if self.device.type == "cuda":
                 self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
             else:
-                log.warning("precision %s is honoured on CUDA only; running fp32 on %s", precision, self.device)
+                log.warning(
+                    "precision %s is honoured on CUDA only; running fp32 on %s",
+                    precision,
+                    self.device,
+                )
         self.encoder = torch.jit.load(str(context.artifact("encoder.pt")), map_location=self.device)
         self.encoder.eval()
 
