@@ -357,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--timeout", type=float, default=300.0)
     wait.add_argument("--model", default=None)
     wait.add_argument("--token", default=os.environ.get("TENSORFLEET_TOKEN"))
+    add_subcommand(sub)  # `... slurm JOB --gpus N`: the same command as `tensorfleet slurm`
     args = parser.parse_args(argv)
+    if args.command == "slurm":
+        return run_subcommand(args)
     if args.command == "serve-task":
         server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
         return serve_task(args.hostfile, server_args, args.host)

@@ -1,0 +1,271 @@
+"""`tensorfleet slurm`: the batch script it writes, its step helpers, and a real run on a
+one-node SLURM cluster (Debian's slurm-wlm, started here and stopped by pid).
+
+The end-to-end test submits with the real `sbatch`: two CPU model servers start as the tasks
+of an srun step, the coordinator step waits for their gRPC health and runs the job, and the
+output must equal what `tensorfleet run` writes for the same spec with its own local servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from tensorfleet.coordinator import slurm
+from tensorfleet.services.cli import build_parser
+from tests.deploy.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.serving import REPO_ROOT
+
+MODELS = REPO_ROOT / "tests" / "models"
+ROWS = 240
+
+
+def _tensorfleet_slurm() -> list[str]:
+    """`tensorfleet slurm` once the CLI has it; until then the module's own copy of the command."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "tensorfleet.coordinator", "slurm", "--help"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "tensorfleet.coordinator", "slurm"]
+    return [sys.executable, "-m", "tensorfleet.coordinator.slurm", "slurm"]
+
+
+def _write_job(folder: Path, name: str, output: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "in.h5"
+    if not data.exists():
+        rng = np.random.default_rng(20261123)
+        with h5py.File(data, "w") as handle:
+            handle["a"] = rng.standard_normal((ROWS, 16)).astype(np.float32)
+            handle["b"] = rng.standard_normal((ROWS, 16)).astype(np.float32)
+    spec = {
+        "name": name,
+        "input": {"path": "in.h5", "tensors": {"INPUT0": "a", "INPUT1": "b"}},
+        "model": {"name": "simple", "local": {"repository": str(MODELS), "count": 2}},
+        "output": {"path": output},
+        "chunking": {"chunk_rows": 40, "batch_rows": 8},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _dry_run(job: Path, *flags: str) -> str:
+    done = subprocess.run(
+        [*_tensorfleet_slurm(), str(job), "--dry-run", *flags],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _server_args(script: str) -> list[str]:
+    """The model server's arguments, as the script passes them after `serve-task ... --`."""
+    lines = script.splitlines()
+    index = next(i for i, line in enumerate(lines) if "serve-task" in line)
+    return shlex.split(lines[index + 1].rstrip("&").strip())
+
+
+@pytest.mark.parametrize("flags", [["--gpus", "4"], ["--gpus", "2", "--cpu", "--cpus-per-task", "2"]])
+def test_dry_run_prints_a_script_that_bash_accepts(tmp_path: Path, flags: list[str]) -> None:
+    job = _write_job(tmp_path, "dry", "out.h5")
+    script = _dry_run(job, *flags, "--partition", "gpu", "--time", "01:00:00")
+    checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert not (tmp_path / "dry.slurm").exists(), "--dry-run must write nothing"
+
+    count = int(flags[1])
+    assert f"#SBATCH --ntasks={count}" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --time=01:00:00" in script
+    server_step = next(line for line in script.splitlines() if line.startswith("srun ") and "serve-task" not in line
+                       and "--kill-on-bad-exit" in line)
+    assert "--overlap" in server_step and f"--ntasks={count}" in server_step
+    args = build_parser().parse_args(_server_args(script))  # the server accepts what the script passes
+    assert args.model_repository == MODELS and args.models == ["simple"]
+    if "--cpu" in flags:
+        assert args.device == "cpu" and args.threads == 2
+        assert "gpus-per-task" not in script
+    else:  # each task is bound to its own GPU by SLURM and sees it as cuda:0
+        assert args.device == "cuda:0"
+        assert "#SBATCH --gpus-per-task=1" in script and "--gpus-per-task=1" in server_step
+    # every step runs the absolute python of this environment
+    assert f"PYTHON={sys.executable}" in script or f"PYTHON={shlex.quote(sys.executable)}" in script
+    assert script.count("srun --overlap") == 3
+
+
+def test_a_job_with_running_servers_needs_a_model_repository(tmp_path: Path) -> None:
+    job = tmp_path / "remote.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "remote", "input": {"path": "in.h5", "tensors": {"INPUT0": "a", "INPUT1": "b"}},
+        "model": {"name": "simple", "servers": ["node1:8001"]}, "output": {"path": "out.h5"},
+    }))
+    with pytest.raises(slurm.SlurmError, match="--model-repository"):
+        slurm.render_batch_script(job, 2)
+    script = slurm.render_batch_script(job, 2, model_repository=MODELS, devices="cpu")
+    assert str(MODELS) in script
+    with pytest.raises(slurm.SlurmError, match="--time"):
+        slurm.render_batch_script(job, 1, model_repository=MODELS, time="1 hour; rm -rf /")
+
+
+def test_submit_says_clearly_when_sbatch_is_missing() -> None:
+    with pytest.raises(slurm.SlurmError, match="not on PATH"):
+        slurm.submit("#!/bin/bash\n", env={"PATH": "/nonexistent"})
+
+
+def test_serve_task_reports_its_address_and_drains_on_the_stop_file(tmp_path: Path) -> None:
+    hostfile = tmp_path / "servers"
+    task = subprocess.Popen(
+        [sys.executable, "-m", "tensorfleet.coordinator.slurm", "serve-task", "--hostfile", str(hostfile),
+         "--host", "127.0.0.1", "--", "--model-repository", str(MODELS), "--model", "simple",
+         "--host", "127.0.0.1"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        servers = slurm.wait_healthy(hostfile, 1, timeout=120, model="simple")
+        assert len(servers) == 1 and servers[0].startswith("127.0.0.1:")
+        from tensorfleet.client import InferenceClient
+
+        with InferenceClient(servers[0]) as client:
+            out = client.infer("simple", {"INPUT0": np.ones((2, 16), np.float32),
+                                          "INPUT1": np.ones((2, 16), np.float32)})
+        assert np.array_equal(out["OUTPUT0"], np.full((2, 16), 2.0, np.float32))
+        slurm.stop_file(hostfile).touch()
+        assert task.wait(60) == 0
+        assert not _port_open(servers[0])
+    finally:
+        if task.poll() is None:
+            task.kill()
+            task.wait(10)
+
+
+def test_wait_healthy_fails_fast_when_a_server_died(tmp_path: Path) -> None:
+    hostfile = tmp_path / "servers"
+    task = subprocess.run(
+        [sys.executable, "-m", "tensorfleet.coordinator.slurm", "serve-task", "--hostfile", str(hostfile),
+         "--host", "127.0.0.1", "--", "--model-repository", str(tmp_path / "no-such-repository")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert task.returncode != 0
+    started = time.monotonic()
+    with pytest.raises(slurm.SlurmError, match="failed to start: 127.0.0.1: server exited with"):
+        slurm.wait_healthy(hostfile, 2, timeout=600)
+    assert time.monotonic() - started < 60  # a dead server is reported at once, not at the timeout
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ real SLURM
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmCluster:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("a one-node SLURM cluster needs Linux and root (slurmd runs jobs as any user)")
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="tf-slurm-cluster-")))
+    try:
+        cluster.start()
+    except (SlurmUnavailable, OSError, subprocess.SubprocessError) as error:
+        cluster.stop()
+        pytest.skip(f"SLURM cannot run here: {error}")
+    try:
+        yield cluster
+    finally:
+        subprocess.run(["scancel", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "-h"], env=cluster.env, capture_output=True, text=True, timeout=30)
+            if not queue.stdout.strip():
+                break
+            time.sleep(0.5)
+        cluster.stop()
+
+
+def _wait_for_job(cluster: SlurmCluster, job_id: str, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    fields: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=cluster.env,
+                               capture_output=True, text=True, timeout=30)
+        fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return fields
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env=cluster.env, capture_output=True, timeout=30)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {fields}\n{cluster.logs()}")
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return {name: handle[name][()] for name in ("ids", "ok", "OUTPUT0", "OUTPUT1")}
+
+
+def test_tensorfleet_slurm_runs_the_job_on_srun_servers(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job = _write_job(tmp_path, "viaslurm", "slurm-out.h5")
+    submitted = subprocess.run(
+        [*_tensorfleet_slurm(), str(job), "--cpu", "--gpus", "2", "--startup-timeout", "90"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=slurm_cluster.env, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted batch job ")[1].split()[0]
+    state = _wait_for_job(slurm_cluster, job_id, timeout=120)
+    run_dir = tmp_path / "viaslurm.slurm"
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log}"
+    assert "job finished with exit code 0" in log
+
+    # two servers, started as the two tasks of one srun step, each reported its own address
+    step_dir = run_dir / f"job-{job_id}"
+    servers = slurm.read_hostfile(step_dir / "servers")
+    assert len(set(servers)) == 2, servers
+    for task in (0, 1):
+        server_log = (step_dir / f"server-{task}.log").read_text()
+        assert "SERVING on port" in server_log and "stopped" in server_log, server_log
+    assert f"servers {servers[0]},{servers[1]}" in log or f"servers {servers[1]},{servers[0]}" in log
+    assert not any(_port_open(address) for address in servers), "servers must be stopped with the job"
+
+    # the same spec through `tensorfleet run` with its own local servers
+    reference = _write_job(tmp_path, "local", "local-out.h5")
+    done = subprocess.run([sys.executable, "-m", "tensorfleet.coordinator", "run", str(reference)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected, actual = _datasets(tmp_path / "local-out.h5"), _datasets(tmp_path / "slurm-out.h5")
+    assert actual["ok"].all() and len(actual["ids"]) == ROWS
+    for name, values in expected.items():
+        np.testing.assert_array_equal(actual[name], values, err_msg=name)
+
+
+def test_a_server_that_cannot_start_fails_the_batch_job_quickly(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    job = _write_job(tmp_path, "broken", "broken-out.h5")
+    submitted = subprocess.run(
+        [*_tensorfleet_slurm(), str(job), "--cpu", "--gpus", "2", "--model-repository", str(tmp_path / "missing")],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=slurm_cluster.env, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted batch job ")[1].split()[0]
+    state = _wait_for_job(slurm_cluster, job_id, timeout=90)
+    log = (tmp_path / "broken.slurm" / f"slurm-{job_id}.out").read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", f"{state}\n{log}"
+    assert "failed to start" in log and "did not become healthy" in log
+    assert not (tmp_path / "broken-out.h5").exists()
+
