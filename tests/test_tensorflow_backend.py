@@ -45,8 +45,14 @@ def _write_config(model_dir: Path, **fields) -> None:
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-FEATURES = [{"name": "features", "datatype": "FP32", "shape": [8]}, {"name": "scale", "datatype": "FP32", "shape": [1]}]
-KERAS_OUTPUTS = [{"name": "hidden", "datatype": "FP32", "shape": [4]}, {"name": "probs", "datatype": "FP32", "shape": [3]}]
+FEATURES = [
+    {"name": "features", "datatype": "FP32", "shape": [8]},
+    {"name": "scale", "datatype": "FP32", "shape": [1]},
+]
+KERAS_OUTPUTS = [
+    {"name": "hidden", "datatype": "FP32", "shape": [4]},
+    {"name": "probs", "datatype": "FP32", "shape": [3]},
+]
 KERAS_WARMUP = [{"features": [0.0] * 8, "scale": [1.0]}]
 
 
@@ -57,6 +63,7 @@ def tf():
 
 def _keras_model():
     import keras
+
     keras.utils.set_random_seed(0)
     features = keras.Input(shape=(8,), name="features")
     scale = keras.Input(shape=(1,), name="scale")
@@ -103,7 +110,9 @@ def _export_oom_model(tf, path: Path) -> None:
 
 
 def _load_example_builder():
-    spec = importlib.util.spec_from_file_location("domass_build", REPO_ROOT / "examples/dpam_domass/build.py")
+    spec = importlib.util.spec_from_file_location(
+        "domass_build", REPO_ROOT / "examples/dpam_domass/build.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -117,7 +126,13 @@ def repository(tf, tmp_path_factory) -> Iterator[tuple[Path, dict]]:
     keras_model = _keras_model()
     (repo / "keras_sm").mkdir()
     keras_model.export(str(repo / "keras_sm" / "saved_model"), verbose=False)
-    _write_config(repo / "keras_sm", backend="tensorflow", inputs=FEATURES, outputs=KERAS_OUTPUTS, warmup=KERAS_WARMUP)
+    _write_config(
+        repo / "keras_sm",
+        backend="tensorflow",
+        inputs=FEATURES,
+        outputs=KERAS_OUTPUTS,
+        warmup=KERAS_WARMUP,
+    )
     models["keras_sm"] = keras_model
 
     (repo / "tf1_mlp").mkdir()
@@ -165,16 +180,27 @@ def repository(tf, tmp_path_factory) -> Iterator[tuple[Path, dict]]:
     )
 
     shutil.copytree(repo / "keras_sm" / "saved_model", repo / "keras_bf16" / "saved_model")
-    _write_config(repo / "keras_bf16", backend="tensorflow", precision="bf16", inputs=FEATURES, outputs=KERAS_OUTPUTS)
+    _write_config(
+        repo / "keras_bf16",
+        backend="tensorflow",
+        precision="bf16",
+        inputs=FEATURES,
+        outputs=KERAS_OUTPUTS,
+    )
 
-    shutil.copytree(repo / "tf1_mlp", repo / "tf1_typo", ignore=shutil.ignore_patterns("config.yaml"))
+    shutil.copytree(
+        repo / "tf1_mlp", repo / "tf1_typo", ignore=shutil.ignore_patterns("config.yaml")
+    )
     _write_config(
         repo / "tf1_typo",
         backend="tensorflow_graph",
         model_file="model.ckpt",
         inputs=[{"name": "rows", "datatype": "FP32", "shape": [6]}],
         outputs=[{"name": "probabilities", "datatype": "FP32", "shape": [3]}],
-        parameters={"input_tensors": {"rows": "x:0"}, "output_tensors": {"probabilities": "Softmaxx:0"}},
+        parameters={
+            "input_tensors": {"rows": "x:0"},
+            "output_tensors": {"probabilities": "Softmaxx:0"},
+        },
     )
     yield repo, models
     graph_model.session.close()
@@ -219,7 +245,9 @@ def test_the_domass_example_serves_what_its_graph_computes(tf, repository, serve
     v1 = tf.compat.v1
     graph = tf.Graph()
     with graph.as_default(), v1.Session(graph=graph) as session:
-        v1.train.import_meta_graph(str(repo / "domass" / "model.ckpt.meta")).restore(session, str(repo / "domass" / "model.ckpt"))
+        v1.train.import_meta_graph(str(repo / "domass" / "model.ckpt.meta")).restore(
+            session, str(repo / "domass" / "model.ckpt")
+        )
         expected = session.run("output:0", {"input:0": features})
     with InferenceClient(server.address) as client:
         out = client.infer("domass", {"features": features})
@@ -239,7 +267,10 @@ def test_resource_exhausted_halves_the_batch(server):
     ("name", "reason"),
     [
         ("broken_sm", "cannot load SavedModel"),
-        ("wrong_output", "outputs ['logits'] are not among the signature 'serving_default' outputs ['hidden', 'probs']"),
+        (
+            "wrong_output",
+            "outputs ['logits'] are not among the signature 'serving_default' outputs ['hidden', 'probs']",
+        ),
         ("keras_bf16", "precision bf16 is not supported by backend 'tensorflow'"),
         ("tf1_typo", "'probabilities' maps to tensor 'Softmaxx:0', which the graph lacks"),
     ],
@@ -281,7 +312,9 @@ def test_a_tf_server_and_a_torch_server_side_by_side(repository, server, tmp_pat
 
     with running_server(tmp_path) as torch_server, ThreadPoolExecutor(2) as pool:
         assert torch_server.pid != server.pid
-        tf_reply = pool.submit(ask, server.address, "keras_sm", {"features": features, "scale": scale})
+        tf_reply = pool.submit(
+            ask, server.address, "keras_sm", {"features": features, "scale": scale}
+        )
         torch_reply = pool.submit(ask, torch_server.address, "linear", {"x": features})
         assert np.max(np.abs(tf_reply.result()["hidden"] - tf_expected)) <= TOLERANCE
         assert np.max(np.abs(torch_reply.result()["y"] - torch_expected)) <= TOLERANCE
@@ -309,9 +342,75 @@ def test_without_tensorflow_the_model_fails_to_load_and_the_server_serves_the_re
         outputs=[{"name": "y", "datatype": "FP32", "shape": [2]}],
     )
     path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
-    with running_server(repo, env={"PYTHONPATH": path}) as srv, InferenceClient(srv.address) as client:
+    with (
+        running_server(repo, env={"PYTHONPATH": path}) as srv,
+        InferenceClient(srv.address) as client,
+    ):
         index = {m.name: m for m in client.repository_index()}
         assert index["tf_model"].state == "UNAVAILABLE"
         assert INSTALL_HINT in index["tf_model"].reason
         out = client.infer("echo", {"x": np.ones((2, 2), np.float32)})
     np.testing.assert_array_equal(out["y"], np.full((2, 2), 3, np.float32))
+
+
+class _FakeConfig:
+    """Records what the backend asks of `tf.config`, to check GPU placement without a GPU."""
+
+    def __init__(self, gpus: list[str], started: bool = False) -> None:
+        self.gpus, self.started = gpus, started
+        self.visible: list[str] = list(gpus)
+        self.growth: list[str] = []
+        self.experimental = self
+
+    def list_physical_devices(self, kind: str) -> list[str]:
+        return list(self.gpus)
+
+    def get_visible_devices(self, kind: str) -> list[str]:
+        return list(self.visible)
+
+    def set_visible_devices(self, devices: list[str], kind: str) -> None:
+        if self.started:
+            raise RuntimeError("Visible devices cannot be modified after being initialized")
+        self.visible = list(devices)
+
+    def set_memory_growth(self, device: str, enable: bool) -> None:
+        self.growth.append(device)
+
+
+class _FakeTf:
+    def __init__(self, config: _FakeConfig) -> None:
+        self.config = config
+
+
+@pytest.mark.parametrize(
+    ("device", "visible", "growth", "tf_device"),
+    [
+        ("cpu", [], [], "/CPU:0"),
+        ("cuda:0", ["gpu0"], ["gpu0"], "/GPU:0"),
+        ("cuda:1", ["gpu1"], ["gpu1"], "/GPU:0"),
+    ],
+)
+def test_device_placement_shows_tf_only_the_servers_gpu_with_memory_growth(
+    device, visible, growth, tf_device
+):
+    from tensorfleet.services.backends.tf_common import configure_device
+
+    config = _FakeConfig(["gpu0", "gpu1"])
+    assert configure_device(_FakeTf(config), device) == tf_device
+    assert config.visible == visible
+    assert config.growth == growth
+
+
+def test_device_placement_errors_are_clear():
+    from tensorfleet.client.errors import FailedPrecondition
+    from tensorfleet.services.backends.tf_common import configure_device
+
+    with pytest.raises(FailedPrecondition, match="cuda:2: TensorFlow sees 2 GPU"):
+        configure_device(_FakeTf(_FakeConfig(["gpu0", "gpu1"])), "cuda:2")
+    with pytest.raises(FailedPrecondition, match="tensorflow-cpu has no GPU support"):
+        configure_device(_FakeTf(_FakeConfig([])), "cuda:0")
+    started = _FakeConfig(["gpu0", "gpu1"], started=True)  # TF already runs with both GPUs visible
+    with pytest.raises(FailedPrecondition, match="cannot place TensorFlow on cuda:1"):
+        configure_device(_FakeTf(started), "cuda:1")
+    started.visible = ["gpu1"]  # ... or already runs on exactly the wanted GPU: nothing to change
+    assert configure_device(_FakeTf(started), "cuda:1") == "/GPU:0"

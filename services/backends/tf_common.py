@@ -2,8 +2,8 @@
 
 TensorFlow is an optional extra. It is imported only when a TensorFlow model loads, so a
 server without it starts and serves its other models; the TF model alone fails to load.
-Device visibility is process-wide in TensorFlow, so it is set once, before the runtime
-starts, and every TF model of the server shares it (a server owns one device anyway).
+Device visibility is process-wide in TensorFlow and fixed once its runtime starts; every TF
+model of a server asks for the same device (a server owns one), so asking again is harmless.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from ..model_config import ModelConfig, TensorSpec
 INSTALL_HINT = "tensorflow is not installed: pip install tensorfleet[tensorflow]"
 
 _lock = threading.Lock()
-_configured_for: str | None = None
 
 
 def import_tensorflow() -> Any:
     """The tensorflow module, or a clear load error when it is not installed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep C++ start-up chatter out of server logs
+    # keep TensorFlow's C++ start-up chatter out of server logs
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf
     except ImportError as error:
@@ -40,30 +40,30 @@ def configure_device(tf: Any, device: str) -> str:
     `cpu` hides every GPU. `cuda:N` keeps only GPU N visible (it becomes TF's `/GPU:0`) and
     turns on memory growth, so TensorFlow takes memory as it needs it instead of the whole GPU.
     """
-    global _configured_for
     with _lock:
-        if _configured_for is not None:
-            if _configured_for != device:
-                raise FailedPrecondition(
-                    f"TensorFlow was already set up for {_configured_for}; one server runs on one device"
-                )
-            return _tf_device_name(device)
         gpus = tf.config.list_physical_devices("GPU")
+        wanted = []
+        if device != "cpu":
+            index = int(device.partition(":")[2])
+            if index >= len(gpus):
+                hint = (
+                    ""
+                    if gpus
+                    else "; tensorflow-cpu has no GPU support: install tensorflow[and-cuda]"
+                )
+                raise FailedPrecondition(
+                    f"--device {device}: TensorFlow sees {len(gpus)} GPU(s){hint}"
+                )
+            wanted = [gpus[index]]
         try:
-            if device == "cpu":
-                tf.config.set_visible_devices([], "GPU")
-            else:
-                index = int(device.partition(":")[2])
-                if index >= len(gpus):
-                    raise FailedPrecondition(
-                        f"--device {device}: TensorFlow sees {len(gpus)} GPU(s)"
-                        + ("; tensorflow-cpu has no GPU support, install tensorflow[and-cuda]" if not gpus else "")
-                    )
-                tf.config.set_visible_devices([gpus[index]], "GPU")
-                tf.config.experimental.set_memory_growth(gpus[index], True)
-        except RuntimeError as error:  # the runtime already started (e.g. a model's own code ran TF)
-            raise FailedPrecondition(f"cannot place TensorFlow on {device}: {error}") from None
-        _configured_for = device
+            tf.config.set_visible_devices(wanted, "GPU")
+            for gpu in wanted:
+                tf.config.experimental.set_memory_growth(gpu, True)
+        # RuntimeError: the TF runtime already started (e.g. a python model's own code ran TF);
+        # that is fine only if it started with the devices this server wants.
+        except RuntimeError as error:
+            if tf.config.get_visible_devices("GPU") != wanted:
+                raise FailedPrecondition(f"cannot place TensorFlow on {device}: {error}") from None
         return _tf_device_name(device)
 
 
@@ -90,7 +90,9 @@ def reject_reduced_precision(config: ModelConfig, backend: str, how: str) -> Non
         )
 
 
-def check_shape(config: ModelConfig, spec: TensorSpec, dims: list[int | None] | None, where: str) -> None:
+def check_shape(
+    config: ModelConfig, spec: TensorSpec, dims: list[int | None] | None, where: str
+) -> None:
     """The config's per-row shape (plus the batch axis) must fit the saved tensor's shape."""
     if dims is None:  # unknown rank: nothing to check
         return

@@ -85,7 +85,9 @@ class GraphCheckpointBackend(Backend):
         for kind, known in (("input_tensors", config.inputs), ("output_tensors", config.outputs)):
             extra = sorted(set(_mapping(params, kind, config.name)) - {spec.name for spec in known})
             if extra:
-                raise InvalidArgument(f"model '{config.name}': parameters.{kind} names unknown tensors {extra}")
+                raise InvalidArgument(
+                    f"model '{config.name}': parameters.{kind} names unknown tensors {extra}"
+                )
         self.feeds = {}
         for spec in config.inputs:
             tensor = self._tensor(graph, input_names.get(spec.name, f"{spec.name}:0"), spec.name)
@@ -98,7 +100,9 @@ class GraphCheckpointBackend(Backend):
             self.fetches.append(tensor)
         constants = params.get("constant_feeds", {}) or {}
         if not isinstance(constants, dict):
-            raise InvalidArgument(f"model '{config.name}': parameters.constant_feeds must be a mapping")
+            raise InvalidArgument(
+                f"model '{config.name}': parameters.constant_feeds must be a mapping"
+            )
         self.constants = {
             self._tensor(graph, name, name): np.asarray(value) for name, value in constants.items()
         }
@@ -115,7 +119,8 @@ class GraphCheckpointBackend(Backend):
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = dict(self.constants)
         for spec in self.context.config.inputs:
-            if spec.name in inputs:  # an optional input left out falls back to its placeholder default
+            # an optional input left out falls back to its placeholder's default
+            if spec.name in inputs:
                 array = inputs[spec.name]
                 if spec.datatype == "BF16":  # raw bfloat16 words: widen before any numeric cast
                     array = bf16_words_to_float32(array)
@@ -139,7 +144,9 @@ class GraphCheckpointBackend(Backend):
 def _mapping(params: dict[str, Any], key: str, model: str) -> dict[str, str]:
     value = params.get(key, {}) or {}
     if not isinstance(value, dict):
-        raise InvalidArgument(f"model '{model}': parameters.{key} must map config names to tensor names")
+        raise InvalidArgument(
+            f"model '{model}': parameters.{key} must map config names to tensor names"
+        )
     return {str(k): str(v) for k, v in value.items()}
 
 

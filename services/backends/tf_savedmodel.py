@@ -45,7 +45,9 @@ class SavedModelBackend(Backend):
         reject_reduced_precision(config, "tensorflow", PRECISION_HINT)
         path = self.context.artifact(config.model_file or DEFAULT_DIR)
         if not (path / "saved_model.pb").is_file():
-            raise InvalidArgument(f"model '{config.name}': {path} is not a SavedModel folder (no saved_model.pb)")
+            raise InvalidArgument(
+                f"model '{config.name}': {path} is not a SavedModel folder (no saved_model.pb)"
+            )
         tf = self.tf = import_tensorflow()
         self.device_name = configure_device(tf, self.context.device)
         name = str(self.context.parameters.get("signature", DEFAULT_SIGNATURE))
@@ -87,7 +89,9 @@ class SavedModelBackend(Backend):
             )
         optional = [spec.name for spec in config.inputs if spec.optional]
         if optional:
-            raise InvalidArgument(f"model '{config.name}': a signature needs every input; {optional} cannot be optional")
+            raise InvalidArgument(
+                f"model '{config.name}': a signature needs every input; {optional} cannot be optional"
+            )
         self.input_dtypes = {}
         for spec in config.inputs:
             saved = saved_inputs[spec.name]
