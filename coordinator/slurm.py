@@ -61,6 +61,8 @@ def render_batch_script(
     run_args: list[str] | None = None,
     startup_timeout: float | None = None,
     drain_wait: float = 60.0,
+    container: Path | str | None = None,
+    container_runtime: str = "apptainer",
 ) -> str:
     """One sbatch script: `gpus` servers (CPU servers with devices='cpu'), then the job on them.
 
@@ -90,7 +92,11 @@ def render_batch_script(
     extra = list(server_args if server_args is not None else (local.args if local else []))
     timeout = startup_timeout or (local.startup_timeout_s if local else 300.0)
     run_root = Path(run_dir).resolve() if run_dir else job_path.parent / f"{spec.name}.slurm"
-    python = str(Path(python).absolute())
+    if container:  # every step runs the image's python: `apptainer exec [--nv] IMAGE python`
+        image = str(Path(container).resolve())
+        launcher = [container_runtime, "exec", *(["--nv"] if devices == "cuda" else []), image, "python"]
+    else:
+        launcher = [str(Path(python).absolute())]
 
     sbatch = [f"--job-name=tensorfleet-{spec.name}", f"--ntasks={gpus}"]
     if devices == "cuda":
@@ -128,7 +134,7 @@ def render_batch_script(
         *(f"#SBATCH {option}" for option in sbatch),
         "set -uo pipefail",
         "",
-        f"PYTHON={_q(python)}",
+        f"PYTHON=({' '.join(_q(part) for part in launcher)})",
         f"JOB={_q(job_path)}",
         f'RUN_DIR={_q(run_root)}/"job-${{SLURM_JOB_ID:-$$}}"',
         'HOSTFILE="$RUN_DIR/servers"',
@@ -137,7 +143,7 @@ def render_batch_script(
         "",
         "# Servers: each task binds a free port, then appends host:port to the hostfile.",
         " ".join(server_step) + " \\",
-        '    "$PYTHON" -m tensorfleet.coordinator.slurm serve-task --hostfile "$HOSTFILE" -- \\',
+        '    "${PYTHON[@]}" -m tensorfleet.coordinator.slurm serve-task --hostfile "$HOSTFILE" -- \\',
         "    " + " ".join(_q(a) for a in server) + " &",
         "SERVERS_PID=$!",
         "stop_servers() {  # the stop file makes each server drain and exit; srun if they hang",
@@ -153,14 +159,14 @@ def render_batch_script(
         "",
         "# Coordinator: wait until every server reports SERVING (models loaded), then run the job.",
         'SERVER_LIST=$(srun --overlap --ntasks=1 --nodes=1 \\',
-        f'    "$PYTHON" -m tensorfleet.coordinator.slurm wait-healthy "$HOSTFILE" {gpus} \\',
+        f'    "${{PYTHON[@]}}" -m tensorfleet.coordinator.slurm wait-healthy "$HOSTFILE" {gpus} \\',
         f"    --model {_q(spec.model.name)} --timeout {float(timeout):g} {' '.join(token)}".rstrip() + ")",
         "if [ -z \"$SERVER_LIST\" ]; then",
         '    echo "tensorfleet: the servers did not become healthy; their logs are in $RUN_DIR" >&2',
         "    exit 2",
         "fi",
         'echo "tensorfleet: servers $SERVER_LIST"',
-        'srun --overlap --ntasks=1 --nodes=1 "$PYTHON" -m tensorfleet.coordinator ' + " ".join(run),
+        'srun --overlap --ntasks=1 --nodes=1 "${PYTHON[@]}" -m tensorfleet.coordinator ' + " ".join(run),
         "status=$?",
         'echo "tensorfleet: job finished with exit code $status"',
         "exit $status",
@@ -214,6 +220,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     mode.add_argument("--resume", action="store_true", help="pass --resume to tensorfleet run")
     mode.add_argument("--restart", action="store_true", help="pass --restart to tensorfleet run")
     parser.add_argument("--python", default=sys.executable, help="python that runs the steps")
+    parser.add_argument("--container", type=Path, default=env("TENSORFLEET_CONTAINER"),
+                        help="run every step in this Apptainer image (built from deploy/apptainer)")
     parser.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
     parser.set_defaults(handler=run_subcommand)
     return parser
@@ -227,7 +235,7 @@ def run_subcommand(args: argparse.Namespace) -> int:
             cpus_per_task=args.cpus_per_task, python=args.python,
             devices="cpu" if args.cpu else "cuda", model_repository=args.model_repository,
             run_dir=args.run_dir, account=args.account, mem_per_cpu=args.mem_per_cpu,
-            run_args=run_args, startup_timeout=args.startup_timeout,
+            run_args=run_args, startup_timeout=args.startup_timeout, container=args.container,
         )
         if args.dry_run:
             print(script, end="")

@@ -101,8 +101,17 @@ def test_dry_run_prints_a_script_that_bash_accepts(tmp_path: Path, flags: list[s
         assert args.device == "cuda:0"
         assert "#SBATCH --gpus-per-task=1" in script and "--gpus-per-task=1" in server_step
     # every step runs the absolute python of this environment
-    assert f"PYTHON={sys.executable}" in script or f"PYTHON={shlex.quote(sys.executable)}" in script
+    assert f"PYTHON=({shlex.quote(sys.executable)})" in script
     assert script.count("srun --overlap") == 3
+
+
+def test_container_runs_every_step_in_the_image(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, "boxed", "out.h5")
+    script = _dry_run(job, "--gpus", "2", "--container", "tensorfleet.sif")
+    assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=30).returncode == 0
+    image = REPO_ROOT / "tensorfleet.sif"
+    assert f"PYTHON=(apptainer exec --nv {shlex.quote(str(image))} python)" in script
+    assert script.count('"${PYTHON[@]}" -m tensorfleet.coordinator') == 3
 
 
 def test_a_job_with_running_servers_needs_a_model_repository(tmp_path: Path) -> None:
