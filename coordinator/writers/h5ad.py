@@ -61,11 +61,12 @@ class H5adWriter(Writer):
                 del slot[column.name]
             if context.spec.h5ad_slot == "layers" and column.row_shape != (_n_vars(self._file),):
                 raise ValueError(f"output '{column.source}' is not n_vars wide; put it in obsm, not layers")
+            row_shape = column.row_shape or (1,)  # obsm holds 2-D arrays: a scalar output is one column
             dataset = slot.create_dataset(
                 column.name,
-                shape=(rows, *column.row_shape),
+                shape=(rows, *row_shape),
                 dtype=column.dtype,
-                chunks=(min(max(rows, 1), rows_per_chunk(column.row_bytes)), *column.row_shape) if rows else None,
+                chunks=(min(max(rows, 1), rows_per_chunk(column.row_bytes)), *row_shape) if rows else None,
                 compression=context.spec.compression if rows else None,
             )
             dataset.attrs.update(_ARRAY)
@@ -82,7 +83,7 @@ class H5adWriter(Writer):
             if stored != list(ids):
                 raise ValueError(f"rows {start}:{stop}: ids differ from the .h5ad obs names")
         for name, values in arrays.items():
-            self._slot[name][start:stop] = values
+            self._slot[name][start:stop] = values.reshape(len(values), -1) if values.ndim == 1 else values
         self._ok[start:stop] = ok
         for offset in np.nonzero(~ok)[0]:
             self._failed[start + int(offset)] = str(error[offset])

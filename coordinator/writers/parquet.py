@@ -61,13 +61,21 @@ class ParquetWriter(Writer):
         self._buffered_rows += table.num_rows
         self._buffered_bytes += table.nbytes
         if self._buffered_rows >= self.context.spec.row_group_size or self._buffered_bytes >= MAX_BUFFER_BYTES:
-            self._flush()
+            self._flush(whole_groups_only=self._buffered_bytes < MAX_BUFFER_BYTES)
 
-    def _flush(self) -> None:
-        if self._buffer:
-            table = pa.concat_tables(self._buffer).combine_chunks()
-            self._writer.write_table(table, row_group_size=self.context.spec.row_group_size)
-        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+    def _flush(self, whole_groups_only: bool = False) -> None:
+        """Write buffered rows as row groups of exactly row_group_size (the last one may be short)."""
+        if not self._buffer:
+            return
+        size = self.context.spec.row_group_size
+        table = pa.concat_tables(self._buffer).combine_chunks()
+        cut = (table.num_rows // size) * size if whole_groups_only else table.num_rows
+        if cut:
+            self._writer.write_table(table.slice(0, cut), row_group_size=size)
+        rest = table.slice(cut)
+        self._buffer = [rest] if rest.num_rows else []
+        self._buffered_rows = rest.num_rows
+        self._buffered_bytes = rest.nbytes if rest.num_rows else 0
 
     def finish(self) -> list[Path]:
         self._flush()
