@@ -18,6 +18,7 @@ Policies:
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -109,7 +110,11 @@ class Model:
                     precision,
                     self.device,
                 )
-        self.encoder = torch.jit.load(str(context.artifact("encoder.pt")), map_location=self.device)
+        with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.encoder = torch.jit.load(
+                str(context.artifact("encoder.pt")), map_location=self.device
+            )
         self.encoder.eval()
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:

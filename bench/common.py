@@ -1,0 +1,96 @@
+"""Shared helpers for the benchmarks: threads, data, a server subprocess, the JSON line.
+
+Benchmarks never depend on pytest; the server launcher is the test harness's plain
+module (`tests/serving.py`), which starts `python -m tensorfleet.services` and stops it by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.serving import ServerProcess, launch_server  # noqa: E402
+
+DEMO_FASTA = REPO_ROOT / "examples" / "data" / "proteins.fasta"
+
+
+def set_torch_threads(threads: int) -> None:
+    """Pin torch's intra-op pool; the server gets the same number through --threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def build_protein_repository(
+    target: Path, layers: int, dim: int, heads: int, precision: str
+) -> Path:
+    """Build the example protein embedder of this shape into `target` (a model repository)."""
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "build_models.py"),
+        "--out", str(target),
+        "--layers", str(layers),
+        "--dim", str(dim),
+        "--heads", str(heads),
+        "--precision", precision,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO_ROOT)
+    return target
+
+
+def protein_sequences(count: int, fasta: Path = DEMO_FASTA) -> list[bytes]:
+    """The first `count` sequences of the FASTA, cycling through it if it holds fewer."""
+    from examples.protein.fasta import read_fasta
+
+    _, sequences = read_fasta(fasta)
+    if not sequences:
+        raise SystemExit(f"{fasta}: no sequences")
+    return [sequences[i % len(sequences)] for i in range(count)]
+
+
+@contextlib.contextmanager
+def server_process(repository: Path, *args: str, threads: int) -> Iterator[ServerProcess]:
+    """One server on loopback; always stopped by pid (SIGTERM, then SIGKILL) at the end."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    server = launch_server(repository, *args, "--threads", str(threads), env=env, timeout=600)
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGTERM, timeout=15)
+
+
+class Stopwatch:
+    """Accumulates wall time over several timed sections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()}"
+
+
+def emit(record: dict[str, Any]) -> None:
+    """The benchmark's one result line on stdout."""
+    print(json.dumps(record, sort_keys=False), flush=True)

@@ -1,0 +1,169 @@
+"""What serving costs: the same model, data and device, in-process vs through one server.
+
+(a) in-process: the model folder's own `Model` class, `predict` on batches of B sequences,
+    the loop a user would write by hand;
+(b) served: one `python -m tensorfleet.services` subprocess on loopback, driven with the
+    SDK's `InferenceClient.stream(window=W)`, one request per batch of B sequences.
+
+Both sides get the same torch thread count (`--threads`) and the same batches, in the same
+order (sorted by length unless --no-sort, as a careful hand-written loop would). The two
+sides alternate for `--rounds` rounds so that drift in machine load hits both alike.
+Prints one JSON line: in-process seq/s, served seq/s, their ratio, and the largest
+difference between the two sides' embeddings.
+
+    python -m bench.serve_overhead                                   # CPU, 6 x 320
+    python -m bench.serve_overhead --device cuda --layers 33 --dim 1280 --heads 20 \\
+        --precision bf16 --sequences 20000 --batch 64 --window 8 --median 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    DEMO_FASTA,
+    Stopwatch,
+    build_protein_repository,
+    emit,
+    machine,
+    protein_sequences,
+    server_process,
+    set_torch_threads,
+)
+
+MODEL = "protein_embedder"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=320)
+    parser.add_argument("--heads", type=int, default=20)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--sequences", type=int, default=256, help="sequences per side per round")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="sequences per predict call / request"
+    )
+    parser.add_argument("--window", type=int, default=4, help="requests in flight on the stream")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--fasta", type=Path, default=DEMO_FASTA)
+    parser.add_argument(
+        "--median",
+        type=float,
+        default=0.0,
+        help="instead of --fasta: synthetic lengths with this median (e.g. 300)",
+    )
+    parser.add_argument(
+        "--no-sort",
+        dest="sort",
+        action="store_false",
+        help="keep file order instead of sorting by length",
+    )
+    parser.add_argument(
+        "--repository", type=Path, help="serve this model repository instead of building one"
+    )
+    return parser.parse_args(argv)
+
+
+def make_batches(args: argparse.Namespace) -> list[np.ndarray]:
+    if args.median:
+        from examples.data.make_fasta import synthetic_proteins
+
+        sequences = synthetic_proteins(args.sequences, args.median, 0.55, seed=7)
+    else:
+        sequences = protein_sequences(args.sequences, args.fasta)
+    if args.sort:
+        sequences = sorted(sequences, key=len, reverse=True)
+    return [
+        np.array(sequences[start : start + args.batch], dtype=object)
+        for start in range(0, len(sequences), args.batch)
+    ]
+
+
+def run_inprocess(model, batches: list[np.ndarray], clock: Stopwatch) -> np.ndarray:
+    with clock.timing():
+        outputs = [model.predict({"sequence": batch})["embedding"] for batch in batches]
+    return np.concatenate(outputs)
+
+
+def run_served(client, batches: list[np.ndarray], window: int, clock: Stopwatch) -> np.ndarray:
+    requests = ({"sequence": batch} for batch in batches)
+    with clock.timing():
+        outputs = [out["embedding"] for out in client.stream(MODEL, requests, window=window)]
+    return np.concatenate(outputs)
+
+
+def measure(args: argparse.Namespace, repository: Path) -> dict:
+    from examples.protein.inprocess import load_python_model
+    from tensorfleet.client import InferenceClient
+
+    set_torch_threads(args.threads)
+    batches = make_batches(args)
+    rows = sum(len(batch) for batch in batches)
+    residues = sum(len(seq) for batch in batches for seq in batch)
+    model = load_python_model(repository / MODEL, device=args.device, precision=args.precision)
+    server_args = ["--model", MODEL, "--device", args.device]
+    with server_process(repository, *server_args, threads=args.threads) as server:
+        with InferenceClient(server.address) as client:
+            warm = batches[: max(2, args.window)]
+            run_inprocess(model, warm, Stopwatch())
+            run_served(client, warm, args.window, Stopwatch())
+            inprocess, served = Stopwatch(), Stopwatch()
+            diff = 0.0
+            for _ in range(args.rounds):
+                local = run_inprocess(model, batches, inprocess)
+                remote = run_served(client, batches, args.window, served)
+                diff = max(diff, float(np.abs(local - remote).max()))
+            stats = client.model_statistics(MODEL)
+    inference = stats.model_stats[0] if stats.model_stats else None
+    mean_batch = (
+        inference.inference_count / inference.execution_count
+        if inference is not None and inference.execution_count
+        else None
+    )
+    total = rows * args.rounds
+    inprocess_rate = total / inprocess.seconds
+    served_rate = total / served.seconds
+    return {
+        "bench": "serve_overhead",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "device": args.device,
+        "shape": f"{args.layers}x{args.dim} ({args.heads} heads)",
+        "precision": args.precision,
+        "threads": args.threads,
+        "sequences": rows,
+        "mean_residues": round(residues / rows, 1),
+        "batch": args.batch,
+        "window": args.window,
+        "rounds": args.rounds,
+        "inprocess_seq_per_s": round(inprocess_rate, 2),
+        "served_seq_per_s": round(served_rate, 2),
+        "ratio": round(served_rate / inprocess_rate, 3),
+        "server_mean_batch_rows": round(mean_batch, 2) if mean_batch else None,
+        "max_abs_diff": diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.repository is not None:
+        emit(measure(args, args.repository.resolve()))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="tf-bench-repo-") as tmp:
+        repository = build_protein_repository(
+            Path(tmp), args.layers, args.dim, args.heads, args.precision
+        )
+        emit(measure(args, repository))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
