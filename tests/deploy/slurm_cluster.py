@@ -3,7 +3,8 @@
 Everything lives in a temporary folder: slurm.conf (found by clients through SLURM_CONF),
 state, spool, logs and pid files. Ports are picked free, so two test runs on one machine do
 not meet. cgroups are off (proctrack/linuxproc, task/none) because the sandbox has none.
-Every daemon started here is stopped by its pid; a munged found running is left alone.
+munged, slurmctld and slurmd are this cluster's own (munged on a private socket), and each
+is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "sinfo", "munged"]
-MUNGE_PID = Path("/run/munge/munged.pid")
 
 
 class SlurmUnavailable(Exception):
@@ -111,6 +111,7 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
+            f"AuthInfo=socket={self.munge_socket}",
             "CredType=cred/munge",
             f"StateSaveLocation={self.root / 'state'}",
             f"SlurmdSpoolDir={self.root / 'spool'}",
@@ -135,21 +136,34 @@ class SlurmCluster:
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
+    @property
+    def munge_dir(self) -> Path:
+        return self.root / "munge"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.munge_dir / "munge.socket"
+
     def _start_munge(self) -> None:
-        pid = _read_pid(MUNGE_PID, timeout=0)
-        if pid and _pid_alive(pid):
-            return  # someone else's munged: use it, never stop it
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        os.chmod("/run/munge", 0o755)
-        done = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+        """A private munged on its own socket: test runs side by side never share (or stop) one."""
+        self.root.chmod(0o755)  # munged runs as 'munge' and checks every folder on the way
+        self.munge_dir.mkdir(exist_ok=True)
+        self.munge_dir.chmod(0o755)  # munged wants its socket folder searchable by all
+        shutil.chown(self.munge_dir, "munge", "munge")
+        pid_file = self.munge_dir / "munged.pid"
+        done = _run([
+            "runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
+            f"--pid-file={pid_file}", f"--log-file={self.munge_dir / 'munged.log'}",
+            f"--seed-file={self.munge_dir / 'munged.seed'}",
+        ])
         if done.returncode != 0:
             raise SlurmUnavailable(f"munged would not start: {done.stderr.strip()}")
-        pid = _read_pid(MUNGE_PID)
+        pid = _read_pid(pid_file)
         if pid is None:
             raise SlurmUnavailable("munged started but wrote no pid file")
         self.pids["munged"] = pid
-        check = subprocess.run("munge -n | unmunge", shell=True, capture_output=True, text=True, timeout=30)
+        check = subprocess.run(f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}",
+                               shell=True, capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise SlurmUnavailable(f"munge does not work: {check.stderr.strip()}")
 
