@@ -122,7 +122,8 @@ def render_batch_script(
     if devices == "cuda":
         server_step.append("--gpus-per-task=1")
     server_step += ["--kill-on-bad-exit=0", '--output="$RUN_DIR/server-%t.log"']
-    token = ["--token", _q(spec.model.token)] if spec.model.token else []
+    # With a token in the job file the servers require it too (they read TENSORFLEET_TOKEN).
+    token = [f"export TENSORFLEET_TOKEN={_q(spec.model.token)}"] if spec.model.token else []
     run = ["run", '"$JOB"', '--servers "$SERVER_LIST"', *(_q(a) for a in (run_args or []))]
 
     lines = [
@@ -140,6 +141,7 @@ def render_batch_script(
         'HOSTFILE="$RUN_DIR/servers"',
         'mkdir -p "$RUN_DIR" && : > "$HOSTFILE" || exit 2',
         "export PYTHONUNBUFFERED=1",
+        *token,
         "",
         "# Servers: each task binds a free port, then appends host:port to the hostfile.",
         " ".join(server_step) + " \\",
@@ -160,7 +162,7 @@ def render_batch_script(
         "# Coordinator: wait until every server reports SERVING (models loaded), then run the job.",
         'SERVER_LIST=$(srun --overlap --ntasks=1 --nodes=1 \\',
         f'    "${{PYTHON[@]}}" -m tensorfleet.coordinator.slurm wait-healthy "$HOSTFILE" {gpus} \\',
-        f"    --model {_q(spec.model.name)} --timeout {float(timeout):g} {' '.join(token)}".rstrip() + ")",
+        f"    --model {_q(spec.model.name)} --timeout {float(timeout):g})",
         "if [ -z \"$SERVER_LIST\" ]; then",
         '    echo "tensorfleet: the servers did not become healthy; their logs are in $RUN_DIR" >&2',
         "    exit 2",
@@ -244,6 +246,8 @@ def run_subcommand(args: argparse.Namespace) -> int:
         script_dir.mkdir(parents=True, exist_ok=True)
         path = script_dir / "submit.sbatch"
         path.write_text(script)
+        if "TENSORFLEET_TOKEN" in script:
+            path.chmod(0o600)  # it holds the servers' token
         job_id = submit(script)
     except SlurmError as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)

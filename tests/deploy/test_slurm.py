@@ -42,7 +42,7 @@ def _tensorfleet_slurm() -> list[str]:
     return [sys.executable, "-m", "tensorfleet.coordinator.slurm", "slurm"]
 
 
-def _write_job(folder: Path, name: str, output: str) -> Path:
+def _write_job(folder: Path, name: str, output: str, token: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "in.h5"
     if not data.exists():
@@ -53,7 +53,8 @@ def _write_job(folder: Path, name: str, output: str) -> Path:
     spec = {
         "name": name,
         "input": {"path": "in.h5", "tensors": {"INPUT0": "a", "INPUT1": "b"}},
-        "model": {"name": "simple", "local": {"repository": str(MODELS), "count": 2}},
+        "model": {"name": "simple", "local": {"repository": str(MODELS), "count": 2},
+                  **({"token": token} if token else {})},
         "output": {"path": output},
         "chunking": {"chunk_rows": 40, "batch_rows": 8},
     }
@@ -134,21 +135,25 @@ def test_submit_says_clearly_when_sbatch_is_missing() -> None:
 
 
 def test_serve_task_reports_its_address_and_drains_on_the_stop_file(tmp_path: Path) -> None:
+    from tensorfleet.client import InferenceClient
+    from tensorfleet.client.errors import Unauthenticated
+
     hostfile = tmp_path / "servers"
-    task = subprocess.Popen(
+    task = subprocess.Popen(  # the batch script exports the job's token; the server requires it
         [sys.executable, "-m", "tensorfleet.coordinator.slurm", "serve-task", "--hostfile", str(hostfile),
          "--host", "127.0.0.1", "--", "--model-repository", str(MODELS), "--model", "simple",
          "--host", "127.0.0.1"],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TENSORFLEET_TOKEN": "t0ken"},
     )
     try:
-        servers = slurm.wait_healthy(hostfile, 1, timeout=120, model="simple")
+        servers = slurm.wait_healthy(hostfile, 1, timeout=120, model="simple", token="t0ken")
         assert len(servers) == 1 and servers[0].startswith("127.0.0.1:")
-        from tensorfleet.client import InferenceClient
-
-        with InferenceClient(servers[0]) as client:
-            out = client.infer("simple", {"INPUT0": np.ones((2, 16), np.float32),
-                                          "INPUT1": np.ones((2, 16), np.float32)})
+        inputs = {"INPUT0": np.ones((2, 16), np.float32), "INPUT1": np.ones((2, 16), np.float32)}
+        with InferenceClient(servers[0]) as client, pytest.raises(Unauthenticated):
+            client.infer("simple", inputs)
+        with InferenceClient(servers[0], token="t0ken") as client:
+            out = client.infer("simple", inputs)
         assert np.array_equal(out["OUTPUT0"], np.full((2, 16), 2.0, np.float32))
         slurm.stop_file(hostfile).touch()
         assert task.wait(60) == 0
@@ -228,7 +233,8 @@ def _datasets(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_tensorfleet_slurm_runs_the_job_on_srun_servers(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    job = _write_job(tmp_path, "viaslurm", "slurm-out.h5")
+    # with a token: the srun servers require it, so the health wait and the run must send it
+    job = _write_job(tmp_path, "viaslurm", "slurm-out.h5", token="s3cret-token")
     submitted = subprocess.run(
         [*_tensorfleet_slurm(), str(job), "--cpu", "--gpus", "2", "--startup-timeout", "90"],
         capture_output=True, text=True, cwd=REPO_ROOT, env=slurm_cluster.env, timeout=60,
@@ -238,6 +244,7 @@ def test_tensorfleet_slurm_runs_the_job_on_srun_servers(slurm_cluster: SlurmClus
     state = _wait_for_job(slurm_cluster, job_id, timeout=120)
     run_dir = tmp_path / "viaslurm.slurm"
     log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert "export TENSORFLEET_TOKEN=s3cret-token" in (run_dir / "submit.sbatch").read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log}"
     assert "job finished with exit code 0" in log
 
