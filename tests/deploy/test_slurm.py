@@ -8,6 +8,7 @@ output must equal what `tensorfleet run` writes for the same spec with its own l
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import socket
@@ -31,15 +32,16 @@ MODELS = REPO_ROOT / "tests" / "models"
 ROWS = 240
 
 
-def _tensorfleet_slurm() -> list[str]:
+@functools.cache
+def _tensorfleet_slurm() -> tuple[str, ...]:
     """`tensorfleet slurm` once the CLI has it; until then the module's own copy of the command."""
     probe = subprocess.run(
         [sys.executable, "-m", "tensorfleet.coordinator", "slurm", "--help"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
     )
     if probe.returncode == 0:
-        return [sys.executable, "-m", "tensorfleet.coordinator", "slurm"]
-    return [sys.executable, "-m", "tensorfleet.coordinator.slurm", "slurm"]
+        return (sys.executable, "-m", "tensorfleet.coordinator", "slurm")
+    return (sys.executable, "-m", "tensorfleet.coordinator.slurm", "slurm")
 
 
 def _write_job(folder: Path, name: str, output: str, token: str | None = None) -> Path:
