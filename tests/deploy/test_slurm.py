@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -213,6 +214,7 @@ def slurm_cluster() -> SlurmCluster:
                 break
             time.sleep(0.5)
         cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 def _wait_for_job(cluster: SlurmCluster, job_id: str, timeout: float) -> dict[str, str]:
