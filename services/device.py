@@ -24,7 +24,10 @@ def check_device_available(device: str) -> None:
     """Fail at start-up, not at the first request, when the GPU is not there."""
     if device == "cpu":
         return
-    import torch
+    try:
+        import torch
+    except ImportError:  # a TensorFlow-only install: its backend checks its own devices at load
+        return
 
     index = int(device.partition(":")[2])
     if not torch.cuda.is_available():

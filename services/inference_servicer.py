@@ -191,7 +191,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _platform(config: ModelConfig) -> str:
-    return {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_export"}.get(
+    return {
+        "torchscript": "pytorch_libtorch",
+        "torch_export": "pytorch_export",
+        "tensorflow": "tensorflow_savedmodel",
+        "tensorflow_graph": "tensorflow_graphdef",
+    }.get(
         config.backend, config.backend
     )
 
