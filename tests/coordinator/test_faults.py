@@ -1,0 +1,146 @@
+"""Faults: a server killed mid-job, the coordinator killed mid-job, returning servers, changed inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import h5py
+import numpy as np
+
+from tests.serving import launch_server
+
+from .helpers import (
+    MODELS,
+    chunks_done,
+    committed_rows,
+    local_model,
+    make_fasta,
+    run_tensorfleet,
+    start_tensorfleet,
+    wait_for,
+    write_job,
+)
+
+
+def read_output(path):
+    with h5py.File(path) as f:
+        return [v.decode() for v in f["ids"][:]], f["embedding"][:], f["ok"][:]
+
+
+def fasta_job(tmp_path, name: str, model: dict, rows: int = 600, **chunking) -> tuple:
+    folder = tmp_path / name
+    folder.mkdir()
+    records = make_fasta(folder / "in.fasta", rows)
+    job = write_job(
+        folder / "job.yaml", input={"path": "in.fasta"}, model=model, output={"path": "out.h5"},
+        chunking={"chunk_rows": 32, "batch_rows": 8, **chunking}, policy={"window": 2, "server_wait_s": 60},
+    )
+    return folder, job, records
+
+
+def test_server_killed_mid_job_output_is_bitwise_identical_and_a_returning_server_is_used(tmp_path, servers):
+    reference_dir, reference_job, records = fasta_job(
+        tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}
+    )
+    assert run_tensorfleet("run", reference_job).returncode == 0
+    slow = {"TF_TEST_DELAY_MS": "60"}
+    fleet = [launch_server(MODELS, env=slow) for _ in range(3)]
+    try:
+        folder, job, _ = fasta_job(tmp_path, "faulty", {"name": "embed", "servers": [s.address for s in fleet]})
+        coordinator = start_tensorfleet("run", job, log=folder / "coordinator.log")
+        job_dir = folder / "out.h5.tfjob"
+        wait_for(lambda: chunks_done(job_dir) >= 2, what="two committed chunks")
+        victim = fleet[0]
+        victim.stop(signal.SIGKILL)
+        total = 600 // 32 + 1
+        assert chunks_done(job_dir) < total, "the job finished before the kill; make it longer"
+
+        def victim_down() -> bool:
+            status = json.loads((job_dir / "status.json").read_text())
+            return any(s["address"] == victim.address and not s["alive"] for s in status.get("servers", []))
+
+        wait_for(victim_down, what="the coordinator to notice the dead server")
+        revived = launch_server(MODELS, "--port", str(victim.port), env=slow)
+        fleet.append(revived)
+        revived_at = time.time()
+        assert coordinator.wait(240) == 0, (folder / "coordinator.log").read_text()
+    finally:
+        for server in fleet:
+            server.stop(signal.SIGKILL)
+    ids, embeddings, ok = read_output(folder / "out.h5")
+    ref_ids, ref_embeddings, _ = read_output(reference_dir / "out.h5")
+    assert ids == ref_ids == [name for name, _ in records]
+    assert len(set(ids)) == len(ids) and ok.all()
+    assert embeddings.tobytes() == ref_embeddings.tobytes()
+    import sqlite3
+
+    with sqlite3.connect(job_dir / "manifest.sqlite") as db:
+        leased_twice = db.execute("SELECT COUNT(*) FROM (SELECT chunk FROM leases GROUP BY chunk HAVING COUNT(*) > 1)").fetchone()[0]
+        by_revived = db.execute(
+            "SELECT COUNT(*) FROM chunks WHERE server = ? AND committed_at > ?", (victim.address, revived_at)
+        ).fetchone()[0]
+    assert leased_twice >= 1, "the killed server's chunks should have been handed out again"
+    assert by_revived >= 1, "the server that came back should have been used again"
+
+
+def test_coordinator_killed_then_resume_is_bitwise_identical_and_skips_committed_chunks(tmp_path, servers):
+    reference_dir, reference_job, records = fasta_job(
+        tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}, rows=500
+    )
+    assert run_tensorfleet("run", reference_job).returncode == 0
+    folder, job, _ = fasta_job(tmp_path, "killed", local_model("embed", count=2), rows=500)
+    job_dir = folder / "out.h5.tfjob"
+    first_log, second_log = folder / "rows-first.log", folder / "rows-second.log"
+    coordinator = start_tensorfleet(
+        "run", job, env={"TF_TEST_DELAY_MS": "60", "TF_TEST_ROW_LOG": str(first_log)}, log=folder / "first.log"
+    )
+    wait_for(lambda: chunks_done(job_dir) >= 4, what="four committed chunks")
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.wait(30)
+    total = 500 // 32 + 1
+    before = committed_rows(job_dir)
+    assert 0 < len(before) < 500, "the kill should land mid-job"
+    pids = [entry["pid"] for entry in json.loads((job_dir / "servers" / "servers.json").read_text())]
+
+    def servers_gone() -> bool:  # they follow their coordinator (parent-death signal)
+        return not any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in pids)
+
+    wait_for(servers_gone, what="the orphaned servers to exit")
+    refused = run_tensorfleet("run", job)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_tensorfleet("run", job, "--resume", env={"TF_TEST_ROW_LOG": str(second_log)})
+    assert resumed.returncode == 0, resumed.stderr
+    ids, embeddings, ok = read_output(folder / "out.h5")
+    ref_ids, ref_embeddings, _ = read_output(reference_dir / "out.h5")
+    assert ids == ref_ids and ok.all()
+    assert embeddings.tobytes() == ref_embeddings.tobytes()
+    sequence_row = {sequence: row for row, (_, sequence) in enumerate(records)}
+    resent = {sequence_row[line] for line in second_log.read_text().split()}
+    assert resent, "the resume computed nothing"
+    assert not (resent & before), f"{len(resent & before)} committed rows were sent again"
+    assert resent | before == set(range(500))
+    assert chunks_done(job_dir) == total
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next((line for line in handle if line.startswith("State:")), "")
+    except FileNotFoundError:
+        return "zombie"
+
+
+def test_changed_input_is_refused_and_restart_starts_over(tmp_path, servers):
+    folder, job, _ = fasta_job(tmp_path, "changed", {"name": "embed", "servers": [s.address for s in servers]}, rows=100)
+    assert run_tensorfleet("run", job).returncode == 0
+    make_fasta(folder / "in.fasta", 100, seed=2)
+    refused = run_tensorfleet("run", job, "--resume")
+    assert refused.returncode == 2
+    assert "in.fasta changed since this job began" in refused.stderr and "--restart" in refused.stderr
+    restarted = run_tensorfleet("run", job, "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    ids, embeddings, _ = read_output(folder / "out.h5")
+    assert len(ids) == 100 and np.isfinite(embeddings).all()
