@@ -370,7 +370,7 @@ def _execute(
     progress = Progress(
         job_dir, total_rows=rows, done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],
         servers=lambda: [s.summary() for s in dispatcher.servers], output=str(output),
-        stream=options.progress_stream,
+        stream=options.progress_stream, computed=lambda: sum(s.rows for s in dispatcher.servers),
     )
     dispatcher._on_commit = lambda item: progress.add(item.chunk.rows, len(item.errors))
     started = time.monotonic()

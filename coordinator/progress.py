@@ -49,6 +49,7 @@ class Progress:
         output: str,
         stream: TextIO | None = None,
         interval: float = 2.0,
+        computed: Callable[[], int] | None = None,
     ) -> None:
         self.status_path = job_dir / STATUS_NAME
         self.total = total_rows
@@ -61,17 +62,18 @@ class Progress:
         self.interval = interval
         self.started = time.time()
         self.resumed_from = done_rows
-        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), done_rows)], maxlen=64)
+        #: Rows answered by servers (committed or not): a smoother rate than whole chunks.
+        self.computed = computed or (lambda: self.done - self.resumed_from)
+        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), self.computed())], maxlen=50)
         self._last_write = 0.0
         self._last_draw = 0.0
 
     def add(self, rows: int, failed: int) -> None:
         self.done += rows
         self.failed += failed
-        self._samples.append((time.monotonic(), self.done))
 
     def rate(self) -> float:
-        """Rows per second over the recent window (this run only)."""
+        """Rows per second over the last ~10 s (this run only)."""
         (t0, r0), (t1, r1) = self._samples[0], self._samples[-1]
         return (r1 - r0) / (t1 - t0) if t1 > t0 else 0.0
 
@@ -96,6 +98,8 @@ class Progress:
 
     def tick(self, state: str = "running", force: bool = False) -> None:
         now = time.monotonic()
+        if now - self._samples[-1][0] >= 0.2:
+            self._samples.append((now, self.computed()))
         if force or now - self._last_write >= self.interval:
             self._last_write = now
             write_json_atomic(self.status_path, self.snapshot(state))

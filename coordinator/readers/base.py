@@ -6,6 +6,7 @@ Readers read by row range, so a 20 GB input is never loaded whole.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +75,10 @@ class Reader(abc.ABC):
         self.close()
 
 
+#: The one place formats are listed: format -> module of this package that registers it.
+#: Modules are imported on first use, so a run pays only for the libraries it needs.
+MODULES: dict[str, str] = {"fasta": "fasta", "hdf5": "hdf5", "h5ad": "h5ad", "npy": "npy", "parquet": "parquet"}
+
 _REGISTRY: dict[str, Callable[[InputSpec], Reader]] = {}
 
 
@@ -87,9 +92,10 @@ def register(fmt: str) -> Callable[[type[Reader]], type[Reader]]:
 
 def open_reader(spec: InputSpec) -> Reader:
     """The registered reader for spec.format, opened; InputError if the file cannot be read."""
+    _load(spec.format)
     factory = _REGISTRY.get(spec.format or "")
     if factory is None:
-        raise InputError(f"input.format '{spec.format}' has no reader (known: {sorted(_REGISTRY)})")
+        raise InputError(f"input.format '{spec.format}' has no reader (known: {sorted(MODULES)})")
     try:
         return factory(spec)
     except InputError:
@@ -98,3 +104,9 @@ def open_reader(spec: InputSpec) -> Reader:
         raise InputError(f"input file {spec.path} does not exist; fix input.path") from None
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"cannot read {spec.path} as {spec.format}: {error}") from None
+
+
+def _load(fmt: str | None) -> None:
+    module = MODULES.get(fmt or "")
+    if module and fmt not in _REGISTRY:
+        importlib.import_module(f"{__package__}.{module}")

@@ -7,6 +7,7 @@ temporary path the merge renames into place, so a half-written file never looks 
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ class Writer(abc.ABC):
         """Close without finishing; the merge removes the temporary file."""
 
 
+#: The one place formats are listed: format -> module of this package that registers it.
+#: Modules are imported on first use, so a run pays only for the libraries it needs.
+MODULES: dict[str, str] = {"hdf5": "hdf5", "parquet": "parquet", "h5ad": "h5ad"}
+
 _REGISTRY: dict[str, Callable[[WriteContext], Writer]] = {}
 
 
@@ -72,11 +77,18 @@ def register(fmt: str) -> Callable[[type[Writer]], type[Writer]]:
 
 
 def open_writer(context: WriteContext) -> Writer:
+    _load(context.spec.format)
     factory = _REGISTRY.get(context.spec.format or "")
     if factory is None:
-        raise ValueError(f"output.format '{context.spec.format}' has no writer (known: {sorted(_REGISTRY)})")
+        raise ValueError(f"output.format '{context.spec.format}' has no writer (known: {sorted(MODULES)})")
     return factory(context)
 
 
 def rows_per_chunk(row_bytes: int, target: int = 1 << 20) -> int:
     return max(1, target // max(row_bytes, 1))
+
+
+def _load(fmt: str | None) -> None:
+    module = MODULES.get(fmt or "")
+    if module and fmt not in _REGISTRY:
+        importlib.import_module(f"{__package__}.{module}")

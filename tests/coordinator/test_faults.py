@@ -31,6 +31,7 @@ def read_output(path):
 
 
 def fasta_job(tmp_path, name: str, model: dict, rows: int = 600, **chunking) -> tuple:
+    """A FASTA job in its own folder: rows of 8-row requests in 32-row chunks."""
     folder = tmp_path / name
     folder.mkdir()
     records = make_fasta(folder / "in.fasta", rows)
@@ -43,19 +44,21 @@ def fasta_job(tmp_path, name: str, model: dict, rows: int = 600, **chunking) -> 
 
 def test_server_killed_mid_job_output_is_bitwise_identical_and_a_returning_server_is_used(tmp_path, servers):
     reference_dir, reference_job, records = fasta_job(
-        tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}
+        tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}, rows=1000
     )
     assert run_tensorfleet("run", reference_job).returncode == 0
     slow = {"TF_TEST_DELAY_MS": "60"}
     fleet = [launch_server(MODELS, env=slow) for _ in range(3)]
     try:
-        folder, job, _ = fasta_job(tmp_path, "faulty", {"name": "embed", "servers": [s.address for s in fleet]})
+        folder, job, _ = fasta_job(
+            tmp_path, "faulty", {"name": "embed", "servers": [s.address for s in fleet]}, rows=1000
+        )
         coordinator = start_tensorfleet("run", job, log=folder / "coordinator.log")
         job_dir = folder / "out.h5.tfjob"
         wait_for(lambda: chunks_done(job_dir) >= 2, what="two committed chunks")
         victim = fleet[0]
         victim.stop(signal.SIGKILL)
-        total = 600 // 32 + 1
+        total = 1000 // 32 + 1
         assert chunks_done(job_dir) < total, "the job finished before the kill; make it longer"
 
         def victim_down() -> bool:
@@ -63,6 +66,10 @@ def test_server_killed_mid_job_output_is_bitwise_identical_and_a_returning_serve
             return any(s["address"] == victim.address and not s["alive"] for s in status.get("servers", []))
 
         wait_for(victim_down, what="the coordinator to notice the dead server")
+        # Now take the others down too: only the returning server can finish the job.
+        for server in fleet[1:]:
+            server.stop(signal.SIGKILL)
+        assert chunks_done(job_dir) < total, "the job finished before the others were killed; make it longer"
         revived = launch_server(MODELS, "--port", str(victim.port), env=slow)
         fleet.append(revived)
         revived_at = time.time()
