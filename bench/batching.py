@@ -1,0 +1,162 @@
+"""Dynamic batching: many one-row clients vs one client sending full batches, same model and server.
+
+(a) offline: one `AsyncInferenceClient` streams max-size batches (`max_batch_size` rows each,
+    --window in flight): the model's throughput when batching is free. Measured before and
+    after the client levels; the mean is the baseline.
+(b) online: N concurrent clients, each its own `AsyncInferenceClient` (its own channel and
+    TCP connection; --shared-channel: one client for all), each sending one-row `infer`
+    calls back to back for --seconds. The server's batcher merges them.
+
+The model is `bench/models/mlp`, a torch MLP (width -> hidden x layers -> out) from a fixed
+seed, one server with --threads torch threads; the clients run in this process, one
+asyncio loop. Prints one JSON line: rows/s per level, ratio to offline, and the server's
+mean batch size per level (from ModelStatistics).
+
+    python -m bench.batching                                  # CPU, 1024 -> 2048 x2 -> 256
+    python -m bench.batching --device cuda --hidden 8192 --layers 4 --clients 1,8,64,256,1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import emit, machine, server_process
+from bench.fleet import prepare_repository
+
+MODEL = "mlp"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=1, help="server torch threads")
+    parser.add_argument("--width", type=int, default=1024, help="input features per row")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--out", type=int, default=256, help="output features per row")
+    parser.add_argument("--max-batch", type=int, default=256, help="model max_batch_size")
+    parser.add_argument("--queue-delay-ms", type=float, default=2.0, help="batcher max_queue_delay_ms")
+    parser.add_argument("--clients", default="1,8,64,256", help="concurrent one-row clients per level")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured time per level")
+    parser.add_argument("--offline-batches", type=int, default=24, help="max-size batches per offline run")
+    parser.add_argument("--window", type=int, default=2, help="offline requests in flight")
+    parser.add_argument("--shared-channel", action="store_true", help="all clients share one channel")
+    parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.hidden, args.out, args.max_batch = 64, 128, 16, 32
+        args.clients, args.seconds, args.offline_batches = "1,4", 1.0, 8
+    return args
+
+
+async def offline(client, rows: np.ndarray, batches: int, window: int) -> float:
+    """Rows/s streaming `batches` full batches."""
+    started = time.perf_counter()
+    done = 0
+    async for out in client.stream(MODEL, ({"x": rows} for _ in range(batches)), window=window):
+        done += len(out["y"])
+    return done / (time.perf_counter() - started)
+
+
+async def online(clients: list, count: int, row: np.ndarray, seconds: float) -> float:
+    """Rows/s of `count` one-row callers over `seconds` (requests finishing in the window)."""
+    stop_at = time.perf_counter() + seconds
+    done = 0
+
+    async def caller(client) -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await client.infer(MODEL, {"x": row})
+            if time.perf_counter() <= stop_at:
+                done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(clients[i % len(clients)]) for i in range(count)))
+    return done / min(seconds, time.perf_counter() - started)
+
+
+async def mean_batch(client, before: tuple[int, int]) -> tuple[float | None, tuple[int, int]]:
+    stats = (await client.model_statistics(MODEL)).model_stats[0]
+    now = (stats.inference_count, stats.execution_count)
+    rows, runs = now[0] - before[0], now[1] - before[1]
+    return (round(rows / runs, 2) if runs else None), now
+
+
+async def measure(args: argparse.Namespace, address: str) -> dict:
+    from tensorfleet.client import AsyncInferenceClient
+
+    levels = [int(c) for c in args.clients.split(",")]
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((args.max_batch, args.width), dtype=np.float32)
+    row = full[:1].copy()
+    control = AsyncInferenceClient(address)
+    count = 1 if args.shared_channel else max(levels)
+    clients = [AsyncInferenceClient(address) for _ in range(count)]
+    try:
+        await offline(control, full, 2, args.window)  # warm up
+        await online(clients, min(8, max(levels)), row, 0.3)
+        _, counters = await mean_batch(control, (0, 0))
+        first = await offline(control, full, args.offline_batches, args.window)
+        offline_batch, counters = await mean_batch(control, counters)
+        results = []
+        for level in levels:
+            rate = await online(clients, level, row, args.seconds)
+            batch, counters = await mean_batch(control, counters)
+            results.append({"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch})
+        last = await offline(control, full, args.offline_batches, args.window)
+    finally:
+        for client in [control, *clients]:
+            await client.close()
+    baseline = (first + last) / 2
+    for item in results:
+        item["ratio"] = round(item["rows_per_s"] / baseline, 3)
+    return {
+        "offline_rows_per_s": round(baseline, 1),
+        "offline_runs_rows_per_s": [round(first, 1), round(last, 1)],
+        "offline_mean_batch_rows": offline_batch,
+        "levels": results,
+        **{f"ratio_{item['clients']}_clients": item["ratio"] for item in results},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {
+        "max_batch_size": args.max_batch,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [args.width]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [args.out]}],
+        "batching": {"max_queue_delay_ms": args.queue_delay_ms},
+        "parameters": {"width": args.width, "hidden": args.hidden, "layers": args.layers, "out": args.out},
+    }
+    with tempfile.TemporaryDirectory(prefix="tf-bench-batching-") as tmp:
+        repository = prepare_repository(Path(tmp), {MODEL: overrides})
+        server_args = ["--model", MODEL, "--device", args.device, "--log-level", "WARNING"]
+        with server_process(repository, *server_args, threads=args.threads) as server:
+            figures = asyncio.run(measure(args, server.address))
+    emit(
+        {
+            "bench": "batching",
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "device": args.device,
+            "model": f"mlp {args.width}->{args.hidden}x{args.layers}->{args.out}",
+            "threads": args.threads,
+            "max_batch": args.max_batch,
+            "queue_delay_ms": args.queue_delay_ms,
+            "clients_share": "one channel" if args.shared_channel else "one client (channel) each",
+            "seconds_per_level": args.seconds,
+            **figures,
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
