@@ -77,6 +77,7 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.laps: list[float] = []
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
@@ -84,7 +85,8 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.seconds += time.perf_counter() - started
+            self.laps.append(time.perf_counter() - started)
+            self.seconds += self.laps[-1]
 
 
 def machine() -> str:

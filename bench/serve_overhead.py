@@ -6,8 +6,10 @@
     SDK's `InferenceClient.stream(window=W)`, one request per batch of B sequences.
 
 Both sides get the same torch thread count (`--threads`) and the same batches, in the same
-order (sorted by length unless --no-sort, as a careful hand-written loop would). The two
-sides alternate for `--rounds` rounds so that drift in machine load hits both alike.
+order (sorted by length unless --no-sort, as a careful hand-written loop would). With the
+default --batch 64 (the model's max_batch_size) the server cannot merge requests, so both
+sides run identical batches and the difference is the cost of serving alone. The sides
+alternate A B B A ... for `--rounds` rounds so that drift in machine load hits both alike.
 Prints one JSON line: in-process seq/s, served seq/s, their ratio, and the largest
 difference between the two sides' embeddings.
 
@@ -48,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--sequences", type=int, default=256, help="sequences per side per round")
     parser.add_argument(
-        "--batch", type=int, default=32, help="sequences per predict call / request"
+        "--batch",
+        type=int,
+        default=64,
+        help="sequences per predict call / request (64 = max_batch_size: the server runs "
+        "the very batches the in-process loop runs)",
     )
     parser.add_argument("--window", type=int, default=4, help="requests in flight on the stream")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
@@ -117,9 +123,14 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
             run_served(client, warm, args.window, Stopwatch())
             inprocess, served = Stopwatch(), Stopwatch()
             diff = 0.0
-            for _ in range(args.rounds):
-                local = run_inprocess(model, batches, inprocess)
-                remote = run_served(client, batches, args.window, served)
+            for round_number in range(args.rounds):
+                # A B, then B A: load that drifts during the run hits both sides alike
+                if round_number % 2 == 0:
+                    local = run_inprocess(model, batches, inprocess)
+                    remote = run_served(client, batches, args.window, served)
+                else:
+                    remote = run_served(client, batches, args.window, served)
+                    local = run_inprocess(model, batches, inprocess)
                 diff = max(diff, float(np.abs(local - remote).max()))
             stats = client.model_statistics(MODEL)
     inference = stats.model_stats[0] if stats.model_stats else None
@@ -147,6 +158,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         "inprocess_seq_per_s": round(inprocess_rate, 2),
         "served_seq_per_s": round(served_rate, 2),
         "ratio": round(served_rate / inprocess_rate, 3),
+        "round_ratios": [round(a / b, 3) for a, b in zip(inprocess.laps, served.laps, strict=True)],
         "server_mean_batch_rows": round(mean_batch, 2) if mean_batch else None,
         "max_abs_diff": diff,
     }
