@@ -20,6 +20,7 @@ from .parts import Part, fsync_dir
 from .planner import Chunk
 from .spec import InputSpec, OutputSpec
 from .writers import Column, WriteContext, open_writer
+from .writers.base import writer_class
 
 
 class MergeError(Exception):
@@ -143,6 +144,10 @@ def merge(
         target = final_path.with_name(side.name.replace(temp.stem, final_path.stem, 1).lstrip("."))
         os.replace(side, target)
         finals.append(target)
+    kind = writer_class(output.format)
+    for stale in getattr(kind, "side_files", lambda _: [])(final_path):
+        if stale not in finals:
+            stale.unlink(missing_ok=True)
     os.replace(temp, final_path)
     fsync_dir(final_path.parent)
     return MergeResult(final_path, rows, len(errors), columns, finals)

@@ -60,6 +60,11 @@ class Writer(abc.ABC):
     def abort(self) -> None:
         """Close without finishing; the merge removes the temporary file."""
 
+    @staticmethod
+    def side_files(final: Path) -> list[Path]:
+        """Files this format may write beside `final`; a merge removes stale ones it did not rewrite."""
+        return []
+
 
 #: The one place formats are listed: format -> module of this package that registers it.
 #: Modules are imported on first use, so a run pays only for the libraries it needs.
@@ -74,6 +79,11 @@ def register(fmt: str) -> Callable[[type[Writer]], type[Writer]]:
         return cls
 
     return decorate
+
+
+def writer_class(fmt: str | None) -> Callable[[WriteContext], Writer] | None:
+    _load(fmt)
+    return _REGISTRY.get(fmt or "")
 
 
 def open_writer(context: WriteContext) -> Writer:

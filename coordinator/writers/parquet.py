@@ -97,3 +97,7 @@ class ParquetWriter(Writer):
 
     def abort(self) -> None:
         self._writer.close()
+
+    @staticmethod
+    def side_files(final: Path) -> list[Path]:
+        return [errors_path(final)]

@@ -151,3 +151,37 @@ def test_changed_input_is_refused_and_restart_starts_over(tmp_path, servers):
     assert restarted.returncode == 0, restarted.stderr
     ids, embeddings, _ = read_output(folder / "out.h5")
     assert len(ids) == 100 and np.isfinite(embeddings).all()
+
+
+def test_stalled_server_loses_its_leases_and_the_job_completes_identically(tmp_path, servers):
+    reference_dir, reference_job, _ = fasta_job(
+        tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}, rows=400
+    )
+    assert run_tensorfleet("run", reference_job).returncode == 0
+    slow = {"TF_TEST_DELAY_MS": "40"}
+    fleet = [launch_server(MODELS, env=slow) for _ in range(2)]
+    try:
+        folder = tmp_path / "stalled"
+        folder.mkdir()
+        (folder / "in.fasta").write_bytes((reference_dir / "in.fasta").read_bytes())
+        job = write_job(
+            folder / "job.yaml", input={"path": "in.fasta"}, model={"name": "embed", "servers": [s.address for s in fleet]},
+            output={"path": "out.h5"}, chunking={"chunk_rows": 32, "batch_rows": 8},
+            policy={"window": 2, "request_timeout_s": 2},
+        )
+        coordinator = start_tensorfleet("run", job, log=folder / "coordinator.log")
+        job_dir = folder / "out.h5.tfjob"
+        wait_for(lambda: chunks_done(job_dir) >= 1, what="a committed chunk")
+        os.kill(fleet[0].pid, signal.SIGSTOP)  # alive but silent: only the request timeout can tell
+        assert chunks_done(job_dir) < 400 // 32 + 1, "the job finished before the stall"
+        assert coordinator.wait(240) == 0, (folder / "coordinator.log").read_text()
+    finally:
+        for server in fleet:
+            server.stop(signal.SIGKILL)
+    ids, embeddings, ok = read_output(folder / "out.h5")
+    ref_ids, ref_embeddings, _ = read_output(reference_dir / "out.h5")
+    assert ids == ref_ids and ok.all()
+    assert embeddings.tobytes() == ref_embeddings.tobytes()
+    status = json.loads((job_dir / "status.json").read_text())
+    stalled = next(s for s in status["servers"] if s["address"] == fleet[0].address)
+    assert not stalled["alive"] and stalled["last_error"]

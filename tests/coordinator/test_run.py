@@ -193,3 +193,29 @@ def test_dry_run_limit_and_status(tmp_path, servers):
     status = run_tensorfleet("status", tmp_path / "out.limit25.h5.tfjob", "--json")
     report = json.loads(status.stdout)
     assert report["state"] == "done" and report["rows_done"] == 25 and report["chunks_done"] == report["chunks"]
+
+
+def test_parquet_failing_rows_have_an_errors_file_beside_the_output(tmp_path, servers):
+    x, ids = _numeric_inputs(tmp_path, rows=60)
+    x[[5, 41], 0] = -1000  # vec8 fails any batch with x[0] < -100
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f["features"] = x
+        f["names"] = np.array(ids, dtype=object).astype("S")
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.h5", "ids": "names", "tensors": {"x": "features"}},
+        model=servers_model(servers, "vec8"), output={"path": "out.parquet", "tensors": {"y": "y"}},
+        chunking={"chunk_rows": 16, "batch_rows": 8},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 1, result.stderr
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column_names == ["id", "y", "ok", "error"]
+    assert [i for i, ok in enumerate(table["ok"].to_pylist()) if not ok] == [5, 41]
+    assert "x[0] below -100" in table["error"][5].as_py() and table["error"][6].as_py() == ""
+    errors = pq.read_table(tmp_path / "out.errors.parquet").to_pylist()
+    assert [(e["row"], e["id"]) for e in errors] == [(5, ids[5]), (41, ids[41])]
+
+
+def test_serve_subcommand_hands_over_to_the_model_server():
+    result = run_tensorfleet("serve", "--help")
+    assert result.returncode == 0 and "--model-repository" in result.stdout
