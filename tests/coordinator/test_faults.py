@@ -116,6 +116,8 @@ def test_coordinator_killed_then_resume_is_bitwise_identical_and_skips_committed
         return not any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in pids)
 
     wait_for(servers_gone, what="the orphaned servers to exit")
+    status = run_tensorfleet("status", job_dir)
+    assert status.returncode == 0 and "state: stopped" in status.stdout and "--resume" in status.stdout
     refused = run_tensorfleet("run", job)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = run_tensorfleet("run", job, "--resume", env={"TF_TEST_ROW_LOG": str(second_log)})
