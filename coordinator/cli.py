@@ -41,15 +41,27 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a model server (python -m tensorfleet.services ...)", add_help=False)
     serve.add_argument("args", nargs=argparse.REMAINDER)
+    doctor = sub.add_parser("doctor", help="check versions, devices, model repository and ports", add_help=False)
+    doctor.add_argument("args", nargs=argparse.REMAINDER)
+
+    from .slurm import add_subcommand as add_slurm
+
+    add_slurm(sub)
     return parser
+
+
+#: Subcommands that belong to the server side: the process is handed over to them, so the
+#: coordinator never imports `tensorfleet.services`.
+SERVER_COMMANDS = {"serve": "tensorfleet.services", "doctor": "tensorfleet.services.doctor"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        # The coordinator never imports the server: hand the process over to it.
-        os.execv(sys.executable, [sys.executable, "-m", "tensorfleet.services", *argv[1:]])
+    if argv and argv[0] in SERVER_COMMANDS:
+        os.execv(sys.executable, [sys.executable, "-m", SERVER_COMMANDS[argv[0]], *argv[1:]])
     args = _parser().parse_args(argv)
+    if args.command == "slurm":
+        return args.handler(args)
     if args.command == "schema":
         from .spec import json_schema
 
