@@ -42,12 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", type=int, default=256, help="output features per row")
     parser.add_argument("--max-batch", type=int, default=256, help="model max_batch_size")
-    parser.add_argument("--queue-delay-ms", type=float, default=2.0, help="batcher max_queue_delay_ms")
-    parser.add_argument("--clients", default="1,8,64,256", help="concurrent one-row clients per level")
+    parser.add_argument(
+        "--queue-delay-ms", type=float, default=2.0, help="batcher max_queue_delay_ms"
+    )
+    parser.add_argument(
+        "--clients", default="1,8,64,256", help="concurrent one-row clients per level"
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="measured time per level")
-    parser.add_argument("--offline-batches", type=int, default=24, help="max-size batches per offline run")
+    parser.add_argument(
+        "--offline-batches", type=int, default=24, help="max-size batches per offline run"
+    )
     parser.add_argument("--window", type=int, default=2, help="offline requests in flight")
-    parser.add_argument("--shared-channel", action="store_true", help="all clients share one channel")
+    parser.add_argument(
+        "--shared-channel", action="store_true", help="all clients share one channel"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -109,7 +117,9 @@ async def measure(args: argparse.Namespace, address: str) -> dict:
         for level in levels:
             rate = await online(clients, level, row, args.seconds)
             batch, counters = await mean_batch(control, counters)
-            results.append({"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch})
+            results.append(
+                {"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch}
+            )
         last = await offline(control, full, args.offline_batches, args.window)
     finally:
         for client in [control, *clients]:
@@ -133,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [args.width]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [args.out]}],
         "batching": {"max_queue_delay_ms": args.queue_delay_ms},
-        "parameters": {"width": args.width, "hidden": args.hidden, "layers": args.layers, "out": args.out},
+        "parameters": {
+            "width": args.width,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "out": args.out,
+        },
     }
     with tempfile.TemporaryDirectory(prefix="tf-bench-batching-") as tmp:
         repository = prepare_repository(Path(tmp), {MODEL: overrides})

@@ -56,7 +56,8 @@ def prepare_repository(target: Path, models: Mapping[str, Mapping[str, Any] | No
 
 
 # --- many servers -------------------------------------------------------------------------------
-def _server_env(threads: int) -> dict[str, str]:
+def _server_env(threads: int | None) -> dict[str, str]:
+    threads = threads or 1
     return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -66,12 +67,14 @@ def _server_env(threads: int) -> dict[str, str]:
 
 
 def start_servers(
-    repository: Path, count: int, *args: str, threads: int = 1, timeout: float = 600.0
+    repository: Path, count: int, *args: str, threads: int | None = 1, timeout: float = 600.0
 ) -> list[ServerProcess]:
     """Start `count` servers at once and wait until every one is SERVING (its port file is written).
 
-    Parallel start matters at 64 servers: each spends about a second importing.
+    Parallel start matters at 64 servers: each spends about a second importing. threads=None
+    leaves out `--threads` (which imports torch in the server) for models that never use torch.
     """
+    thread_args = ["--threads", str(threads)] if threads else []
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-fleet-"))
     pending: list[tuple[subprocess.Popen, Path, Path]] = []
     servers: list[ServerProcess] = []
@@ -81,7 +84,7 @@ def start_servers(
             command = [
                 sys.executable, "-m", "tensorfleet.services",
                 "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0",
-                "--port-file", str(port_file), "--threads", str(threads), "--log-level", "WARNING",
+                "--port-file", str(port_file), *thread_args, "--log-level", "WARNING",
                 *args,
             ]  # fmt: skip
             with open(log_path, "wb") as log:
@@ -136,7 +139,7 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
 
 @contextlib.contextmanager
 def fleet(
-    repository: Path, count: int, *args: str, threads: int = 1
+    repository: Path, count: int, *args: str, threads: int | None = 1
 ) -> Iterator[list[ServerProcess]]:
     servers = start_servers(repository, count, *args, threads=threads)
     try:

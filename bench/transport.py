@@ -34,12 +34,16 @@ MB = 1024 * 1024
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="server device (the identity model stays on host)")
+    parser.add_argument(
+        "--device", default="cpu", help="server device (the identity model stays on host)"
+    )
     parser.add_argument("--dtype", choices=["fp32", "uint8"], default="fp32")
     parser.add_argument("--sizes", default="1,16,64", help="tensor sizes in MB, comma-separated")
     parser.add_argument("--streams", default="1,4", help="concurrent streams, comma-separated")
     parser.add_argument("--window", type=int, default=2, help="messages in flight per stream")
-    parser.add_argument("--mb-per-case", type=int, default=512, help="MB each side sends per case and round")
+    parser.add_argument(
+        "--mb-per-case", type=int, default=512, help="MB each side sends per case and round"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
@@ -71,7 +75,9 @@ async def raw_stream(channel, payload: bytes, count: int, window: int) -> int:
 async def tf_stream(client, model: str, tensor: np.ndarray, count: int, window: int) -> int:
     requests = ({"x": tensor} for _ in range(count))
     received = 0
-    async for out in client.stream(model, requests, window=window, parameters={"tensorfleet.exclusive": True}):
+    async for out in client.stream(
+        model, requests, window=window, parameters={"tensorfleet.exclusive": True}
+    ):
         received += out["y"].nbytes
     return received
 
@@ -79,14 +85,18 @@ async def tf_stream(client, model: str, tensor: np.ndarray, count: int, window: 
 async def measure_case(raw_channels, tf_clients, model, size_mb, streams, args) -> dict:
     dtype = np.float32 if args.dtype == "fp32" else np.uint8
     nbytes = size_mb * MB
-    tensor = np.random.default_rng(0).integers(0, 255, nbytes // np.dtype(dtype).itemsize).astype(dtype)
+    tensor = (
+        np.random.default_rng(0).integers(0, 255, nbytes // np.dtype(dtype).itemsize).astype(dtype)
+    )
     payload = tensor.tobytes()
     count = max(args.window, args.mb_per_case // (size_mb * streams))
     expected = count * nbytes * streams
     seconds = {"raw": 0.0, "tensorfleet": 0.0}
     for _ in range(args.rounds):
         started = time.perf_counter()
-        got = await asyncio.gather(*(raw_stream(raw_channels[i], payload, count, args.window) for i in range(streams)))
+        got = await asyncio.gather(
+            *(raw_stream(raw_channels[i], payload, count, args.window) for i in range(streams))
+        )
         seconds["raw"] += time.perf_counter() - started
         assert sum(got) == expected, (sum(got), expected)
         started = time.perf_counter()
@@ -103,7 +113,9 @@ async def measure_case(raw_channels, tf_clients, model, size_mb, streams, args) 
     }  # fmt: skip
 
 
-async def run_all(args: argparse.Namespace, tf_address: str, raw_address: str, model: str) -> list[dict]:
+async def run_all(
+    args: argparse.Namespace, tf_address: str, raw_address: str, model: str
+) -> list[dict]:
     import grpc
 
     from tensorfleet.client import AsyncInferenceClient
@@ -112,12 +124,20 @@ async def run_all(args: argparse.Namespace, tf_address: str, raw_address: str, m
     streams = [int(s) for s in args.streams.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     most = max(streams)
-    raw_channels = [grpc.aio.insecure_channel(raw_address, options=channel_options()) for _ in range(most)]
+    raw_channels = [
+        grpc.aio.insecure_channel(raw_address, options=channel_options()) for _ in range(most)
+    ]
     tf_clients = [AsyncInferenceClient(tf_address) for _ in range(most)]
     try:
         warm = {"mb": 1, "rounds": 1}
-        await measure_case(raw_channels, tf_clients, model, 1, most, argparse.Namespace(**{**vars(args), **warm}))
-        return [await measure_case(raw_channels, tf_clients, model, size, n, args) for size in sizes for n in streams]
+        await measure_case(
+            raw_channels, tf_clients, model, 1, most, argparse.Namespace(**{**vars(args), **warm})
+        )
+        return [
+            await measure_case(raw_channels, tf_clients, model, size, n, args)
+            for size in sizes
+            for n in streams
+        ]
     finally:
         for channel in raw_channels:
             await channel.close()
@@ -130,9 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     model = f"identity_{args.dtype}"
     with tempfile.TemporaryDirectory(prefix="tf-bench-transport-") as tmp:
         repository = prepare_repository(Path(tmp), {model: None})
-        with echo_server() as echo, server_process(
-            repository, "--model", model, "--device", args.device, "--log-level", "WARNING", threads=1
-        ) as server:
+        with (
+            echo_server() as echo,
+            server_process(
+                repository,
+                "--model",
+                model,
+                "--device",
+                args.device,
+                "--log-level",
+                "WARNING",
+                threads=1,
+            ) as server,
+        ):
             cases = asyncio.run(run_all(args, server.address, echo.address, model))
     record = {
         "bench": "transport",
@@ -146,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "cases": cases,
     }
     for case in cases:
-        record[f"ratio_{case['mb']}mb_{case['streams']}stream{'s' if case['streams'] > 1 else ''}"] = case["ratio"]
+        record[
+            f"ratio_{case['mb']}mb_{case['streams']}stream{'s' if case['streams'] > 1 else ''}"
+        ] = case["ratio"]
     emit(record)
     return 0
 

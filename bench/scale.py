@@ -1,0 +1,216 @@
+"""How busy one coordinator keeps a fleet: 8, 32, 64 simulated servers on loopback.
+
+Each server is its own `python -m tensorfleet.services` process serving only
+`bench/models/sleep_rows`, a python model that sleeps --ms-per-row per row (a device that is
+busy for a fixed time per row and uses no CPU). The fleet starts once, at the largest size;
+each level runs `tensorfleet run JOB --servers <the first N>` as a subprocess over an .npy
+input of N x --rows-per-server rows.
+
+Baseline, measured in the same run: one server driven directly by the SDK (full batches,
+--window in flight, exclusive) gives rows/s per server; ideal(N) = N x that.
+busy(N) = achieved rows/s / ideal(N), achieved over the dispatch span (first lease to last
+commit, from the job's manifest.sqlite). Coordinator CPU comes from psutil samples of the
+`tensorfleet run` process, interpolated to the same span, per committed chunk; its total
+CPU (start-up, plan and merge included) is reported too.
+
+    python -m bench.scale                                    # 8, 32, 64 servers at 2 ms/row
+    python -m bench.scale --servers 8,32 --rows-per-server 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import emit, machine
+from bench.fleet import fleet, prepare_repository, tensorfleet_command, write_job
+
+MODEL = "sleep_rows"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="8,32,64", help="fleet sizes, comma-separated")
+    parser.add_argument("--ms-per-row", type=float, default=2.0, help="simulated compute per row")
+    parser.add_argument(
+        "--batch", type=int, default=64, help="rows per request (model max_batch_size)"
+    )
+    parser.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpointed chunk")
+    parser.add_argument("--window", type=int, default=4, help="requests in flight per server")
+    parser.add_argument(
+        "--rows-per-server", type=int, default=2048, help="input rows per server per level"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.servers, args.rows_per_server = "2", 512
+    return args
+
+
+async def single_server_rate(address: str, batch: int, window: int, requests: int) -> float:
+    from tensorfleet.client import AsyncInferenceClient
+
+    rows = np.zeros((batch, 4), np.float32)
+    async with AsyncInferenceClient(address) as client:
+        params = {"tensorfleet.exclusive": True}
+        async for _ in client.stream(
+            MODEL, ({"x": rows} for _ in range(window)), window=window, parameters=params
+        ):
+            pass
+        started = time.perf_counter()
+        async for _ in client.stream(
+            MODEL, ({"x": rows} for _ in range(requests)), window=window, parameters=params
+        ):
+            pass
+        return requests * batch / (time.perf_counter() - started)
+
+
+class CpuSampler:
+    """psutil samples (time.time(), user+system seconds) of one process until it exits."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.samples: list[tuple[float, float]] = []
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval: float) -> None:
+        import psutil
+
+        while True:
+            try:
+                times = self.process.cpu_times()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                return
+            self.samples.append((time.time(), times.user + times.system))
+            time.sleep(interval)
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+    def at(self, moment: float) -> float:
+        stamps = [s[0] for s in self.samples]
+        return float(np.interp(moment, stamps, [s[1] for s in self.samples]))
+
+
+def dispatch_span(job_dir: Path) -> tuple[float, float, int, int]:
+    """(first lease, last commit, chunks done, rows done) from the job's manifest."""
+    db = sqlite3.connect(f"file:{job_dir / 'manifest.sqlite'}?mode=ro", uri=True)
+    try:
+        first = db.execute("SELECT MIN(at) FROM leases").fetchone()[0]
+        last, chunks, rows = db.execute(
+            "SELECT MAX(committed_at), COUNT(*), SUM(stop - start) FROM chunks WHERE done = 1"
+        ).fetchone()
+    finally:
+        db.close()
+    return first, last, chunks, rows
+
+
+def run_level(
+    args: argparse.Namespace, addresses: list[str], workdir: Path, per_server: float
+) -> dict:
+    import subprocess
+
+    count = len(addresses)
+    rows = count * args.rows_per_server
+    data = workdir / f"input-{count}.npy"
+    np.save(data, np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
+    job = write_job(
+        workdir / f"job-{count}.yaml",
+        {
+            "name": f"scale-{count}",
+            "input": {"path": str(data)},
+            "model": {"name": MODEL, "servers": addresses},
+            "output": {"path": str(workdir / f"out-{count}.h5")},
+            "chunking": {"batch_rows": args.batch, "chunk_rows": args.chunk_rows},
+            "policy": {"window": args.window},
+        },
+    )
+    job_dir = workdir / f"out-{count}.h5.tfjob"
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        tensorfleet_command("run", str(job)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sampler = CpuSampler(process.pid)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    wall = time.perf_counter() - started
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"tensorfleet run exited {process.returncode}:\n{stdout}\n{stderr}")
+    first, last, chunks, done = dispatch_span(job_dir)
+    span = last - first
+    achieved = done / span
+    ideal = count * per_server
+    cpu_span = sampler.at(last) - sampler.at(first)
+    cpu_total = sampler.samples[-1][1] if sampler.samples else float("nan")
+    return {
+        "servers": count,
+        "rows": done,
+        "chunks": chunks,
+        "dispatch_s": round(span, 3),
+        "command_wall_s": round(wall, 2),
+        "achieved_rows_per_s": round(achieved, 1),
+        "ideal_rows_per_s": round(ideal, 1),
+        "busy": round(achieved / ideal, 3),
+        "coordinator_cpu_s_per_chunk": round(cpu_span / chunks, 5),
+        "coordinator_cpu_fraction_of_core": round(cpu_span / span, 3),
+        "coordinator_cpu_total_s": round(cpu_total, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = [int(s) for s in args.servers.split(",")]
+    overrides = {"max_batch_size": args.batch, "parameters": {"ms_per_row": args.ms_per_row}}
+    with tempfile.TemporaryDirectory(prefix="tf-bench-scale-") as tmp:
+        workdir = Path(tmp)
+        repository = prepare_repository(workdir / "models", {MODEL: overrides})
+        started = time.perf_counter()
+        with fleet(repository, max(sizes), "--model", MODEL, threads=None) as servers:
+            startup = time.perf_counter() - started
+            addresses = [server.address for server in servers]
+            requests = max(8, int(2.0 / (args.batch * args.ms_per_row / 1000)))  # about 2 s
+            per_server = asyncio.run(
+                single_server_rate(addresses[0], args.batch, args.window, requests)
+            )
+            levels = [run_level(args, addresses[:size], workdir, per_server) for size in sizes]
+    record = {
+        "bench": "scale",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "ms_per_row": args.ms_per_row,
+        "batch_rows": args.batch,
+        "chunk_rows": args.chunk_rows,
+        "window": args.window,
+        "fleet_startup_s": round(startup, 1),
+        "single_server_rows_per_s": round(per_server, 1),
+        "nominal_rows_per_s_per_server": round(1000 / args.ms_per_row, 1),
+        "levels": levels,
+    }
+    for level in levels:
+        record[f"busy_{level['servers']}"] = level["busy"]
+        record[f"cpu_s_per_chunk_{level['servers']}"] = level["coordinator_cpu_s_per_chunk"]
+    emit(record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
