@@ -143,3 +143,341 @@ class ServerControl:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CoordinatorStub:
+    """The coordinator as a long-lived service: many people submit jobs; jobs queue, run, persist.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SubmitJob = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/SubmitJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/GetJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/ListJobs',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/tensorfleet.v1.Coordinator/WatchJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/CancelJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/ResumeJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListServers = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/ListServers',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersResponse.FromString,
+                _registered_method=True)
+
+
+class CoordinatorServicer:
+    """The coordinator as a long-lived service: many people submit jobs; jobs queue, run, persist.
+    """
+
+    def SubmitJob(self, request, context):
+        """Queue a job. The spec is the job file's text, YAML or JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Past events of the job (from after_seq), then live ones until it reaches a final state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stop dispatching; committed chunks are kept and the job can be resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Queue a CANCELLED or FAILED job again; it continues from its manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServers(self, request, context):
+        """Every server the coordinator knows of (its own fleet and the running jobs'), probed now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CoordinatorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.SubmitJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.GetJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.WatchJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.JobEvent.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.CancelJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
+            ),
+            'ListServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServers,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tensorfleet.v1.Coordinator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tensorfleet.v1.Coordinator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Coordinator:
+    """The coordinator as a long-lived service: many people submit jobs; jobs queue, run, persist.
+    """
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/SubmitJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.SubmitJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/GetJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.GetJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/ListJobs',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/WatchJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.WatchJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/CancelJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.CancelJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/ResumeJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/ListServers',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
