@@ -143,6 +143,7 @@ class Dispatcher:
         self._finished: asyncio.Event | None = None
         self._fatal: BaseException | None = None
         self._commits: set[asyncio.Future] = set()
+        self._workers: list[asyncio.Task] = []
 
     # --- public ----------------------------------------------------------------------
     @property
@@ -156,20 +157,33 @@ class Dispatcher:
         self._commit_slots = asyncio.Semaphore(len(self.servers) * (self.policy.window + 2))
         if self._remaining == 0:
             return
-        workers = [asyncio.create_task(self._serve(server)) for server in self.servers]
+        self._workers = [asyncio.create_task(self._serve(server)) for server in self.servers]
         watchdog = asyncio.create_task(self._watch_fleet())
         try:
             await self._finished.wait()
         finally:
-            for task in [*workers, watchdog]:
+            for task in [*self._workers, watchdog]:
                 task.cancel()
-            await asyncio.gather(*workers, watchdog, return_exceptions=True)
+            await asyncio.gather(*self._workers, watchdog, return_exceptions=True)
             if self._commits:
                 await asyncio.gather(*self._commits, return_exceptions=True)
             self._reader.shutdown(wait=True)
             self._writer.shutdown(wait=True)
         if self._fatal is not None:
             raise self._fatal
+
+    def add_server(self, address: str) -> None:
+        """A server that joined mid-job (fleet discovery): it gets a worker and pulls chunks too."""
+        if any(server.address == address for server in self.servers):
+            return
+        server = ServerState(address)
+        self.servers.append(server)
+        if self._finished is None or self._finished.is_set():
+            return  # run() starts a worker for every server it finds
+        for _ in range(self.policy.window + 2):  # its share of chunks in flight
+            self._commit_slots.release()
+        self._workers.append(asyncio.create_task(self._serve(server)))
+        log.info("server %s joined the fleet", address)
 
     # --- fleet -------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:

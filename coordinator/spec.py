@@ -78,17 +78,24 @@ class LocalFleetSpec(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(min_length=1, description="Model name as the servers know it.")
     version: str = ""
-    servers: list[str] = Field(default_factory=list, description="host:port of running servers.")
+    servers: list[str] = Field(
+        default_factory=list,
+        description="Running servers: host:port, dns:NAME:PORT (every address NAME resolves to, "
+        "re-resolved while the job runs) or hostfile:PATH (one host:port per line, re-read).",
+    )
     local: LocalFleetSpec | None = None
     token: str | None = Field(default=None, description="Bearer token for the servers, if any.")
 
     @field_validator("servers")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
+        from .discovery import DiscoveryError, check_entry
+
         for address in value:
-            host, sep, port = address.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"server '{address}' is not host:port")
+            try:
+                check_entry(address)
+            except DiscoveryError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @model_validator(mode="after")
@@ -175,6 +182,10 @@ class JobSpec(_Strict):
 
         data["input"]["path"] = absolute(data["input"]["path"])
         data["output"]["path"] = absolute(data["output"]["path"])
+        data["model"]["servers"] = [
+            "hostfile:" + absolute(s.removeprefix("hostfile:")) if s.startswith("hostfile:") else s
+            for s in data["model"]["servers"]
+        ]
         if data["model"]["local"]:
             data["model"]["local"]["repository"] = absolute(data["model"]["local"]["repository"])
         if data["job_dir"]:
