@@ -21,6 +21,7 @@ import yaml
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client import __version__ as tensorfleet_version
 
+from .discovery import Discovery, DiscoveryError, expand
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
 from .fleet import FleetError, ModelInfo, inspect_fleet
 from .local_fleet import LocalFleet, LocalFleetError
@@ -302,7 +303,12 @@ def _run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_d
             except LocalFleetError as error:
                 raise JobFatal(str(error)) from None
         else:
-            servers = list(spec.model.servers)
+            try:
+                servers = expand(spec.model.servers)
+            except DiscoveryError as error:
+                raise JobFatal(str(error)) from None
+            if not servers:
+                raise JobFatal(f"model.servers {spec.model.servers} name no server right now; check the name or hostfile")
         try:
             info, _ = asyncio.run(
                 inspect_fleet(servers, spec.model.name, spec.model.version, _connection(spec), spec.policy.server_wait_s)
@@ -377,8 +383,11 @@ def _execute(
 
     async def dispatch() -> None:
         task = asyncio.create_task(dispatcher.run())
+        discovery = Discovery(spec.model.servers, servers)
         while not task.done():
             progress.tick()
+            for address in discovery.poll(time.monotonic()):
+                dispatcher.add_server(address)
             await asyncio.wait([task], timeout=0.2)
         task.result()
 
