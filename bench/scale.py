@@ -103,21 +103,55 @@ class CpuSampler:
         return float(np.interp(moment, stamps, [s[1] for s in self.samples]))
 
 
-def dispatch_span(job_dir: Path) -> tuple[float, float, int, int]:
-    """(first lease, last commit, chunks done, rows done) from the job's manifest."""
+def dispatch_span(job_dir: Path) -> dict:
+    """Times from the job's manifest: first lease, last commit, and what lies between."""
     db = sqlite3.connect(f"file:{job_dir / 'manifest.sqlite'}?mode=ro", uri=True)
     try:
-        first = db.execute("SELECT MIN(at) FROM leases").fetchone()[0]
-        last, chunks, rows = db.execute(
-            "SELECT MAX(committed_at), COUNT(*), SUM(stop - start) FROM chunks WHERE done = 1"
-        ).fetchone()
+        leases = db.execute("SELECT server, MIN(at) FROM leases GROUP BY server").fetchall()
+        commits = db.execute(
+            "SELECT committed_at, stop - start FROM chunks WHERE done = 1 ORDER BY committed_at"
+        ).fetchall()
     finally:
         db.close()
-    return first, last, chunks, rows
+    first_leases = sorted(at for _, at in leases)
+    times = np.array([at for at, _ in commits])
+    rows = np.cumsum([count for _, count in commits])
+    # steady state: the middle half of the commits, away from ramp-up and tail
+    low, high = len(times) // 4, (3 * len(times)) // 4
+    steady = (rows[high] - rows[low]) / (times[high] - times[low]) if high > low else float("nan")
+    return {
+        "first": first_leases[0],
+        "last": float(times[-1]),
+        "chunks": len(commits),
+        "rows": int(rows[-1]),
+        "lease_spread_s": first_leases[-1] - first_leases[0],
+        "steady_rows_per_s": steady,
+    }
+
+
+def _cpu_now(pids: list[int]) -> tuple[float, float, float]:
+    """(machine busy seconds, machine total seconds, these processes' CPU seconds)."""
+    import psutil
+
+    machine_times = psutil.cpu_times()
+    total = sum(machine_times)
+    idle = machine_times.idle + getattr(machine_times, "iowait", 0.0)
+    own = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        own += times.user + times.system
+    return total - idle, total, own
 
 
 def run_level(
-    args: argparse.Namespace, addresses: list[str], workdir: Path, per_server: float
+    args: argparse.Namespace,
+    addresses: list[str],
+    workdir: Path,
+    per_server: float,
+    pids: list[int],
 ) -> dict:
     import subprocess
 
@@ -137,6 +171,7 @@ def run_level(
         },
     )
     job_dir = workdir / f"out-{count}.h5.tfjob"
+    before = _cpu_now(pids)
     started = time.perf_counter()
     process = subprocess.Popen(
         tensorfleet_command("run", str(job)),
@@ -152,10 +187,12 @@ def run_level(
             process.kill()
             process.wait(10)
     wall = time.perf_counter() - started
+    after = _cpu_now(pids)
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"tensorfleet run exited {process.returncode}:\n{stdout}\n{stderr}")
-    first, last, chunks, done = dispatch_span(job_dir)
+    times = dispatch_span(job_dir)
+    first, last, chunks, done = times["first"], times["last"], times["chunks"], times["rows"]
     span = last - first
     achieved = done / span
     ideal = count * per_server
@@ -170,9 +207,14 @@ def run_level(
         "achieved_rows_per_s": round(achieved, 1),
         "ideal_rows_per_s": round(ideal, 1),
         "busy": round(achieved / ideal, 3),
+        "steady_busy": round(times["steady_rows_per_s"] / ideal, 3),
+        "first_lease_spread_s": round(times["lease_spread_s"], 3),
         "coordinator_cpu_s_per_chunk": round(cpu_span / chunks, 5),
         "coordinator_cpu_fraction_of_core": round(cpu_span / span, 3),
         "coordinator_cpu_total_s": round(cpu_total, 2),
+        # over the whole command: how loaded the machine was, and what the servers spent
+        "machine_cpu_busy_fraction": round((after[0] - before[0]) / (after[1] - before[1]), 3),
+        "servers_cpu_s_per_request": round((after[2] - before[2]) / (done / args.batch), 5),
     }
 
 
@@ -191,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             per_server = asyncio.run(
                 single_server_rate(addresses[0], args.batch, args.window, requests)
             )
-            levels = [run_level(args, addresses[:size], workdir, per_server) for size in sizes]
+            pids = [server.pid for server in servers]
+            levels = [
+                run_level(args, addresses[:size], workdir, per_server, pids[:size])
+                for size in sizes
+            ]
     record = {
         "bench": "scale",
         "date": datetime.date.today().isoformat(),

@@ -101,7 +101,9 @@ def submit(args: argparse.Namespace, addresses: list[str], workdir: Path, name: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli_start = min(run_measured(tensorfleet_command("--help")).wall_s for _ in range(3))
+    cli_start = min(
+        run_measured(tensorfleet_command("--help")).wall_s for _ in range(1 if args.quick else 3)
+    )
     with tempfile.TemporaryDirectory(prefix="tf-bench-warm-") as tmp:
         workdir = Path(tmp)
         repository = build_protein_repository(
