@@ -6,6 +6,7 @@ from importlib import metadata as _metadata
 
 from .async_inference_client import AsyncInferenceClient
 from .channel import ConnectionOptions
+from .coordinator_client import AsyncCoordinatorClient, CoordinatorClient
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -26,9 +27,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree without an 
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AsyncCoordinatorClient",
     "AsyncInferenceClient",
     "Cancelled",
     "ConnectionOptions",
+    "CoordinatorClient",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InferenceClient",

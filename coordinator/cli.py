@@ -1,4 +1,7 @@
-"""The `tensorfleet` command: run, status, schema, serve.
+"""The `tensorfleet` command: run, status, schema, serve; the coordinator service and its clients.
+
+Every `--some-option` can also be set by the environment variable TENSORFLEET_SOME_OPTION
+(see service_cli.apply_environment); a value on the command line wins.
 
 Exit codes: 0 every row done, 1 some rows failed (see the errors table), 2 fatal (bad spec,
 unreadable input, no server reachable, ...), always with a message that says what to fix.
@@ -47,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     from .slurm import add_subcommand as add_slurm
 
     add_slurm(sub)
+    from .service_cli import add_subcommands as add_service_commands
+    from .service_cli import apply_environment
+
+    add_service_commands(sub)
+    apply_environment(parser)
     return parser
 
 
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SERVER_COMMANDS:
         os.execv(sys.executable, [sys.executable, "-m", SERVER_COMMANDS[argv[0]], *argv[1:]])
     args = _parser().parse_args(argv)
-    if args.command == "slurm":
+    if getattr(args, "handler", None) is not None:  # slurm and the coordinator service commands
         return args.handler(args)
     if args.command == "schema":
         from .spec import json_schema
