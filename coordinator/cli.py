@@ -111,8 +111,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _status(job_dir: Path, as_json: bool) -> int:
     from .manifest import Manifest
+    from .pipeline import print_stage_status
     from .progress import format_duration, pid_alive, read_status
 
+    if print_stage_status(job_dir, as_json):  # a multi-stage job: one line per stage
+        return EXIT_OK
     manifest = Manifest.open_existing(job_dir)
     status = read_status(job_dir) or {}
     if manifest is None and not status:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -199,6 +200,11 @@ def _committer(job_dir: Path, manifest: Manifest):
 
 
 def run_job(spec_path: Path | str, options: RunOptions) -> RunResult:
+    from .workflows import load_workflow
+
+    workflow = load_workflow(spec_path)  # a multi-stage or many-model job file
+    if workflow is not None:
+        return workflow(options)
     spec = load_job(spec_path, options.servers)
     output = final_output_path(spec, options.limit)
     job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)
@@ -284,7 +290,12 @@ def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[
     return existing, created
 
 
-def _run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+def _run(
+    spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
+    *, merge_output: bool = True, wrap_commit: Callable | None = None,
+) -> RunResult:
+    """One model over one reader. Multi-stage jobs run it per stage: without the merge for the
+    stages before the last, and with `wrap_commit` to carry earlier stages' failed rows along."""
     manifest, created = _prepare_job_dir(job_dir, output, options)
     fleet: LocalFleet | None = None
     planned = manifest is not None
@@ -335,7 +346,10 @@ def _run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_d
             rows = reader.num_rows if options.limit is None else min(options.limit, reader.num_rows)
             settings = Plan(rows, batch_rows, token_budget, spec.chunking.chunk_rows, options.limit, fields, "", []).settings()
             _check_resume(manifest, settings, info)
-        return _execute(spec, reader, options, output, job_dir, manifest, info, fields, servers)
+        return _execute(
+            spec, reader, options, output, job_dir, manifest, info, fields, servers,
+            merge_output=merge_output, wrap_commit=wrap_commit,
+        )
     except BaseException:
         if created and not planned:
             if fleet is not None:
@@ -357,6 +371,7 @@ def _run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_d
 def _execute(
     spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
     manifest: Manifest, info: ModelInfo, fields: dict[str, str], servers: list[str],
+    *, merge_output: bool = True, wrap_commit: Callable | None = None,
 ) -> RunResult:
     chunks = manifest.chunks()
     done = manifest.done_chunks()
@@ -369,7 +384,7 @@ def _execute(
     rows = counts["rows"]
     source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
     dispatcher = Dispatcher(
-        servers=servers, source=source, chunks=pending, commit=_committer(job_dir, manifest),
+        servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest)),
         policy=spec.policy, options=_connection(spec),
         on_lease=manifest.note_lease,
     )
@@ -401,6 +416,10 @@ def _execute(
         raise
     seconds = time.monotonic() - started
     computed = sum(chunk.rows for chunk in pending)
+    if not merge_output:
+        progress.close("done")
+        failed = manifest.counts()["rows_failed"]
+        return RunResult(None, job_dir, rows, failed, computed, seconds, servers=servers)
     progress.tick("merging", force=True)
     provenance = {
         "tensorfleet_version": tensorfleet_version,
