@@ -1,0 +1,111 @@
+"""The coordinator service for tests: a real `tensorfleet coordinator serve` subprocess on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tensorfleet.client import CoordinatorClient
+from tests.coordinator.helpers import REPO_ROOT, tensorfleet_command
+
+
+@dataclass
+class Coordinator:
+    process: subprocess.Popen
+    port: int
+    state_dir: Path
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **kwargs) -> CoordinatorClient:
+        return CoordinatorClient(self.address, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def engine_pid(self, job_id: str) -> int | None:
+        """The pid of the job's engine process, as the service recorded it."""
+        with contextlib.closing(sqlite3.connect(self.state_dir / "coordinator.sqlite", timeout=5)) as db:
+            row = db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def start_coordinator(state_dir: Path, *args: str, env: dict | None = None, timeout: float = 60) -> Coordinator:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port_file = state_dir / "port"
+    port_file.unlink(missing_ok=True)
+    log_path = state_dir / f"service-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = tensorfleet_command(
+        "coordinator", "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+        "--state-dir", state_dir, *args,
+    )
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
+    deadline = time.monotonic() + timeout
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(10)
+            raise RuntimeError(f"coordinator did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return Coordinator(process, int(port_file.read_text()), state_dir, log_path)
+
+
+@contextlib.contextmanager
+def running_coordinator(state_dir: Path, *args: str, **kwargs):
+    coordinator = start_coordinator(state_dir, *args, **kwargs)
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop()
+
+
+def pid_gone(pid: int | None) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its dead parent's reaper) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def read_h5(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    with h5py.File(path) as f:
+        return [v.decode() for v in f["ids"][:]], f["embedding"][:], f["ok"][:]
+
+
+def assert_same_output(path: Path, reference: Path) -> None:
+    ids, values, ok = read_h5(path)
+    ref_ids, ref_values, ref_ok = read_h5(reference)
+    assert ids == ref_ids
+    assert np.array_equal(ok, ref_ok)
+    assert values.tobytes() == ref_values.tobytes()
