@@ -1,0 +1,75 @@
+"""Workload 4 (epistasis): two models over two sources, one parquet sheet per model.
+
+Each sheet is compared with the same model run in this process on the same sequences.
+Tolerance: 1e-4 absolute (float32; the server pads each batch to its own width, and the
+masked mean over a different padding length reorders the sums).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from .helpers import REPO_ROOT, run_tensorfleet, write_yaml
+
+sys.path.insert(0, str(REPO_ROOT))
+from examples.epistasis import build  # noqa: E402
+from examples.protein.inprocess import load_python_model  # noqa: E402
+
+
+def read_fasta(path) -> list[tuple[str, str]]:
+    lines = path.read_text().split()
+    return [(lines[i][1:], lines[i + 1]) for i in range(0, len(lines), 2)]
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    root = tmp_path_factory.mktemp("epistasis")
+    build.build_models(root / "models")
+    build.build_data(root / "data", singles=12, doubles=20)
+    model = {"local": {"repository": "models"}, "outputs": {"embedding": "embedding"}}
+    job = write_yaml(root / "epistasis.yaml", {
+        "name": "epistasis",
+        "sources": [{"name": "singles", "path": "data/singles.fasta"}, {"name": "doubles", "path": "data/doubles.fasta"}],
+        "models": [{"name": "embed_small", "batch_rows": 8, **model}, {"name": "embed_tiny", "batch_rows": 3, **model}],
+        "output": {"dir": "sheets"},
+        "chunking": {"chunk_rows": 10},
+    })
+    return root, job
+
+
+def test_one_sheet_per_model_with_the_same_columns_matching_in_process(example):
+    root, job = example
+    done = run_tensorfleet("run", job)
+    assert done.returncode == 0, done.stderr
+    records = {label: read_fasta(root / "data" / f"{label}.fasta") for label in ("singles", "doubles")}
+    columns = None
+    for name, dim in (("embed_small", 64), ("embed_tiny", 32)):
+        table = pq.read_table(root / "sheets" / f"{name}.parquet")
+        columns = columns or table.column_names
+        assert table.column_names == columns == ["source", "id", "embedding", "ok", "error"]
+        assert table.column("source").to_pylist() == ["singles"] * 13 + ["doubles"] * 20
+        expected_ids = [key for label in ("singles", "doubles") for key, _ in records[label]]
+        assert table.column("id").to_pylist() == expected_ids
+        served = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        assert served.shape == (33, dim)
+        model = load_python_model(root / "models" / name)
+        sequences = np.array([seq.encode() for label in ("singles", "doubles") for _, seq in records[label]], dtype=object)
+        np.testing.assert_allclose(served, model.predict({"sequence": sequences})["embedding"], atol=1e-4)
+
+
+def test_limit_is_a_smoke_test_with_its_own_sheets_and_dry_run_writes_nothing(example):
+    root, job = example
+    dry = run_tensorfleet("run", job, "--dry-run", "--job-dir", root / "dry")
+    assert dry.returncode == 0, dry.stderr
+    assert "2 models x 2 sources" in dry.stdout
+    assert "source doubles" in dry.stdout and "requests: 7 (at most 3 rows" in dry.stdout
+    assert not (root / "dry").exists()
+    limited = run_tensorfleet("run", job, "--limit", "4")
+    assert limited.returncode == 0, limited.stderr
+    for name in ("embed_small", "embed_tiny"):
+        table = pq.read_table(root / "sheets" / f"{name}.limit4.parquet")
+        assert table.column("source").to_pylist() == ["singles"] * 4 + ["doubles"] * 4
