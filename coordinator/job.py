@@ -28,6 +28,7 @@ from .fleet import FleetError, ModelInfo, inspect_fleet
 from .local_fleet import LocalFleet, LocalFleetError
 from .manifest import MANIFEST_NAME, Manifest
 from .merge import MergeError, MergeResult, merge
+from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
 from .parts import write_part
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
@@ -64,6 +65,8 @@ class RunResult:
     columns: dict[str, tuple[list[int], str]] = field(default_factory=dict)
     servers: list[str] = field(default_factory=list)
     plan_text: str = ""
+    #: Object-store URLs the output was uploaded to.
+    uploaded: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -85,6 +88,7 @@ class RunResult:
             f" on {len(self.servers)} server(s)",
             f"job folder: {self.job_dir}",
         ]
+        lines += [f"uploaded: {url}" for url in self.uploaded]
         if self.rows_failed:
             lines.append(f"failed rows: see the errors table in {self.output} ({self.job_dir / MANIFEST_NAME})")
         return "\n".join(lines)
@@ -206,6 +210,7 @@ def run_job(spec_path: Path | str, options: RunOptions) -> RunResult:
     if workflow is not None:
         return workflow(options)
     spec = load_job(spec_path, options.servers)
+    spec, remote = _localize(spec, options)
     output = final_output_path(spec, options.limit)
     job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)
     if options.limit is not None and options.limit < 1:
@@ -219,7 +224,26 @@ def run_job(spec_path: Path | str, options: RunOptions) -> RunResult:
             raise JobFatal(f"input {spec.input.path} has no rows")
         if options.dry_run:
             return _dry_run(spec, reader, options, output, job_dir)
-        return _run(spec, reader, options, output, job_dir)
+        result = _run(spec, reader, options, output, job_dir)
+    if remote is not None and result.output is not None:
+        try:
+            result.uploaded = remote.upload_all(result.output)
+        except ObjectStoreError as error:
+            raise JobFatal(f"{error}; the merged output is in {result.output}; --resume uploads it again") from None
+    return result
+
+
+def _localize(spec: JobSpec, options: RunOptions) -> tuple[JobSpec, RemoteOutput | None]:
+    """Object-store (fsspec URL) input and output: staged beside the local job folder."""
+    if not (is_url(spec.input.path) or is_url(spec.output.path)):
+        return spec, None
+    job_dir = options.job_dir or (Path(spec.job_dir) if spec.job_dir else None)
+    if job_dir is None:
+        raise JobFatal("an object-store input or output needs a local job folder: set job_dir or pass --job-dir")
+    try:
+        return localize(spec, job_dir.resolve())
+    except ObjectStoreError as error:
+        raise JobFatal(str(error)) from None
 
 
 def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
@@ -292,7 +316,7 @@ def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[
 
 def _run(
     spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
-    *, merge_output: bool = True, wrap_commit: Callable | None = None,
+    *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
 ) -> RunResult:
     """One model over one reader. Multi-stage jobs run it per stage: without the merge for the
     stages before the last, and with `wrap_commit` to carry earlier stages' failed rows along."""
@@ -348,7 +372,7 @@ def _run(
             _check_resume(manifest, settings, info)
         return _execute(
             spec, reader, options, output, job_dir, manifest, info, fields, servers,
-            merge_output=merge_output, wrap_commit=wrap_commit,
+            merge_output=merge_output, wrap_commit=wrap_commit, context=context,
         )
     except BaseException:
         if created and not planned:
@@ -371,7 +395,7 @@ def _run(
 def _execute(
     spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
     manifest: Manifest, info: ModelInfo, fields: dict[str, str], servers: list[str],
-    *, merge_output: bool = True, wrap_commit: Callable | None = None,
+    *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
 ) -> RunResult:
     chunks = manifest.chunks()
     done = manifest.done_chunks()
@@ -383,6 +407,7 @@ def _execute(
     counts = manifest.counts()
     rows = counts["rows"]
     source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
+    source.context = context  # (id, tensors): a prompt put once per stream (in-context jobs)
     dispatcher = Dispatcher(
         servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest)),
         policy=spec.policy, options=_connection(spec),

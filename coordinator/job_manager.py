@@ -23,6 +23,7 @@ import yaml
 from . import job_process
 from .job import default_job_dir, final_output_path
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
+from .objectstore import is_url
 from .spec import SpecError, parse_spec
 
 log = logging.getLogger("tensorfleet.coordinator.service")
@@ -85,9 +86,15 @@ class JobManager:
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         spec_path.write_text(spec_text)
         output = final_output_path(spec, limit)
+        job_dir = default_job_dir(spec, output)
+        if is_url(spec.output.path) or is_url(spec.input.path):
+            # Object storage: the manifest and staged files stay on local disk, under the state folder.
+            job_dir = Path(spec.job_dir) if spec.job_dir else folder / "work"
+            if is_url(spec.output.path):
+                output = spec.output.path  # type: ignore[assignment]
         record = JobRecord(
             id=job_id, position=self.store.next_position(), name=spec.name, state=QUEUED, error="", exit_code=-1,
-            spec=spec_text, spec_path=str(spec_path), job_dir=str(default_job_dir(spec, output)), output=str(output),
+            spec=spec_text, spec_path=str(spec_path), job_dir=str(job_dir), output=str(output),
             limit_rows=limit, timeout_s=timeout_s, token=spec.model.token, submitted_at=time.time(),
             started_at=None, finished_at=None, attempts=0, pid=None,
         )
