@@ -306,6 +306,8 @@ class Dispatcher:
 
         receiver = asyncio.create_task(receive())
         serial = 0
+        for request in self.source.preamble():  # e.g. the job's prompt, once per stream
+            await call.write(request)
         try:
             while True:
                 server.wake.clear()

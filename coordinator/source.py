@@ -15,6 +15,8 @@ from tensorfleet.protos import inference_pb2 as pb
 from .readers import FieldInfo, Reader
 
 EXCLUSIVE = "tensorfleet.exclusive"
+CONTEXT = "tensorfleet.context"
+CONTEXT_PUT = "tensorfleet.context_put"
 
 
 class FieldMappingError(Exception):
@@ -73,6 +75,8 @@ class RequestSource:
         self.datatypes = datatypes
         self.model = model
         self.version = version
+        #: A stored context (prompt): (id, tensors), put once per stream, referenced by every request.
+        self.context: tuple[str, dict[str, np.ndarray]] | None = None
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         out = {}
@@ -85,10 +89,23 @@ class RequestSource:
         return out
 
     def request(self, request_id: str, start: int, stop: int) -> pb.ModelInferRequest:
+        parameters: dict = {EXCLUSIVE: True}
+        if self.context is not None:
+            parameters[CONTEXT] = self.context[0]
         return build_infer_request(
-            self.model, self.inputs(start, stop), request_id=request_id, parameters={EXCLUSIVE: True},
+            self.model, self.inputs(start, stop), request_id=request_id, parameters=parameters,
             version=self.version,
         )
+
+    def preamble(self) -> list[pb.ModelInferRequest]:
+        """Requests every new stream sends first: the context put, when the job has a context."""
+        if self.context is None:
+            return []
+        context_id, tensors = self.context
+        return [build_infer_request(
+            self.model, tensors, request_id=f"context:{context_id}", parameters={CONTEXT_PUT: context_id},
+            version=self.version,
+        )]
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         return self.reader.ids(start, stop)

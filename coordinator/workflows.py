@@ -1,4 +1,5 @@
-"""Job files beyond one model over one input: `stages:` (a pipeline) or `models:` + `sources:` (a sweep).
+"""Job files beyond one model over one input: `stages:` (a pipeline), `models:` + `sources:` (a
+sweep) or `prompt:` (an in-context job).
 
 `tensorfleet run` reads the file once here; a plain job file goes on to the ordinary run.
 """
@@ -23,7 +24,7 @@ def load_workflow(path: Path | str) -> Callable | None:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         return None
-    if not isinstance(raw, dict) or not ("stages" in raw or "models" in raw):
+    if not isinstance(raw, dict) or not ({"stages", "models", "prompt"} & set(raw)):
         return None
     from .job import JobFatal
 
@@ -34,6 +35,11 @@ def load_workflow(path: Path | str) -> Callable | None:
 
             spec = PipelineSpec.model_validate(raw).resolved(base)
             return lambda options: run_pipeline(spec, options)
+        if "prompt" in raw:
+            from .incontext import InContextSpec, run_incontext
+
+            job = InContextSpec.model_validate(raw).resolved(base)
+            return lambda options: run_incontext(job, options)
         from .sweep import SweepSpec, run_sweep
 
         sweep = SweepSpec.model_validate(raw).resolved(base)

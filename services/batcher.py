@@ -152,7 +152,8 @@ class DynamicBatcher:
             return [oldest]
         chosen = [oldest]
         rows, longest = oldest.request.rows, self._bucket(oldest.request)
-        candidates = [p for p in self._queue if not p.request.exclusive]
+        # never merge requests that use different stored contexts
+        candidates = [p for p in self._queue if not p.request.exclusive and p.request.context == oldest.request.context]
         if self.policy.token_budget:
             # group by length: nearest length bucket first, then arrival order
             candidates.sort(key=lambda p: abs(self._bucket(p.request) - longest))
@@ -233,18 +234,20 @@ class DynamicBatcher:
         t0 = time.monotonic_ns()
         merged = assembly.merge()
         t1 = time.monotonic_ns()
-        outputs = self._predict_halving(merged, assembly.rows)
+        outputs = self._predict_halving(merged, assembly.rows, requests[0].context_inputs)
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
         self.stats.record_io(t1 - t0, t3 - t2)
         return split
 
-    def _predict_halving(self, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
-        """Out of memory: run the two halves separately and join them, down to one row."""
+    def _predict_halving(self, inputs: dict[str, np.ndarray], rows: int, context: dict | None = None) -> Outputs:
+        """Out of memory: run the two halves separately and join them, down to one row.
+
+        `context` (a stored prompt) goes whole with every half: it is not rows of this batch."""
         started = time.monotonic_ns()
         try:
-            outputs = self._predict(inputs)
+            outputs = self._predict({**inputs, **context} if context else inputs)
             self.stats.record_execution(rows, time.monotonic_ns() - started)
             return outputs
         except Exception as error:
@@ -256,8 +259,8 @@ class DynamicBatcher:
                 ) from error
             half = rows // 2
             log.warning("model %s: out of memory at %d rows; halving", self.config.name, rows)
-        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half)
-        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half)
+        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half, context)
+        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half, context)
         return {name: _join(first[name], second[name]) for name in first}
 
     def _model_error(self, error: Exception) -> TensorfleetError:

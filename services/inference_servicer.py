@@ -20,6 +20,7 @@ from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import model_config_pb2 as mc
 
+from .contexts import ContextStore, context_ids, decode_context
 from .model_config import ModelConfig
 from .model_runtime import ModelRuntime
 from .repository import ModelState
@@ -28,7 +29,9 @@ from .validation import decode_request
 log = logging.getLogger("tensorfleet.inference")
 
 SERVER_NAME = "tensorfleet"
-EXTENSIONS = ["model_repository", "statistics", "model_configuration", "tensorfleet_exclusive_batch"]
+EXTENSIONS = [
+    "model_repository", "statistics", "model_configuration", "tensorfleet_exclusive_batch", "tensorfleet_context",
+]
 
 
 def encode_response(
@@ -61,6 +64,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
         self.repository = runtime.repository
+        self.contexts = ContextStore(registry=getattr(runtime.metrics, "registry", None))
 
     # --- health and metadata -----------------------------------------------------
     async def ServerLive(self, request, context):
@@ -137,7 +141,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             served = self.runtime.served(name, request.model_version)
             config = served.entry.config
             assert config is not None
+            put, use = context_ids(request)
+            if put:  # store the prompt; answer with no outputs
+                self.contexts.put(config.name, put, decode_context(request, config))
+                code = None
+                return encode_response(request, config, {})
             decoded = decode_request(request, config)
+            if use:
+                decoded.context, decoded.context_inputs = use, self.contexts.get(config.name, use)
             outputs = await served.batcher.submit(decoded)
             response = encode_response(request, config, outputs)
             code = None

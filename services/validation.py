@@ -29,6 +29,9 @@ class DecodedRequest:
     length: int = 0  # longest ragged dimension or BYTES element, for token budgets
     exclusive: bool = False
     requested_outputs: list[str] = field(default_factory=list)
+    #: A stored context (services/contexts.py): its id, and the tensors added before predict.
+    context: str = ""
+    context_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _shape_matches(spec_shape: list[int], shape: list[int]) -> bool:
