@@ -151,7 +151,10 @@ def example_problems(base: list[dict[str, Any]], example: list[dict[str, Any]]) 
     spec = parse_spec(yaml.safe_load(configmap["data"][filename]), "example job")
     headless = {r["metadata"]["name"]: r for r in base if r["kind"] == "Service" and r["spec"].get("clusterIP") == "None"}
     for server in spec.model.servers:
-        name, _, server_port = server.rpartition(":")
+        if not server.startswith("dns:"):
+            problems.append(f"model.servers {server} is one address; use dns:NAME:PORT to follow every pod")
+            continue
+        name, _, server_port = server.removeprefix("dns:").rpartition(":")
         if name not in headless or int(server_port) not in [p["port"] for p in headless[name]["spec"]["ports"]]:
             problems.append(f"model.servers {server} is not the headless servers' Service and port")
     return problems
