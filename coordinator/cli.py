@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     from .slurm import add_subcommand as add_slurm
 
     add_slurm(sub)
+    from .top import add_subcommand as add_top
+
+    add_top(sub)
     from .service_cli import add_subcommands as add_service_commands
     from .service_cli import apply_environment
 
