@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", default="1,4", help="concurrent streams, comma-separated")
     parser.add_argument("--window", type=int, default=2, help="messages in flight per stream")
     parser.add_argument(
-        "--mb-per-case", type=int, default=512, help="MB each side sends per case and round"
+        "--mb-per-case", type=int, default=256, help="MB each side sends per case and round"
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
