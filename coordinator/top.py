@@ -328,7 +328,8 @@ def render(snapshot: Snapshot, interval: float | None = None) -> str:
     server_rows = []
     for server in snapshot.servers:
         if not server["reachable"]:
-            server_rows.append([server["address"], "unreachable", server["error"], "", "", "", ""])
+            error = server["error"] if len(server["error"]) <= 48 else server["error"][:45] + "..."
+            server_rows.append([server["address"], "unreachable", error, "", "", "", ""])
             continue
         models = server["models"] or [{"name": "-", "state": "", "queue_depth": 0, "rows_per_second": None}]
         for i, model in enumerate(models):
