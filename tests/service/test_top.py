@@ -187,3 +187,69 @@ def test_nvml_figures_attach_only_to_a_local_server_on_that_gpu():
     assert _gpu_of({**local, "address": "192.0.2.1:8001"}, [gpu]) is None  # same pid number, other host
     assert is_local("127.0.0.1:1") and is_local("localhost:8001") and not is_local("192.0.2.1:8001")
 
+
+
+FAKE_PYNVML = '''
+"""Stands in for nvidia-ml-py's pynvml: one GPU running the process named by FAKE_GPU_PID."""
+import os
+
+
+class NVMLError(Exception):
+    pass
+
+
+class _Record:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def nvmlInit():
+    pass
+
+
+def nvmlShutdown():
+    pass
+
+
+def nvmlDeviceGetCount():
+    return 1
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    return index
+
+
+def nvmlDeviceGetName(handle):
+    return b"Fake GPU"
+
+
+def nvmlDeviceGetUtilizationRates(handle):
+    return _Record(gpu=42, memory=7)
+
+
+def nvmlDeviceGetMemoryInfo(handle):
+    return _Record(used=3 << 30, total=16 << 30, free=13 << 30)
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle):
+    return [_Record(pid=int(os.environ["FAKE_GPU_PID"]), usedGpuMemory=1 << 30)]
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle):
+    raise NVMLError("Not Supported")
+'''
+
+
+def test_gpus_come_from_pynvml_when_it_is_importable(tmp_path, model_servers):
+    first, _ = model_servers
+    (tmp_path / "pynvml.py").write_text(FAKE_PYNVML)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAKE_GPU_PID": str(first.pid)}
+    result = run_tensorfleet("top", "--once", "--json", "--servers", first.address, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert snapshot["gpus"] == [{"index": 0, "name": "Fake GPU", "utilization": 42, "memory_used": 3 << 30,
+                                 "memory_total": 16 << 30, "pids": [first.pid]}]
+    assert snapshot["servers"][0]["gpu"] is None  # its pid is on the GPU, but it serves on the CPU
+    text = run_tensorfleet("top", "--once", "--servers", first.address, env=env, timeout=60).stdout
+    assert any(line.split()[:3] == ["0", "Fake", "GPU"] and "42%" in line and "3.0/16.0 GiB" in line
+               for line in text.splitlines())
