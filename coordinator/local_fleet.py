@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,50 @@ def device_for(device: str, index: int) -> str:
     return device
 
 
+def visible_gpus(timeout: float = 120.0) -> int:
+    """GPUs a server started now would see: torch's count in a subprocess, else nvidia-smi.
+
+    A subprocess, because the coordinator itself never imports torch or the server; it
+    honours CUDA_VISIBLE_DEVICES the same way the servers will.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    probe = [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=timeout, check=True)
+        return int(done.stdout.strip().splitlines()[-1])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True)
+        found = sum(line.startswith("GPU ") for line in done.stdout.splitlines())
+        return min(found, len(visible.split(","))) if visible else found
+    return 0
+
+
+def resolve_count(count: int | str, device: str, gpus: Callable[[], int] = visible_gpus) -> tuple[int, str]:
+    """`count: auto` -> one server per visible GPU from cuda:N on (1 on the CPU); `device: auto` -> cuda or cpu."""
+    found: int | None = None
+    if device == "auto":
+        found = gpus()
+        device = "cuda:0" if found else "cpu"
+    if count != "auto":
+        return int(count), device
+    if not device.startswith("cuda"):
+        return 1, device
+    found = gpus() if found is None else found
+    base = int(device.partition(":")[2] or 0)
+    if found <= base:
+        raise LocalFleetError(
+            f"model.local.count is 'auto' on {device}, but {found} GPU(s) are visible; "
+            "set a count, or device cpu"
+        )
+    return found - base, device
+
+
 class LocalFleet:
     """Starts `count` servers for one model and stops them, by pid, when the job ends."""
 
-    def __init__(self, repository: Path, model: str, count: int, device: str, workdir: Path, args: list[str]) -> None:
+    def __init__(self, repository: Path, model: str, count: int | str, device: str, workdir: Path, args: list[str]) -> None:
         self.repository = repository
         self.model = model
         self.count = count
@@ -84,6 +125,7 @@ class LocalFleet:
 
     def start(self, timeout: float) -> list[str]:
         self.check()
+        self.count, self.device = resolve_count(self.count, self.device)
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for index in range(self.count):

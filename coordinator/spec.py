@@ -69,10 +69,23 @@ class LocalFleetSpec(_Strict):
     """Servers the coordinator starts itself, as subprocesses, and stops when the job ends."""
 
     repository: str = Field(description="Model repository folder.")
-    count: int = Field(default=1, ge=1, le=64, description="How many servers to start.")
-    device: str = Field(default="cpu", description="'cpu' or 'cuda:N'; cuda:N..N+count-1 are used.")
+    count: int | Literal["auto"] = Field(
+        default=1, description="How many servers to start (1-64), or 'auto': one per visible GPU "
+        "from device cuda:N on (as a torch.distributed world size would be), 1 on the CPU.",
+    )
+    device: str = Field(
+        default="cpu", description="'cpu', 'cuda:N' (cuda:N..N+count-1 are used) or 'auto' (cuda when a GPU "
+        "is visible, else cpu).",
+    )
     args: list[str] = Field(default_factory=list, description="Extra server command-line arguments.")
     startup_timeout_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("count")
+    @classmethod
+    def _count_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError(f"count {value}: start 1 to 64 servers, or write 'auto'")
+        return value
 
 
 class ModelSpec(_Strict):
@@ -118,6 +131,12 @@ class OutputSpec(_Strict):
     compression: Literal["gzip", "lzf", "zstd", "snappy"] | None = None
     row_group_size: int = Field(default=65536, ge=1, description="parquet rows per row group.")
     h5ad_slot: Literal["obsm", "layers"] = "obsm"
+    ragged: dict[str, str] = Field(
+        default_factory=dict,
+        description="model output -> model output holding each row's length: the first output's rows "
+        "differ in length along their first axis (e.g. per-residue vectors). HDF5 only: stored flat, "
+        "[total, ...], with '<name>_offsets' [rows + 1] (row i is values[offsets[i]:offsets[i+1]]).",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> OutputSpec:
@@ -131,6 +150,8 @@ class OutputSpec(_Strict):
             self.format = found  # type: ignore[assignment]
         if self.compression in ("zstd", "snappy") and self.format != "parquet":
             raise ValueError(f"compression '{self.compression}' is for parquet; HDF5 takes gzip or lzf")
+        if self.ragged and self.format != "hdf5":
+            raise ValueError(f"ragged outputs {sorted(self.ragged)} are stored in HDF5 only; use an .h5 output")
         if self.compression == "lzf" and self.format == "parquet":
             raise ValueError("parquet takes compression gzip, zstd or snappy")
         return self
