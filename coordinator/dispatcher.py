@@ -110,6 +110,19 @@ class ServerState:
         return {"address": self.address, "alive": self.alive, "rows": self.rows, "last_error": self.last_error}
 
 
+def stack_rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate replies along rows; ragged outputs (replies of different widths) are zero-padded
+    to the widest, and `output.ragged` lengths say which entries are real."""
+    widest = tuple(max(sizes) for sizes in zip(*(a.shape[1:] for a in arrays), strict=True)) if arrays else ()
+    if all(a.shape[1:] == widest for a in arrays):
+        return np.concatenate(arrays)
+    padded = []
+    for array in arrays:
+        pad = [(0, 0)] + [(0, want - have) for want, have in zip(widest, array.shape[1:], strict=True)]
+        padded.append(np.pad(array, pad))
+    return np.concatenate(padded)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -388,7 +401,7 @@ class Dispatcher:
             ok[row - chunk.start] = False
         pieces = [outputs for _, (_, outputs) in sorted(work.results.items())]
         names = sorted({name for piece in pieces for name in piece})
-        outputs = {name: np.concatenate([piece[name] for piece in pieces]) for name in names}
+        outputs = {name: stack_rows([piece[name] for piece in pieces]) for name in names}
         assert work.ids is not None
         errors = [
             RowError(row, str(work.ids[row - chunk.start]), code, message)

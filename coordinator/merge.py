@@ -19,7 +19,7 @@ from .manifest import Manifest
 from .parts import Part, fsync_dir
 from .planner import Chunk
 from .spec import InputSpec, OutputSpec
-from .writers import Column, WriteContext, open_writer
+from .writers import Column, Ragged, WriteContext, open_writer
 from .writers.base import writer_class
 
 
@@ -59,6 +59,14 @@ def _columns(
         for name, (datatype, shape) in declared.items():
             found[name] = (NUMPY_DTYPES.get(datatype, np.dtype("<f4")), tuple(max(d, 0) for d in shape))
     wanted = output.tensors or {name: name for name in sorted(found)}
+    for source, lengths in output.ragged.items():
+        if source not in wanted or lengths not in found:
+            raise MergeError(
+                f"output.ragged maps '{source}' -> '{lengths}'; both must be model outputs (it returns: "
+                f"{sorted(found)}) and '{source}' must be stored (output.tensors)"
+            )
+        if len(found[source][1]) < 1 or found[lengths][0].kind not in "iu":
+            raise MergeError(f"output.ragged: '{source}' needs a length axis and '{lengths}' integer lengths")
     columns = []
     for source, stored in wanted.items():
         if source not in found:
@@ -66,8 +74,24 @@ def _columns(
         dtype, shape = found[source]
         if output.dtype and dtype.kind == "f":
             dtype = np.dtype(output.dtype)
-        columns.append(Column(stored, source, dtype, shape))
+        lengths = output.ragged.get(source)
+        columns.append(Column(stored, source, dtype, shape[1:] if lengths else shape, lengths))
     return columns
+
+
+def _ragged(values: np.ndarray, lengths: np.ndarray, ok: np.ndarray, column: Column, chunk: Chunk) -> Ragged:
+    """One chunk of a ragged output: padded [ok rows, width, ...] -> entries back to back, in row order."""
+    lengths = np.asarray(lengths).reshape(len(values), -1)[:, 0].astype(np.int64)
+    width = values.shape[1] if values.ndim > 1 else 0
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > width):
+        raise MergeError(
+            f"chunk {chunk.index}: '{column.lengths_from}' holds lengths outside 0..{width}, the width of "
+            f"'{column.source}'; check output.ragged"
+        )
+    keep = np.arange(width)[None, :] < lengths[:, None]
+    full = np.zeros(chunk.rows, dtype=np.int64)
+    full[ok] = lengths
+    return Ragged(np.asarray(values[keep], dtype=column.dtype), full)
 
 
 def merge(
@@ -117,6 +141,9 @@ def merge(
                 arrays = {}
                 for column in columns:
                     values = part.array(column.source)
+                    if column.lengths_from:
+                        arrays[column.name] = _ragged(values, part.array(column.lengths_from), ok, column, chunk)
+                        continue
                     full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
                     if column.dtype.kind == "f":
                         full[~ok] = np.nan

@@ -27,10 +27,21 @@ class Column:
     source: str
     dtype: np.dtype
     row_shape: tuple[int, ...]
+    #: For a ragged output (`output.ragged`): the model output holding each row's length. Its
+    #: row_shape is then one entry's shape, and `write` gets a `Ragged` for it.
+    lengths_from: str | None = None
 
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize if self.row_shape else self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """A ragged column's rows for one write: entries of all rows back to back, and each row's count."""
+
+    values: np.ndarray
+    lengths: np.ndarray
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""HDF5: one chunked dataset per output, plus ids, ok, error, an errors group and provenance attributes."""
+"""HDF5: one chunked dataset per output, plus ids, ok, error, an errors group and provenance attributes.
+
+A ragged output (`output.ragged`) is one flat dataset NAME [total entries, ...] holding every
+row's entries back to back in input order, plus NAME_offsets int64 [rows + 1]: row i is
+NAME[offsets[i]:offsets[i + 1]] (empty for a failed row).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .base import WriteContext, Writer, register, rows_per_chunk
+from .base import Ragged, WriteContext, Writer, register, rows_per_chunk
 
 STRING = h5py.string_dtype("utf-8")
 
@@ -43,7 +48,11 @@ class Hdf5Writer(Writer):
         compression = context.spec.compression
         id_chunks = (max(1, min(rows, 65536)),)
         self._file.create_dataset("ids", shape=(rows,), dtype=STRING, chunks=id_chunks if rows else None)
+        self._filled: dict[str, int] = {}
         for column in context.columns:
+            if column.lengths_from:
+                self._ragged_dataset(column)
+                continue
             chunk_rows = min(max(rows, 1), rows_per_chunk(column.row_bytes))
             self._file.create_dataset(
                 column.name,
@@ -56,10 +65,31 @@ class Hdf5Writer(Writer):
         self._file.create_dataset("ok", shape=(rows,), dtype=bool, chunks=id_chunks if rows else None)
         self._file.create_dataset("error", shape=(rows,), dtype=STRING, chunks=id_chunks if rows else None)
 
+    def _ragged_dataset(self, column) -> None:
+        dataset = self._file.create_dataset(
+            column.name, shape=(0, *column.row_shape), maxshape=(None, *column.row_shape), dtype=column.dtype,
+            chunks=(rows_per_chunk(column.row_bytes), *column.row_shape), compression=self.context.spec.compression,
+            track_times=False,
+        )
+        dataset.attrs["offsets"] = f"{column.name}_offsets"
+        dataset.attrs["lengths_from"] = column.lengths_from
+        offsets = self._file.create_dataset(f"{column.name}_offsets", shape=(self.context.rows + 1,), dtype=np.int64)
+        offsets[0] = 0
+        self._filled[column.name] = 0
+
     def write(self, start, ids, arrays, ok, error) -> None:
         stop = start + len(ids)
         self._file["ids"][start:stop] = ids
         for name, values in arrays.items():
+            if isinstance(values, Ragged):
+                filled = self._filled[name]
+                dataset = self._file[name]
+                if len(values.values):
+                    dataset.resize(filled + len(values.values), axis=0)
+                    dataset[filled:] = values.values
+                self._file[f"{name}_offsets"][start + 1 : stop + 1] = filled + np.cumsum(values.lengths)
+                self._filled[name] = filled + len(values.values)
+                continue
             self._file[name][start:stop] = values
         self._file["ok"][start:stop] = ok
         self._file["error"][start:stop] = error
