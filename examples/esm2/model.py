@@ -67,7 +67,7 @@ def check_lengths(items: list[bytes], max_length: int, policy: str) -> np.ndarra
         over = np.flatnonzero(lengths > max_length)
         if over.size:
             raise InvalidArgument(
-                f"input 'sequence': row {int(over[0])} has {int(lengths[over[0]])} residues, over the "
+                f"input 'sequence': row {int(over[0])} of the request has {int(lengths[over[0]])} residues, over the "
                 f"model's max_length {max_length} (parameters.over_length is 'error')"
             )
     return np.minimum(lengths, max_length)
