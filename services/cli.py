@@ -59,13 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     if args.threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-        try:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        except ImportError:
-            pass
+        # Frameworks read these at import: no need to import torch for models that never use it.
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = str(args.threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(args.threads)
     try:
         options = ServerOptions(
             model_repository=args.model_repository,

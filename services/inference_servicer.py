@@ -35,9 +35,16 @@ EXTENSIONS = [
 
 
 def encode_response(
-    request: pb.ModelInferRequest, config: ModelConfig, outputs: dict[str, np.ndarray]
+    request: pb.ModelInferRequest,
+    config: ModelConfig,
+    outputs: dict[str, np.ndarray],
+    response: pb.ModelInferResponse | None = None,
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=config.name, model_version=config.version, id=request.id)
+    """Fill `response` (a fresh one by default) in place: wrapping a finished message in
+    another one later would copy every output buffer again."""
+    if response is None:
+        response = pb.ModelInferResponse()
+    response.model_name, response.model_version, response.id = config.name, config.version, request.id
     for spec in config.outputs:
         if spec.name not in outputs:
             continue
@@ -131,8 +138,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference -------------------------------------------------------------
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Validate, batch, run, encode: the whole path of one request."""
+    async def infer(
+        self, request: pb.ModelInferRequest, response: pb.ModelInferResponse | None = None
+    ) -> pb.ModelInferResponse:
+        """Validate, batch, run, encode (into `response` when given): the whole path of one request."""
         name = request.model_name
         code: str | None = "UNKNOWN"
         try:
@@ -145,14 +154,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if put:  # store the prompt; answer with no outputs
                 self.contexts.put(config.name, put, decode_context(request, config))
                 code = None
-                return encode_response(request, config, {})
+                return encode_response(request, config, {}, response)
             decoded = decode_request(request, config)
             if use:
                 decoded.context, decoded.context_inputs = use, self.contexts.get(config.name, use)
             outputs = await served.batcher.submit(decoded)
-            response = encode_response(request, config, outputs)
+            encoded = encode_response(request, config, outputs, response)
             code = None
-            return response
+            return encoded
         except TensorfleetError as error:
             code = error.code.name
             raise
@@ -171,7 +180,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+                reply = pb.ModelStreamInferResponse()
+                await self.infer(request, reply.infer_response)
             except TensorfleetError as error:
                 reply = stream_error_reply(request, error)
             except Exception as error:  # a bug must not end the stream for everyone
