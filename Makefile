@@ -39,9 +39,10 @@ lint: install
 protos: install
 	$(BIN)/python -m tensorfleet.protos.generate
 
+# Each prints one JSON line with its ratio against a baseline measured in the same run.
+BENCHES := serve_overhead coordinator end_to_end transport batching scale warm_start
 bench: models
-	$(BIN)/python -m bench.serve_overhead
-	$(BIN)/python -m bench.coordinator
+	for name in $(BENCHES); do $(BIN)/python -m bench.$$name || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info jobs out
