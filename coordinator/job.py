@@ -29,14 +29,12 @@ from .local_fleet import LocalFleet, LocalFleetError
 from .manifest import MANIFEST_NAME, Manifest
 from .merge import MergeError, MergeResult, merge
 from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
-from .parts import write_part
+from .part_store import PARTS_DIR, missing_parts, part_name, store_part
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
 from .readers import InputError, Reader, open_reader
 from .source import FieldMappingError, RequestSource, resolve_fields
 from .spec import JobSpec, SpecError, load_spec
-
-PARTS_DIR = "parts"
 
 
 class JobFatal(Exception):
@@ -190,13 +188,14 @@ def _check_resume(manifest: Manifest, plan_settings: dict, info: ModelInfo) -> N
         )
 
 
-def _committer(job_dir: Path, manifest: Manifest):
-    parts = job_dir / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
+def _committer(job_dir: Path, manifest: Manifest, parts_url: str | None = None):
+    """Part first (complete: local rename, or a closed upload), then its manifest row."""
+    if parts_url is None:
+        (job_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
 
     def commit(done: CompletedChunk) -> None:
-        name = f"{PARTS_DIR}/chunk-{done.chunk.index:07d}.part"
-        write_part(job_dir / name, arrays={**done.outputs, "ok": done.ok}, strings={"ids": done.ids})
+        name = part_name(done.chunk.index, parts_url)
+        store_part(job_dir, name, arrays={**done.outputs, "ok": done.ok}, strings={"ids": done.ids})
         manifest.note_server(done.server)
         manifest.commit_chunk(done.chunk.index, name, done.errors, done.server)
 
@@ -399,17 +398,24 @@ def _execute(
 ) -> RunResult:
     chunks = manifest.chunks()
     done = manifest.done_chunks()
-    for index in sorted(done):
-        part = manifest.part_of(index)
-        if part is None or not (job_dir / part).is_file():
-            raise JobFatal(f"chunk {index} is marked done but its part file {part} is missing; run with --restart")
+    names = {index: manifest.part_of(index) for index in done}
+    try:
+        gone = [i for i, name in names.items() if name is None] + missing_parts(
+            job_dir, {i: name for i, name in names.items() if name is not None}
+        )
+    except ObjectStoreError as error:
+        raise JobFatal(str(error)) from None
+    if gone:
+        index = min(gone)
+        raise JobFatal(f"chunk {index} is marked done but its part file {names[index]} is missing; run with --restart")
+    parts_url = spec.output.parts if merge_output else None
     pending = [chunk for chunk in chunks if chunk.index not in done]
     counts = manifest.counts()
     rows = counts["rows"]
     source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
     source.context = context  # (id, tensors): a prompt put once per stream (in-context jobs)
     dispatcher = Dispatcher(
-        servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest)),
+        servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest, parts_url)),
         policy=spec.policy, options=_connection(spec),
         on_lease=manifest.note_lease,
     )
@@ -463,7 +469,7 @@ def _execute(
             ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
             provenance=provenance, limit=options.limit, final_path=output, declared_outputs=declared,
         )
-    except (MergeError, ValueError, OSError) as error:
+    except (MergeError, ObjectStoreError, ValueError, OSError) as error:
         progress.close("failed")
         raise JobFatal(f"merge failed: {error}") from None
     progress.close("done" if not result.rows_failed else "done_with_errors")

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest
-from .parts import Part, fsync_dir
+from .part_store import open_part
+from .parts import fsync_dir
 from .planner import Chunk
 from .spec import InputSpec, OutputSpec
 from .writers import Column, Ragged, WriteContext, open_writer
@@ -46,7 +47,7 @@ def _columns(
     """Stored columns: names from the spec, dtype and row shape from the first part with rows."""
     found: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
     for chunk in chunks:
-        with Part(job_dir / manifest.part_of(chunk.index), verify=False) as part:
+        with open_part(job_dir, manifest.part_of(chunk.index), verify=False) as part:
             if part.array("ok").any():
                 for name in part.names:
                     if name != "ok":
@@ -130,7 +131,7 @@ def merge(
     error_by_row = {e.row: f"{e.code}: {e.message}" for e in errors}
     try:
         for chunk in chunks:
-            with Part(job_dir / manifest.part_of(chunk.index)) as part:
+            with open_part(job_dir, manifest.part_of(chunk.index)) as part:
                 ids = part.strings("ids")
                 ok = np.array(part.array("ok"), dtype=bool)
                 if len(ids) != chunk.rows or len(ok) != chunk.rows:

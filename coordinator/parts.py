@@ -38,8 +38,8 @@ def _encode_strings(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> None:
-    """Write numeric `arrays` and str `strings` to `path` atomically and durably."""
+def encode_part(arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> list[memoryview | bytes]:
+    """The part file's bytes as pieces (header, padding, raw buffers), to write in order."""
     flat: dict[str, np.ndarray] = {}
     for name, values in strings.items():
         flat[f"{name}.utf8"], flat[f"{name}.offsets"] = _encode_strings(values)
@@ -57,15 +57,22 @@ def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.
         {"arrays": entries, "strings": sorted(strings), "digest": digest.hexdigest(), "size": offset}
     ).encode()
     start = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+    pieces: list[memoryview | bytes] = [MAGIC + len(header).to_bytes(8, "little") + header]
+    position = len(MAGIC) + 8 + len(header)
+    for entry, values in zip(entries, flat.values(), strict=True):
+        target = start + entry["offset"]
+        pieces.append(b"\0" * (target - position))
+        pieces.append(memoryview(values).cast("B"))
+        position = target + values.nbytes
+    return pieces
+
+
+def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> None:
+    """Write numeric `arrays` and str `strings` to `path` atomically and durably."""
     temp = path.with_name(path.name + ".tmp")
     with open(temp, "wb") as handle:
-        handle.write(MAGIC + len(header).to_bytes(8, "little") + header)
-        position = len(MAGIC) + 8 + len(header)
-        for entry, values in zip(entries, flat.values(), strict=True):
-            target = start + entry["offset"]
-            handle.write(b"\0" * (target - position))
-            handle.write(memoryview(values).cast("B"))
-            position = target + values.nbytes
+        for piece in encode_part(arrays, strings):
+            handle.write(piece)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
@@ -73,15 +80,22 @@ def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.
 
 
 class Part:
-    """A part file opened read-only through mmap; arrays are views into it."""
+    """A part file opened read-only through mmap (or held in memory, for one read from an object
+    store: pass its bytes as `data`); arrays are views into it."""
 
-    def __init__(self, path: Path, verify: bool = True) -> None:
+    def __init__(self, path: Path | str, verify: bool = True, data: bytes | None = None) -> None:
         self.path = path
-        with open(path, "rb") as handle:
-            try:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:
-                raise CorruptPart(f"{path} is empty") from None
+        self._map: mmap.mmap | bytes
+        if data is not None:
+            if not data:
+                raise CorruptPart(f"{path} is empty")
+            self._map = data
+        else:
+            with open(path, "rb") as handle:
+                try:
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                except ValueError:
+                    raise CorruptPart(f"{path} is empty") from None
         if self._map[: len(MAGIC)] != MAGIC:
             raise CorruptPart(f"{path} is not a tensorfleet part file")
         size = int.from_bytes(self._map[len(MAGIC) : len(MAGIC) + 8], "little")
@@ -126,6 +140,8 @@ class Part:
         return out
 
     def close(self) -> None:
+        if isinstance(self._map, bytes):
+            return
         try:
             self._map.close()
         except BufferError:  # an array view still points into the map; it closes when that goes

@@ -137,6 +137,11 @@ class OutputSpec(_Strict):
         "differ in length along their first axis (e.g. per-residue vectors). HDF5 only: stored flat, "
         "[total, ...], with '<name>_offsets' [rows + 1] (row i is values[offsets[i]:offsets[i+1]]).",
     )
+    parts: str | None = Field(
+        default=None,
+        description="fsspec URL of a folder (e.g. s3://bucket/jobs/name/parts) for this job's part files; "
+        "one folder per job. Unset: parts stay in the local job folder. The manifest stays local.",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> OutputSpec:
@@ -152,6 +157,11 @@ class OutputSpec(_Strict):
             raise ValueError(f"compression '{self.compression}' is for parquet; HDF5 takes gzip or lzf")
         if self.ragged and self.format != "hdf5":
             raise ValueError(f"ragged outputs {sorted(self.ragged)} are stored in HDF5 only; use an .h5 output")
+        if self.parts is not None and ("://" not in self.parts or self.parts.startswith("file://")):
+            raise ValueError(
+                f"output.parts '{self.parts}' must be an object-store URL (s3://bucket/prefix, gs://...); "
+                "leave it unset to keep parts in the local job folder"
+            )
         if self.compression == "lzf" and self.format == "parquet":
             raise ValueError("parquet takes compression gzip, zstd or snappy")
         return self
