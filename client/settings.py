@@ -20,3 +20,17 @@ def channel_options(max_message_bytes: int | None = None) -> list[tuple[str, int
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def server_options(max_message_bytes: int | None = None) -> list[tuple[str, int]]:
+    """Server options: the channel's, plus acceptance of the clients' keepalive pings.
+
+    Clients ping every 30 s while a call waits; with gRPC's server defaults (5 min between
+    pings, 2 strikes) a request that computes for over 2 minutes would be cut off with
+    'Too many pings'.
+    """
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]

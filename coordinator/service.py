@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
-from tensorfleet.client.settings import channel_options
+from tensorfleet.client.settings import server_options
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
@@ -196,7 +196,7 @@ class CoordinatorService:
         self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs)
         self.health = HealthServicer()
         interceptors = [TokenAuthInterceptor(options.token)] if options.token else []
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=channel_options())
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=server_options())
         tf_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.manager, options), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

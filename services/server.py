@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tensorfleet.client.settings import channel_options
+from tensorfleet.client.settings import server_options
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
@@ -72,7 +72,7 @@ class ModelServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
         if options.token:
             interceptors.insert(0, TokenAuthInterceptor(options.token))
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=channel_options())
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=server_options())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
         tf_grpc.add_ServerControlServicer_to_server(ControlServicer(self.runtime, self.drain), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
