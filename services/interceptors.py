@@ -56,9 +56,9 @@ def _guarded(behaviour: Callable, guard: Guard | None) -> Callable:
                     await guard(request_or_iterator, context)
                 async for item in behaviour(request_or_iterator, context):
                     yield item
-            except (TensorfleetError, Exception) as error:
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
                 await _fail(context, error)
 
         return stream
