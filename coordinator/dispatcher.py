@@ -338,7 +338,9 @@ class Dispatcher:
                         work, start, stop = item
                         serial += 1
                         request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
-                        request = await loop.run_in_executor(self._reader, self.source.request, request_id, start, stop)
+                        request = await loop.run_in_executor(
+                            self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
+                        )
                         inflight[request_id] = (work, start, stop, time.monotonic())
                         server.requests += 1
                         await call.write(request)
@@ -397,15 +399,21 @@ class Dispatcher:
         work.handed_off = True
         chunk = work.chunk
         ok = np.ones(chunk.rows, dtype=bool)
-        for row in work.errors:
+        failed = {chunk.row_of(position): error for position, error in work.errors.items()}
+        for row in failed:
             ok[row - chunk.start] = False
-        pieces = [outputs for _, (_, outputs) in sorted(work.results.items())]
+        ranges = sorted(work.results.items())
+        pieces = [outputs for _, (_, outputs) in ranges]
         names = sorted({name for piece in pieces for name in piece})
         outputs = {name: stack_rows([piece[name] for piece in pieces]) for name in names}
+        if chunk.order and ranges:  # back from length order to input order
+            positions = np.concatenate([np.arange(start, stop) for start, (stop, _) in ranges])
+            into_input_order = np.argsort(np.asarray(chunk.order)[positions - chunk.start])
+            outputs = {name: value[into_input_order] for name, value in outputs.items()}
         assert work.ids is not None
         errors = [
             RowError(row, str(work.ids[row - chunk.start]), code, message)
-            for row, (code, message) in sorted(work.errors.items())
+            for row, (code, message) in sorted(failed.items())
         ]
         done = CompletedChunk(chunk, work.ids, ok, outputs, errors, server.address)
         work.results.clear()

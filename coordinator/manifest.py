@@ -17,13 +17,14 @@ from typing import Any
 from .planner import Chunk, InputFingerprint, Plan
 
 MANIFEST_NAME = "manifest.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunks.row_order (length-sorted requests)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inputs (path TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     idx INTEGER PRIMARY KEY, start INTEGER NOT NULL, stop INTEGER NOT NULL, bounds TEXT NOT NULL,
+    row_order TEXT NOT NULL DEFAULT '[]',
     done INTEGER NOT NULL DEFAULT 0, part TEXT, failed INTEGER NOT NULL DEFAULT 0,
     server TEXT, committed_at REAL
 );
@@ -81,8 +82,9 @@ class Manifest:
                 "INSERT INTO inputs VALUES (?, ?, ?)", [(i.path, i.size, i.sha256) for i in plan.inputs]
             )
             self._db.executemany(
-                "INSERT INTO chunks (idx, start, stop, bounds) VALUES (?, ?, ?, ?)",
-                [(c.index, c.start, c.stop, json.dumps(list(c.bounds))) for c in plan.chunks],
+                "INSERT INTO chunks (idx, start, stop, bounds, row_order) VALUES (?, ?, ?, ?, ?)",
+                [(c.index, c.start, c.stop, json.dumps(list(c.bounds)), json.dumps(list(c.order)))
+                 for c in plan.chunks],
             )
 
     def has_plan(self) -> bool:
@@ -95,8 +97,8 @@ class Manifest:
         return [InputFingerprint(*row) for row in self._db.execute("SELECT path, size, sha256 FROM inputs")]
 
     def chunks(self) -> list[Chunk]:
-        rows = self._db.execute("SELECT idx, start, stop, bounds FROM chunks ORDER BY idx")
-        return [Chunk(i, s, e, tuple(json.loads(b))) for i, s, e, b in rows]
+        rows = self._db.execute("SELECT idx, start, stop, bounds, row_order FROM chunks ORDER BY idx")
+        return [Chunk(i, s, e, tuple(json.loads(b)), tuple(json.loads(o))) for i, s, e, b, o in rows]
 
     # --- progress -------------------------------------------------------------------
     def done_chunks(self) -> set[int]:

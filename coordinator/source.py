@@ -79,21 +79,32 @@ class RequestSource:
         self.context: tuple[str, dict[str, np.ndarray]] | None = None
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.inputs_at(slice(start, stop))
+
+    def inputs_at(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """The mapped fields of these rows: a range, or row indices (read as their span, then picked)."""
+        if isinstance(rows, slice):
+            start, stop, pick = rows.start, rows.stop, None
+        else:
+            start, stop = int(rows.min()), int(rows.max()) + 1
+            pick = rows - start
         out = {}
         for name, field in self.fields.items():
             values = self.reader.read(field, start, stop)
+            if pick is not None:
+                values = values[pick]
             datatype = self.datatypes[name]
             if datatype != "BYTES":
                 values = np.ascontiguousarray(values, dtype=NUMPY_DTYPES[datatype])
             out[name] = values
         return out
 
-    def request(self, request_id: str, start: int, stop: int) -> pb.ModelInferRequest:
+    def request(self, request_id: str, rows: slice | np.ndarray) -> pb.ModelInferRequest:
         parameters: dict = {EXCLUSIVE: True}
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]
         return build_infer_request(
-            self.model, self.inputs(start, stop), request_id=request_id, parameters=parameters,
+            self.model, self.inputs_at(rows), request_id=request_id, parameters=parameters,
             version=self.version,
         )
 

@@ -32,16 +32,19 @@ def servers_model(servers, name: str) -> dict:
     return {"name": name, "servers": [s.address for s in servers]}
 
 
-def expected_embeddings(fasta, batch_rows: int, chunk_rows: int) -> np.ndarray:
+def expected_embeddings(fasta, batch_rows: int, chunk_rows: int, token_budget: int | None = None) -> np.ndarray:
     """The test model run in-process on exactly the planned requests: what the job must reproduce bitwise."""
     model = load_test_model("embed")
     with open_reader(InputSpec(path=str(fasta))) as reader:
-        plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=batch_rows, chunk_rows=chunk_rows)
-        pieces = [
-            model.predict({"sequence": reader.read("sequence", start, stop)})["embedding"]
-            for chunk in plan.chunks for start, stop in chunk.requests()
-        ]
-    return np.concatenate(pieces)
+        plan = make_plan(
+            reader, {"sequence": "sequence"}, batch_rows=batch_rows, chunk_rows=chunk_rows, token_budget=token_budget
+        )
+        everything = reader.read("sequence", 0, plan.rows)
+        out = np.empty((plan.rows, 16), dtype=np.float32)
+        for chunk in plan.chunks:
+            for rows in chunk.request_rows():
+                out[rows] = model.predict({"sequence": everything[rows]})["embedding"]
+    return out
 
 
 def test_fasta_to_hdf5_matches_the_model_in_process_bitwise(tmp_path, servers):
@@ -62,6 +65,53 @@ def test_fasta_to_hdf5_matches_the_model_in_process_bitwise(tmp_path, servers):
         assert sorted(json.loads(f.attrs["servers"])) == sorted(s.address for s in servers)
         assert f.attrs["precision"] == "fp32" and f.attrs["tensorfleet_version"]
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_token_budget_requests_are_length_sorted_and_the_output_stays_in_input_order(tmp_path, servers):
+    records = make_fasta(tmp_path / "in.fasta", 240, seed=4)
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=servers_model(servers, "embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 60, "batch_rows": 16, "token_budget": 400},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert [v.decode() for v in f["ids"][:]] == [name for name, _ in records]
+        np.testing.assert_array_equal(f["embedding"][:], expected_embeddings(tmp_path / "in.fasta", 16, 60, 400))
+    with open_reader(InputSpec(path=str(tmp_path / "in.fasta"))) as reader:
+        plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=16, chunk_rows=60, token_budget=400)
+        lengths = reader.lengths("sequence", 0, 240)
+    in_order = make_plan_padding(lengths, 16, 400)
+    sorted_padding = sum(len(r) * lengths[r].max() for c in plan.chunks for r in c.request_rows())
+    assert sorted_padding < 0.8 * in_order, (sorted_padding, in_order)
+
+
+def make_plan_padding(lengths: np.ndarray, batch_rows: int, budget: int) -> int:
+    """Padded tokens when requests are cut in input order (the plan before length sorting)."""
+    from tensorfleet.coordinator.planner import request_bounds
+
+    bounds = request_bounds(len(lengths), batch_rows, lengths, budget)
+    return sum((b - a) * lengths[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def test_failing_rows_in_length_sorted_requests_are_reported_at_their_input_rows(tmp_path, servers):
+    poison = {5, 61, 62, 119}
+    records = make_fasta(tmp_path / "in.fasta", 120, seed=9, poison=poison)
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=servers_model(servers, "embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 40, "batch_rows": 16, "token_budget": 600},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 1, result.stderr
+    model = load_test_model("embed")
+    with h5py.File(tmp_path / "out.h5") as f:
+        ok = f["ok"][:]
+        assert set(np.nonzero(~ok)[0]) == poison
+        assert list(f["errors/row"][:]) == sorted(poison)
+        assert [v.decode() for v in f["errors/id"][:]] == [records[row][0] for row in sorted(poison)]
+        good = [row for row in range(120) if row not in poison]
+        alone = model.predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
+        np.testing.assert_allclose(f["embedding"][:][good], alone["embedding"], rtol=1e-5, atol=1e-6)
 
 
 def test_failing_rows_go_to_the_errors_table_and_exit_1(tmp_path, servers):

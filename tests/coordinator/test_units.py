@@ -61,8 +61,17 @@ def test_plan_is_deterministic_and_covers_every_row(tmp_path):
         with open_reader(InputSpec(path=str(tmp_path / "a.fasta"))) as reader:
             plans.append(make_plan(reader, {"sequence": "sequence"}, batch_rows=7, chunk_rows=50, token_budget=300))
     assert plans[0].chunks == plans[1].chunks and plans[0].ids_digest == plans[1].ids_digest
-    rows = [row for chunk in plans[0].chunks for start, stop in chunk.requests() for row in range(start, stop)]
-    assert rows == list(range(300))
+    with open_reader(InputSpec(path=str(tmp_path / "a.fasta"))) as reader:
+        lengths = reader.lengths("sequence", 0, 300)
+    for chunk in plans[0].chunks:
+        requests = chunk.request_rows()
+        sent = np.concatenate(requests)
+        # every row of the chunk exactly once, sent shortest first, each request within budget
+        assert sorted(sent.tolist()) == list(range(chunk.start, chunk.stop))
+        assert np.all(np.diff(lengths[sent]) >= 0)
+        for rows in requests:
+            assert len(rows) <= 7 and (len(rows) == 1 or len(rows) * lengths[rows].max() <= 300)
+    assert [chunk.start for chunk in plans[0].chunks] == list(range(0, 300, 50))
 
 
 def test_duplicate_ids_are_named(tmp_path):

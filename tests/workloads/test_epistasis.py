@@ -66,7 +66,7 @@ def test_limit_is_a_smoke_test_with_its_own_sheets_and_dry_run_writes_nothing(ex
     dry = run_tensorfleet("run", job, "--dry-run", "--job-dir", root / "dry")
     assert dry.returncode == 0, dry.stderr
     assert "2 models x 2 sources" in dry.stdout
-    assert "source doubles" in dry.stdout and "requests: 7 (at most 3 rows" in dry.stdout
+    assert "source doubles" in dry.stdout and "requests: 8 (at most 3 rows" in dry.stdout
     assert not (root / "dry").exists()
     limited = run_tensorfleet("run", job, "--limit", "4")
     assert limited.returncode == 0, limited.stderr
