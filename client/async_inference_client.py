@@ -13,10 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
+from . import wire
 from .channel import ConnectionOptions, aio_channel
 from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
 from .inference_client import StreamResult, _stream_result
-from .messages import ParameterValue, build_infer_request, parse_infer_response
+from .messages import ParameterValue, build_wire_request, parse_infer_response
 
 
 class AsyncInferenceClient:
@@ -48,6 +49,17 @@ class AsyncInferenceClient:
         self._channel = aio_channel(address, self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
+        self._infer = self._channel.unary_unary(
+            wire.INFER_METHOD,
+            request_serializer=wire.encode_request,
+            response_deserializer=wire.decode_response,
+        )
+        self._stream = self._channel.stream_stream(
+            wire.STREAM_METHOD,
+            request_serializer=wire.encode_request,
+            response_deserializer=wire.decode_stream_response,
+        )
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -136,10 +148,10 @@ class AsyncInferenceClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        request = build_infer_request(
+        request = build_wire_request(
             model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
         )
-        return parse_infer_response(await self._call(self._stub.ModelInfer, request, timeout))
+        return parse_infer_response(await self._call(self._infer, request, timeout))
 
     async def stream(
         self,
@@ -156,14 +168,14 @@ class AsyncInferenceClient:
             raise ValueError("window must be at least 1")
         output_names = list(outputs or ())
         slots = asyncio.Semaphore(window)
-        call = self._stub.ModelStreamInfer(metadata=self._options.metadata())
+        call = self._stream(metadata=self._options.metadata())
 
         async def write_all() -> None:
             index = 0
             async for inputs in _aiter(requests):
                 await slots.acquire()
                 await call.write(
-                    build_infer_request(
+                    build_wire_request(
                         model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
                     )
                 )

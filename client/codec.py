@@ -129,7 +129,7 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
+def deserialize_bytes(raw: bytes | memoryview, count: int, name: str) -> np.ndarray:
     """Split a length-prefixed buffer into exactly `count` elements, or say what is wrong."""
     if count * 4 > len(raw):  # checked before allocating: the shape may be absurd
         raise InvalidArgument(
@@ -161,15 +161,22 @@ def deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     return out
 
 
-def encode_raw(value: Any) -> tuple[str, list[int], bytes]:
-    """(datatype, shape, raw bytes) for one tensor value."""
+def encode_buffer(value: Any) -> tuple[str, list[int], np.ndarray | bytes]:
+    """(datatype, shape, raw buffer) for one tensor value; a numeric array is not copied
+    when it already is contiguous little-endian (the wire encoder copies it once, when sent)."""
     array = to_numpy(value)
     if isinstance(array, _Bf16Array):
-        return "BF16", list(array.shape), np.ascontiguousarray(array, dtype="<u2").tobytes()
+        return "BF16", list(array.shape), np.ascontiguousarray(array.view(np.ndarray), dtype="<u2")
     datatype = datatype_of(array)
     if datatype == "BYTES":
         return datatype, list(array.shape), serialize_bytes(array)
-    return datatype, list(array.shape), np.ascontiguousarray(array, NUMPY_DTYPES[datatype]).tobytes()
+    return datatype, list(array.shape), np.ascontiguousarray(array, NUMPY_DTYPES[datatype])
+
+
+def encode_raw(value: Any) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, raw bytes) for one tensor value."""
+    datatype, shape, buffer = encode_buffer(value)
+    return datatype, shape, buffer if isinstance(buffer, bytes) else buffer.tobytes()
 
 
 def expected_byte_size(datatype: str, shape: Sequence[int]) -> int | None:
@@ -180,7 +187,7 @@ def expected_byte_size(datatype: str, shape: Sequence[int]) -> int | None:
     return element_count(shape) * itemsize
 
 
-def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
     """Zero-copy decode of one raw buffer, checking its size against dtype and shape."""
     if datatype not in DATATYPES:
         raise InvalidArgument(f"tensor '{name}': unknown datatype '{datatype}'")

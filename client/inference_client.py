@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
+from . import wire
 from .channel import ConnectionOptions, sync_channel
 from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
-from .messages import ParameterValue, build_infer_request, parse_infer_response
+from .messages import ParameterValue, build_wire_request, parse_infer_response
 
 StreamResult = dict[str, np.ndarray] | TensorfleetError
 
@@ -53,6 +54,17 @@ class InferenceClient:
         self._channel = sync_channel(address, self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
+        self._infer = self._channel.unary_unary(
+            wire.INFER_METHOD,
+            request_serializer=wire.encode_request,
+            response_deserializer=wire.decode_response,
+        )
+        self._stream = self._channel.stream_stream(
+            wire.STREAM_METHOD,
+            request_serializer=wire.encode_request,
+            response_deserializer=wire.decode_stream_response,
+        )
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -138,10 +150,10 @@ class InferenceClient:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """One ModelInfer call; inputs are numpy arrays, torch tensors or lists of str/bytes."""
-        request = build_infer_request(
+        request = build_wire_request(
             model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
         )
-        return parse_infer_response(self._call(self._stub.ModelInfer, request, timeout))
+        return parse_infer_response(self._call(self._infer, request, timeout))
 
     def stream(
         self,
@@ -164,18 +176,18 @@ class InferenceClient:
         slots = threading.Semaphore(window)
         closed = threading.Event()
 
-        def produce() -> Iterator[pb.ModelInferRequest]:
+        def produce() -> Iterator[wire.InferRequest]:
             for index, inputs in enumerate(requests):
                 while not slots.acquire(timeout=0.5):
                     if closed.is_set():
                         return
                 if closed.is_set():
                     return
-                yield build_infer_request(
+                yield build_wire_request(
                     model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
                 )
 
-        call = self._stub.ModelStreamInfer(produce(), metadata=self._options.metadata())
+        call = self._stream(produce(), metadata=self._options.metadata())
         ready: dict[int, StreamResult] = {}
         next_index = 0
         try:
@@ -198,15 +210,15 @@ class InferenceClient:
             raise InternalError(f"stream ended with {len(ready)} responses out of order")
 
 
-def _stream_result(reply: pb.ModelStreamInferResponse) -> tuple[int, StreamResult]:
+def _stream_result(reply: wire.StreamResponse) -> tuple[int, StreamResult]:
     """(request index, outputs or error) for one stream reply."""
     try:
-        index = int(reply.infer_response.id)
+        index = int(reply.response.message.id)
     except ValueError:
         raise InternalError(f"stream reply without a request id: {reply.error_message!r}") from None
     if reply.error_message:
         return index, stream_error(reply.error_message)
-    return index, parse_infer_response(reply.infer_response)
+    return index, parse_infer_response(reply.response)
 
 
 def stream_error(message: str) -> TensorfleetError:

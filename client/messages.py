@@ -9,8 +9,9 @@ import numpy as np
 
 from tensorfleet.protos import inference_pb2 as pb
 
-from .codec import decode_contents, decode_raw, encode_raw
+from .codec import decode_contents, decode_raw, encode_buffer
 from .errors import InternalError
+from .wire import Buffer, InferRequest, InferResponse
 
 ParameterValue = bool | int | float | str
 
@@ -34,6 +35,28 @@ def parameter_value(param: pb.InferParameter) -> ParameterValue | None:
     return None if choice is None else getattr(param, choice)
 
 
+def build_wire_request(
+    model: str,
+    inputs: Mapping[str, Any],
+    *,
+    request_id: str = "",
+    outputs: Iterable[str] | None = None,
+    parameters: Mapping[str, ParameterValue] | None = None,
+    version: str = "",
+) -> InferRequest:
+    """One request with every input as a raw buffer kept beside the message (client.wire)."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    set_parameters(request.parameters, parameters)
+    raw: list[Buffer] = []
+    for name, value in inputs.items():
+        datatype, shape, buffer = encode_buffer(value)
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        raw.append(buffer)
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return InferRequest(request, raw)
+
+
 def build_infer_request(
     model: str,
     inputs: Mapping[str, Any],
@@ -43,27 +66,28 @@ def build_infer_request(
     parameters: Mapping[str, ParameterValue] | None = None,
     version: str = "",
 ) -> pb.ModelInferRequest:
-    """One request with every input as raw contents."""
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    set_parameters(request.parameters, parameters)
-    for name, value in inputs.items():
-        datatype, shape, raw = encode_raw(value)
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
-    for name in outputs or ():
-        request.outputs.add(name=name)
-    return request
+    """The same request as a plain protobuf message, for stubs with protobuf's own serializer."""
+    wire = build_wire_request(
+        model, inputs, request_id=request_id, outputs=outputs, parameters=parameters, version=version
+    )
+    wire.message.raw_input_contents.extend(memoryview(buffer).tobytes() for buffer in wire.raw)
+    return wire.message
 
 
-def parse_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """name -> array for every output, from raw or typed contents."""
-    raw = response.raw_output_contents
-    if raw and len(raw) != len(response.outputs):
+def parse_infer_response(response: pb.ModelInferResponse | InferResponse) -> dict[str, np.ndarray]:
+    """name -> array for every output, from raw or typed contents.
+
+    Raw outputs are read-only views of the received message (np.frombuffer, no copy)."""
+    if isinstance(response, InferResponse):
+        message, raw = response.message, response.raw
+    else:
+        message, raw = response, response.raw_output_contents
+    if raw and len(raw) != len(message.outputs):
         raise InternalError(
-            f"response has {len(response.outputs)} outputs but {len(raw)} raw buffers"
+            f"response has {len(message.outputs)} outputs but {len(raw)} raw buffers"
         )
     result: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(response.outputs):
+    for index, tensor in enumerate(message.outputs):
         shape = list(tensor.shape)
         if raw:
             result[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])

@@ -13,6 +13,7 @@ FAILED_PRECONDITION naming it, so the client puts it again. Storage is a bounded
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,9 +48,13 @@ def context_ids(request: pb.ModelInferRequest) -> tuple[str, str]:
     return put, use
 
 
-def decode_context(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
-    """The tensors of a context put: optional inputs of the model, any row count."""
-    raw = request.raw_input_contents
+def decode_context(
+    request: pb.ModelInferRequest, config: ModelConfig, raw: Sequence[bytes | memoryview] | None = None
+) -> dict[str, np.ndarray]:
+    """The tensors of a context put: optional inputs of the model, any row count.
+
+    `raw`: the raw input buffers when they travel beside the message (client/wire.py)."""
+    raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument("context put: send one raw_input_contents buffer per input, or none")
     out: dict[str, np.ndarray] = {}

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from tensorfleet.client import __version__
+from tensorfleet.client import __version__, wire
 from tensorfleet.client.codec import serialize_bytes
 from tensorfleet.client.errors import InternalError, TensorfleetError, Unavailable
 from tensorfleet.protos import inference_pb2 as pb
@@ -35,34 +35,27 @@ EXTENSIONS = [
 
 
 def encode_response(
-    request: pb.ModelInferRequest,
-    config: ModelConfig,
-    outputs: dict[str, np.ndarray],
-    response: pb.ModelInferResponse | None = None,
-) -> pb.ModelInferResponse:
-    """Fill `response` (a fresh one by default) in place: wrapping a finished message in
-    another one later would copy every output buffer again."""
-    if response is None:
-        response = pb.ModelInferResponse()
-    response.model_name, response.model_version, response.id = config.name, config.version, request.id
+    request: pb.ModelInferRequest, config: ModelConfig, outputs: dict[str, np.ndarray]
+) -> wire.InferResponse:
+    """The reply's metadata as protobuf, its tensors as buffers: the arrays themselves are
+    copied once, into the wire bytes, when grpc sends the reply (client/wire.py)."""
+    response = pb.ModelInferResponse(model_name=config.name, model_version=config.version, id=request.id)
+    raw: list[wire.Buffer] = []
     for spec in config.outputs:
         if spec.name not in outputs:
             continue
         array = outputs[spec.name]
         response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(array.shape))
-        if spec.datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes(array))
-        else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
-    return response
+        raw.append(serialize_bytes(array) if spec.datatype == "BYTES" else np.ascontiguousarray(array))
+    return wire.InferResponse(response, raw)
 
 
-def stream_error_reply(request: pb.ModelInferRequest, error: TensorfleetError) -> pb.ModelStreamInferResponse:
+def stream_error_reply(request: pb.ModelInferRequest, error: TensorfleetError) -> wire.StreamResponse:
     """Triton's per-request stream error, with our status code name first and the id echoed."""
-    return pb.ModelStreamInferResponse(
+    return wire.StreamResponse(
         error_message=f"{error.code.name}: {error.message}",
-        infer_response=pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
+        response=wire.InferResponse(
+            pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
         ),
     )
 
@@ -138,28 +131,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference -------------------------------------------------------------
-    async def infer(
-        self, request: pb.ModelInferRequest, response: pb.ModelInferResponse | None = None
-    ) -> pb.ModelInferResponse:
-        """Validate, batch, run, encode (into `response` when given): the whole path of one request."""
-        name = request.model_name
+    async def infer(self, request: wire.InferRequest | pb.ModelInferRequest) -> wire.InferResponse:
+        """Validate, batch, run, encode: the whole path of one request."""
+        request = wire.InferRequest.of(request)
+        message = request.message
+        name = message.model_name
         code: str | None = "UNKNOWN"
         try:
+            if request.error is not None:
+                raise request.error
             if self.runtime.draining:
                 raise Unavailable("server is draining; send new requests elsewhere")
-            served = self.runtime.served(name, request.model_version)
+            served = self.runtime.served(name, message.model_version)
             config = served.entry.config
             assert config is not None
-            put, use = context_ids(request)
+            put, use = context_ids(message)
             if put:  # store the prompt; answer with no outputs
-                self.contexts.put(config.name, put, decode_context(request, config))
+                self.contexts.put(config.name, put, decode_context(message, config, request.raw))
                 code = None
-                return encode_response(request, config, {}, response)
-            decoded = decode_request(request, config)
+                return encode_response(message, config, {})
+            decoded = decode_request(message, config, request.raw)
             if use:
                 decoded.context, decoded.context_inputs = use, self.contexts.get(config.name, use)
             outputs = await served.batcher.submit(decoded)
-            encoded = encode_response(request, config, outputs, response)
+            encoded = encode_response(message, config, outputs)
             code = None
             return encoded
         except TensorfleetError as error:
@@ -172,21 +167,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self.infer(request)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, request_iterator: AsyncIterator[wire.InferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wire.StreamResponse]:
         """Many requests in flight; each reply as soon as it is ready; errors per request."""
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        replies: asyncio.Queue[wire.StreamResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: wire.InferRequest) -> None:
+            message = wire.InferRequest.of(request).message
             try:
-                reply = pb.ModelStreamInferResponse()
-                await self.infer(request, reply.infer_response)
+                reply = wire.StreamResponse(response=await self.infer(request))
             except TensorfleetError as error:
-                reply = stream_error_reply(request, error)
+                reply = stream_error_reply(message, error)
             except Exception as error:  # a bug must not end the stream for everyone
-                log.exception("stream request %s failed", request.id)
-                reply = stream_error_reply(request, InternalError(f"{type(error).__name__}: {error}"))
+                log.exception("stream request %s failed", message.id)
+                reply = stream_error_reply(message, InternalError(f"{type(error).__name__}: {error}"))
             await replies.put(reply)
 
         async def read_all() -> None:

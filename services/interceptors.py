@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from tensorfleet.client import wire
 from tensorfleet.client.errors import TensorfleetError, Unauthenticated
 
 log = logging.getLogger("tensorfleet.rpc")
@@ -28,8 +29,22 @@ async def _fail(context: grpc.aio.ServicerContext, error: BaseException) -> None
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
-    """The same handler, its behaviour passed through `around`."""
+#: (request deserializer, response serializer) of the rpcs that carry tensors: their buffers
+#: bypass protobuf (client/wire.py). The generated registration sets protobuf's own; every rpc
+#: passes through ErrorInterceptor, so that is where these replace them.
+WIRE_CODECS: dict[str, tuple[Callable, Callable]] = {
+    wire.INFER_METHOD: (wire.decode_request_or_error, wire.encode_response),
+    wire.STREAM_METHOD: (wire.decode_request_or_error, wire.encode_stream_response),
+}
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Callable], Callable],
+    codec: tuple[Callable, Callable] | None = None,
+) -> grpc.RpcMethodHandler:
+    """The same handler, its behaviour passed through `around` (and its codec replaced)."""
+    deserializer, serializer = codec or (handler.request_deserializer, handler.response_serializer)
     for kind, factory in (
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
         ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -39,9 +54,7 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Callable], Callable]
         behaviour = getattr(handler, kind)
         if behaviour is not None:
             return factory(
-                around(behaviour),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                around(behaviour), request_deserializer=deserializer, response_serializer=serializer
             )
     return handler
 
@@ -77,13 +90,16 @@ def _guarded(behaviour: Callable, guard: Guard | None) -> Callable:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged."""
+    """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged.
+
+    Also puts the inference rpcs on the tensor wire codec (WIRE_CODECS)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap(handler, lambda behaviour: _guarded(behaviour, None))
+        codec = WIRE_CODECS.get(handler_call_details.method)
+        return _wrap(handler, lambda behaviour: _guarded(behaviour, None), codec)
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

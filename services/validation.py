@@ -5,6 +5,7 @@ Every error names the tensor (or field) and what was expected.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ def _has_contents(contents: pb.InferTensorContents) -> bool:
 
 
 def _decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec, config: ModelConfig
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None, spec: TensorSpec, config: ModelConfig
 ) -> np.ndarray:
     name, shape = tensor.name, list(tensor.shape)
     if tensor.datatype != spec.datatype:
@@ -97,9 +98,13 @@ def _exclusive(request: pb.ModelInferRequest) -> bool:
     return value
 
 
-def decode_request(request: pb.ModelInferRequest, config: ModelConfig) -> DecodedRequest:
-    """Validate names, dtypes, shapes, byte sizes and the batch limit; return decoded inputs."""
-    raw = request.raw_input_contents
+def decode_request(
+    request: pb.ModelInferRequest, config: ModelConfig, raw: Sequence[bytes | memoryview] | None = None
+) -> DecodedRequest:
+    """Validate names, dtypes, shapes, byte sizes and the batch limit; return decoded inputs.
+
+    `raw`: the raw input buffers when they travel beside the message (client/wire.py)."""
+    raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
