@@ -50,6 +50,9 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import tune_allocator
+
+    tune_allocator()  # before any model thread exists (see allocator.py)
     from .device import parse_device
     from .server import ServerOptions, serve
 
