@@ -1,7 +1,13 @@
 """The `tensorfleet` command: run, status, schema, serve; the coordinator service and its clients.
 
 Every `--some-option` can also be set by the environment variable TENSORFLEET_SOME_OPTION
-(see service_cli.apply_environment); a value on the command line wins.
+(see apply_environment); a value on the command line wins.
+
+Start-up is kept short (a warm fleet's first result should come within a second): this module
+imports only the standard library, `run`, `status` and `schema` build a parser without the
+other subcommands (slurm, top, the coordinator service) and so never import them, and each
+command imports only what it uses (tests/coordinator/test_lazy_imports.py guards this), with
+the cyclic garbage collector paused until those imports are done (see _started).
 
 Exit codes: 0 every row done, 1 some rows failed (see the errors table), 2 fatal (bad spec,
 unreadable input, no server reachable, ...), always with a message that says what to fix.
@@ -10,6 +16,7 @@ unreadable input, no server reachable, ...), always with a message that says wha
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -21,7 +28,14 @@ from pathlib import Path
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+#: Subcommands defined in this module: with one of them first on the command line the parser
+#: leaves out the others (slurm, top, the coordinator service), whose modules cost start-up time.
+CORE_COMMANDS = frozenset({"run", "status", "schema"})
+
+
+def _parser(full: bool = True) -> argparse.ArgumentParser:
+    """The command-line parser; `full=False` only for a command line starting with a CORE_COMMANDS
+    name, which the other subcommands cannot change (the top-level parser has no options of its own)."""
     parser = argparse.ArgumentParser(prog="tensorfleet", description="Batch inference over a fleet of model servers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,18 +61,44 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check versions, devices, model repository and ports", add_help=False)
     doctor.add_argument("args", nargs=argparse.REMAINDER)
 
-    from .slurm import add_subcommand as add_slurm
+    if full:
+        from .slurm import add_subcommand as add_slurm
 
-    add_slurm(sub)
-    from .top import add_subcommand as add_top
+        add_slurm(sub)
+        from .top import add_subcommand as add_top
 
-    add_top(sub)
-    from .service_cli import add_subcommands as add_service_commands
-    from .service_cli import apply_environment
+        add_top(sub)
+        from .service_cli import add_subcommands as add_service_commands
 
-    add_service_commands(sub)
+        add_service_commands(sub)
     apply_environment(parser)
     return parser
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
+    """Every `--some-option` defaults to $TENSORFLEET_SOME_OPTION when set (flags: 1/true/yes).
+
+    A command-line value still wins; a required option set in the environment is no longer required.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                apply_environment(child, environ)
+            continue
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None or long == "--help":
+            continue
+        value = environ.get("TENSORFLEET_" + long[2:].upper().replace("-", "_"))
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(action, argparse._AppendAction):
+            action.default = [action.type(v) if action.type else v for v in value.split(",") if v]
+        else:
+            action.default = action.type(value) if callable(action.type) else value
+        action.required = False
 
 
 #: Subcommands that belong to the server side: the process is handed over to them, so the
@@ -70,22 +110,51 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SERVER_COMMANDS:
         os.execv(sys.executable, [sys.executable, "-m", SERVER_COMMANDS[argv[0]], *argv[1:]])
-    args = _parser().parse_args(argv)
-    if getattr(args, "handler", None) is not None:  # slurm and the coordinator service commands
-        return args.handler(args)
-    if args.command == "schema":
-        from .spec import json_schema
+    global _collect_after_startup
+    _collect_after_startup = gc.isenabled()
+    gc.disable()  # until the command's imports are done: see _started
+    try:
+        args = _parser(full=not argv or argv[0] not in CORE_COMMANDS).parse_args(argv)
+        if getattr(args, "handler", None) is not None:  # slurm and the coordinator service commands
+            _started()
+            return args.handler(args)
+        if args.command == "schema":
+            from .spec import json_schema
 
-        print(json.dumps(json_schema(), indent=2))
-        return EXIT_OK
-    if args.command == "status":
-        return _status(args.job_dir, args.json)
-    return _run(args)
+            _started()
+            print(json.dumps(json_schema(), indent=2))
+            return EXIT_OK
+        if args.command == "status":
+            _started()
+            return _status(args.job_dir, args.json)
+        return _run(args)
+    finally:
+        _started()
+
+
+_collect_after_startup = False
+
+
+def _started() -> None:
+    """Start-up imports are done: turn the cyclic garbage collector back on.
+
+    Importing numpy, grpc, pydantic and the coordinator allocates a few hundred thousand
+    long-lived objects and frees almost none, so collections during start-up find nothing and
+    cost about a tenth of it. Those objects are then frozen (gc.freeze: kept out of later
+    collections, which never had anything to free among them). The collector runs as usual
+    for the rest of the command.
+    """
+    global _collect_after_startup
+    if _collect_after_startup:
+        _collect_after_startup = False
+        gc.freeze()
+        gc.enable()
 
 
 def _run(args: argparse.Namespace) -> int:
     from .job import JobFatal, RunOptions, run_job
 
+    _started()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s"
     )

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -311,29 +310,3 @@ def _jsonable(value):
     if getattr(value, "dtype", None) is not None and value.dtype == object:
         return [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value.ravel().tolist()]
     return value.tolist()
-
-
-def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
-    """Every `--some-option` defaults to $TENSORFLEET_SOME_OPTION when set (flags: 1/true/yes).
-
-    A command-line value still wins; a required option set in the environment is no longer required.
-    """
-    environ = dict(os.environ if environ is None else environ)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                apply_environment(child, environ)
-            continue
-        long = next((o for o in action.option_strings if o.startswith("--")), None)
-        if long is None or long == "--help":
-            continue
-        value = environ.get("TENSORFLEET_" + long[2:].upper().replace("-", "_"))
-        if value is None:
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            action.default = value.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(action, argparse._AppendAction):
-            action.default = [action.type(v) if action.type else v for v in value.split(",") if v]
-        else:
-            action.default = action.type(value) if callable(action.type) else value
-        action.required = False
