@@ -3,6 +3,10 @@
 Fatal problems (exit 2) raise JobFatal with a message that says what to fix. Files only
 appear under their final name once complete, so a failed run never leaves a finished-looking
 output.
+
+What only some runs need is imported where it is used: the local fleet (model.local), the
+merge and the output writers (after the last chunk), the reader of the job's input format.
+The first chunk is leased without them (tests/coordinator/test_lazy_imports.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import yaml
@@ -25,9 +29,7 @@ from tensorfleet.client import __version__ as tensorfleet_version
 from .discovery import Discovery, DiscoveryError, expand
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
 from .fleet import FleetError, ModelInfo, inspect_fleet
-from .local_fleet import LocalFleet, LocalFleetError
 from .manifest import MANIFEST_NAME, Manifest
-from .merge import MergeError, MergeResult, merge
 from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
 from .part_store import PARTS_DIR, missing_parts, part_name, store_part
 from .planner import Plan, PlanError, fingerprint, make_plan
@@ -35,6 +37,10 @@ from .progress import Progress, write_json_atomic
 from .readers import InputError, Reader, open_reader
 from .source import FieldMappingError, RequestSource, resolve_fields
 from .spec import JobSpec, SpecError, load_spec
+
+if TYPE_CHECKING:
+    from .local_fleet import LocalFleet
+    from .merge import MergeResult
 
 
 class JobFatal(Exception):
@@ -117,6 +123,8 @@ def local_model_info(spec: JobSpec) -> ModelInfo:
     assert spec.model.local is not None
     path = Path(spec.model.local.repository) / spec.model.name / "config.yaml"
     if not path.is_file():
+        from .local_fleet import LocalFleet
+
         LocalFleet(Path(spec.model.local.repository), spec.model.name, 1, "cpu", Path("."), []).check()
         raise JobFatal(f"{path} does not exist")
     config = yaml.safe_load(path.read_text())
@@ -247,6 +255,8 @@ def _localize(spec: JobSpec, options: RunOptions) -> tuple[JobSpec, RemoteOutput
 
 def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
     if spec.model.local is not None:
+        from .local_fleet import LocalFleetError
+
         try:
             info = local_model_info(spec)
         except LocalFleetError as error:
@@ -328,6 +338,8 @@ def _run(
         if manifest is not None:
             _check_inputs(manifest)
         if spec.model.local is not None:
+            from .local_fleet import LocalFleet, LocalFleetError
+
             local = spec.model.local
             fleet = LocalFleet(
                 Path(local.repository), spec.model.name, local.count, local.device, job_dir / "servers", local.args
@@ -463,6 +475,8 @@ def _execute(
         "token_budget": manifest.plan_settings().get("token_budget"),
     }
     declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
+    from .merge import MergeError, merge
+
     try:
         result: MergeResult = merge(
             job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
