@@ -187,9 +187,8 @@ class DynamicBatcher:
             return
         started = time.monotonic_ns()
         queue_ns = [started - p.enqueued_ns for p in batch]
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._worker, self._run_batch, [p.request for p in batch])
+            results = await self._on_worker([p.request for p in batch])
         except Exception as error:  # the worker returns errors per request; this is a bug guard
             log.exception("batch for model %s failed outside the model", self.config.name)
             results = [InternalError(f"model '{self.config.name}': {type(error).__name__}: {error}")] * len(batch)
@@ -205,6 +204,23 @@ class DynamicBatcher:
             else:
                 self.stats.record_request(True, done - pending.enqueued_ns, waited)
                 pending.future.set_result(result)
+
+    def _on_worker(self, requests: list[DecodedRequest]) -> asyncio.Future:
+        """`_run_batch` on the model thread, its outcome set on a plain asyncio future.
+
+        Half the event-loop CPU of `run_in_executor`'s chained futures, paid on every batch."""
+        loop = asyncio.get_running_loop()
+        outcome = loop.create_future()
+
+        def run() -> None:
+            try:
+                result, error = self._run_batch(requests), None
+            except Exception as caught:  # handed to the loop, where _execute reports it
+                result, error = None, caught
+            loop.call_soon_threadsafe(_settle, outcome, result, error)
+
+        self._worker.submit(run)
+        return outcome
 
     # --- on the worker thread -------------------------------------------------------
     def _run_batch(self, requests: list[DecodedRequest]) -> list[Outputs | TensorfleetError]:
@@ -266,6 +282,15 @@ class DynamicBatcher:
     def _model_error(self, error: Exception) -> TensorfleetError:
         log.warning("model %s raised %s: %s", self.config.name, type(error).__name__, error)
         return InternalError(f"model '{self.config.name}' failed: {type(error).__name__}: {error}")
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():  # cancelled while the batch ran (the batcher was closed)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _join(first: np.ndarray, second: np.ndarray) -> np.ndarray:

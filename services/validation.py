@@ -45,8 +45,9 @@ def _describe(shape: list[int]) -> str:
     return "[" + ", ".join("*" if dim == -1 else str(dim) for dim in shape) + "]"
 
 
-def _has_contents(contents: pb.InferTensorContents) -> bool:
-    return any(len(getattr(contents, name)) for name in (f.name for f in contents.DESCRIPTOR.fields))
+def _has_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
+    # ListFields lists only the non-empty repeated fields: no getattr per field per request.
+    return tensor.HasField("contents") and bool(tensor.contents.ListFields())
 
 
 def _decode_input(
@@ -72,7 +73,7 @@ def _decode_input(
             f"input '{name}': {shape[0]} rows is over model '{config.name}' max_batch_size {config.max_batch_size}"
         )
     if raw is not None:
-        if _has_contents(tensor.contents):
+        if _has_contents(tensor):
             raise InvalidArgument(
                 f"input '{name}': both raw_input_contents and typed contents are set; send one"
             )
