@@ -28,9 +28,14 @@ DEMO_FASTA = REPO_ROOT / "examples" / "data" / "proteins.fasta"
 
 
 def set_torch_threads(threads: int) -> None:
-    """Pin torch's intra-op pool; the server gets the same number through --threads."""
+    """Give the in-process baseline what a server process gets: the same torch intra-op
+    threads (the server's --threads) and the same allocator tuning (`services/allocator.py`),
+    so the comparison measures serving, not a process setting."""
     import torch
 
+    from tensorfleet.services.allocator import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(threads)
 
 

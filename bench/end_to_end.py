@@ -1,8 +1,9 @@
 """FASTA to HDF5, end to end: a hand-written in-process loop vs `tensorfleet run`.
 
-(a) in-process: read the FASTA, cut it into the same requests the coordinator plans
-    (consecutive rows, at most --batch rows and rows x longest <= --token-budget), run the
-    model folder's own `Model.predict` on each, write ids and embeddings to one HDF5 file;
+(a) in-process: read the FASTA, cut it into the same requests the coordinator plans (in
+    windows of --chunk-rows rows, sorted by length, at most --batch rows and rows x longest
+    <= --token-budget), run the model folder's own `Model.predict` on each, write ids and
+    embeddings in input order to one HDF5 file;
 (b) tensorfleet: `tensorfleet run JOB --servers ADDR` (a subprocess) against one warm server
     on the same device with the same torch threads: plan, dispatch, checkpoint, merge.
 
@@ -65,18 +66,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def request_bounds(lengths: list[int], batch: int, budget: int) -> list[tuple[int, int]]:
-    """Consecutive rows, at most `batch`, rows x longest <= `budget` (a careful hand-written loop)."""
-    spans, start, longest = [], 0, 0
-    for row, length in enumerate(lengths):
-        candidate = max(longest, max(length, 1))
-        if row > start and (row - start + 1 > batch or candidate * (row - start + 1) > budget):
-            spans.append((start, row))
-            start, candidate = row, max(length, 1)
-        longest = candidate
-    if lengths:
-        spans.append((start, len(lengths)))
-    return spans
+def request_rows(lengths: list[int], batch: int, budget: int, window: int) -> list[np.ndarray]:
+    """A careful hand-written loop's batches: per window of rows, sort by length, then take
+    rows while at most `batch` and rows x longest <= `budget`."""
+    requests = []
+    for first in range(0, len(lengths), window):
+        rows = first + np.argsort(np.asarray(lengths[first : first + window]), kind="stable")
+        start, longest = 0, 0
+        for index, row in enumerate(rows):
+            candidate = max(longest, max(lengths[row], 1))
+            if index > start and (index - start + 1 > batch or candidate * (index - start + 1) > budget):
+                requests.append(rows[start:index])
+                start, candidate = index, max(lengths[row], 1)
+            longest = candidate
+        requests.append(rows[start:])
+    return requests
 
 
 def run_inprocess(model, fasta: Path, count: int, args: argparse.Namespace, output: Path) -> float:
@@ -87,11 +91,13 @@ def run_inprocess(model, fasta: Path, count: int, args: argparse.Namespace, outp
     started = time.perf_counter()
     ids, sequences = read_fasta(fasta)
     ids, sequences = ids[:count], sequences[:count]
-    pieces = []
-    for start, stop in request_bounds([len(s) for s in sequences], args.batch, args.token_budget):
-        batch = np.array(sequences[start:stop], dtype=object)
-        pieces.append(model.predict({"sequence": batch})["embedding"])
-    embedding = np.concatenate(pieces).astype(np.float32, copy=False)
+    column = np.array(sequences, dtype=object)
+    embedding = None
+    for rows in request_rows([len(s) for s in sequences], args.batch, args.token_budget, args.chunk_rows):
+        out = model.predict({"sequence": column[rows]})["embedding"]
+        if embedding is None:
+            embedding = np.empty((len(sequences), *out.shape[1:]), dtype=np.float32)
+        embedding[rows] = out
     temp = output.with_name(output.name + ".tmp")
     with h5py.File(temp, "w") as handle:
         handle.create_dataset(
