@@ -85,6 +85,20 @@ def test_full_parser_still_offers_every_command():
     assert "tensorfleet.coordinator.service_cli" in modules
 
 
+def test_the_core_parser_reads_the_same_arguments_and_environment_as_the_full_one(monkeypatch):
+    from tensorfleet.coordinator import cli
+
+    monkeypatch.setenv("TENSORFLEET_LIMIT", "7")
+    monkeypatch.setenv("TENSORFLEET_VERBOSE", "yes")
+    argv = ["run", "job.yaml", "--servers", "a:1,b:2", "--resume"]
+    core, full = cli._parser(full=False).parse_args(argv), cli._parser().parse_args(argv)
+    assert vars(core) == vars(full)
+    assert (core.limit, core.verbose, core.resume, core.servers) == (7, True, True, "a:1,b:2")
+    assert vars(cli._parser(full=False).parse_args(["status", "d", "--json"])) == vars(
+        cli._parser().parse_args(["status", "d", "--json"])
+    )
+
+
 #: Runs `tensorfleet run ARGS...` in this interpreter and writes the modules loaded when the
 #: first part file is stored (the first result) and at the end, as JSON, to the file in argv[1].
 _DRIVER = """
