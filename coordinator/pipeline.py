@@ -31,16 +31,7 @@ from .job import (
 from .manifest import MANIFEST_NAME, Manifest
 from .progress import write_json_atomic
 from .readers import InputError, open_reader
-from .spec import (
-    ChunkingSpec,
-    InputSpec,
-    JobSpec,
-    ModelSpec,
-    OutputSpec,
-    PolicySpec,
-    _Strict,
-    empty_dict,
-)
+from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
 from .stage_reader import StageReader, carry_failures
 
 PIPELINE_NAME = "pipeline.json"
@@ -50,7 +41,7 @@ class StageSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="Stage name (its folder and status line).")
     model: ModelSpec
     tensors: dict[str, str] = Field(
-        default_factory=empty_dict,
+        default_factory=dict,
         description="model input -> field: of the job's input for the first stage, of the previous "
         "stage's outputs for the others. Unset: input.tensors (first stage) or same-named outputs.",
     )

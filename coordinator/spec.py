@@ -27,20 +27,6 @@ _OUTPUT_SUFFIXES: dict[str, str] = {
 }
 
 
-def empty_list() -> list:
-    return []
-
-
-def empty_dict() -> dict:
-    return {}
-
-
-# Fields default to empty_list / empty_dict rather than the builtins `list` / `dict`: pydantic
-# inspects each default_factory's signature, and a builtin's signature is parsed from its text
-# with the tokenize module, whose first use compiles a large regular expression (about 45 ms of
-# every `tensorfleet run` start-up, before the first chunk). Behaviour and schema are the same.
-
-
 class SpecError(Exception):
     """A job file that cannot run as written; the message says which field and why."""
 
@@ -60,7 +46,7 @@ class InputSpec(_Strict):
         "npy row numbers. Unset: the format's default (row numbers where there is none).",
     )
     tensors: dict[str, str] = Field(
-        default_factory=empty_dict,
+        default_factory=dict,
         description="model input name -> stored field (FASTA: 'sequence'; HDF5: dataset path; "
         "h5ad: 'X', 'layers/NAME' or 'obsm/NAME'; parquet: column; npy: 'array'). "
         "Unset with a one-input model: the format's default field.",
@@ -91,7 +77,7 @@ class LocalFleetSpec(_Strict):
         default="cpu", description="'cpu', 'cuda:N' (cuda:N..N+count-1 are used) or 'auto' (cuda when a GPU "
         "is visible, else cpu).",
     )
-    args: list[str] = Field(default_factory=empty_list, description="Extra server command-line arguments.")
+    args: list[str] = Field(default_factory=list, description="Extra server command-line arguments.")
     startup_timeout_s: float = Field(default=300.0, gt=0)
 
     @field_validator("count")
@@ -106,7 +92,7 @@ class ModelSpec(_Strict):
     name: str = Field(min_length=1, description="Model name as the servers know it.")
     version: str = ""
     servers: list[str] = Field(
-        default_factory=empty_list,
+        default_factory=list,
         description="Running servers: host:port, dns:NAME:PORT (every address NAME resolves to, "
         "re-resolved while the job runs) or hostfile:PATH (one host:port per line, re-read).",
     )
@@ -136,7 +122,7 @@ class OutputSpec(_Strict):
     path: str
     format: OutputFormat | None = Field(default=None, description="Inferred from the suffix when unset.")
     tensors: dict[str, str] = Field(
-        default_factory=empty_dict,
+        default_factory=dict,
         description="model output name -> stored name (dataset, column, obsm key). Unset: all outputs.",
     )
     dtype: Literal["float32", "float16"] | None = Field(
@@ -146,7 +132,7 @@ class OutputSpec(_Strict):
     row_group_size: int = Field(default=65536, ge=1, description="parquet rows per row group.")
     h5ad_slot: Literal["obsm", "layers"] = "obsm"
     ragged: dict[str, str] = Field(
-        default_factory=empty_dict,
+        default_factory=dict,
         description="model output -> model output holding each row's length: the first output's rows "
         "differ in length along their first axis (e.g. per-residue vectors). HDF5 only: stored flat, "
         "[total, ...], with '<name>_offsets' [rows + 1] (row i is values[offsets[i]:offsets[i+1]]).",

@@ -26,16 +26,7 @@ from .manifest import MANIFEST_NAME
 from .pipeline import _absolute, resolve_model
 from .progress import write_json_atomic
 from .readers import InputError, open_reader
-from .spec import (
-    ChunkingSpec,
-    InputSpec,
-    JobSpec,
-    ModelSpec,
-    OutputSpec,
-    PolicySpec,
-    _Strict,
-    empty_dict,
-)
+from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
 
 SWEEP_NAME = "sweep.json"
 _NAME = r"^[A-Za-z0-9_.\-]+$"
@@ -52,9 +43,9 @@ class SourceSpec(InputSpec):
 class SweepModelSpec(ModelSpec):
     batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this model.")
     token_budget: int | None = Field(default=None, ge=1)
-    inputs: dict[str, str] = Field(default_factory=empty_dict, description="model input -> source field (all sources).")
+    inputs: dict[str, str] = Field(default_factory=dict, description="model input -> source field (all sources).")
     outputs: dict[str, str] = Field(
-        default_factory=empty_dict, description="model output -> stored column; use it to give every sheet the same columns."
+        default_factory=dict, description="model output -> stored column; use it to give every sheet the same columns."
     )
 
 
