@@ -14,7 +14,7 @@ loaded once). `ratio` = in-process seconds / tensorfleet seconds (throughput rat
 `ratio_dispatch` uses the coordinator's own dispatch time (its `speed:` line) instead,
 leaving out start-up, planning and merge. The outputs are compared.
 
-    python -m bench.end_to_end                        # CPU, 2 x 128, first 256 proteins
+    python -m bench.end_to_end                        # CPU, 2 x 128, the 2,000 example proteins
     python -m bench.end_to_end --device cuda --layers 33 --dim 1280 --heads 20 --precision bf16 \\
         --fasta big.fasta --threads 4
 """
@@ -51,11 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--fasta", type=Path, default=DEMO_FASTA)
     parser.add_argument(
-        "--sequences", type=int, default=256, help="first N sequences (tensorfleet --limit)"
+        "--sequences", type=int, default=2000,
+        help="first N sequences (tensorfleet --limit); default: the whole example FASTA, a job "
+        "long enough that start-up is a start-up, not the measurement",
     )
     parser.add_argument("--batch", type=int, default=32, help="rows per request / predict call")
     parser.add_argument("--token-budget", type=int, default=8192, help="rows x longest per request")
-    parser.add_argument("--chunk-rows", type=int, default=64)
+    parser.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (as in the demo job)")
     parser.add_argument("--window", type=int, default=4, help="requests in flight (tensorfleet)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--rounds", type=int, default=2)
