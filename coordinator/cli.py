@@ -139,10 +139,11 @@ def _started() -> None:
     """Start-up imports are done: turn the cyclic garbage collector back on.
 
     Importing numpy, grpc, pydantic and the coordinator allocates a few hundred thousand
-    long-lived objects and frees almost none, so collections during start-up find nothing and
-    cost about a tenth of it. Those objects are then frozen (gc.freeze: kept out of later
-    collections, which never had anything to free among them). The collector runs as usual
-    for the rest of the command.
+    long-lived objects and frees almost none, so collections during start-up find next to
+    nothing (pausing them saves ~15 ms of the ~300 ms of CPU `run` spends importing, measured
+    on a 2-core VM). Those objects are then frozen (gc.freeze: kept out of later collections,
+    which never had anything to free among them). The collector runs as usual for the rest of
+    the command.
     """
     global _collect_after_startup
     if _collect_after_startup:
