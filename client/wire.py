@@ -223,7 +223,7 @@ def _decode(message: _M, data: Buffer, raw_number: int, raw_name: str) -> tuple[
 
 
 def decode_request(data: bytes) -> InferRequest:
-    """Client-side strict decode: malformed bytes raise WireError."""
+    """Strict decode: malformed bytes raise WireError (naming the field and byte offset)."""
     message, raw = _decode(pb.ModelInferRequest(), data, REQUEST_RAW_FIELD, "raw_input_contents")
     return InferRequest(message, raw)
 
