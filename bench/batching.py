@@ -9,8 +9,11 @@
 
 The model is `bench/models/mlp`, a torch MLP (width -> hidden x layers -> out) from a fixed
 seed, one server with --threads torch threads; the clients run in this process, one
-asyncio loop. Prints one JSON line: rows/s per level, ratio to offline, and the server's
-mean batch size per level (from ModelStatistics).
+asyncio loop. Prints one JSON line: rows/s per level, ratio to offline, the server's
+mean batch size per level (from ModelStatistics), and the CPU each one-row request costs the
+server and the clients. `cpu_ceiling_ratio` is what those costs allow on this machine's cores
+when the model's per-row time (from the offline rate) is added: on a 2-core VM with a cheap
+model the ceiling, not the batcher, bounds the ratio.
 
     python -m bench.batching                                  # CPU, 1024 -> 2048 x2 -> 256
     python -m bench.batching --device cuda --hidden 8192 --layers 4 --clients 1,8,64,256,1024
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +101,20 @@ async def mean_batch(client, before: tuple[int, int]) -> tuple[float | None, tup
     return (round(rows / runs, 2) if runs else None), now
 
 
-async def measure(args: argparse.Namespace, address: str) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ceiling(server_ms: float, client_ms: float, model_ms_per_row: float) -> float:
+    """Rows/s a one-row-per-request load can reach when all cores only do this work:
+    each row costs the server's and the clients' per-request CPU plus the model's per-row
+    time. A ratio near ceiling / offline is the most this machine allows."""
+    return (os.cpu_count() or 1) * 1000.0 / (server_ms + client_ms + model_ms_per_row)
+
+
+async def measure(args: argparse.Namespace, address: str, server_pid: int) -> dict:
     from tensorfleet.client import AsyncInferenceClient
 
     levels = [int(c) for c in args.clients.split(",")]
@@ -115,18 +132,30 @@ async def measure(args: argparse.Namespace, address: str) -> dict:
         offline_batch, counters = await mean_batch(control, counters)
         results = []
         for level in levels:
+            server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
+            requests_before = counters[0]
             rate = await online(clients, level, row, args.seconds)
+            server_cpu = process_cpu_s(server_pid) - server_cpu
+            client_cpu = time.process_time() - client_cpu
             batch, counters = await mean_batch(control, counters)
+            served = max(counters[0] - requests_before, 1)
             results.append(
-                {"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch}
+                {"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch,
+                 "server_cpu_ms_per_request": round(server_cpu / served * 1e3, 3),
+                 "client_cpu_ms_per_request": round(client_cpu / served * 1e3, 3)}
             )
         last = await offline(control, full, args.offline_batches, args.window)
     finally:
         for client in [control, *clients]:
             await client.close()
     baseline = (first + last) / 2
+    model_ms_per_row = 1000.0 / baseline
     for item in results:
         item["ratio"] = round(item["rows_per_s"] / baseline, 3)
+        ceiling = cpu_ceiling(
+            item["server_cpu_ms_per_request"], item["client_cpu_ms_per_request"], model_ms_per_row
+        )
+        item["cpu_ceiling_ratio"] = round(min(ceiling / baseline, 1.0), 3)
     return {
         "offline_rows_per_s": round(baseline, 1),
         "offline_runs_rows_per_s": [round(first, 1), round(last, 1)],
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         repository = prepare_repository(Path(tmp), {MODEL: overrides})
         server_args = ["--model", MODEL, "--device", args.device, "--log-level", "WARNING"]
         with server_process(repository, *server_args, threads=args.threads) as server:
-            figures = asyncio.run(measure(args, server.address))
+            figures = asyncio.run(measure(args, server.address, server.pid))
     emit(
         {
             "bench": "batching",
