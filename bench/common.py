@@ -27,15 +27,16 @@ from tests.serving import ServerProcess, launch_server  # noqa: E402
 DEMO_FASTA = REPO_ROOT / "examples" / "data" / "proteins.fasta"
 
 
-def set_torch_threads(threads: int) -> None:
+def set_torch_threads(threads: int, device: str = "cpu") -> None:
     """Give the in-process baseline what a server process gets: the same torch intra-op
-    threads (the server's --threads) and the same allocator tuning (`services/allocator.py`),
-    so the comparison measures serving, not a process setting."""
+    threads (the server's --threads) and, on the CPU, the same allocator tuning
+    (`services/allocator.py`), so the comparison measures serving, not a process setting."""
     import torch
 
     from tensorfleet.services.allocator import tune_allocator
 
-    tune_allocator()
+    if device == "cpu":
+        tune_allocator()
     torch.set_num_threads(threads)
 
 

@@ -153,7 +153,7 @@ def measure(args: argparse.Namespace, repository: Path, workdir: Path) -> dict:
 
     from examples.protein.inprocess import load_python_model
 
-    set_torch_threads(args.threads)
+    set_torch_threads(args.threads, args.device)
     model = load_python_model(repository / MODEL, device=args.device, precision=args.precision)
     server_args = ["--model", MODEL, "--device", args.device, "--log-level", "WARNING"]
     inprocess, served, dispatch = 0.0, 0.0, 0.0

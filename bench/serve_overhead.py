@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
     from examples.protein.inprocess import load_python_model
     from tensorfleet.client import InferenceClient
 
-    set_torch_threads(args.threads)
+    set_torch_threads(args.threads, args.device)
     batches = make_batches(args)
     rows = sum(len(batch) for batch in batches)
     residues = sum(len(seq) for batch in batches for seq in batch)

@@ -50,13 +50,14 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .allocator import tune_allocator
+    args = build_parser().parse_args(argv)
+    if args.device == "cpu":  # the model's activations live in host memory only on the CPU
+        from .allocator import tune_allocator
 
-    tune_allocator()  # before any model thread exists (see allocator.py)
+        tune_allocator()  # before any model thread exists (see allocator.py)
     from .device import parse_device
     from .server import ServerOptions, serve
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
