@@ -23,11 +23,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, TensorfleetError
+from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, TensorfleetError, wire
 from tensorfleet.client.channel import aio_channel
 from tensorfleet.client.inference_client import stream_error
 from tensorfleet.client.messages import parse_infer_response
-from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from .manifest import RowError
 from .planner import Chunk
@@ -306,8 +305,12 @@ class Dispatcher:
         return work, start, stop
 
     async def _stream(self, server: ServerState, channel: grpc.aio.Channel) -> None:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        call = stub.ModelStreamInfer(metadata=self.options.metadata())
+        stream = channel.stream_stream(  # tensor buffers bypass protobuf (client/wire.py)
+            wire.STREAM_METHOD,
+            request_serializer=wire.encode_request,
+            response_deserializer=wire.decode_stream_response,
+        )
+        call = stream(metadata=self.options.metadata())
         inflight: dict[str, tuple[Work, int, int, float]] = {}
         loop = asyncio.get_running_loop()
 
@@ -354,8 +357,8 @@ class Dispatcher:
             call.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
 
-    async def _on_reply(self, server: ServerState, inflight: dict, reply: Any) -> None:
-        entry = inflight.pop(reply.infer_response.id, None)
+    async def _on_reply(self, server: ServerState, inflight: dict, reply: wire.StreamResponse) -> None:
+        entry = inflight.pop(reply.response.message.id, None)
         if entry is None:
             if reply.error_message:
                 raise ServerLost(f"stream error: {reply.error_message}")
@@ -373,7 +376,7 @@ class Dispatcher:
                 raise ServerLost(reply.error_message)
             self._row_failure(work, start, stop, error.code.name, error.message)
         else:
-            outputs = parse_infer_response(reply.infer_response)
+            outputs = parse_infer_response(reply.response)
             bad = [name for name, value in outputs.items() if len(value) != stop - start]
             if bad:
                 self._row_failure(work, start, stop, "INTERNAL", f"outputs {bad} do not have {stop - start} rows")

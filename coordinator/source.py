@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from tensorfleet.client.codec import NUMPY_DTYPES
-from tensorfleet.client.messages import build_infer_request
-from tensorfleet.protos import inference_pb2 as pb
+from tensorfleet.client.messages import build_wire_request
+from tensorfleet.client.wire import InferRequest
 
 from .readers import FieldInfo, Reader
 
@@ -99,21 +99,21 @@ class RequestSource:
             out[name] = values
         return out
 
-    def request(self, request_id: str, rows: slice | np.ndarray) -> pb.ModelInferRequest:
+    def request(self, request_id: str, rows: slice | np.ndarray) -> InferRequest:
         parameters: dict = {EXCLUSIVE: True}
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]
-        return build_infer_request(
+        return build_wire_request(
             self.model, self.inputs_at(rows), request_id=request_id, parameters=parameters,
             version=self.version,
         )
 
-    def preamble(self) -> list[pb.ModelInferRequest]:
+    def preamble(self) -> list[InferRequest]:
         """Requests every new stream sends first: the context put, when the job has a context."""
         if self.context is None:
             return []
         context_id, tensors = self.context
-        return [build_infer_request(
+        return [build_wire_request(
             self.model, tensors, request_id=f"context:{context_id}", parameters={CONTEXT_PUT: context_id},
             version=self.version,
         )]
