@@ -50,16 +50,7 @@ class AsyncInferenceClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
-        self._infer = self._channel.unary_unary(
-            wire.INFER_METHOD,
-            request_serializer=wire.encode_request,
-            response_deserializer=wire.decode_response,
-        )
-        self._stream = self._channel.stream_stream(
-            wire.STREAM_METHOD,
-            request_serializer=wire.encode_request,
-            response_deserializer=wire.decode_stream_response,
-        )
+        self._infer, self._stream = wire.infer_methods(self._channel)
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self

@@ -55,16 +55,7 @@ class InferenceClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
-        self._infer = self._channel.unary_unary(
-            wire.INFER_METHOD,
-            request_serializer=wire.encode_request,
-            response_deserializer=wire.decode_response,
-        )
-        self._stream = self._channel.stream_stream(
-            wire.STREAM_METHOD,
-            request_serializer=wire.encode_request,
-            response_deserializer=wire.decode_stream_response,
-        )
+        self._infer, self._stream = wire.infer_methods(self._channel)
 
     def __enter__(self) -> InferenceClient:
         return self

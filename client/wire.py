@@ -256,3 +256,12 @@ def decode_stream_response(data: bytes) -> StreamResponse:
         message, raw = _decode(reply.response.message, part, RESPONSE_RAW_FIELD, "raw_output_contents")
         reply.response.raw.extend(raw)
     return reply
+
+
+def infer_methods(channel: Any) -> tuple[Any, Any]:
+    """ModelInfer and ModelStreamInfer on a sync or asyncio channel, through this codec."""
+    infer = channel.unary_unary(INFER_METHOD, request_serializer=encode_request, response_deserializer=decode_response)
+    stream = channel.stream_stream(
+        STREAM_METHOD, request_serializer=encode_request, response_deserializer=decode_stream_response
+    )
+    return infer, stream

@@ -305,11 +305,7 @@ class Dispatcher:
         return work, start, stop
 
     async def _stream(self, server: ServerState, channel: grpc.aio.Channel) -> None:
-        stream = channel.stream_stream(  # tensor buffers bypass protobuf (client/wire.py)
-            wire.STREAM_METHOD,
-            request_serializer=wire.encode_request,
-            response_deserializer=wire.decode_stream_response,
-        )
+        _, stream = wire.infer_methods(channel)  # tensor buffers bypass protobuf
         call = stream(metadata=self.options.metadata())
         inflight: dict[str, tuple[Work, int, int, float]] = {}
         loop = asyncio.get_running_loop()
