@@ -5,6 +5,9 @@
   are recomputed from scratch elsewhere. A server that comes back is probed and used again.
 - A request that fails for its rows (not for its server) is split in two and resent, down
   to single rows; those become row errors. Bisection is deterministic, so is the output.
+- When no chunk is left to lease, a server with room in its window takes a request still
+  waiting in another server's chunk, so the job's tail is not one server finishing its last
+  chunk alone. Requests are the plan's, whoever computes them, so results do not change.
 - A finished chunk is handed to `commit` (run in one writer thread) exactly once.
 """
 
@@ -80,8 +83,13 @@ class Work:
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)
     losses: int = 0
     handed_off: bool = False
+    #: The server holding the lease (it commits the chunk), and the lease's generation:
+    #: replies to requests sent before the chunk went back to the queue are ignored.
+    owner: ServerState | None = None
+    generation: int = 0
 
     def reset(self) -> None:
+        self.generation += 1
         self.pending = deque(self.chunk.requests())
         self.inflight = 0
         self.results.clear()
@@ -287,27 +295,44 @@ class Dispatcher:
                 start, stop = work.pending.popleft()
                 work.inflight += 1  # counted before any await, so the chunk cannot look complete
                 return work, start, stop
-        if not self._queue or self._commit_slots.locked():
+        if not self._queue:
+            return self._steal(server)
+        if self._commit_slots.locked():
             return None
         await self._commit_slots.acquire()  # held until the chunk commits or goes back
         if not self._queue:
             self._commit_slots.release()
             return None
         work = heapq.heappop(self._queue)
+        work.owner = server
         server.leases.append(work)
         loop = asyncio.get_running_loop()
         if work.ids is None:
             work.ids = await loop.run_in_executor(self._reader, self.source.ids, work.chunk.start, work.chunk.stop)
         if self._on_lease is not None:
             loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address)
+        if not work.pending:  # taken by other servers while the ids were read
+            return None
         start, stop = work.pending.popleft()
         work.inflight += 1
         return work, start, stop
 
+    def _steal(self, server: ServerState) -> tuple[Work, int, int] | None:
+        """A request waiting in another server's leased chunk (the owner takes from the front)."""
+        for other in self.servers:
+            if other is server:
+                continue
+            for work in other.leases:
+                if work.pending and work.ids is not None and not work.handed_off:
+                    start, stop = work.pending.pop()
+                    work.inflight += 1
+                    return work, start, stop
+        return None
+
     async def _stream(self, server: ServerState, channel: grpc.aio.Channel) -> None:
         _, stream = wire.infer_methods(channel)  # tensor buffers bypass protobuf
         call = stream(metadata=self.options.metadata())
-        inflight: dict[str, tuple[Work, int, int, float]] = {}
+        inflight: dict[str, tuple[Work, int, int, float, int]] = {}
         loop = asyncio.get_running_loop()
 
         async def receive() -> None:
@@ -340,7 +365,7 @@ class Dispatcher:
                         request = await loop.run_in_executor(
                             self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
                         )
-                        inflight[request_id] = (work, start, stop, time.monotonic())
+                        inflight[request_id] = (work, start, stop, time.monotonic(), work.generation)
                         server.requests += 1
                         await call.write(request)
                         continue
@@ -349,9 +374,19 @@ class Dispatcher:
                 waiter.cancel()
             await call.done_writing()
         finally:
+            self._give_back_taken(server, inflight)
             receiver.cancel()
             call.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
+
+    def _give_back_taken(self, server: ServerState, inflight: dict) -> None:
+        """Requests this stream took from other servers' chunks go back to those chunks."""
+        for work, start, stop, _, generation in inflight.values():
+            if work.owner is not server and generation == work.generation and not work.handed_off:
+                work.inflight -= 1
+                work.pending.appendleft((start, stop))
+        inflight.clear()
+        self._notify()
 
     async def _on_reply(self, server: ServerState, inflight: dict, reply: wire.StreamResponse) -> None:
         entry = inflight.pop(reply.response.message.id, None)
@@ -359,7 +394,9 @@ class Dispatcher:
             if reply.error_message:
                 raise ServerLost(f"stream error: {reply.error_message}")
             return
-        work, start, stop, _ = entry
+        work, start, stop, _, generation = entry
+        if generation != work.generation or work.handed_off:
+            return  # the chunk went back to the queue after this was sent
         work.inflight -= 1
         if reply.error_message:
             error = stream_error(reply.error_message)
@@ -380,8 +417,11 @@ class Dispatcher:
                 work.results[start] = (stop, outputs)
                 server.rows += stop - start
         if work.complete and not work.handed_off:
-            server.leases.remove(work)
-            self._hand_off(work, server)
+            owner = work.owner or server
+            if work in owner.leases:
+                owner.leases.remove(work)
+            self._hand_off(work, owner)
+            owner.wake.set()
 
     def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None:
         if stop - start > 1:

@@ -269,3 +269,27 @@ def test_parquet_failing_rows_have_an_errors_file_beside_the_output(tmp_path, se
 def test_serve_subcommand_hands_over_to_the_model_server():
     result = run_tensorfleet("serve", "--help")
     assert result.returncode == 0 and "--model-repository" in result.stdout
+
+
+def test_servers_with_room_take_waiting_requests_of_the_last_chunk(tmp_path):
+    """One chunk of 8 requests and two servers: whoever leases it, the other one computes part
+    of it (each server logs the rows it computed), and the output is still the plan's."""
+    from tests.serving import running_server
+
+    make_fasta(tmp_path / "in.fasta", 64, seed=3)
+    logs = [tmp_path / "rows-slow.log", tmp_path / "rows-fast.log"]
+    with (
+        running_server(MODELS, "--model", "embed", env={"TF_TEST_ROW_LOG": str(logs[0]), "TF_TEST_DELAY_MS": "300"}) as slow,
+        running_server(MODELS, "--model", "embed", env={"TF_TEST_ROW_LOG": str(logs[1])}) as fast,
+    ):
+        job = write_job(
+            tmp_path / "job.yaml", input={"path": "in.fasta"}, model=servers_model([slow, fast], "embed"),
+            output={"path": "out.h5"}, chunking={"chunk_rows": 64, "batch_rows": 8}, policy={"window": 4},
+        )
+        result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    computed = [path.read_text().splitlines() if path.exists() else [] for path in logs]
+    assert computed[0] and computed[1], [len(rows) for rows in computed]
+    assert sorted(computed[0] + computed[1]) == sorted(sequence for _, sequence in make_fasta(tmp_path / "again.fasta", 64, seed=3))
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_array_equal(f["embedding"][:], expected_embeddings(tmp_path / "in.fasta", 8, 64))
