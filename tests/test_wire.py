@@ -233,15 +233,17 @@ def test_non_contiguous_buffer_is_refused() -> None:
 
 # --- malformed bytes ------------------------------------------------------------------------
 def _content(message) -> tuple[str, bytes]:
-    """A message's content in protobuf's own encoding (a stream reply: its two fields)."""
+    """A message's content in protobuf's own deterministic encoding (map entries sorted by
+    key: plain SerializeToString may order a map's entries differently for equal messages).
+    A stream reply: its two fields."""
     if isinstance(message, pb.ModelStreamInferResponse):
-        return message.error_message, message.infer_response.SerializeToString()
+        return message.error_message, message.infer_response.SerializeToString(deterministic=True)
     if isinstance(message, wire.StreamResponse):
         return message.error_message, _content(message.response)[1]
     if isinstance(message, wire.InferRequest | wire.InferResponse):
         encode = wire.encode_request if isinstance(message, wire.InferRequest) else wire.encode_response
         message = type(message.message).FromString(encode(message))
-    return "", message.SerializeToString()
+    return "", message.SerializeToString(deterministic=True)
 
 
 def _same_verdict(decode, message_type, data: bytes) -> None:
