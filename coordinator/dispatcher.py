@@ -447,7 +447,7 @@ class Dispatcher:
         outputs = {name: stack_rows([piece[name] for piece in pieces]) for name in names}
         if chunk.order and ranges:  # back from length order to input order
             positions = np.concatenate([np.arange(start, stop) for start, (stop, _) in ranges])
-            into_input_order = np.argsort(np.asarray(chunk.order)[positions - chunk.start])
+            into_input_order = np.argsort(chunk.offsets()[positions - chunk.start])
             outputs = {name: value[into_input_order] for name, value in outputs.items()}
         assert work.ids is not None
         errors = [

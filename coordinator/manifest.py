@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inputs (path TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     idx INTEGER PRIMARY KEY, start INTEGER NOT NULL, stop INTEGER NOT NULL, bounds TEXT NOT NULL,
-    row_order TEXT NOT NULL DEFAULT '[]',
+    row_order BLOB NOT NULL DEFAULT x'',  -- uint32 LE offsets, see Chunk.order
     done INTEGER NOT NULL DEFAULT 0, part TEXT, failed INTEGER NOT NULL DEFAULT 0,
     server TEXT, committed_at REAL
 );
@@ -83,7 +83,7 @@ class Manifest:
             )
             self._db.executemany(
                 "INSERT INTO chunks (idx, start, stop, bounds, row_order) VALUES (?, ?, ?, ?, ?)",
-                [(c.index, c.start, c.stop, json.dumps(list(c.bounds)), json.dumps(list(c.order)))
+                [(c.index, c.start, c.stop, json.dumps(list(c.bounds)), c.order)
                  for c in plan.chunks],
             )
 
@@ -98,7 +98,7 @@ class Manifest:
 
     def chunks(self) -> list[Chunk]:
         rows = self._db.execute("SELECT idx, start, stop, bounds, row_order FROM chunks ORDER BY idx")
-        return [Chunk(i, s, e, tuple(json.loads(b)), tuple(json.loads(o))) for i, s, e, b, o in rows]
+        return [Chunk(i, s, e, tuple(json.loads(b)), bytes(o)) for i, s, e, b, o in rows]
 
     # --- progress -------------------------------------------------------------------
     def done_chunks(self) -> set[int]:

@@ -30,15 +30,16 @@ class PlanError(Exception):
 class Chunk:
     """Rows [start, stop). Requests are position ranges [bounds[i], bounds[i+1]) in send order.
 
-    Position p (start <= p < stop) stands for input row start + order[p - start]; an empty
-    order means input order (position p is row p).
+    Position p (start <= p < stop) stands for input row start + offsets[p - start], where
+    `order` holds the offsets as little-endian uint32 (4 bytes a row: a plan over millions of
+    rows stays small); empty means input order (position p is row p).
     """
 
     index: int
     start: int
     stop: int
     bounds: tuple[int, ...]
-    order: tuple[int, ...] = ()
+    order: bytes = b""
 
     @property
     def rows(self) -> int:
@@ -51,10 +52,14 @@ class Chunk:
         """Input rows of positions [start, stop): a slice in input order, else an index array."""
         if not self.order:
             return slice(start, stop)
-        return self.start + np.asarray(self.order[start - self.start : stop - self.start], dtype=np.int64)
+        return self.start + self.offsets()[start - self.start : stop - self.start].astype(np.int64)
 
     def row_of(self, position: int) -> int:
-        return position if not self.order else self.start + self.order[position - self.start]
+        return position if not self.order else self.start + int(self.offsets()[position - self.start])
+
+    def offsets(self) -> np.ndarray:
+        """Row offsets in send order (a read-only view of `order`)."""
+        return np.frombuffer(self.order, dtype="<u4")
 
     def request_rows(self) -> list[np.ndarray]:
         """Each request's input rows, in send order (what an in-process loop must batch alike)."""
@@ -181,7 +186,7 @@ def length_sorted_chunks(lengths: np.ndarray, batch_rows: int, token_budget: int
         stop = min(start + chunk_rows, len(lengths))
         order = np.argsort(lengths[start:stop], kind="stable")
         bounds = request_bounds(stop - start, batch_rows, lengths[start:stop][order], token_budget)
-        chunks.append(Chunk(len(chunks), start, stop, tuple(start + b for b in bounds), tuple(order.tolist())))
+        chunks.append(Chunk(len(chunks), start, stop, tuple(start + b for b in bounds), order.astype("<u4").tobytes()))
     return chunks
 
 
