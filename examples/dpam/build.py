@@ -29,12 +29,14 @@ def build_features(repository: Path, seed: int = 3) -> Path:
     import torch
     import yaml
 
-    sys.path.insert(0, str(HERE / "feature_model"))
+    source = HERE / "models" / "dpam_features"  # the committed model class
+    sys.path.insert(0, str(source))
     from model import FEATURES, SIGNALS, network  # type: ignore[import-not-found]
 
     folder = repository / "dpam_features"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(HERE / "feature_model" / "model.py", folder / "model.py")
+    if source.resolve() != folder.resolve():
+        shutil.copyfile(source / "model.py", folder / "model.py")
     torch.manual_seed(seed)
     torch.save(network().state_dict(), folder / "features.pt")
     config = {

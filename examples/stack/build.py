@@ -27,7 +27,9 @@ def build_model(repository: Path, genes: int, seed: int = 7) -> Path:
 
     folder = repository / "stack_toy"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(HERE / "model" / "model.py", folder / "model.py")
+    source = HERE / "models" / "stack_toy" / "model.py"  # the committed model class
+    if source.resolve() != (folder / "model.py").resolve():
+        shutil.copyfile(source, folder / "model.py")
     projection = np.random.default_rng(seed).standard_normal((genes, 16)).astype(np.float32) / genes**0.5
     np.save(folder / "projection.npy", projection)
     config = {
