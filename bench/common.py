@@ -27,7 +27,7 @@ from tests.serving import ServerProcess, launch_server  # noqa: E402
 DEMO_FASTA = REPO_ROOT / "examples" / "data" / "proteins.fasta"
 
 
-def set_torch_threads(threads: int, device: str = "cpu") -> None:
+def like_a_server_process(threads: int, device: str = "cpu") -> None:
     """Give the in-process baseline what a server process gets: the same torch intra-op
     threads (the server's --threads) and, on the CPU, the same allocator tuning
     (`services/allocator.py`), so the comparison measures serving, not a process setting."""

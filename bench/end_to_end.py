@@ -33,9 +33,9 @@ from bench.common import (
     DEMO_FASTA,
     build_protein_repository,
     emit,
+    like_a_server_process,
     machine,
     server_process,
-    set_torch_threads,
 )
 from bench.fleet import run_measured, speed_line, tensorfleet_command, write_job
 
@@ -153,7 +153,7 @@ def measure(args: argparse.Namespace, repository: Path, workdir: Path) -> dict:
 
     from examples.protein.inprocess import load_python_model
 
-    set_torch_threads(args.threads, args.device)
+    like_a_server_process(args.threads, args.device)
     model = load_python_model(repository / MODEL, device=args.device, precision=args.precision)
     server_args = ["--model", MODEL, "--device", args.device, "--log-level", "WARNING"]
     inprocess, served, dispatch = 0.0, 0.0, 0.0

@@ -32,10 +32,10 @@ from bench.common import (
     Stopwatch,
     build_protein_repository,
     emit,
+    like_a_server_process,
     machine,
     protein_sequences,
     server_process,
-    set_torch_threads,
 )
 
 MODEL = "protein_embedder"
@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
     from examples.protein.inprocess import load_python_model
     from tensorfleet.client import InferenceClient
 
-    set_torch_threads(args.threads, args.device)
+    like_a_server_process(args.threads, args.device)
     batches = make_batches(args)
     rows = sum(len(batch) for batch in batches)
     residues = sum(len(seq) for batch in batches for seq in batch)

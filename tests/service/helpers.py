@@ -16,6 +16,7 @@ import numpy as np
 
 from tensorfleet.client import CoordinatorClient
 from tests.coordinator.helpers import REPO_ROOT, tensorfleet_command
+from tests.serving import stop_process
 
 
 @dataclass
@@ -42,15 +43,7 @@ class Coordinator:
         return row[0] if row else None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
 
 def start_coordinator(state_dir: Path, *args: str, env: dict | None = None, timeout: float = 60) -> Coordinator:
