@@ -5,6 +5,11 @@ request and adds others (by arrival, or by nearest length under a token budget) 
 the row limit, waiting at most `max_queue_delay_ms` for company. The batch runs on the
 model's single worker thread; each caller gets its own rows back. Out-of-memory halves
 the batch and retries; a failing batch is rerun request by request so a bad row fails alone.
+
+While a batch runs, the next one is formed and queued on the worker as soon as the waiting
+requests fill it, so the device starts it the moment the first ends: no event-loop round
+trip between batches (a few ms per batch on a loaded host, 4-5 % of a 128 ms batch).
+A batch that is not full yet still waits for the device, where it can gather more company.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,12 +42,21 @@ log = logging.getLogger("tensorfleet.batcher")
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 Outputs = dict[str, np.ndarray]
 
+# batches handed to the model thread at once: one running, one formed and waiting behind it
+PIPELINE_DEPTH = 2
+
 
 @dataclass
 class _Pending:
     request: DecodedRequest
     future: asyncio.Future
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
+
+
+@dataclass
+class _Batch:
+    pending: list[_Pending]
+    work: Future | None = None  # the model thread's item, once handed over
 
 
 class DynamicBatcher:
@@ -61,9 +75,10 @@ class DynamicBatcher:
         self.stats = stats or ModelStats()
         self._on_batch = on_batch  # (rows, queue seconds, compute seconds) for metrics
         self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
+        self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
         self._loop_task: asyncio.Task | None = None
+        self._batches: dict[asyncio.Task, _Batch] = {}  # handed to the worker, not yet answered
         self._closed = False
         self.in_flight = 0
 
@@ -85,6 +100,13 @@ class DynamicBatcher:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        # a batch still waiting behind the running one will never run: answer its callers
+        for task, batch in list(self._batches.items()):
+            if batch.work is not None and batch.work.cancelled():
+                for pending in batch.pending:
+                    if not pending.future.done():
+                        pending.future.set_exception(Unavailable(f"model '{self.config.name}' was unloaded"))
+                task.cancel()
 
     async def submit(self, request: DecodedRequest) -> Outputs:
         """Queue one validated request and wait for its own outputs."""
@@ -97,7 +119,7 @@ class DynamicBatcher:
         self.start()
         pending = _Pending(request, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
-        self._arrived.set()
+        self._wake.set()
         self.in_flight += 1
         started = pending.enqueued_ns
         try:
@@ -112,35 +134,56 @@ class DynamicBatcher:
     # --- the loop -----------------------------------------------------------------
     async def _run(self) -> None:
         while not self._closed:
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
+            if not self._can_start():
+                self._wake.clear()
+                await self._wake.wait()
                 continue
-            await self._wait_for_company()
-            batch = self._take_batch()
-            if batch:
-                await self._execute(batch)
+            if not self._batches:  # the device is free: give the oldest request some company
+                await self._wait_for_company()
+            if self._queue:
+                self._start(self._take_batch())
+
+    def _can_start(self) -> bool:
+        """A batch may be formed now: the device is free, or the waiting requests fill one."""
+        if not self._queue or len(self._batches) >= PIPELINE_DEPTH:
+            return False
+        return not self._batches or self._full_batch_waiting()
 
     async def _wait_for_company(self) -> None:
         """Wait until the batch is full or the oldest request has waited max_queue_delay."""
-        oldest = self._queue[0]
-        if oldest.request.exclusive or not self.config.batched:
-            return
-        enough = max([self.config.max_batch_size, *self.policy.preferred_batch_sizes])
-        enough = min(enough, self.config.max_batch_size)
-        deadline = oldest.enqueued_ns + int(self.policy.max_queue_delay_ms * 1e6)
-        while self._mergeable_rows() < enough:
+        deadline = self._queue[0].enqueued_ns + int(self.policy.max_queue_delay_ms * 1e6)
+        while self._queue and not self._full_batch_waiting():
             remaining = (deadline - time.monotonic_ns()) / 1e9
             if remaining <= 0:
                 return
-            self._arrived.clear()
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 return
 
-    def _mergeable_rows(self) -> int:
-        return sum(p.request.rows for p in self._queue if not p.request.exclusive)
+    def _full_batch_waiting(self) -> bool:
+        """The oldest request with the others it may merge with fill a batch (rows or tokens)."""
+        oldest = self._queue[0]
+        if oldest.request.exclusive or not self.config.batched:
+            return True
+        enough = min(max([self.config.max_batch_size, *self.policy.preferred_batch_sizes]),
+                     self.config.max_batch_size)
+        mergeable = [p.request for p in self._queue if not p.request.exclusive]
+        if sum(r.rows for r in mergeable) >= enough:
+            return True
+        budget = self.policy.token_budget
+        return bool(budget) and sum(r.rows * self._bucket(r) for r in mergeable) >= budget
+
+    def _start(self, pending: list[_Pending]) -> None:
+        batch = _Batch(pending)
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._batches[task] = batch
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._batches.pop(task, None)
+        self._wake.set()
 
     def _bucket(self, request: DecodedRequest) -> int:
         width = self.policy.length_bucket
@@ -181,45 +224,47 @@ class DynamicBatcher:
             return fillable[-1]
         return self.config.max_batch_size
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        batch = [p for p in batch if not p.future.cancelled()]
-        if not batch:
+    async def _execute(self, batch: _Batch) -> None:
+        pending = [p for p in batch.pending if not p.future.cancelled()]
+        if not pending:
             return
-        started = time.monotonic_ns()
-        queue_ns = [started - p.enqueued_ns for p in batch]
         try:
-            results = await self._on_worker([p.request for p in batch])
+            results, started = await self._on_worker(batch, [p.request for p in pending])
         except Exception as error:  # the worker returns errors per request; this is a bug guard
             log.exception("batch for model %s failed outside the model", self.config.name)
-            results = [InternalError(f"model '{self.config.name}': {type(error).__name__}: {error}")] * len(batch)
+            results = [InternalError(f"model '{self.config.name}': {type(error).__name__}: {error}")] * len(pending)
+            started = time.monotonic_ns()
         done = time.monotonic_ns()
-        rows = sum(p.request.rows for p in batch)
+        queue_ns = [max(started - p.enqueued_ns, 0) for p in pending]
+        rows = sum(p.request.rows for p in pending)
         if self._on_batch:
-            self._on_batch(rows, sum(queue_ns) / len(batch) / 1e9, (done - started) / 1e9)
-        for pending, result, waited in zip(batch, results, queue_ns, strict=True):
-            if pending.future.done():
+            self._on_batch(rows, sum(queue_ns) / len(pending) / 1e9, (done - started) / 1e9)
+        for item, result, waited in zip(pending, results, queue_ns, strict=True):
+            if item.future.done():
                 continue
             if isinstance(result, BaseException):
-                pending.future.set_exception(result)
+                item.future.set_exception(result)
             else:
-                self.stats.record_request(True, done - pending.enqueued_ns, waited)
-                pending.future.set_result(result)
+                self.stats.record_request(True, done - item.enqueued_ns, waited)
+                item.future.set_result(result)
 
-    def _on_worker(self, requests: list[DecodedRequest]) -> asyncio.Future:
-        """`_run_batch` on the model thread, its outcome set on a plain asyncio future.
+    def _on_worker(self, batch: _Batch, requests: list[DecodedRequest]) -> asyncio.Future:
+        """`_run_batch` on the model thread; (outcome, start time) set on a plain asyncio future.
 
-        Half the event-loop CPU of `run_in_executor`'s chained futures, paid on every batch."""
+        Half the event-loop CPU of `run_in_executor`'s chained futures, paid on every batch.
+        The start time is taken on the thread: a batch may wait there behind the one running."""
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
 
         def run() -> None:
+            started = time.monotonic_ns()
             try:
-                result, error = self._run_batch(requests), None
+                result, error = (self._run_batch(requests), started), None
             except Exception as caught:  # handed to the loop, where _execute reports it
                 result, error = None, caught
             loop.call_soon_threadsafe(_settle, outcome, result, error)
 
-        self._worker.submit(run)
+        batch.work = self._worker.submit(run)
         return outcome
 
     # --- on the worker thread -------------------------------------------------------

@@ -1,11 +1,13 @@
 """The dynamic batcher driven directly: merging, ordering, token budgets, limits, failures."""
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from tensorfleet.client.errors import InternalError, ResourceExhausted
+from tensorfleet.client.errors import InternalError, ResourceExhausted, Unavailable
 from tensorfleet.services.backends.base import OutOfMemory
 from tensorfleet.services.batch_assembly import BatchAssembly
 from tensorfleet.services.batcher import DynamicBatcher
@@ -111,8 +113,13 @@ async def test_full_queue_answers_resource_exhausted():
     batcher = DynamicBatcher(make_config(max_queue_size=3, max_batch_size=1), blocking)
     first = asyncio.ensure_future(batcher.submit(request([0])))
     await asyncio.sleep(0.1)  # the first is now running; the queue is empty
-    waiting = [asyncio.ensure_future(batcher.submit(request([i]))) for i in range(3)]
-    await asyncio.sleep(0)
+    waiting = []
+    for i in range(5):  # one full batch may move on to wait on the model thread
+        waiting.append(asyncio.ensure_future(batcher.submit(request([i]))))
+        await asyncio.sleep(0.05)
+        if batcher.queue_depth == 3:
+            break
+    assert batcher.queue_depth == 3
     with pytest.raises(ResourceExhausted, match="queue is full"):
         await batcher.submit(request([9]))
     release.set()
@@ -158,3 +165,67 @@ def test_assembly_checks_row_counts():
     assembly = BatchAssembly(config, [request([1]), request([2])])
     with pytest.raises(InternalError, match="output 'y' has 1 rows for a batch of 2"):
         assembly.split({"y": np.zeros((1, 1), np.int64), "width": np.zeros(2, np.int64)})
+
+
+class GatedModel(RecordingModel):
+    """Holds its first batch until `gate` is set; notes when each batch started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.started: list[float] = []
+
+    def __call__(self, inputs):
+        self.started.append(time.monotonic())
+        if len(self.started) == 1:
+            assert self.gate.wait(10)
+        return super().__call__(inputs)
+
+
+def submit_all(batcher, values) -> list[asyncio.Future]:
+    return [asyncio.ensure_future(batcher.submit(request([v]))) for v in values]
+
+
+async def test_a_full_batch_waits_on_the_model_thread_and_starts_without_the_event_loop():
+    model = GatedModel()
+    batcher = DynamicBatcher(make_config(max_batch_size=2), model)
+    first = submit_all(batcher, [1, 2])
+    await asyncio.sleep(0.1)  # running, held by the gate
+    second = submit_all(batcher, [3, 4])
+    await asyncio.sleep(0.1)  # full: formed and handed to the model thread
+    model.gate.set()
+    time.sleep(0.5)  # the event loop is blocked: only the model thread can start the next batch
+    blocked_until = time.monotonic()
+    assert len(model.started) == 2 and model.started[1] < blocked_until
+    results = await asyncio.gather(*first, *second)
+    assert [r["y"][0, 0] for r in results] == [10, 20, 30, 40]
+    await batcher.close()
+
+
+async def test_a_batch_that_is_not_full_waits_for_the_device_and_gathers_company():
+    model = GatedModel()
+    batcher = DynamicBatcher(make_config(max_batch_size=2, max_queue_delay_ms=1), model)
+    first = submit_all(batcher, [1, 2])
+    await asyncio.sleep(0.1)
+    lonely = submit_all(batcher, [3])
+    await asyncio.sleep(0.1)  # far past the queue delay, but the device is busy
+    company = submit_all(batcher, [4])
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.gather(*first, *lonely, *company)
+    assert model.batches == [(2, 1), (2, 1)]  # 3 and 4 ran together
+    await batcher.close()
+
+
+async def test_closing_answers_a_batch_still_waiting_behind_the_running_one():
+    model = GatedModel()
+    batcher = DynamicBatcher(make_config(max_batch_size=2), model)
+    running = submit_all(batcher, [1, 2])
+    await asyncio.sleep(0.1)
+    waiting = submit_all(batcher, [3, 4])
+    await asyncio.sleep(0.1)
+    await batcher.close()
+    model.gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*running, *waiting, return_exceptions=True), 5)
+    assert [o["y"][0, 0] for o in outcomes[:2]] == [10, 20]  # the running batch still answers
+    assert all(isinstance(o, Unavailable) for o in outcomes[2:])
