@@ -7,12 +7,21 @@ each level runs `tensorfleet run JOB --servers <the first N>` as a subprocess ov
 input of N x --rows-per-server rows.
 
 Every server answers one request before the levels run (a warm fleet, as in production).
-Baseline, measured in the same run: one server driven directly by the SDK (full batches,
---window in flight, exclusive) gives rows/s per server; ideal(N) = N x that.
-busy(N) = achieved rows/s / ideal(N), achieved over the dispatch span (first lease to last
-commit, from the job's manifest.sqlite). Coordinator CPU comes from psutil samples of the
-`tensorfleet run` process, interpolated to the same span, per committed chunk; its total
-CPU (start-up, plan and merge included) is reported too.
+The dispatch span runs from the job's first lease to its last commit (the job's
+manifest.sqlite). Two figures per level:
+
+- busy(N): how much of the span each server's model was running, from the servers' own
+  ModelStatistics (compute_infer time during the level / span), averaged over the servers.
+  This is what the coordinator controls: a server waiting for work lowers it.
+- throughput_ratio(N): achieved rows/s over the span / (N x the rows/s of one server driven
+  alone by the SDK, full batches, --window in flight, exclusive; measured in the same run).
+  It also counts the simulated device itself running slower: with N server processes on
+  this host's few cores, a 128 ms sleep returns several ms late (`model_ms_per_request`
+  beside `alone_model_ms_per_request`), which no dispatcher can win back.
+
+Coordinator CPU comes from psutil samples of the `tensorfleet run` process, interpolated to
+the same span, per committed chunk; its total CPU (start-up, plan and merge included) is
+reported too.
 
     python -m bench.scale                                    # 8, 32, 64 servers at 2 ms/row
     python -m bench.scale --servers 8,32 --rows-per-server 4096
@@ -58,7 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def single_server_rate(address: str, batch: int, window: int, requests: int) -> float:
+async def model_seconds(addresses: list[str]) -> np.ndarray:
+    """Per server: (predict calls, seconds spent in predict) so far, from ModelStatistics."""
+    from tensorfleet.client import AsyncInferenceClient
+
+    async def one(address: str) -> tuple[int, float]:
+        async with AsyncInferenceClient(address) as client:
+            stats = (await client.model_statistics(MODEL)).model_stats[0]
+            return stats.execution_count, stats.inference_stats.compute_infer.ns / 1e9
+
+    return np.array(await asyncio.gather(*(one(address) for address in addresses)), dtype=np.float64)
+
+
+async def single_server_rate(address: str, batch: int, window: int, requests: int) -> dict:
     from tensorfleet.client import AsyncInferenceClient
 
     rows = np.zeros((batch, 4), np.float32)
@@ -68,12 +89,16 @@ async def single_server_rate(address: str, batch: int, window: int, requests: in
             MODEL, ({"x": rows} for _ in range(window)), window=window, parameters=params
         ):
             pass
+        before = await model_seconds([address])
         started = time.perf_counter()
         async for _ in client.stream(
             MODEL, ({"x": rows} for _ in range(requests)), window=window, parameters=params
         ):
             pass
-        return requests * batch / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        calls, seconds = (await model_seconds([address]) - before)[0]
+        return {"rows_per_s": requests * batch / elapsed,
+                "model_ms_per_request": round(seconds / calls * 1e3, 2)}
 
 
 class CpuSampler:
@@ -119,16 +144,12 @@ def dispatch_span(job_dir: Path) -> dict:
     first_leases = sorted(at for _, at in leases)
     times = np.array([at for at, _ in commits])
     rows = np.cumsum([count for _, count in commits])
-    # steady state: the middle half of the commits, away from ramp-up and tail
-    low, high = len(times) // 4, (3 * len(times)) // 4
-    steady = (rows[high] - rows[low]) / (times[high] - times[low]) if high > low else float("nan")
     return {
         "first": first_leases[0],
         "last": float(times[-1]),
         "chunks": len(commits),
         "rows": int(rows[-1]),
         "lease_spread_s": first_leases[-1] - first_leases[0],
-        "steady_rows_per_s": steady,
     }
 
 
@@ -153,7 +174,7 @@ def run_level(
     args: argparse.Namespace,
     addresses: list[str],
     workdir: Path,
-    per_server: float,
+    per_server: dict,
     pids: list[int],
 ) -> dict:
     import subprocess
@@ -174,6 +195,7 @@ def run_level(
         },
     )
     job_dir = workdir / f"out-{count}.h5.tfjob"
+    model_before = asyncio.run(model_seconds(addresses))
     before = _cpu_now(pids)
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -191,6 +213,7 @@ def run_level(
             process.wait(10)
     wall = time.perf_counter() - started
     after = _cpu_now(pids)
+    model_time = asyncio.run(model_seconds(addresses)) - model_before
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"tensorfleet run exited {process.returncode}:\n{stdout}\n{stderr}")
@@ -198,7 +221,8 @@ def run_level(
     first, last, chunks, done = times["first"], times["last"], times["chunks"], times["rows"]
     span = last - first
     achieved = done / span
-    ideal = count * per_server
+    ideal = count * per_server["rows_per_s"]
+    busy = model_time[:, 1] / span
     cpu_span = sampler.at(last) - sampler.at(first)
     cpu_total = sampler.samples[-1][1] if sampler.samples else float("nan")
     return {
@@ -209,8 +233,11 @@ def run_level(
         "command_wall_s": round(wall, 2),
         "achieved_rows_per_s": round(achieved, 1),
         "ideal_rows_per_s": round(ideal, 1),
-        "busy": round(achieved / ideal, 3),
-        "steady_busy": round(times["steady_rows_per_s"] / ideal, 3),
+        "busy": round(float(busy.mean()), 3),
+        "least_busy_server": round(float(busy.min()), 3),
+        "throughput_ratio": round(achieved / ideal, 3),
+        "model_ms_per_request": round(float(model_time[:, 1].sum() / model_time[:, 0].sum() * 1e3), 2),
+        "alone_model_ms_per_request": per_server["model_ms_per_request"],
         "first_lease_spread_s": round(times["lease_spread_s"], 3),
         "coordinator_cpu_s_per_chunk": round(cpu_span / chunks, 5),
         "coordinator_cpu_fraction_of_core": round(cpu_span / span, 3),
@@ -266,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_rows": args.chunk_rows,
         "window": args.window,
         "fleet_startup_s": round(startup, 1),
-        "single_server_rows_per_s": round(per_server, 1),
+        "single_server_rows_per_s": round(per_server["rows_per_s"], 1),
         "nominal_rows_per_s_per_server": round(1000 / args.ms_per_row, 1),
         "levels": levels,
     }
     for level in levels:
         record[f"busy_{level['servers']}"] = level["busy"]
+        record[f"throughput_ratio_{level['servers']}"] = level["throughput_ratio"]
         record[f"cpu_s_per_chunk_{level['servers']}"] = level["coordinator_cpu_s_per_chunk"]
     emit(record)
     return 0

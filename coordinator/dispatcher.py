@@ -140,7 +140,7 @@ class Dispatcher:
         commit: Callable[[CompletedChunk], None],
         policy: PolicySpec,
         options: ConnectionOptions | None = None,
-        on_lease: Callable[[int, str], None] | None = None,
+        on_lease: Callable[[int, str, float], None] | None = None,
         on_commit: Callable[[CompletedChunk], None] | None = None,
     ) -> None:
         self.source = source
@@ -304,13 +304,14 @@ class Dispatcher:
             self._commit_slots.release()
             return None
         work = heapq.heappop(self._queue)
+        leased_at = time.time()
         work.owner = server
         server.leases.append(work)
         loop = asyncio.get_running_loop()
         if work.ids is None:
             work.ids = await loop.run_in_executor(self._reader, self.source.ids, work.chunk.start, work.chunk.stop)
         if self._on_lease is not None:
-            loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address)
+            loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address, leased_at)
         if not work.pending:  # taken by other servers while the ids were read
             return None
         start, stop = work.pending.popleft()

@@ -145,8 +145,9 @@ class Manifest:
     def servers(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT address FROM servers ORDER BY address")]
 
-    def note_lease(self, chunk: int, server: str) -> None:
-        self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (chunk, server, time.time()))
+    def note_lease(self, chunk: int, server: str, at: float | None = None) -> None:
+        """`at`: when the chunk was leased (the caller may write this later, off its loop)."""
+        self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (chunk, server, time.time() if at is None else at))
 
     def lease_counts(self) -> dict[int, int]:
         """How often each chunk was handed to a server, over every run of this job."""
