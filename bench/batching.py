@@ -5,15 +5,21 @@
     after the client levels; the mean is the baseline.
 (b) online: N concurrent clients, each its own `AsyncInferenceClient` (its own channel and
     TCP connection; --shared-channel: one client for all), each sending one-row `infer`
-    calls back to back for --seconds. The server's batcher merges them.
+    calls back to back for --seconds. The server's batcher merges them. Each level runs
+    twice: as unary calls (`ratio_N_clients`) and with `shared_stream=True`, where each
+    client's calls are messages on one open stream (`ratio_N_clients_shared_stream`).
 
 The model is `bench/models/mlp`, a torch MLP (width -> hidden x layers -> out) from a fixed
 seed, one server with --threads torch threads; the clients run in this process, one
 asyncio loop. Prints one JSON line: rows/s per level, ratio to offline, the server's
 mean batch size per level (from ModelStatistics), and the CPU each one-row request costs the
-server and the clients. `cpu_ceiling_ratio` is what those costs allow on this machine's cores
-when the model's per-row time (from the offline rate) is added: on a 2-core VM with a cheap
-model the ceiling, not the batcher, bounds the ratio.
+server outside the model (its CPU less the model's compute time) and the clients.
+`cpu_ceiling_ratio` is what those costs allow on this machine's cores when the model's
+per-row time at full batches (from the offline rate) is added: on a 2-core VM with a cheap
+model the ceiling, not the batcher, bounds the ratio. `offline_ratio_at_this_batch_size`
+is the other bound: the offline stream's rate at the mean batch size that level formed (N
+closed-loop clients, each with one request in flight, form batches of about N/2 rows while
+the model runs), over the full-batch rate.
 
     python -m bench.batching                                  # CPU, 1024 -> 2048 x2 -> 256
     python -m bench.batching --device cuda --hidden 8192 --layers 4 --clients 1,8,64,256,1024
@@ -94,11 +100,16 @@ async def online(clients: list, count: int, row: np.ndarray, seconds: float) -> 
     return done / min(seconds, time.perf_counter() - started)
 
 
-async def mean_batch(client, before: tuple[int, int]) -> tuple[float | None, tuple[int, int]]:
+async def counters(client) -> np.ndarray:
+    """(rows, batches, seconds in the model) served so far, from ModelStatistics."""
     stats = (await client.model_statistics(MODEL)).model_stats[0]
-    now = (stats.inference_count, stats.execution_count)
-    rows, runs = now[0] - before[0], now[1] - before[1]
-    return (round(rows / runs, 2) if runs else None), now
+    timing = stats.inference_stats
+    model_ns = timing.compute_input.ns + timing.compute_infer.ns + timing.compute_output.ns
+    return np.array([stats.inference_count, stats.execution_count, model_ns / 1e9])
+
+
+def mean_batch(delta: np.ndarray) -> float | None:
+    return round(float(delta[0] / delta[1]), 2) if delta[1] else None
 
 
 def process_cpu_s(pid: int) -> float:
@@ -109,8 +120,9 @@ def process_cpu_s(pid: int) -> float:
 
 def cpu_ceiling(server_ms: float, client_ms: float, model_ms_per_row: float) -> float:
     """Rows/s a one-row-per-request load can reach when all cores only do this work:
-    each row costs the server's and the clients' per-request CPU plus the model's per-row
-    time. A ratio near ceiling / offline is the most this machine allows."""
+    each row costs the server's (outside the model) and the clients' per-request CPU plus
+    the model's per-row time at full batches. A ratio near ceiling / offline is the most
+    this machine allows."""
     return (os.cpu_count() or 1) * 1000.0 / (server_ms + client_ms + model_ms_per_row)
 
 
@@ -123,45 +135,64 @@ async def measure(args: argparse.Namespace, address: str, server_pid: int) -> di
     row = full[:1].copy()
     control = AsyncInferenceClient(address)
     count = 1 if args.shared_channel else max(levels)
-    clients = [AsyncInferenceClient(address) for _ in range(count)]
+    calls = {
+        "": [AsyncInferenceClient(address) for _ in range(count)],
+        "_shared_stream": [AsyncInferenceClient(address, shared_stream=True) for _ in range(count)],
+    }
     try:
         await offline(control, full, 2, args.window)  # warm up
-        await online(clients, min(8, max(levels)), row, 0.3)
-        _, counters = await mean_batch(control, (0, 0))
+        for clients in calls.values():
+            await online(clients, min(8, max(levels)), row, 0.3)
+        seen = await counters(control)
         first = await offline(control, full, args.offline_batches, args.window)
-        offline_batch, counters = await mean_batch(control, counters)
+        offline_batch = mean_batch(await counters(control) - seen)
         results = []
         for level in levels:
-            server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
-            requests_before = counters[0]
-            rate = await online(clients, level, row, args.seconds)
-            server_cpu = process_cpu_s(server_pid) - server_cpu
-            client_cpu = time.process_time() - client_cpu
-            batch, counters = await mean_batch(control, counters)
-            served = max(counters[0] - requests_before, 1)
-            results.append(
-                {"clients": level, "rows_per_s": round(rate, 1), "server_mean_batch_rows": batch,
-                 "server_cpu_ms_per_request": round(server_cpu / served * 1e3, 3),
-                 "client_cpu_ms_per_request": round(client_cpu / served * 1e3, 3)}
-            )
+            for kind, clients in calls.items():
+                seen = await counters(control)
+                server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
+                rate = await online(clients, level, row, args.seconds)
+                server_cpu = process_cpu_s(server_pid) - server_cpu
+                client_cpu = time.process_time() - client_cpu
+                served = await counters(control) - seen
+                requests = max(served[0], 1)  # one row each
+                results.append(
+                    {"clients": level, "calls": kind.lstrip("_") or "unary",
+                     "rows_per_s": round(rate, 1), "server_mean_batch_rows": mean_batch(served),
+                     "server_cpu_ms_per_request": round(server_cpu / requests * 1e3, 3),
+                     "server_cpu_ms_per_request_outside_model":
+                         round((server_cpu - served[2]) / requests * 1e3, 3),
+                     "client_cpu_ms_per_request": round(client_cpu / requests * 1e3, 3),
+                     "key": f"ratio_{level}_clients{kind}"}
+                )
         last = await offline(control, full, args.offline_batches, args.window)
+        # what batches of the size each level formed can do, streamed offline: closed-loop
+        # clients (one request each in flight) form batches of about half their count
+        sizes = sorted({max(1, round(item["server_mean_batch_rows"] or 1)) for item in results})
+        at_size = {}
+        for size in sizes:
+            batches = max(4, args.offline_batches * args.max_batch // size // 4)
+            at_size[size] = await offline(control, full[:size], batches, args.window)
     finally:
-        for client in [control, *clients]:
+        for client in [control, *calls[""], *calls["_shared_stream"]]:
             await client.close()
     baseline = (first + last) / 2
     model_ms_per_row = 1000.0 / baseline
     for item in results:
         item["ratio"] = round(item["rows_per_s"] / baseline, 3)
         ceiling = cpu_ceiling(
-            item["server_cpu_ms_per_request"], item["client_cpu_ms_per_request"], model_ms_per_row
+            item["server_cpu_ms_per_request_outside_model"], item["client_cpu_ms_per_request"],
+            model_ms_per_row,
         )
         item["cpu_ceiling_ratio"] = round(min(ceiling / baseline, 1.0), 3)
+        size = max(1, round(item["server_mean_batch_rows"] or 1))
+        item["offline_ratio_at_this_batch_size"] = round(at_size[size] / baseline, 3)
     return {
         "offline_rows_per_s": round(baseline, 1),
         "offline_runs_rows_per_s": [round(first, 1), round(last, 1)],
         "offline_mean_batch_rows": offline_batch,
         "levels": results,
-        **{f"ratio_{item['clients']}_clients": item["ratio"] for item in results},
+        **{item.pop("key"): item["ratio"] for item in results},
     }
 
 
