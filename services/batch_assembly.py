@@ -112,7 +112,7 @@ class BatchAssembly:
 def _as_datatype(array: np.ndarray, datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         return array if array.dtype == object else array.astype(object)
-    if datatype == "BF16":
-        return float32_to_bf16_words(array.astype(np.float32))
+    if datatype == "BF16":  # raw bf16 words (uint16) pass as they are; numbers are rounded to them
+        return array if array.dtype == np.uint16 else float32_to_bf16_words(array.astype(np.float32))
     dtype = NUMPY_DTYPES[datatype]
     return array if array.dtype == dtype else array.astype(dtype)

@@ -27,7 +27,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_model(repo: Path, name: str, backend: str, filename: str, precision: str = "fp32") -> None:
+def _write_model(
+    repo: Path, name: str, backend: str, filename: str, precision: str = "fp32", outputs: tuple = ("FP32", "FP32")
+) -> None:
     config = {
         "name": name,
         "backend": backend,
@@ -35,7 +37,10 @@ def _write_model(repo: Path, name: str, backend: str, filename: str, precision: 
         "max_batch_size": 16,
         "precision": precision,
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [8]}, {"name": "scale", "datatype": "FP32", "shape": [1]}],
-        "outputs": [{"name": "hidden", "datatype": "FP32", "shape": [4]}, {"name": "total", "datatype": "FP32", "shape": []}],
+        "outputs": [
+            {"name": "hidden", "datatype": outputs[0], "shape": [4]},
+            {"name": "total", "datatype": outputs[1], "shape": []},
+        ],
         "artifacts": {filename: _sha(repo / name / filename)},
         "warmup": [{"x": [0.0] * 8, "scale": [1.0]}],
     }
@@ -59,6 +64,9 @@ def repository(tmp_path_factory):
     (repo / "scripted_bf16").mkdir()
     torch.jit.save(torch.jit.script(model), str(repo / "scripted_bf16" / "model.pt"))
     _write_model(repo, "scripted_bf16", "torchscript", "model.pt", precision="bf16")
+    (repo / "half_outputs").mkdir()
+    torch.jit.save(torch.jit.script(model), str(repo / "half_outputs" / "model.pt"))
+    _write_model(repo, "half_outputs", "torchscript", "model.pt", precision="bf16", outputs=("FP16", "BF16"))
     return repo, model
 
 
@@ -95,6 +103,21 @@ def test_bf16_precision_runs_in_bf16_and_answers_fp32(repository, server):
         out = client.infer("scripted_bf16", {"x": x, "scale": scale})
     assert out["hidden"].dtype == np.float32
     np.testing.assert_array_equal(out["hidden"], expected.numpy())
+
+
+def test_fp16_and_bf16_outputs_leave_the_model_narrowed_and_keep_their_values(repository, server):
+    _, model = repository
+    x = np.random.default_rng(3).standard_normal((6, 8)).astype(np.float32)
+    scale = np.full((6, 1), 3.0, np.float32)
+    with torch.inference_mode():
+        hidden, total = model.to(torch.bfloat16)(torch.from_numpy(x).bfloat16(), torch.from_numpy(scale).bfloat16())
+        model.float()
+    with InferenceClient(server.address) as client:
+        out = client.infer("half_outputs", {"x": x, "scale": scale})
+    assert out["hidden"].dtype == np.float16
+    np.testing.assert_array_equal(out["hidden"], hidden.half().numpy())
+    # BF16 arrives as float32 in the SDK: exactly the model's bf16 values, no second rounding
+    np.testing.assert_array_equal(out["total"], total.float().numpy())
 
 
 def test_a_checksum_mismatch_is_a_clear_load_error_and_others_keep_serving(repository, tmp_path):

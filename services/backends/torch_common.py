@@ -63,13 +63,20 @@ class TorchProgramBackend(Backend):
                 f"model '{self.context.config.name}' returned {len(tensors)} tensors, "
                 f"config lists {len(specs)} outputs"
             )
-        out = {}
-        for spec, tensor in zip(specs, tensors, strict=True):
-            tensor = tensor.detach()
-            if tensor.dtype in (self._torch().float16, self._torch().bfloat16):
-                tensor = tensor.float()
-            out[spec.name] = tensor.cpu().numpy()
-        return out
+        return {spec.name: self._to_host(tensor, spec.datatype) for spec, tensor in zip(specs, tensors, strict=True)}
+
+    def _to_host(self, tensor: Any, datatype: str) -> np.ndarray:
+        """Narrow to the declared datatype on the device, then copy: an FP16 or BF16 output
+        crosses to the host at half the bytes and needs no cast pass on the server's CPU."""
+        torch = self._torch()
+        tensor = tensor.detach()
+        if datatype == "FP16":
+            return tensor.to(torch.float16).cpu().numpy()
+        if datatype == "BF16":  # numpy has no bfloat16: the raw words, as the wire carries them
+            return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy().view("<u2")
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
 
     def unload(self) -> None:
         self.program = None
