@@ -41,9 +41,11 @@ def like_a_server_process(threads: int, device: str = "cpu") -> None:
 
 
 def build_protein_repository(
-    target: Path, layers: int, dim: int, heads: int, precision: str
+    target: Path, layers: int, dim: int, heads: int, precision: str, per_residue: str | None = None
 ) -> Path:
-    """Build the example protein embedder of this shape into `target` (a model repository)."""
+    """Build the example protein embedder of this shape into `target` (a model repository).
+
+    `per_residue` ("FP16" or "FP32"): serve each residue's state instead of the mean."""
     command = [
         sys.executable,
         str(REPO_ROOT / "examples" / "build_models.py"),
@@ -52,6 +54,7 @@ def build_protein_repository(
         "--dim", str(dim),
         "--heads", str(heads),
         "--precision", precision,
+        *(["--per-residue", per_residue] if per_residue else []),
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO_ROOT)
     return target

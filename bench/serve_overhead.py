@@ -11,11 +11,14 @@ default --batch 64 (the model's max_batch_size) the server cannot merge requests
 sides run identical batches and the difference is the cost of serving alone. The sides
 alternate A B B A ... for `--rounds` rounds so that drift in machine load hits both alike.
 Prints one JSON line: in-process seq/s, served seq/s, their ratio, and the largest
-difference between the two sides' embeddings.
+difference between the two sides' embeddings. With --per-residue FP16 (or FP32) the model
+returns every residue's state instead of the mean (the in-process loop copies the same
+[rows, length, dim] tensors to the host); `output_mb_per_s` says how much crossed the wire.
 
     python -m bench.serve_overhead                                   # CPU, 6 x 320
     python -m bench.serve_overhead --device cuda --layers 33 --dim 1280 --heads 20 \\
         --precision bf16 --sequences 20000 --batch 64 --window 8 --median 300
+    python -m bench.serve_overhead --per-residue FP16                 # per-residue outputs
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repository", type=Path, help="serve this model repository instead of building one"
     )
+    parser.add_argument(
+        "--per-residue", choices=["FP16", "FP32"],
+        help="return each residue's state in this datatype instead of the mean-pooled embedding",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,17 +100,26 @@ def make_batches(args: argparse.Namespace) -> list[np.ndarray]:
     ]
 
 
-def run_inprocess(model, batches: list[np.ndarray], clock: Stopwatch) -> np.ndarray:
+def run_inprocess(model, batches: list[np.ndarray], output: str, clock: Stopwatch) -> list[np.ndarray]:
     with clock.timing():
-        outputs = [model.predict({"sequence": batch})["embedding"] for batch in batches]
-    return np.concatenate(outputs)
+        return [model.predict({"sequence": batch})[output] for batch in batches]
 
 
-def run_served(client, batches: list[np.ndarray], window: int, clock: Stopwatch) -> np.ndarray:
+def run_served(
+    client, batches: list[np.ndarray], output: str, window: int, clock: Stopwatch
+) -> list[np.ndarray]:
     requests = ({"sequence": batch} for batch in batches)
     with clock.timing():
-        outputs = [out["embedding"] for out in client.stream(MODEL, requests, window=window)]
-    return np.concatenate(outputs)
+        return [out[output] for out in client.stream(MODEL, requests, window=window)]
+
+
+def largest_difference(local: list[np.ndarray], remote: list[np.ndarray]) -> float:
+    """Per batch; a served per-residue batch is cut back to its longest sequence."""
+    diff = 0.0
+    for mine, theirs in zip(local, remote, strict=True):
+        index = tuple(slice(0, n) for n in theirs.shape)
+        diff = max(diff, float(np.abs(mine[index].astype(np.float32) - theirs.astype(np.float32)).max()))
+    return diff
 
 
 def measure(args: argparse.Namespace, repository: Path) -> dict:
@@ -116,22 +132,26 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
     residues = sum(len(seq) for batch in batches for seq in batch)
     model = load_python_model(repository / MODEL, device=args.device, precision=args.precision)
     server_args = ["--model", MODEL, "--device", args.device]
+    output = "residues" if args.per_residue else "embedding"
+    output_bytes = 0
     with server_process(repository, *server_args, threads=args.threads) as server:
         with InferenceClient(server.address) as client:
             warm = batches[:1]  # the longest: the allocator sees its largest shape
-            run_inprocess(model, warm, Stopwatch())
-            run_served(client, warm, args.window, Stopwatch())
+            run_inprocess(model, warm, output, Stopwatch())
+            run_served(client, warm, output, args.window, Stopwatch())
             inprocess, served = Stopwatch(), Stopwatch()
             diff = 0.0
             for round_number in range(args.rounds):
                 # A B, then B A: load that drifts during the run hits both sides alike
                 if round_number % 2 == 0:
-                    local = run_inprocess(model, batches, inprocess)
-                    remote = run_served(client, batches, args.window, served)
+                    local = run_inprocess(model, batches, output, inprocess)
+                    remote = run_served(client, batches, output, args.window, served)
                 else:
-                    remote = run_served(client, batches, args.window, served)
-                    local = run_inprocess(model, batches, inprocess)
-                diff = max(diff, float(np.abs(local - remote).max()))
+                    remote = run_served(client, batches, output, args.window, served)
+                    local = run_inprocess(model, batches, output, inprocess)
+                diff = max(diff, largest_difference(local, remote))
+                output_bytes += sum(array.nbytes for array in remote)
+                del local, remote
             stats = client.model_statistics(MODEL)
     inference = stats.model_stats[0] if stats.model_stats else None
     mean_batch = (
@@ -149,6 +169,8 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         "device": args.device,
         "shape": f"{args.layers}x{args.dim} ({args.heads} heads)",
         "precision": args.precision,
+        "output": f"per-residue {args.per_residue}" if args.per_residue else "mean-pooled FP32",
+        "output_mb_per_s": round(output_bytes / served.seconds / 1e6, 2),
         "threads": args.threads,
         "sequences": rows,
         "mean_residues": round(residues / rows, 1),
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="tf-bench-repo-") as tmp:
         repository = build_protein_repository(
-            Path(tmp), args.layers, args.dim, args.heads, args.precision
+            Path(tmp), args.layers, args.dim, args.heads, args.precision, args.per_residue
         )
         emit(measure(args, repository))
     return 0

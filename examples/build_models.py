@@ -30,12 +30,12 @@ version: "1"
 description: >-
   ESM-2-shaped protein encoder ({layers} layers, d={dim}, {heads} heads, ffn {ffn}) with
   fixed-seed random weights (seed {seed}); BYTES sequences are tokenized on the server and
-  the embeddings are mean-pooled over residues.
+  {output_note}.
 max_batch_size: {max_batch_size}
 inputs:
   - {{name: sequence, datatype: BYTES, shape: []}}
 outputs:
-  - {{name: embedding, datatype: FP32, shape: [{dim}]}}
+{outputs}
 batching:
   max_queue_delay_ms: 2
   preferred_batch_sizes: [16, 32, 64]
@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument(
+        "--per-residue", choices=["FP32", "FP16"],
+        help="serve per-residue states (output `residues`, this datatype) instead of mean-pooled",
+    )
     args = parser.parse_args(argv)
     if args.dim % args.heads:
         parser.error(f"--dim {args.dim} is not a multiple of --heads {args.heads}")
@@ -105,6 +109,13 @@ def build(args: argparse.Namespace) -> Path:
         max_batch_size=args.max_batch_size,
         token_budget=args.token_budget,
         precision=args.precision,
+        output_note=(
+            "each residue's state is returned" if args.per_residue else "the embeddings are mean-pooled over residues"
+        ),
+        outputs=(
+            f"  - {{name: residues, datatype: {args.per_residue}, shape: [-1, {shape.dim}], ragged: true}}"
+            if args.per_residue else f"  - {{name: embedding, datatype: FP32, shape: [{shape.dim}]}}"
+        ),
         model_sha=sha256_file(target / "model.py"),
         encoder_sha=sha256_file(target / "encoder.pt"),
     )

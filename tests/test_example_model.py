@@ -158,3 +158,28 @@ def test_served_embeddings_equal_in_process(built, model):
     assert np.abs(one["embedding"] - expected[:7]).max() <= 1e-5
     assert streamed.shape == (50, 320)
     assert np.abs(streamed - expected).max() <= 1e-5
+
+
+def test_per_residue_states_average_to_the_pooled_embedding_and_are_served_in_fp16(model, tmp_path):
+    repo = _build(tmp_path / "residues", "--per-residue", "FP16")
+    _, sequences = read_fasta(FASTA)
+    batch = _rows(sorted(sequences[:12], key=len))
+    per_residue = load_python_model(repo / "protein_embedder")
+    states = per_residue.predict({"sequence": batch})["residues"]
+    lengths = [min(len(s), 1022) for s in batch]
+    assert states.dtype == np.float16 and states.shape[0] == 12 and states.shape[2] == 320
+    pooled = model.predict({"sequence": batch})["embedding"]
+    for row, length in enumerate(lengths):
+        assert not states[row, length:].any()  # past its residues: zeros
+        mean = states[row, :length].astype(np.float32).mean(axis=0)
+        assert np.abs(mean - pooled[row]).max() < 2e-3  # fp16 rounding of each state
+    with (
+        running_server(repo, "--model", "protein_embedder") as server,
+        InferenceClient(server.address) as client,
+    ):
+        alone = client.infer("protein_embedder", {"sequence": batch[3:4]})["residues"]
+        together = client.infer("protein_embedder", {"sequence": batch})["residues"]
+    assert alone.dtype == np.float16 and alone.shape == (1, lengths[3], 320)  # cut to its length
+    assert together.shape == (12, max(lengths), 320)
+    np.testing.assert_array_equal(together, states[:, : max(lengths)])
+    assert np.abs(alone[0].astype(np.float32) - states[3, : lengths[3]]).max() < 1e-2

@@ -7,8 +7,10 @@ the embeddings carry no biology. Rotary position embeddings are replaced by lear
 absolute positions so that the layers stay plain `nn.TransformerEncoderLayer`s, which
 TorchScript compiles and which keep torch's fused inference path.
 
-The module owns the mean pooling: it returns one float32 vector per sequence, averaged
-over real residues (not <cls>, <eos> or <pad>), so only [rows, dim] leaves the device.
+The module owns the mean pooling: `forward` returns one float32 vector per sequence,
+averaged over real residues (not <cls>, <eos> or <pad>), so only [rows, dim] leaves the
+device. `residues` returns the per-residue states instead, [rows, T - 2, dim] in the compute
+dtype, with zeros wherever a row has no residue (its <eos> and padding).
 """
 
 from __future__ import annotations
@@ -64,16 +66,28 @@ class ProteinEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(shape.dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self._hidden(tokens).float()
+        weights = self._is_residue(tokens).to(hidden.dtype).unsqueeze(-1)
+        counts = weights.sum(dim=1).clamp(min=1.0)
+        return (hidden * weights).sum(dim=1) / counts
+
+    @torch.jit.export
+    def residues(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> [B, T - 2, dim]: position i holds residue i (after <cls>)."""
+        hidden = self._hidden(tokens)
+        weights = self._is_residue(tokens).to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights)[:, 1 : tokens.shape[1] - 1]
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         padding = tokens == self.pad_id
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         hidden = self.embed_tokens(tokens) + self.embed_positions(positions)
         for layer in self.layers:
             hidden = layer(hidden, src_key_padding_mask=padding)
-        hidden = self.final_norm(hidden).float()
-        residue = (tokens != self.cls_id) & (tokens != self.eos_id) & ~padding
-        weights = residue.to(hidden.dtype).unsqueeze(-1)
-        counts = weights.sum(dim=1).clamp(min=1.0)
-        return (hidden * weights).sum(dim=1) / counts
+        return self.final_norm(hidden)
+
+    def _is_residue(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens != self.cls_id) & (tokens != self.eos_id) & (tokens != self.pad_id)
 
 
 def build_encoder(shape: EncoderShape, seed: int = 0) -> torch.jit.ScriptModule:

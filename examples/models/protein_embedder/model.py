@@ -13,6 +13,10 @@ Policies:
   so the device sees few distinct shapes (each new shape costs a CUDA warm-up).
 - Precision: fp32 by default; on CUDA, fp16 / bf16 run under autocast. CPU always runs
   fp32. The output is float32 whatever the compute precision.
+- Output: `embedding` [rows, dim], mean-pooled; or, when the config declares an output
+  `residues` (shape [-1, dim], ragged; FP16 or FP32), the per-residue states, narrowed to
+  that datatype on the device. Residue i of a sequence is position i; positions past its
+  (truncated) length are zero, and the server cuts each request back to its longest sequence.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class Model:
             list(context.config.batching.preferred_batch_sizes) if context.config else []
         )
         self.token_budget = int(context.config.batching.token_budget) if context.config else 0
+        outputs = {spec.name: spec.datatype for spec in context.config.outputs} if context.config else {}
+        self.per_residue = "residues" in outputs
+        self.residue_dtype = torch.float16 if outputs.get("residues") == "FP16" else torch.float32
         self.autocast_dtype = None
         precision = context.precision or "fp32"
         if precision != "fp32":
@@ -119,19 +126,28 @@ class Model:
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """int64 [rows, T] -> float32 [rows, dim], on this model's device and precision."""
+        return self._run(self.encoder.forward, tokens, torch.float32)
+
+    def residue_states(self, tokens: np.ndarray) -> np.ndarray:
+        """int64 [rows, T] -> [rows, T - 2, dim] in the declared output datatype."""
+        return self._run(self.encoder.residues, tokens, self.residue_dtype)
+
+    def _run(self, method, tokens: np.ndarray, dtype: torch.dtype) -> np.ndarray:
         batch = torch.from_numpy(tokens)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
             if self.autocast_dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
-                    pooled = self.encoder(batch)
+                    result = method(batch)
             else:
-                pooled = self.encoder(batch)
-            return pooled.float().cpu().numpy()
+                result = method(batch)
+            return result.to(dtype).cpu().numpy()  # narrowed on the device: fewer bytes to copy
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = tokenize(inputs["sequence"], self.max_length, self.bucket)
+        if self.per_residue:
+            return {"residues": self.residue_states(tokens)}
         return {"embedding": self.embed_tokens(tokens)}
 
     def warmup(self) -> None:
@@ -150,7 +166,7 @@ class Model:
                     continue
                 tokens = np.full((rows, width), 4, dtype=np.int64)
                 tokens[:, 0], tokens[:, -1] = CLS, EOS
-                self.embed_tokens(tokens)
+                self.residue_states(tokens) if self.per_residue else self.embed_tokens(tokens)
         torch.cuda.synchronize(self.device)
 
     def unload(self) -> None:
