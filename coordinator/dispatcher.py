@@ -18,7 +18,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,9 @@ from .spec import PolicySpec
 log = logging.getLogger("tensorfleet.coordinator")
 
 #: Codes that say something about the server, not the rows: the server loses its leases.
+# a server the fleet check saw serving this recently skips its first probe (the plan ran in between)
+VERIFIED_FOR_S = 30.0
+
 SERVER_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -142,7 +145,10 @@ class Dispatcher:
         options: ConnectionOptions | None = None,
         on_lease: Callable[[int, str, float], None] | None = None,
         on_commit: Callable[[CompletedChunk], None] | None = None,
+        verified: Mapping[str, float] | None = None,
     ) -> None:
+        """`verified`: address -> time.monotonic() when the fleet check found it serving the
+        model; a server checked that recently opens its first stream without probing again."""
         self.source = source
         self.policy = policy
         self.options = options or ConnectionOptions()
@@ -164,6 +170,7 @@ class Dispatcher:
         self._fatal: BaseException | None = None
         self._commits: set[asyncio.Future] = set()
         self._workers: list[asyncio.Task] = []
+        self._verified = dict(verified or {})
 
     # --- public ----------------------------------------------------------------------
     @property
@@ -238,7 +245,8 @@ class Dispatcher:
         try:
             while not self._finished.is_set():
                 try:
-                    await self._probe(client)
+                    if not self._just_verified(server.address):
+                        await self._probe(client)
                 except (TensorfleetError, grpc.RpcError, asyncio.TimeoutError, OSError) as error:
                     server.last_error = str(error)
                     await asyncio.sleep(delay)
@@ -258,6 +266,11 @@ class Dispatcher:
         finally:
             await client.close()
             await channel.close()
+
+    def _just_verified(self, address: str) -> bool:
+        """True once, for a server the fleet check saw serving within VERIFIED_FOR_S."""
+        checked = self._verified.pop(address, None)
+        return checked is not None and time.monotonic() - checked < VERIFIED_FOR_S
 
     async def _probe(self, client: AsyncInferenceClient) -> None:
         status = await client.health()

@@ -326,6 +326,7 @@ def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[
 def _run(
     spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
     *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
+    verified: dict[str, float] | None = None,
 ) -> RunResult:
     """One model over one reader. Multi-stage jobs run it per stage: without the merge for the
     stages before the last, and with `wrap_commit` to carry earlier stages' failed rows along."""
@@ -356,11 +357,12 @@ def _run(
             if not servers:
                 raise JobFatal(f"model.servers {spec.model.servers} name no server right now; check the name or hostfile")
         try:
-            info, _ = asyncio.run(
+            info, ready = asyncio.run(
                 inspect_fleet(servers, spec.model.name, spec.model.version, _connection(spec), spec.policy.server_wait_s)
             )
         except FleetError as error:
             raise JobFatal(str(error)) from None
+        verified = dict.fromkeys(ready, time.monotonic())
         fields = _fields(spec, reader, info)
         batch_rows, token_budget = _batching(spec, info)
         if manifest is None:
@@ -383,7 +385,7 @@ def _run(
             _check_resume(manifest, settings, info)
         return _execute(
             spec, reader, options, output, job_dir, manifest, info, fields, servers,
-            merge_output=merge_output, wrap_commit=wrap_commit, context=context,
+            merge_output=merge_output, wrap_commit=wrap_commit, context=context, verified=verified,
         )
     except BaseException:
         if created and not planned:
@@ -407,6 +409,7 @@ def _execute(
     spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
     manifest: Manifest, info: ModelInfo, fields: dict[str, str], servers: list[str],
     *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
+    verified: dict[str, float] | None = None,
 ) -> RunResult:
     chunks = manifest.chunks()
     done = manifest.done_chunks()
@@ -429,7 +432,7 @@ def _execute(
     dispatcher = Dispatcher(
         servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest, parts_url)),
         policy=spec.policy, options=_connection(spec),
-        on_lease=manifest.note_lease,
+        on_lease=manifest.note_lease, verified=verified,
     )
     progress = Progress(
         job_dir, total_rows=rows, done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],

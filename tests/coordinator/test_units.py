@@ -155,3 +155,21 @@ def test_manifest_commits_a_chunk_once_with_its_errors(tmp_path):
     assert reopened.errors() == [RowError(9, "seq9", "INTERNAL", "boom")]
     assert reopened.chunks() == plan.chunks
     assert reopened.counts()["rows_failed"] == 1
+
+
+def test_a_server_the_fleet_check_just_saw_skips_only_its_first_probe():
+    import time
+
+    from tensorfleet.coordinator import dispatcher
+    from tensorfleet.coordinator.spec import PolicySpec
+
+    now = time.monotonic()
+    stale = now - dispatcher.VERIFIED_FOR_S - 1
+    checked = dispatcher.Dispatcher(
+        servers=["a:1", "b:1", "c:1"], source=None, chunks=[], commit=lambda done: None,
+        policy=PolicySpec(), verified={"a:1": now, "b:1": stale},
+    )
+    assert checked._just_verified("a:1")
+    assert not checked._just_verified("a:1")  # a reconnect probes again
+    assert not checked._just_verified("b:1")  # checked too long ago (the plan took a while)
+    assert not checked._just_verified("c:1")  # the fleet check did not see it serving
