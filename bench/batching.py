@@ -19,7 +19,8 @@ per-row time at full batches (from the offline rate) is added: on a 2-core VM wi
 model the ceiling, not the batcher, bounds the ratio. `offline_ratio_at_this_batch_size`
 is the other bound: the offline stream's rate at the mean batch size that level formed (N
 closed-loop clients, each with one request in flight, form batches of about N/2 rows while
-the model runs), over the full-batch rate.
+the model runs), over the full-batch rate; `offline_ratio_if_every_client_were_in_each_batch`
+the same at N rows (or max_batch), the most N one-row clients could reach with free requests.
 
     python -m bench.batching                                  # CPU, 1024 -> 2048 x2 -> 256
     python -m bench.batching --device cuda --hidden 8192 --layers 4 --clients 1,8,64,256,1024
@@ -168,7 +169,8 @@ async def measure(args: argparse.Namespace, address: str, server_pid: int) -> di
         last = await offline(control, full, args.offline_batches, args.window)
         # what batches of the size each level formed can do, streamed offline: closed-loop
         # clients (one request each in flight) form batches of about half their count
-        sizes = sorted({max(1, round(item["server_mean_batch_rows"] or 1)) for item in results})
+        sizes = sorted({max(1, round(item["server_mean_batch_rows"] or 1)) for item in results}
+                       | {min(level, args.max_batch) for level in levels})
         at_size = {}
         for size in sizes:
             batches = max(4, args.offline_batches * args.max_batch // size // 4)
@@ -187,6 +189,8 @@ async def measure(args: argparse.Namespace, address: str, server_pid: int) -> di
         item["cpu_ceiling_ratio"] = round(min(ceiling / baseline, 1.0), 3)
         size = max(1, round(item["server_mean_batch_rows"] or 1))
         item["offline_ratio_at_this_batch_size"] = round(at_size[size] / baseline, 3)
+        every_client = at_size[min(item["clients"], args.max_batch)]
+        item["offline_ratio_if_every_client_were_in_each_batch"] = round(every_client / baseline, 3)
     return {
         "offline_rows_per_s": round(baseline, 1),
         "offline_runs_rows_per_s": [round(first, 1), round(last, 1)],
