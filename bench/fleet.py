@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("--port-file", type=Path, required=True)
     echo.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
+    from tensorfleet.services.allocator import tune_allocator
+
+    tune_allocator()  # what a CPU model server process gets (services/cli.py): a fair peer
     asyncio.run(serve_echo(args.host, args.port_file))
     return 0
 
