@@ -40,7 +40,11 @@ class InferenceClient:
         server_name: str | None = None,
         timeout: float | None = None,
         options: ConnectionOptions | None = None,
+        shared_stream: bool = False,
     ) -> None:
+        """`shared_stream`: send `infer` calls (from any number of threads) as messages on one
+        open stream instead of one unary rpc each, about half the server's CPU per small call
+        (client/shared_stream.py); a call's timeout is then kept by the client."""
         self.address = address
         self._options = options or ConnectionOptions(
             token=token,
@@ -56,6 +60,13 @@ class InferenceClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
         self._infer, self._stream = wire.infer_methods(self._channel)
+        self._shared = None
+        if shared_stream:
+            from .shared_stream import ThreadedSharedStream  # it imports this module
+
+            self._shared = ThreadedSharedStream(
+                lambda requests: self._stream(requests, metadata=self._options.metadata())
+            )
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -64,6 +75,8 @@ class InferenceClient:
         self.close()
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
         self._channel.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
@@ -144,6 +157,8 @@ class InferenceClient:
         request = build_wire_request(
             model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
         )
+        if self._shared is not None:
+            return parse_infer_response(self._shared.infer(request, timeout or self._timeout))
         return parse_infer_response(self._call(self._infer, request, timeout))
 
     def stream(

@@ -1,14 +1,21 @@
-"""`AsyncInferenceClient(shared_stream=True)`: many infer calls as messages on one stream, to a
+"""`shared_stream=True` on both clients: many infer calls as messages on one stream, to a
 real server on loopback."""
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tensorfleet.client import AsyncInferenceClient, DeadlineExceeded, TensorfleetError, Unavailable
+from tensorfleet.client import (
+    AsyncInferenceClient,
+    DeadlineExceeded,
+    InferenceClient,
+    TensorfleetError,
+    Unavailable,
+)
 from tests.serving import launch_server, running_server
 
 MODELS = Path(__file__).parent / "models"
@@ -111,4 +118,70 @@ async def test_a_lost_server_fails_the_waiting_calls_and_the_next_call_opens_a_n
             second.stop()
     finally:
         await client.close()
+        first.stop(signal.SIGKILL)
+
+
+# --- the sync client: calls from many threads --------------------------------------------------
+def test_threads_share_one_stream_and_each_gets_its_own_rows(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with InferenceClient(server.address, shared_stream=True) as client:
+        unary = no_unary_calls(client)
+        before = client.model_statistics("slow_identity").model_stats[0]
+        rows = [np.array([[i, 2 * i]], dtype=np.float32) for i in range(64)]
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda row: client.infer("slow_identity", {"x": row}), rows))
+        after = client.model_statistics("slow_identity").model_stats[0]
+    assert unary == []
+    for row, result in zip(rows, results, strict=True):
+        np.testing.assert_array_equal(result["y"], row)
+    assert after.inference_count - before.inference_count == 64
+    assert after.execution_count - before.execution_count < 64
+
+
+def test_sync_replies_overtake_failures_stay_alone_and_timeouts_are_kept(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with InferenceClient(server.address, shared_stream=True) as client, ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.infer, "slow_identity", {"x": np.full((1, 2), 7, np.float32)})
+        time.sleep(0.005)
+        fast = client.infer("flaky_rows", {"x": np.full((1, 4), 1, np.float32)})
+        assert not slow.done()
+        np.testing.assert_array_equal(fast["y"], np.full((1, 4), 2))
+        np.testing.assert_array_equal(slow.result(10)["y"], np.full((1, 2), 7))
+        with pytest.raises(TensorfleetError, match="negative value"):
+            client.infer("flaky_rows", {"x": np.full((1, 4), -1, np.float32)})
+        with pytest.raises(DeadlineExceeded):
+            client.infer("slow_identity", {"x": np.zeros((1, 2), np.float32)}, timeout=0.005)
+        np.testing.assert_array_equal(client.infer("flaky_rows", {"x": np.ones((1, 4), np.float32)})["y"], 2)
+
+
+def test_sync_lost_server_fails_the_waiting_call_and_a_new_stream_opens():
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = launch_server(MODELS)
+    port = first.port
+    try:
+        with InferenceClient(first.address, shared_stream=True) as client, ThreadPoolExecutor(1) as pool:
+            client.infer("slow_identity", {"x": np.zeros((1, 2), np.float32)})
+            waiting = pool.submit(client.infer, "slow_identity", {"x": np.zeros((1, 2), np.float32)})
+            time.sleep(0.01)
+            first.stop(signal.SIGKILL)
+            with pytest.raises(Unavailable):
+                waiting.result(10)
+            second = launch_server(MODELS, "--port", str(port))
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        again = client.infer("slow_identity", {"x": np.full((1, 2), 3, np.float32)})
+                        break
+                    except Unavailable:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+                np.testing.assert_array_equal(again["y"], np.full((1, 2), 3))
+            finally:
+                second.stop()
+    finally:
         first.stop(signal.SIGKILL)
