@@ -156,9 +156,27 @@ def _batching(spec: JobSpec, info: ModelInfo) -> tuple[int, int | None]:
 
 def _fields(spec: JobSpec, reader: Reader, info: ModelInfo) -> dict[str, str]:
     try:
-        return resolve_fields(spec.input.tensors, reader, info.inputs, info.optional_inputs)
+        fields = resolve_fields(spec.input.tensors, reader, info.inputs, info.optional_inputs)
     except FieldMappingError as error:
         raise JobFatal(str(error)) from None
+    _stored_outputs(spec, info)  # checked before anything is planned or sent
+    return fields
+
+
+def _stored_outputs(spec: JobSpec, info: ModelInfo) -> list[str] | None:
+    """The outputs the job keeps (output.tensors and the lengths of its ragged ones); only
+    these are asked for, so an output nobody stores (per-residue states beside a mean) is
+    neither sent nor written to parts. None: the job keeps every output."""
+    if not spec.output.tensors:
+        return None
+    wanted = [*spec.output.tensors, *(v for v in spec.output.ragged.values() if v not in spec.output.tensors)]
+    unknown = [name for name in wanted if name not in info.outputs]
+    if unknown:
+        raise JobFatal(
+            f"output.tensors / output.ragged name {unknown}, which model '{info.name}' does not return "
+            f"(it returns: {sorted(info.outputs)})"
+        )
+    return wanted
 
 
 def _check_inputs(manifest: Manifest) -> None:
@@ -429,6 +447,7 @@ def _execute(
     rows = counts["rows"]
     source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
     source.context = context  # (id, tensors): a prompt put once per stream (in-context jobs)
+    source.outputs = _stored_outputs(spec, info)
     dispatcher = Dispatcher(
         servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest, parts_url)),
         policy=spec.policy, options=_connection(spec),

@@ -77,6 +77,8 @@ class RequestSource:
         self.version = version
         #: A stored context (prompt): (id, tensors), put once per stream, referenced by every request.
         self.context: tuple[str, dict[str, np.ndarray]] | None = None
+        #: Outputs to ask for (the ones the job stores); None: every output the model has.
+        self.outputs: list[str] | None = None
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.inputs_at(slice(start, stop))
@@ -105,7 +107,7 @@ class RequestSource:
             parameters[CONTEXT] = self.context[0]
         return build_wire_request(
             self.model, self.inputs_at(rows), request_id=request_id, parameters=parameters,
-            version=self.version,
+            version=self.version, outputs=self.outputs,
         )
 
     def preamble(self) -> list[InferRequest]:

@@ -293,3 +293,33 @@ def test_servers_with_room_take_waiting_requests_of_the_last_chunk(tmp_path):
     assert sorted(computed[0] + computed[1]) == sorted(sequence for _, sequence in make_fasta(tmp_path / "again.fasta", 64, seed=3))
     with h5py.File(tmp_path / "out.h5") as f:
         np.testing.assert_array_equal(f["embedding"][:], expected_embeddings(tmp_path / "in.fasta", 8, 64))
+
+
+def test_only_the_stored_outputs_are_asked_for_and_an_unknown_one_fails_before_dispatch(tmp_path, servers):
+    from tensorfleet.coordinator.parts import Part
+
+    x, _ = _numeric_inputs(tmp_path, rows=40)
+    np.save(tmp_path / "x.npy", x)
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "x.npy"}, model=servers_model(servers, "vec8"),
+        output={"path": "out.h5", "tensors": {"norm": "norm"}}, chunking={"chunk_rows": 16},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    parts = sorted((tmp_path / "out.h5.tfjob" / "parts").iterdir())
+    assert parts
+    for path in parts:  # vec8 also returns y: never sent, never written
+        with Part(path) as part:
+            assert "norm" in part.names and "y" not in part.names
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["norm"][:], load_test_model("vec8").predict({"x": x})["norm"], rtol=1e-5)
+        assert "y" not in f
+
+    bad = write_job(
+        tmp_path / "bad.yaml", input={"path": "x.npy"}, model=servers_model(servers, "vec8"),
+        output={"path": "bad.h5", "tensors": {"y": "y", "z": "z"}},
+    )
+    result = run_tensorfleet("run", bad)
+    assert result.returncode == 2, result.stderr
+    assert "name ['z'], which model 'vec8' does not return (it returns: ['norm', 'y'])" in result.stderr
+    assert not (tmp_path / "bad.h5.tfjob").exists()
