@@ -54,6 +54,13 @@ class BatchAssembly:
             start += request.rows
         self.rows = start
 
+    @property
+    def wanted(self) -> frozenset[str] | None:
+        """The outputs some request of the batch asked for; None when one asked for all."""
+        if any(not request.requested_outputs for request in self.requests):
+            return None
+        return frozenset(name for request in self.requests for name in request.requested_outputs)
+
     def merge(self) -> dict[str, np.ndarray]:
         """One array per input, requests stacked along the batch axis in order."""
         if not self.config.batched:
@@ -78,7 +85,12 @@ class BatchAssembly:
 
     def split(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Each request's own rows of every output, cast to the declared datatype."""
-        checked = {spec.name: self._check(spec, outputs) for spec in self.config.outputs}
+        wanted = self.wanted
+        checked = {
+            spec.name: self._check(spec, outputs)
+            for spec in self.config.outputs
+            if wanted is None or spec.name in wanted
+        }
         results: list[dict[str, np.ndarray]] = []
         for request, rows in zip(self.requests, self.slices, strict=True):
             own: dict[str, np.ndarray] = {}

@@ -39,7 +39,9 @@ from .validation import DecodedRequest
 
 log = logging.getLogger("tensorfleet.batcher")
 
-Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# predict(inputs) or, when the batch's requests asked for only some outputs, predict(inputs,
+# outputs=those names): a backend may then skip the others (no copy off the device)
+Predict = Callable[..., dict[str, np.ndarray]]
 Outputs = dict[str, np.ndarray]
 
 # batches handed to the model thread at once: one running, one formed and waiting behind it
@@ -295,20 +297,24 @@ class DynamicBatcher:
         t0 = time.monotonic_ns()
         merged = assembly.merge()
         t1 = time.monotonic_ns()
-        outputs = self._predict_halving(merged, assembly.rows, requests[0].context_inputs)
+        outputs = self._predict_halving(merged, assembly.rows, requests[0].context_inputs, assembly.wanted)
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
         self.stats.record_io(t1 - t0, t3 - t2)
         return split
 
-    def _predict_halving(self, inputs: dict[str, np.ndarray], rows: int, context: dict | None = None) -> Outputs:
+    def _predict_halving(
+        self, inputs: dict[str, np.ndarray], rows: int, context: dict | None = None,
+        wanted: frozenset[str] | None = None,
+    ) -> Outputs:
         """Out of memory: run the two halves separately and join them, down to one row.
 
         `context` (a stored prompt) goes whole with every half: it is not rows of this batch."""
         started = time.monotonic_ns()
+        feed = {**inputs, **context} if context else inputs
         try:
-            outputs = self._predict({**inputs, **context} if context else inputs)
+            outputs = self._predict(feed) if wanted is None else self._predict(feed, outputs=wanted)
             self.stats.record_execution(rows, time.monotonic_ns() - started)
             return outputs
         except Exception as error:
@@ -320,8 +326,8 @@ class DynamicBatcher:
                 ) from error
             half = rows // 2
             log.warning("model %s: out of memory at %d rows; halving", self.config.name, rows)
-        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half, context)
-        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half, context)
+        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half, context, wanted)
+        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half, context, wanted)
         return {name: _join(first[name], second[name]) for name in first}
 
     def _model_error(self, error: Exception) -> TensorfleetError:

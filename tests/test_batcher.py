@@ -229,3 +229,28 @@ async def test_closing_answers_a_batch_still_waiting_behind_the_running_one():
     outcomes = await asyncio.wait_for(asyncio.gather(*running, *waiting, return_exceptions=True), 5)
     assert [o["y"][0, 0] for o in outcomes[:2]] == [10, 20]  # the running batch still answers
     assert all(isinstance(o, Unavailable) for o in outcomes[2:])
+
+
+async def test_predict_is_told_the_outputs_a_batch_wants_and_may_leave_out_the_rest():
+    told = []
+
+    def lazy(inputs, outputs=None):
+        told.append(outputs)
+        result = {"width": np.zeros(inputs["x"].shape[0], np.int64)}
+        if outputs is None or "y" in outputs:
+            result["y"] = inputs["x"] * 10
+        return result
+
+    def wanting(values, outputs):
+        item = request(values)
+        item.requested_outputs = outputs
+        return item
+
+    batcher = DynamicBatcher(make_config(max_batch_size=2), lazy)
+    only_width = await run_all(batcher, [wanting([1], ["width"]), wanting([2], ["width"])])
+    assert told == [frozenset({"width"})]
+    assert all(set(result) == {"width"} for result in only_width)
+    mixed = await run_all(batcher, [wanting([3], ["width"]), request([4])])  # one wants all
+    assert told[-1] is None
+    assert set(mixed[0]) == {"width"} and mixed[1]["y"][0, 0] == 40
+    await batcher.close()

@@ -154,3 +154,13 @@ def _wait_for_in_flight(srv, at_least: int) -> None:
                 return
             time.sleep(0.01)
     raise AssertionError("requests never queued up")
+
+
+def test_a_python_model_is_told_which_outputs_were_asked_for(server):
+    x = np.ones((3, 2), np.float32)
+    with InferenceClient(server.address) as client:
+        some = client.infer("told_outputs", {"x": x}, outputs=["told"])
+        every = client.infer("told_outputs", {"x": x})
+    assert set(some) == {"told"} and some["told"].tolist() == [1, 1, 1]
+    assert every["told"].tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(every["big"], x * 2)

@@ -88,6 +88,9 @@ def test_served_outputs_equal_the_in_process_model(repository, server, name):
     with InferenceClient(server.address) as client:
         out = client.infer(name, {"x": x, "scale": scale})
         assert client.model_config(name).platform in ("pytorch_libtorch", "pytorch_export")
+        only_total = client.infer(name, {"x": x, "scale": scale}, outputs=["total"])
+    assert set(only_total) == {"total"}
+    np.testing.assert_array_equal(only_total["total"], out["total"])
     np.testing.assert_allclose(out["hidden"], hidden.numpy(), atol=1e-5)
     np.testing.assert_allclose(out["total"], total.numpy(), atol=1e-5)
 

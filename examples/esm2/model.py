@@ -143,8 +143,11 @@ class Model:
         self.pool = esm2.pool
         self.dim = config.dim
 
-    def run(self, tokens: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [rows, T] -> (mean [rows, dim], per-residue [rows, max(kept), dim]) as float32."""
+    def run(
+        self, tokens: np.ndarray, kept: np.ndarray, residues: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens [rows, T] -> (mean [rows, dim], per-residue [rows, max(kept), dim] or None) as
+        float32; without `residues` the per-residue states never leave the device."""
         batch = torch.from_numpy(tokens)
         lengths = torch.from_numpy(kept)
         if self.device.type == "cuda":
@@ -156,21 +159,30 @@ class Model:
                     hidden = self.encoder(batch)
             else:
                 hidden = self.encoder(batch)
-            mean, residues = self.pool(hidden, lengths)
-            return mean.cpu().numpy(), residues.cpu().numpy()
+            mean, states = self.pool(hidden, lengths)
+            return mean.cpu().numpy(), (states.cpu().numpy() if residues else None)
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        """`outputs`: what the batch's requests asked for (None: all). A job that keeps only
+        `mean` gets no per-residue states: not copied off the device, not sent."""
         items = [_as_bytes(item) for item in np.asarray(inputs["sequence"], dtype=object).reshape(-1)]
         kept = check_lengths(items, self.max_length, self.policy)
         rows = len(items)
+        residues = outputs is None or "per_residue" in outputs
         mean = np.zeros((rows, self.dim), dtype=np.float32)
-        per_residue = np.zeros((rows, int(kept.max(initial=0)), self.dim), dtype=np.float32)
+        per_residue = np.zeros((rows, int(kept.max(initial=0)), self.dim), dtype=np.float32) if residues else None
         for group in plan_batches(kept, self.token_budget, self.bucket):
             group_items = [items[i] for i in group]
-            group_mean, group_residues = self.run(tokenize(group_items, kept[group], self.bucket), kept[group])
+            group_mean, group_residues = self.run(
+                tokenize(group_items, kept[group], self.bucket), kept[group], residues
+            )
             mean[group] = group_mean
-            per_residue[group, : group_residues.shape[1]] = group_residues
-        return {"mean": mean, "per_residue": per_residue, "length": kept.astype(np.int32)}
+            if per_residue is not None:
+                per_residue[group, : group_residues.shape[1]] = group_residues
+        result = {"mean": mean, "length": kept.astype(np.int32)}
+        if per_residue is not None:
+            result["per_residue"] = per_residue
+        return result
 
     def warmup(self) -> None:
         """CUDA: run every length bucket once at the row count the token budget allows."""

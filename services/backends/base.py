@@ -64,8 +64,13 @@ class Backend(abc.ABC):
         """Run example shapes so the first real request pays no compile or allocation cost."""
 
     @abc.abstractmethod
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One batch in (first axis = rows), one batch out with the same row count."""
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """One batch in (first axis = rows), one batch out with the same row count.
+
+        `outputs`: the only outputs this batch's requests want (None: all); the others may be
+        left out of the result."""
 
     def unload(self) -> None:
         """Release device memory."""

@@ -7,6 +7,7 @@ on the server. The class lives in the model folder (`python.module`, default mod
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 
 import numpy as np
@@ -21,6 +22,7 @@ class PythonModelBackend(Backend):
     def __init__(self, context: ModelContext) -> None:
         super().__init__(context)
         self.model: object | None = None
+        self.takes_outputs = False
 
     def load(self) -> None:
         spec_cfg = self.context.config.python
@@ -42,13 +44,19 @@ class PythonModelBackend(Backend):
                 raise InvalidArgument(f"{path}: class {spec_cfg.class_name} has no {method}() method")
         model.load(self.context)
         self.model = model
+        # a model whose predict takes `outputs` is told which outputs the batch needs
+        self.takes_outputs = "outputs" in inspect.signature(model.predict).parameters
 
     def warmup(self) -> None:
         warm = getattr(self.model, "warmup", None)
         if callable(warm):
             warm()
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        if outputs is not None and self.takes_outputs:
+            return self.model.predict(inputs, outputs=outputs)  # type: ignore[union-attr]
         return self.model.predict(inputs)  # type: ignore[union-attr]
 
     def unload(self) -> None:

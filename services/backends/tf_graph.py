@@ -116,7 +116,9 @@ class GraphCheckpointBackend(Backend):
                 f"which the graph lacks ({str(error).splitlines()[0]})"
             ) from None
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:  # TF computes every fetched output: `outputs` is not used
         feed = dict(self.constants)
         for spec in self.context.config.inputs:
             # an optional input left out falls back to its placeholder's default

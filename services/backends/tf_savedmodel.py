@@ -100,7 +100,9 @@ class SavedModelBackend(Backend):
         for spec in config.outputs:
             check_shape(config, spec, _dims(saved_outputs[spec.name].shape), f"{where} output")
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:  # TF computes every fetched output: `outputs` is not used
         tf = self.tf
         with tf.device(self.device_name):
             feeds = {

@@ -43,14 +43,17 @@ class TorchProgramBackend(Backend):
             tensor = tensor.to(dtype)
         return tensor
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:
         torch = self._torch()
         args = [self._to_device(inputs[spec.name]) for spec in self.context.config.inputs]
         with torch.inference_mode():
             result = self.program(*args)
-        return self._outputs(result)
+        return self._outputs(result, outputs)
 
-    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
+    def _outputs(self, result: Any, wanted: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        """The program's outputs on the host; those no request wants stay on the device."""
         specs = self.context.config.outputs
         if isinstance(result, dict):
             tensors = [result[spec.name] for spec in specs]
@@ -63,7 +66,11 @@ class TorchProgramBackend(Backend):
                 f"model '{self.context.config.name}' returned {len(tensors)} tensors, "
                 f"config lists {len(specs)} outputs"
             )
-        return {spec.name: self._to_host(tensor, spec.datatype) for spec, tensor in zip(specs, tensors, strict=True)}
+        return {
+            spec.name: self._to_host(tensor, spec.datatype)
+            for spec, tensor in zip(specs, tensors, strict=True)
+            if wanted is None or spec.name in wanted
+        }
 
     def _to_host(self, tensor: Any, datatype: str) -> np.ndarray:
         """Narrow to the declared datatype on the device, then copy: an FP16 or BF16 output

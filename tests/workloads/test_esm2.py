@@ -128,6 +128,12 @@ def test_truncate_policy_keeps_the_first_max_length_residues(example, tmp_path):
         np.testing.assert_allclose(out["per_residue"][row, : len(want)], want, atol=TOLERANCE, rtol=0)
         np.testing.assert_allclose(out["mean"][row], want_mean, atol=TOLERANCE, rtol=0)
     assert not out["per_residue"][1, 10:].any()
+    # a job that keeps only the mean: the per-residue states are left out, the mean is the same
+    means_only = model.predict(
+        {"sequence": np.array([s.encode() for s in sequences], dtype=object)}, outputs=frozenset({"mean"})
+    )
+    assert "per_residue" not in means_only
+    np.testing.assert_array_equal(means_only["mean"], out["mean"])
 
 
 def test_checkpoint_formats_and_key_mapping(tmp_path):
