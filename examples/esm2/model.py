@@ -3,8 +3,9 @@
 Copied into each model folder by `examples/esm2/build.py` next to `esm2.py` (the encoder)
 and `weights.pt` (its state dict, ESM-2 names). Outputs per row:
 - `mean` FP32 [dim]: the final hidden states averaged over the residues (not <cls>/<eos>).
-- `per_residue` FP32 [L, dim], ragged: one vector per residue kept. Rows of one reply are
-  zero-padded to the longest; `length` says how many of each row's vectors are real.
+- `per_residue` FP32 or FP16 (as config.yaml declares it) [L, dim], ragged: one vector per
+  residue kept, narrowed on the device. Rows of one reply are zero-padded to the longest;
+  `length` says how many of each row's vectors are real.
 - `length` INT32: residues kept for the row.
 
 Parameters (config.yaml `parameters`):
@@ -142,6 +143,9 @@ class Model:
         self.encoder = self.encoder.to(self.device).eval()
         self.pool = esm2.pool
         self.dim = config.dim
+        declared = {spec.name: spec.datatype for spec in context.config.outputs} if context.config else {}
+        half = declared.get("per_residue") == "FP16"
+        self.residue_dtype, self.residue_numpy = (torch.float16, np.float16) if half else (torch.float32, np.float32)
 
     def run(
         self, tokens: np.ndarray, kept: np.ndarray, residues: bool = True
@@ -160,7 +164,7 @@ class Model:
             else:
                 hidden = self.encoder(batch)
             mean, states = self.pool(hidden, lengths)
-            return mean.cpu().numpy(), (states.cpu().numpy() if residues else None)
+            return mean.float().cpu().numpy(), (states.to(self.residue_dtype).cpu().numpy() if residues else None)
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         """`outputs`: what the batch's requests asked for (None: all). A job that keeps only
@@ -170,7 +174,8 @@ class Model:
         rows = len(items)
         residues = outputs is None or "per_residue" in outputs
         mean = np.zeros((rows, self.dim), dtype=np.float32)
-        per_residue = np.zeros((rows, int(kept.max(initial=0)), self.dim), dtype=np.float32) if residues else None
+        shape = (rows, int(kept.max(initial=0)), self.dim)
+        per_residue = np.zeros(shape, dtype=self.residue_numpy) if residues else None
         for group in plan_batches(kept, self.token_budget, self.bucket):
             group_items = [items[i] for i in group]
             group_mean, group_residues = self.run(

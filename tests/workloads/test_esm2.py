@@ -134,6 +134,15 @@ def test_truncate_policy_keeps_the_first_max_length_residues(example, tmp_path):
     )
     assert "per_residue" not in means_only
     np.testing.assert_array_equal(means_only["mean"], out["mean"])
+    # per_residue declared FP16: narrowed on the device, the same values to fp16 precision
+    build.main(["--from-hf", str(root / "hf"), "--out", str(tmp_path / "half"), "--max-length", "12",
+                "--per-residue-dtype", "FP16"])
+    half = load_python_model(tmp_path / "half" / "esm2").predict(
+        {"sequence": np.array([s.encode() for s in sequences], dtype=object)}
+    )
+    assert half["per_residue"].dtype == np.float16
+    np.testing.assert_array_equal(half["per_residue"], out["per_residue"].astype(np.float16))
+    np.testing.assert_array_equal(half["mean"], out["mean"])
 
 
 def test_checkpoint_formats_and_key_mapping(tmp_path):
