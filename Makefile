@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Model weights cannot be downloaded here: the example models are built locally, fixed seeds.
-$(MODELS): $(STAMP) examples/build_models.py
+$(MODELS): $(STAMP) examples/build_models.py examples/protein/encoder.py examples/models/protein_embedder/model.py
 	$(BIN)/python examples/build_models.py
 
 models: $(MODELS)

@@ -2,8 +2,10 @@
 
 Model weights cannot be downloaded on the machines this project runs on, so the example
 protein embedder gets random weights from a fixed seed (`torch.manual_seed`), built on the
-CPU. The same seed, shape and torch version always give a byte-identical `encoder.pt`, so
-the checksums in the committed `config.yaml` stay valid after a rebuild.
+CPU. In one checkout, the same seed, shape and torch version always give a byte-identical
+`encoder.pt`. TorchScript's debug records hold the source files' paths (this checkout's and
+torch's), so a checkout in another folder gets other bytes: `config.yaml`, which lists the
+checksums, is written here beside `encoder.pt` rather than committed.
 
     python examples/build_models.py                      # the 8M shape into examples/models
     python examples/build_models.py --layers 33 --dim 1280 --heads 20 --out /tmp/repo
