@@ -57,23 +57,6 @@ def build_wire_request(
     return InferRequest(request, raw)
 
 
-def build_infer_request(
-    model: str,
-    inputs: Mapping[str, Any],
-    *,
-    request_id: str = "",
-    outputs: Iterable[str] | None = None,
-    parameters: Mapping[str, ParameterValue] | None = None,
-    version: str = "",
-) -> pb.ModelInferRequest:
-    """The same request as a plain protobuf message, for stubs with protobuf's own serializer."""
-    wire = build_wire_request(
-        model, inputs, request_id=request_id, outputs=outputs, parameters=parameters, version=version
-    )
-    wire.message.raw_input_contents.extend(memoryview(buffer).tobytes() for buffer in wire.raw)
-    return wire.message
-
-
 def parse_infer_response(response: pb.ModelInferResponse | InferResponse) -> dict[str, np.ndarray]:
     """name -> array for every output, from raw or typed contents.
 
