@@ -254,3 +254,20 @@ async def test_predict_is_told_the_outputs_a_batch_wants_and_may_leave_out_the_r
     assert told[-1] is None
     assert set(mixed[0]) == {"width"} and mixed[1]["y"][0, 0] == 40
     await batcher.close()
+
+
+async def test_requests_that_fill_the_token_budget_are_a_full_batch_to_queue_behind_the_running_one():
+    model = GatedModel()
+    config = make_config(max_batch_size=16, token_budget=32, length_bucket=8)
+    batcher = DynamicBatcher(config, model)
+    first = asyncio.ensure_future(batcher.submit(request([1] * 16)))
+    await asyncio.sleep(0.1)  # running, held by the gate
+    budget = [asyncio.ensure_future(batcher.submit(request([2] * 16))) for _ in range(2)]  # 2 x 16 tokens
+    await asyncio.sleep(0.1)  # 2 rows of 16 fill the 32-token budget though 2 < 16 rows
+    model.gate.set()
+    time.sleep(0.5)  # the event loop is blocked: only a batch already queued can start
+    assert len(model.started) == 2
+    results = await asyncio.gather(first, *budget)
+    assert [r["y"][0, 0] for r in results] == [10, 20, 20]
+    assert model.batches == [(1, 16), (2, 16)]
+    await batcher.close()
