@@ -53,13 +53,11 @@ class BatchAssembly:
             self.slices.append(RowSlice(start, start + request.rows, request.length))
             start += request.rows
         self.rows = start
-
-    @property
-    def wanted(self) -> frozenset[str] | None:
-        """The outputs some request of the batch asked for; None when one asked for all."""
-        if any(not request.requested_outputs for request in self.requests):
-            return None
-        return frozenset(name for request in self.requests for name in request.requested_outputs)
+        #: the outputs some request of the batch asked for; None when one asked for all
+        self.wanted: frozenset[str] | None = (
+            None if any(not r.requested_outputs for r in self.requests)
+            else frozenset(name for r in self.requests for name in r.requested_outputs)
+        )
 
     def merge(self) -> dict[str, np.ndarray]:
         """One array per input, requests stacked along the batch axis in order."""
@@ -85,11 +83,10 @@ class BatchAssembly:
 
     def split(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Each request's own rows of every output, cast to the declared datatype."""
-        wanted = self.wanted
         checked = {
             spec.name: self._check(spec, outputs)
             for spec in self.config.outputs
-            if wanted is None or spec.name in wanted
+            if self.wanted is None or spec.name in self.wanted
         }
         results: list[dict[str, np.ndarray]] = []
         for request, rows in zip(self.requests, self.slices, strict=True):

@@ -164,7 +164,7 @@ class Model:
             else:
                 hidden = self.encoder(batch)
             mean, states = self.pool(hidden, lengths)
-            return mean.float().cpu().numpy(), (states.to(self.residue_dtype).cpu().numpy() if residues else None)
+            return mean.cpu().numpy(), (states.to(self.residue_dtype).cpu().numpy() if residues else None)
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         """`outputs`: what the batch's requests asked for (None: all). A job that keeps only
