@@ -8,20 +8,24 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from tensorfleet.protos import inference_pb2 as pb
-from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
-from . import wire
+from .base import ClientBase, InOrder, ReadinessDeadline, check_window
 from .channel import ConnectionOptions, aio_channel
-from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
-from .inference_client import StreamResult, _stream_result
-from .messages import ParameterValue, build_wire_request, parse_infer_response
+from .errors import TensorfleetError, from_rpc_error
+from .messages import (
+    ParameterValue,
+    StreamResult,
+    build_wire_request,
+    parse_infer_response,
+    stream_result,
+)
 from .shared_stream import SharedStream
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(ClientBase):
     """Calls one server's GRPCInferenceService from asyncio code."""
 
     def __init__(
@@ -41,21 +45,11 @@ class AsyncInferenceClient:
         """`shared_stream`: send `infer` calls as messages on one open stream instead of one
         unary rpc each, about half the server's CPU per small call (client/shared_stream.py);
         a call's timeout is then kept by the client."""
-        self.address = address
-        self._options = options or ConnectionOptions(
-            token=token,
-            tls=tls,
-            root_cert=root_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            server_name=server_name,
+        super().__init__(
+            address, aio_channel, token=token, tls=tls, root_cert=root_cert,
+            client_cert=client_cert, client_key=client_key, server_name=server_name,
+            timeout=timeout, options=options,
         )
-        self._timeout = timeout
-        self._channel = aio_channel(address, self._options)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
-        self._infer, self._stream = wire.infer_methods(self._channel)
         self._shared = (
             SharedStream(lambda: self._stream(metadata=self._options.metadata())) if shared_stream else None
         )
@@ -94,21 +88,17 @@ class AsyncInferenceClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def wait_until_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: Exception | None = None
-        while loop.time() < deadline:
+        wait = ReadinessDeadline(self.address, timeout)
+        while wait.pending():
             try:
                 if await self.health() == "SERVING" and (
                     model is None or await self.is_model_ready(model)
                 ):
                     return
             except TensorfleetError as error:
-                last = error
-            await asyncio.sleep(0.1)
-        raise error_for_code(
-            grpc.StatusCode.UNAVAILABLE, f"{self.address} not ready after {timeout}s: {last}"
-        )
+                wait.last_error = error
+            await asyncio.sleep(wait.interval)
+        raise wait.failure()
 
     async def server_metadata(self) -> pb.ServerMetadataResponse:
         return await self._call(self._stub.ServerMetadata, pb.ServerMetadataRequest())
@@ -167,8 +157,7 @@ class AsyncInferenceClient:
         return_exceptions: bool = False,
     ) -> AsyncIterator[StreamResult]:
         """Keep `window` requests in flight on one stream; yield results in input order."""
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        check_window(window)
         output_names = list(outputs or ())
         slots = asyncio.Semaphore(window)
         call = self._stream(metadata=self._options.metadata())
@@ -186,18 +175,12 @@ class AsyncInferenceClient:
             await call.done_writing()
 
         writer = asyncio.ensure_future(write_all())
-        ready: dict[int, StreamResult] = {}
-        next_index = 0
+        order = InOrder(return_exceptions)
         try:
             async for reply in call:
-                index, result = _stream_result(reply)
-                ready[index] = result
+                index, result = stream_result(reply)
                 slots.release()
-                while next_index in ready:
-                    item = ready.pop(next_index)
-                    next_index += 1
-                    if isinstance(item, TensorfleetError) and not return_exceptions:
-                        raise item
+                for item in order.push(index, result):
                     yield item
             await writer
         except grpc.RpcError as error:
@@ -206,8 +189,7 @@ class AsyncInferenceClient:
             if not writer.done():
                 writer.cancel()
             call.cancel()
-        if ready:
-            raise InternalError(f"stream ended with {len(ready)} responses out of order")
+        order.finish()
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from tensorfleet.protos import inference_pb2 as pb
-from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from . import wire
+from .base import ClientBase, InOrder, ReadinessDeadline, check_window
 from .channel import ConnectionOptions, sync_channel
-from .errors import InternalError, TensorfleetError, error_for_code, from_rpc_error
-from .messages import ParameterValue, build_wire_request, parse_infer_response
+from .errors import TensorfleetError, from_rpc_error
+from .messages import (
+    ParameterValue,
+    StreamResult,
+    build_wire_request,
+    parse_infer_response,
+    stream_error,
+    stream_result,
+)
+from .shared_stream import ThreadedSharedStream
 
-StreamResult = dict[str, np.ndarray] | TensorfleetError
+__all__ = ["InferenceClient", "StreamResult", "stream_error"]
 
 
-class InferenceClient:
+class InferenceClient(ClientBase):
     """Calls one server's GRPCInferenceService.
 
     >>> with InferenceClient("127.0.0.1:8001") as client:
@@ -45,28 +54,16 @@ class InferenceClient:
         """`shared_stream`: send `infer` calls (from any number of threads) as messages on one
         open stream instead of one unary rpc each, about half the server's CPU per small call
         (client/shared_stream.py); a call's timeout is then kept by the client."""
-        self.address = address
-        self._options = options or ConnectionOptions(
-            token=token,
-            tls=tls,
-            root_cert=root_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            server_name=server_name,
+        super().__init__(
+            address, sync_channel, token=token, tls=tls, root_cert=root_cert,
+            client_cert=client_cert, client_key=client_key, server_name=server_name,
+            timeout=timeout, options=options,
         )
-        self._timeout = timeout
-        self._channel = sync_channel(address, self._options)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
-        self._infer, self._stream = wire.infer_methods(self._channel)
-        self._shared = None
-        if shared_stream:
-            from .shared_stream import ThreadedSharedStream  # it imports this module
-
-            self._shared = ThreadedSharedStream(
-                lambda requests: self._stream(requests, metadata=self._options.metadata())
-            )
+        self._shared = (
+            ThreadedSharedStream(lambda requests: self._stream(requests, metadata=self._options.metadata()))
+            if shared_stream
+            else None
+        )
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -104,20 +101,15 @@ class InferenceClient:
 
     def wait_until_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
         """Block until health says SERVING (and `model` is ready), or raise Unavailable."""
-        import time
-
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+        wait = ReadinessDeadline(self.address, timeout)
+        while wait.pending():
             try:
                 if self.health() == "SERVING" and (model is None or self.is_model_ready(model)):
                     return
             except TensorfleetError as error:
-                last = error
-            time.sleep(0.1)
-        raise error_for_code(
-            grpc.StatusCode.UNAVAILABLE, f"{self.address} not ready after {timeout}s: {last}"
-        )
+                wait.last_error = error
+            time.sleep(wait.interval)
+        raise wait.failure()
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return self._call(self._stub.ServerMetadata, pb.ServerMetadataRequest())
@@ -176,8 +168,7 @@ class InferenceClient:
         With `return_exceptions`, a failed request yields its typed error in its place and
         the stream goes on; otherwise the first failure is raised.
         """
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        check_window(window)
         output_names = list(outputs or ())
         slots = threading.Semaphore(window)
         closed = threading.Event()
@@ -194,43 +185,15 @@ class InferenceClient:
                 )
 
         call = self._stream(produce(), metadata=self._options.metadata())
-        ready: dict[int, StreamResult] = {}
-        next_index = 0
+        order = InOrder(return_exceptions)
         try:
             for reply in call:
-                index, result = _stream_result(reply)
-                ready[index] = result
+                index, result = stream_result(reply)
                 slots.release()
-                while next_index in ready:
-                    item = ready.pop(next_index)
-                    next_index += 1
-                    if isinstance(item, TensorfleetError) and not return_exceptions:
-                        raise item
-                    yield item
+                yield from order.push(index, result)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
             closed.set()
             call.cancel()
-        if ready:
-            raise InternalError(f"stream ended with {len(ready)} responses out of order")
-
-
-def _stream_result(reply: wire.StreamResponse) -> tuple[int, StreamResult]:
-    """(request index, outputs or error) for one stream reply."""
-    try:
-        index = int(reply.response.message.id)
-    except ValueError:
-        raise InternalError(f"stream reply without a request id: {reply.error_message!r}") from None
-    if reply.error_message:
-        return index, stream_error(reply.error_message)
-    return index, parse_infer_response(reply.response)
-
-
-def stream_error(message: str) -> TensorfleetError:
-    """Stream errors travel as text; our server prefixes them with the status code name."""
-    code_name, sep, rest = message.partition(": ")
-    code = getattr(grpc.StatusCode, code_name, None) if sep else None
-    if isinstance(code, grpc.StatusCode):
-        return error_for_code(code, rest)
-    return error_for_code(grpc.StatusCode.UNKNOWN, message)
+        order.finish()

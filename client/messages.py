@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import grpc
 import numpy as np
 
 from tensorfleet.protos import inference_pb2 as pb
 
 from .codec import decode_contents, decode_raw, encode_buffer
-from .errors import InternalError
-from .wire import Buffer, InferRequest, InferResponse
+from .errors import InternalError, TensorfleetError, error_for_code
+from .wire import Buffer, InferRequest, InferResponse, StreamResponse
 
 ParameterValue = bool | int | float | str
+# One answer on an ordered stream: the outputs, or the typed error of that request.
+StreamResult = dict[str, np.ndarray] | TensorfleetError
 
 
 def set_parameters(target: Any, values: Mapping[str, ParameterValue] | None) -> None:
@@ -77,3 +80,23 @@ def parse_infer_response(response: pb.ModelInferResponse | InferResponse) -> dic
         else:
             result[tensor.name] = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
     return result
+
+
+def stream_result(reply: StreamResponse) -> tuple[int, StreamResult]:
+    """(request index, outputs or error) for one reply of an ordered stream (ids are indexes)."""
+    try:
+        index = int(reply.response.message.id)
+    except ValueError:
+        raise InternalError(f"stream reply without a request id: {reply.error_message!r}") from None
+    if reply.error_message:
+        return index, stream_error(reply.error_message)
+    return index, parse_infer_response(reply.response)
+
+
+def stream_error(message: str) -> TensorfleetError:
+    """Stream errors travel as text; our server prefixes them with the status code name."""
+    code_name, sep, rest = message.partition(": ")
+    code = getattr(grpc.StatusCode, code_name, None) if sep else None
+    if isinstance(code, grpc.StatusCode):
+        return error_for_code(code, rest)
+    return error_for_code(grpc.StatusCode.UNKNOWN, message)

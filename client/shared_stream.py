@@ -24,7 +24,7 @@ import grpc
 
 from . import wire
 from .errors import DeadlineExceeded, TensorfleetError, Unavailable, from_rpc_error
-from .inference_client import stream_error
+from .messages import stream_error
 
 
 class _OpenStream:
