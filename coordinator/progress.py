@@ -1,4 +1,5 @@
-"""Progress for people: a bar on a terminal, and status.json for other terminals and tools."""
+"""Progress for people: a bar on a terminal or plain lines in a log (progress_view.py), and
+status.json for other terminals and tools."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+from .progress_view import ProgressLine, ProgressView, format_duration, open_view
+
+__all__ = ["STATUS_NAME", "Progress", "format_duration", "pid_alive", "read_status", "write_json_atomic"]
 
 STATUS_NAME = "status.json"
 
@@ -27,16 +32,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(temp, path)
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "--:--"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 class Progress:
-    """Counts committed rows; draws the bar and writes status.json every `interval` seconds."""
+    """Counts committed rows; shows them (progress_view.py) and writes status.json every `interval` seconds."""
 
     def __init__(
         self,
@@ -58,7 +55,7 @@ class Progress:
         self.servers = servers
         self.output = output
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
+        self._view: ProgressView | None = None  # opened at the first tick: nothing to close before
         self.interval = interval
         self.started = time.time()
         self.resumed_from = done_rows
@@ -76,6 +73,20 @@ class Progress:
         """Rows per second over the last ~10 s (this run only)."""
         (t0, r0), (t1, r1) = self._samples[0], self._samples[-1]
         return (r1 - r0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def line(self, state: str) -> ProgressLine:
+        rate = self.rate()
+        servers = self.servers()
+        return ProgressLine(
+            state=state,
+            done=self.done,
+            total=self.total,
+            failed=self.failed,
+            rows_per_second=rate,
+            eta_seconds=(self.total - self.done) / rate if rate > 0 else None,
+            servers_alive=sum(1 for s in servers if s.get("alive")),
+            servers=len(servers),
+        )
 
     def snapshot(self, state: str) -> dict[str, Any]:
         rate = self.rate()
@@ -103,31 +114,17 @@ class Progress:
         if force or now - self._last_write >= self.interval:
             self._last_write = now
             write_json_atomic(self.status_path, self.snapshot(state))
-        if self.tty and (force or now - self._last_draw >= 0.2):
+        if force or now - self._last_draw >= 0.2:
             self._last_draw = now
-            self.draw()
-
-    def draw(self) -> None:
-        servers = self.servers()
-        alive = sum(1 for s in servers if s.get("alive"))
-        fraction = self.done / self.total if self.total else 1.0
-        width = 30
-        filled = int(width * fraction)
-        rate = self.rate()
-        eta = (self.total - self.done) / rate if rate > 0 else None
-        line = (
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} rows {fraction:6.1%} "
-            f"{rate:8.1f} rows/s ETA {format_duration(eta)} servers {alive}/{len(servers)}"
-            + (f" failed {self.failed}" if self.failed else "")
-        )
-        self.stream.write(line)
-        self.stream.flush()
+            if self._view is None:
+                self._view = open_view(self.stream)
+            self._view.show(self.line(state))
 
     def close(self, state: str) -> None:
         self.tick(state, force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._view is not None:
+            self._view.close(self.line(state))
+            self._view = None
 
 
 def read_status(job_dir: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from tests.serving import running_server
 from .helpers import MODELS, REPO_ROOT, make_fasta, write_job
 
 #: Never needed by the coordinator for a FASTA job before its first chunk is committed.
-HEAVY = ("torch", "tensorflow", "anndata", "pandas", "pyarrow", "h5py", "scipy", "fsspec", "s3fs", "boto3")
+HEAVY = ("torch", "tensorflow", "anndata", "pandas", "pyarrow", "h5py", "scipy", "fsspec", "s3fs", "boto3", "rich")
 #: Coordinator modules a plain `run` leaves for later or never needs.
 DEFERRED = (
     "tensorfleet.services",  # the server side: `serve` and `doctor` exec a new process
