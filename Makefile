@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 MODELS := examples/models/protein_embedder/encoder.pt
+# the epistasis example models: embed_tiny is the last of the two that build.py writes
+EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
 .PHONY: install models demo test test-all lint protos bench clean
@@ -21,9 +23,13 @@ install: $(STAMP)
 $(MODELS): $(STAMP) examples/build_models.py examples/protein/encoder.py examples/models/protein_embedder/model.py
 	$(BIN)/python examples/build_models.py
 
-models: $(MODELS)
+# The epistasis example's two embedders: the same encoder and model.py, other shapes and seeds.
+$(EPISTASIS): $(STAMP) examples/epistasis/build.py examples/build_models.py examples/protein/encoder.py examples/models/protein_embedder/model.py
+	$(BIN)/python examples/epistasis/build.py --models-only
 
-demo: models
+models: $(MODELS) $(EPISTASIS)
+
+demo: $(MODELS)
 	$(BIN)/tensorfleet run examples/jobs/protein-embeddings.yaml --restart
 
 test: models

@@ -125,18 +125,23 @@ def build(args: argparse.Namespace) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    # TorchScript writes module constants in set order, which follows Python's string
-    # hashing: a fixed hash seed makes encoder.pt byte-identical from build to build.
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        import subprocess
+def rerun_with_fixed_hash_seed(script: str, argv: list[str] | None) -> int | None:
+    """Run `script` again under PYTHONHASHSEED=0 and return its exit code; None if already so.
 
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-        return subprocess.call(command, env={**os.environ, "PYTHONHASHSEED": "0"})
+    TorchScript writes module constants in set order, which follows Python's string hashing:
+    a fixed hash seed makes encoder.pt byte-identical from build to build."""
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return None
+    import subprocess
+
+    command = [sys.executable, str(Path(script).resolve()), *(sys.argv[1:] if argv is None else argv)]
+    return subprocess.call(command, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    rerun = rerun_with_fixed_hash_seed(__file__, argv)
+    if rerun is not None:
+        return rerun
     args = parse_args(argv)
     target = build(args)
     print(f"built {target} ({args.layers} layers, d={args.dim}, {args.heads} heads)")

@@ -4,9 +4,12 @@ The epistasis pipeline embeds a wild type and its single and double mutants with
 models and writes one sheet per model. Weights are random from fixed seeds (no download);
 the sequences come from a fixed-seed generator.
 
-    python examples/epistasis/build.py [--out examples/epistasis]
+    python examples/epistasis/build.py [--out examples/epistasis] [--models-only]
 
 writes `<out>/models/{embed_small,embed_tiny}` and `<out>/data/{singles,doubles}.fasta`.
+The models are built, not committed (`make models` builds them): TorchScript records the
+checkout's paths, so their bytes and checksums differ from one folder to another. The FASTA
+files are small text and committed; rebuilding writes the same bytes.
 """
 
 from __future__ import annotations
@@ -80,10 +83,20 @@ def build_data(out: Path, singles: int = 40, doubles: int = 60, seed: int = 5) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from examples.build_models import rerun_with_fixed_hash_seed
+
+    rerun = rerun_with_fixed_hash_seed(__file__, argv)
+    if rerun is not None:
+        return rerun
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--models-only", action="store_true", help="leave the FASTA files as they are")
     args = parser.parse_args(argv)
-    for path in [*build_models(args.out / "models"), *build_data(args.out / "data")]:
+    built = build_models(args.out / "models")
+    if not args.models_only:
+        built += build_data(args.out / "data")
+    for path in built:
         print(f"built {path}")
     return 0
 
