@@ -7,6 +7,8 @@ characters behind. rich is imported only when a terminal is attached, so log fil
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
@@ -99,6 +101,7 @@ class RichView:
             refresh_per_second=4,
         )
         self._task: Any = None
+        self._rerouted: list[tuple[logging.StreamHandler, TextIO]] = []
 
     def show(self, line: ProgressLine) -> None:
         fields = {
@@ -111,6 +114,7 @@ class RichView:
         }
         if self._task is None:
             self._progress.start()
+            self._reroute_logging()
             self._task = self._progress.add_task("rows", total=line.total, completed=line.done, **fields)
         else:
             self._progress.update(self._task, total=line.total, completed=line.done, **fields)
@@ -118,6 +122,22 @@ class RichView:
     def close(self, line: ProgressLine) -> None:
         self.show(line)
         self._progress.stop()  # draws the last state once more and leaves it on screen
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = []
+
+    def _reroute_logging(self) -> None:
+        """Log lines go above the bar, not into it.
+
+        rich swaps sys.stderr for a proxy that prints above the bar, but a logging handler made
+        earlier (`logging.basicConfig`) still holds the real stream: point it at the proxy
+        while the bar is up."""
+        proxied = getattr(sys.stderr, "rich_proxied_file", None)
+        if proxied is None:
+            return
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is proxied:
+                self._rerouted.append((handler, handler.setStream(sys.stderr)))
 
 
 def open_view(stream: TextIO) -> ProgressView:
