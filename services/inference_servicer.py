@@ -15,7 +15,7 @@ import numpy as np
 
 from tensorfleet.client import __version__, wire
 from tensorfleet.client.codec import serialize_bytes
-from tensorfleet.client.errors import InternalError, TensorfleetError, Unavailable
+from tensorfleet.client.errors import InternalError, InvalidArgument, TensorfleetError, Unavailable
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import model_config_pb2 as mc
@@ -123,6 +123,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def RepositoryModelLoad(self, request, context):
+        if request.parameters:  # Triton's 'config' and 'file:<path>' overrides would load sent content
+            raise InvalidArgument(
+                f"RepositoryModelLoad parameters {sorted(request.parameters)[:4]} are refused: this server loads "
+                "models only from its own repository, never files or configs sent in a request"
+            )
+        if request.repository_name:
+            raise InvalidArgument("RepositoryModelLoad: repository_name must be empty (one repository per server)")
         await self.runtime.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
