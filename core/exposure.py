@@ -30,14 +30,16 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(host: str, *, token: bool, mutual_tls: bool, insecure: bool, what: str = "server") -> None:
-    """Refuse an unprotected non-loopback bind; warn when `insecure` allows one."""
-    if is_loopback(host) or token or mutual_tls:
+    """Refuse an unprotected non-loopback bind; warn whenever `insecure` is given without protection."""
+    protected = token or mutual_tls
+    if insecure and not protected:
+        log.warning("INSECURE: the %s listens on %s with no token and no mutual TLS (--insecure); "
+                    "anyone who can reach the port may use it", what, host)
         return
-    if not insecure:
-        raise ExposureError(
-            f"refusing to serve the {what} on {host} without authentication: anyone who can reach it could "
-            "use it. Give --token-file FILE (bearer token), or --tls-cert/--tls-key with --tls-ca CA "
-            "(mutual TLS), or --insecure to accept the risk; or bind --host 127.0.0.1"
-        )
-    log.warning("INSECURE: the %s listens on %s with no token and no mutual TLS (--insecure); "
-                "anyone who can reach the port may use it", what, host)
+    if is_loopback(host) or protected:
+        return
+    raise ExposureError(
+        f"refusing to serve the {what} on {host} without authentication: anyone who can reach it could "
+        "use it. Give --token-file FILE (bearer token), or --tls-cert/--tls-key with --tls-ca CA "
+        "(mutual TLS), or --insecure to accept the risk; or bind --host 127.0.0.1"
+    )
