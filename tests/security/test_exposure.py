@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -23,7 +25,7 @@ def listening_on(port: int) -> set[str]:
     """'loopback' or the raw address of every listening socket on `port` (from /proc/net/tcp*)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
+        for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             address, _, hex_port = fields[1].partition(":")
             if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
