@@ -24,6 +24,7 @@ from typing import Any
 ALLOWED_SERVER_FLAGS: dict[str, bool] = {
     "--model": True, "--threads": True, "--drain-seconds": True, "--log-level": True,
     "--max-message-mb": True, "--max-concurrent-rpcs": True, "--max-streams-per-connection": True,
+    "--max-stream-in-flight": True,
 }
 
 #: Sections whose paths are read (data roots) or written (output roots); the nearest one wins.

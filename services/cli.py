@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rpcs handled at once; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-streams-per-connection", type=int, default=256,
                         help="concurrent HTTP/2 streams one client connection may open")
+    parser.add_argument("--max-stream-in-flight", type=int, default=1024,
+                        help="unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--tls-cert", type=Path, default=env("TENSORFLEET_TLS_CERT"))
     parser.add_argument("--tls-key", type=Path, default=env("TENSORFLEET_TLS_KEY"))
     parser.add_argument("--tls-ca", type=Path, default=env("TENSORFLEET_TLS_CA"),
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_mb * 1024 * 1024,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_streams_per_connection=args.max_streams_per_connection,
+            max_stream_in_flight=args.max_stream_in_flight,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,

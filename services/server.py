@@ -58,6 +58,8 @@ class ServerOptions:
     max_concurrent_rpcs: int = 1024
     #: Concurrent HTTP/2 streams one connection may open.
     max_streams_per_connection: int = 256
+    #: Unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED each.
+    max_stream_in_flight: int = 1024
 
 
 class ModelServer:
@@ -82,7 +84,8 @@ class ModelServer:
             options=[*server_options(options.max_message_bytes),
                      ("grpc.max_concurrent_streams", options.max_streams_per_connection)],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
+        inference = InferenceServicer(self.runtime, max_stream_in_flight=options.max_stream_in_flight)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc)
         control = ControlServicer(self.runtime, self.drain, insecure=options.insecure)
         tf_grpc.add_ServerControlServicer_to_server(control, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
