@@ -78,9 +78,11 @@ MAX_MODEL_NAME = 255
 
 def check_model_name(name: str) -> None:
     """A model name is one folder of the repository: never a path that leaves it."""
-    if not name or len(name) > MAX_MODEL_NAME or name in (".", "..") or any(c in name for c in "/\\\0"):
+    if not name:
+        return  # unknown, not dangerous: NOT_FOUND below, as for any name the repository lacks
+    if len(name) > MAX_MODEL_NAME or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise InvalidArgument(
-            f"model name {name[:64]!r} is not a folder name in the repository (1-{MAX_MODEL_NAME} characters, "
+            f"model name {name[:64]!r} is not a folder name in the repository (at most {MAX_MODEL_NAME} characters, "
             "no '/', '\\', NUL, '.' or '..')"
         )
 
