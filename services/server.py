@@ -86,7 +86,8 @@ class ModelServer:
         )
         inference = InferenceServicer(self.runtime, max_stream_in_flight=options.max_stream_in_flight)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc)
-        control = ControlServicer(self.runtime, self.drain, insecure=options.insecure)
+        unprotected = options.insecure and not (options.token or (options.tls_ca and options.tls_cert))
+        control = ControlServicer(self.runtime, self.drain, insecure=bool(unprotected))
         tf_grpc.add_ServerControlServicer_to_server(control, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
