@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 
+from tensorfleet.core.tls import channel_credentials
+
 from .settings import channel_options
 
 
@@ -28,21 +30,13 @@ class ConnectionOptions:
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not (self.tls or self.root_cert or self.client_cert):
             return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.root_cert),
-            private_key=_read(self.client_key),
-            certificate_chain=_read(self.client_cert),
-        )
+        return channel_credentials(self.root_cert, self.client_cert, self.client_key)
 
     def grpc_options(self) -> list[tuple[str, object]]:
         options: list[tuple[str, object]] = list(channel_options(self.max_message_bytes))
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return options
-
-
-def _read(path: str | Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
 
 
 def sync_channel(address: str, options: ConnectionOptions) -> grpc.Channel:

@@ -99,6 +99,10 @@ def from_rpc_error(error: grpc.RpcError) -> TensorfleetError:
     """Translate a grpc error (sync or aio) into our typed error, keeping its message."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details and "message larger than max" in details:
+        # gRPC's own words; say which setting raises the limit on each side.
+        details += (" (the limit is the server's --max-message-mb and the client's max_message_bytes, "
+                    "both default $TENSORFLEET_MAX_MESSAGE_MB or 512 MiB)")
     typed = error_for_code(code, details or str(code))
     typed.__cause__ = error
     return typed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import yaml
 
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client import __version__ as tensorfleet_version
+from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, token_from
 
 from .discovery import Discovery, DiscoveryError, expand
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
@@ -312,7 +314,9 @@ def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, j
 
 
 def _connection(spec: JobSpec) -> ConnectionOptions:
-    return ConnectionOptions(token=spec.model.token)
+    """The servers' token: the spec's, else the file in $TENSORFLEET_SERVER_TOKEN_FILE (the service's)."""
+    server_token_file = os.environ.get(SERVER_TOKEN_FILE_ENV)
+    return ConnectionOptions(token=spec.model.token or token_from(None, server_token_file, use_env=False))
 
 
 def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[Manifest | None, bool]:

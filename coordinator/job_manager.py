@@ -22,8 +22,10 @@ import yaml
 
 from . import job_process
 from .job import default_job_dir, final_output_path
+from .job_policy import JobPolicy, PolicyError
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
 from .objectstore import is_url
+from .safe_yaml import SpecTooLarge, load_yaml
 from .spec import SpecError, parse_spec
 
 log = logging.getLogger("tensorfleet.coordinator.service")
@@ -36,7 +38,7 @@ class JobRequestError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # "invalid", "not_found", "precondition"
+        self.kind = kind  # "invalid", "not_found", "precondition", "denied", "exhausted"
 
 
 @dataclass
@@ -59,6 +61,10 @@ class JobManager:
     poll_interval: float = 0.25
     progress_interval: float = 1.0
     attempts: dict[str, _Attempt] = field(default_factory=dict)
+    #: What submitted jobs may touch (None: anything, as `tensorfleet run`; tests of the engine only).
+    policy: JobPolicy | None = None
+    #: Jobs waiting to run at once; more submissions get RESOURCE_EXHAUSTED.
+    max_queued: int = 100
 
     def __post_init__(self) -> None:
         self.changed = asyncio.Condition()
@@ -67,7 +73,9 @@ class JobManager:
     # --- requests --------------------------------------------------------------------
     def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None) -> JobRecord:
         try:
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text, "spec")
+        except SpecTooLarge as error:
+            raise JobRequestError("too_large", str(error)) from None
         except yaml.YAMLError as error:
             raise JobRequestError("invalid", f"the spec is neither YAML nor JSON: {error}") from None
         base = Path(base_dir or os.getcwd())
@@ -79,6 +87,15 @@ class JobManager:
             raise JobRequestError("invalid", str(error)) from None
         if timeout_s < 0:
             raise JobRequestError("invalid", "timeout_s must be >= 0")
+        if self.policy is not None:
+            try:
+                self.policy.check(spec.model_dump(mode="json"))
+            except PolicyError as error:
+                raise JobRequestError("denied", f"job refused: {error}") from None
+        queued = len(self.store.list({QUEUED}))
+        if queued >= self.max_queued:
+            raise JobRequestError("exhausted", f"{queued} jobs are queued, the most this coordinator takes "
+                                  "(--max-queued-jobs); submit again when some have run")
         job_id = self.store.new_id(spec.name)
         folder = self.state_dir / "jobs" / job_id
         folder.mkdir(parents=True)
@@ -95,7 +112,7 @@ class JobManager:
         record = JobRecord(
             id=job_id, position=self.store.next_position(), name=spec.name, state=QUEUED, error="", exit_code=-1,
             spec=spec_text, spec_path=str(spec_path), job_dir=str(job_dir), output=str(output),
-            limit_rows=limit, timeout_s=timeout_s, token=spec.model.token, submitted_at=time.time(),
+            limit_rows=limit, timeout_s=timeout_s, token=None, submitted_at=time.time(),
             started_at=None, finished_at=None, attempts=0, pid=None,
         )
         self.store.add(record)

@@ -1,7 +1,8 @@
 """`tensorfleet coordinator serve`: the coordinator as a long-lived gRPC service.
 
 tensorfleet.v1.Coordinator (jobs) with health and reflection, so grpcurl lists it and submits
-JSON; bearer-token auth and TLS as on the model servers. Jobs persist in SQLite under the
+JSON; bearer-token auth (a read and a submit role) and TLS from tensorfleet.core, as on the
+model servers; what a job may touch is the JobPolicy's (job_policy.py). Jobs persist in SQLite under the
 state folder, and each runs the engine (`tensorfleet run ... --resume`), see job_manager.
 """
 
@@ -22,14 +23,17 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
-from tensorfleet.client.settings import server_options
+from tensorfleet.client.settings import MAX_MESSAGE_BYTES, server_options
+from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
+from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
 from .discovery import DiscoveryError, expand
 from .job_manager import JobManager, JobRequestError
+from .job_policy import JobPolicy
 from .jobstore import RUNNING, JobRecord, JobStore
-from .rpc_auth import TokenAuthInterceptor, server_credentials
 
 log = logging.getLogger("tensorfleet.coordinator.service")
 
@@ -39,16 +43,34 @@ _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+#: The role each Coordinator rpc needs; reflection only reads. Anything else needs SUBMIT.
+METHOD_ROLES = {
+    f"/{COORDINATOR_SERVICE}/GetJob": READ, f"/{COORDINATOR_SERVICE}/ListJobs": READ,
+    f"/{COORDINATOR_SERVICE}/WatchJob": READ, f"/{COORDINATOR_SERVICE}/ListServers": READ,
+    f"/{reflection.SERVICE_NAME}/": READ, "/grpc.reflection.v1.ServerReflection/": READ,
+}
+MAX_JOB_ID = 200
 
 
 @dataclass
 class ServiceOptions:
     state_dir: Path
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = 50051
     port_file: Path | None = None
+    #: The submit token (submit, cancel, resume, and everything the read token may do).
     token: str | None = None
+    #: The read token: status, watch, jobs, servers.
+    read_token: str | None = None
+    insecure: bool = False
+    policy: JobPolicy = field(default_factory=JobPolicy)
+    max_queued_jobs: int = 100
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = 256
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -91,6 +113,8 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
         return job_message(record, self.manager.progress(record))
 
     async def _call(self, context: grpc.aio.ServicerContext, action, *args):
+        if action != self.manager.submit and len(str(args[0])) > MAX_JOB_ID:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job_id longer than {MAX_JOB_ID} characters")
         try:
             return action(*args)
         except JobRequestError as error:
@@ -151,7 +175,7 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             for server in self.manager.progress(record).get("servers") or []:
                 address = server["address"]
                 sources.setdefault(address, []).append(record.id)
-                tokens.setdefault(address, record.token)
+                tokens.setdefault(address, self.options.server_token)
                 job_rows[address] = job_rows.get(address, 0) + int(server.get("rows") or 0)
         entries = await asyncio.gather(*(self._probe(address, tokens[address]) for address in sources))
         for entry in entries:
@@ -191,12 +215,25 @@ class CoordinatorService:
 
     def __init__(self, options: ServiceOptions) -> None:
         self.options = options
+        check_exposure(options.host, token=bool(options.token or options.read_token),
+                       mutual_tls=bool(options.tls_ca and options.tls_cert), insecure=options.insecure,
+                       what="coordinator")
         options.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(options.state_dir / STORE_NAME)
-        self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs)
+        self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
+        policy = options.policy
+        policy.output_roots.append(options.state_dir.resolve())  # job folders of object-store jobs
+        self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs,
+                                  policy=policy, max_queued=options.max_queued_jobs)
         self.health = HealthServicer()
-        interceptors = [TokenAuthInterceptor(options.token)] if options.token else []
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=server_options())
+        interceptors = []
+        if options.token or options.read_token:
+            auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
+            interceptors.append(TokenAuthInterceptor(auth, METHOD_ROLES, default_role=SUBMIT))
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+            options=server_options(options.max_message_bytes),
+        )
         tf_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.manager, options), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -208,7 +245,7 @@ class CoordinatorService:
 
     async def start(self) -> int:
         address = f"{self.options.host}:{self.options.port}"
-        credentials = server_credentials(self.options.tls_cert, self.options.tls_key, self.options.tls_ca)
+        credentials = self.credentials
         self.port = (
             self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
         )

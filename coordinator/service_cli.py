@@ -11,16 +11,20 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
+MAX_MESSAGE_MB = int(os.environ.get("TENSORFLEET_MAX_MESSAGE_MB", "512"))
 EXIT_OK, EXIT_FATAL = 0, 2
 
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--token", help="bearer token the coordinator or server requires")
+    parser.add_argument("--token", help="bearer token the coordinator or server requires (visible in ps: "
+                        "prefer --token-file)")
+    parser.add_argument("--token-file", help="file holding the bearer token (default $TENSORFLEET_TOKEN_FILE)")
     parser.add_argument("--tls", action="store_true", help="TLS with the system's CA certificates")
     parser.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
     parser.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
@@ -38,7 +42,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     coordinator = sub.add_parser("coordinator", help="the coordinator service")
     coordinator_sub = coordinator.add_subparsers(dest="coordinator_command", required=True)
     serve = coordinator_sub.add_parser("serve", help="run the coordinator service (jobs over gRPC)")
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default loopback); any other needs --token-file, mutual TLS "
+                       "(--tls-cert/--tls-key/--tls-ca) or --insecure")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host with no token and no mutual TLS (logged as a warning)")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (see --port-file)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     serve.add_argument("--state-dir", type=Path, default=Path("tensorfleet-state"),
@@ -46,8 +54,30 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-jobs", type=int, default=1, help="jobs run at once; the rest queue")
     serve.add_argument("--servers", default="",
                        help="the fleet ListServers shows: comma-separated host:port, dns:NAME:PORT, hostfile:PATH")
-    serve.add_argument("--server-token", help="bearer token of the servers in --servers")
-    serve.add_argument("--token", help="require 'authorization: Bearer <token>' on every rpc but health")
+    serve.add_argument("--server-token", help="bearer token of the model servers (visible in ps: prefer "
+                       "--server-token-file)")
+    serve.add_argument("--server-token-file", type=Path,
+                       help="file holding the model servers' bearer token; jobs' engines use it too")
+    serve.add_argument("--token", help="the submit token, inline (visible in ps: prefer --token-file)")
+    serve.add_argument("--token-file", type=Path,
+                       help="file holding the submit token: submit, cancel, resume and all reads "
+                       "(default $TENSORFLEET_TOKEN_FILE)")
+    serve.add_argument("--read-token-file", type=Path,
+                       help="file holding the read token: status, watch, jobs, servers only")
+    serve.add_argument("--model-root", type=Path, action="append", default=[],
+                       help="folder whose model repositories submitted jobs may start servers on (repeatable); "
+                       "without one, submitted jobs may only name running servers (model.servers)")
+    serve.add_argument("--data-root", type=Path, action="append", default=[],
+                       help="folder submitted jobs may read inputs from (repeatable; default: the working folder)")
+    serve.add_argument("--output-root", type=Path, action="append", default=[],
+                       help="folder submitted jobs may write outputs and job folders in (repeatable; default: "
+                       "the working folder); the state folder is always one")
+    serve.add_argument("--allow-url-prefix", action="append", default=[],
+                       help="object-store prefix submitted jobs may use, e.g. s3://bucket/jobs/ (repeatable; "
+                       "default: none)")
+    serve.add_argument("--max-queued-jobs", type=int, default=100, help="jobs waiting at once; more are refused")
+    serve.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_MB,
+                       help="largest gRPC message accepted, in MiB (default $TENSORFLEET_MAX_MESSAGE_MB or 512)")
     serve.add_argument("--tls-cert", type=Path)
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--tls-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
@@ -93,9 +123,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 def _options(args: argparse.Namespace):
     from tensorfleet.client import ConnectionOptions
+    from tensorfleet.core.auth import token_from
 
     return ConnectionOptions(
-        token=args.token or None, tls=bool(args.tls), root_cert=args.tls_ca or None, client_cert=args.tls_cert or None,
+        token=token_from(args.token, args.token_file), tls=bool(args.tls), root_cert=args.tls_ca or None, client_cert=args.tls_cert or None,
         client_key=args.tls_key or None, server_name=args.tls_server_name or None,
     )
 
@@ -136,18 +167,37 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
+    from tensorfleet.core.exposure import ExposureError
+
+    from .job_policy import JobPolicy
     from .service import ServiceOptions, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("tensorfleet: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_FATAL
-    options = ServiceOptions(
-        state_dir=args.state_dir, host=args.host, port=args.port, port_file=args.port_file, token=args.token,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
-        servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=args.server_token,
-    )
-    asyncio.run(serve(options))
+    try:
+        token = token_from(args.token, args.token_file)
+        read_token = token_from(None, args.read_token_file, use_env=False)
+        server_token = token_from(args.server_token, args.server_token_file, use_env=False)
+        if args.server_token_file:  # the jobs' engines read it there (never from a job's spec)
+            os.environ[SERVER_TOKEN_FILE_ENV] = str(args.server_token_file.resolve())
+        policy = JobPolicy(
+            model_roots=args.model_root, data_roots=args.data_root or [Path.cwd()],
+            output_roots=args.output_root or [Path.cwd()], url_prefixes=args.allow_url_prefix,
+        )
+        options = ServiceOptions(
+            state_dir=args.state_dir, host=args.host, port=args.port, port_file=args.port_file, token=token,
+            read_token=read_token, insecure=args.insecure, policy=policy, max_queued_jobs=args.max_queued_jobs,
+            max_message_bytes=args.max_message_mb * 1024 * 1024,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
+            servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
+        )
+        asyncio.run(serve(options))
+    except (TokenFileError, ExposureError, ValueError) as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
     return EXIT_OK
 
 

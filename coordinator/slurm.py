@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tensorfleet.core.auth import token_from
+
 EXIT_OK, EXIT_FATAL = 0, 2
 
 
@@ -114,7 +116,9 @@ def render_batch_script(
     sbatch.append(f"--output={run_root}/slurm-%j.out")
 
     device = "cuda:0" if devices == "cuda" else "cpu"  # cuda:0 = the one GPU SLURM gave the task
-    server = ["--model-repository", str(repository), "--model", spec.model.name, "--device", device]
+    # Other nodes reach the servers, so they listen beyond loopback and require a token (below).
+    server = ["--host", "0.0.0.0", "--model-repository", str(repository), "--model", spec.model.name,
+              "--device", device]
     if devices == "cpu" and cpus_per_task:
         server += ["--threads", str(int(cpus_per_task))]
     server += extra
@@ -122,8 +126,14 @@ def render_batch_script(
     if devices == "cuda":
         server_step.append("--gpus-per-task=1")
     server_step += ["--kill-on-bad-exit=0", '--output="$RUN_DIR/server-%t.log"']
-    # With a token in the job file the servers require it too (they read TENSORFLEET_TOKEN).
-    token = [f"export TENSORFLEET_TOKEN={_q(spec.model.token)}"] if spec.model.token else []
+    # With a token in the job file the servers require it too (they read TENSORFLEET_TOKEN);
+    # without one, each batch job makes its own, in a file only its user can read.
+    token = [f"export TENSORFLEET_TOKEN={_q(spec.model.token)}"] if spec.model.token else [
+        "# A token for this batch job's servers: they listen beyond loopback, so they require one.",
+        '( umask 077 && "${PYTHON[@]}" -c "import secrets; print(secrets.token_urlsafe(32))" > "$RUN_DIR/token" ) '
+        "|| exit 2",
+        'export TENSORFLEET_TOKEN_FILE="$RUN_DIR/token" TENSORFLEET_SERVER_TOKEN_FILE="$RUN_DIR/token"',
+    ]
     run = ["run", '"$JOB"', '--servers "$SERVER_LIST"', *(_q(a) for a in (run_args or []))]
 
     lines = [
@@ -373,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "slurm":
         return run_subcommand(args)
+    if args.command == "wait-healthy" and not args.token:
+        args.token = token_from(None, None)  # $TENSORFLEET_TOKEN_FILE, as the batch script exports it
     if args.command == "serve-task":
         server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
         return serve_task(args.hostfile, server_args, args.host)

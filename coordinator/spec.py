@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .safe_yaml import SpecTooLarge, load_yaml
+
 InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy"]
 OutputFormat = Literal["hdf5", "parquet", "h5ad"]
 
@@ -25,6 +27,13 @@ _INPUT_SUFFIXES: dict[str, str] = {
 _OUTPUT_SUFFIXES: dict[str, str] = {
     ".h5": "hdf5", ".hdf5": "hdf5", ".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet",
 }
+
+
+def check_file_name(value: str, allow_empty: bool = False) -> str:
+    """A name that may become a file or folder name: no separators, NUL, '.' or '..'."""
+    if (not value and not allow_empty) or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"'{value}' cannot be used as a name: no '/', '\\', NUL, '.' or '..'")
+    return value
 
 
 class SpecError(Exception):
@@ -89,8 +98,9 @@ class LocalFleetSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1, description="Model name as the servers know it.")
-    version: str = ""
+    name: str = Field(min_length=1, max_length=128,
+                      description="Model name as the servers know it (no path separators, not '.' or '..').")
+    version: str = Field(default="", max_length=64)
     servers: list[str] = Field(
         default_factory=list,
         description="Running servers: host:port, dns:NAME:PORT (every address NAME resolves to, "
@@ -98,6 +108,11 @@ class ModelSpec(_Strict):
     )
     local: LocalFleetSpec | None = None
     token: str | None = Field(default=None, description="Bearer token for the servers, if any.")
+
+    @field_validator("name", "version")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_file_name(value, allow_empty=True)
 
     @field_validator("servers")
     @classmethod
@@ -196,13 +211,18 @@ class PolicySpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = Field(default="job", pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(default="job", max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     input: InputSpec
     model: ModelSpec
     output: OutputSpec
     chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     job_dir: str | None = Field(default=None, description="Checkpoint folder; default <output>.tfjob")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_file_name(value)
 
     def resolved(self, base: Path) -> JobSpec:
         """A copy with every relative path made absolute against `base`."""
@@ -254,9 +274,11 @@ def load_spec(path: Path | str) -> JobSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such job file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_bytes(), str(path))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
+    except SpecTooLarge as error:
+        raise SpecError(str(error)) from None
     return parse_spec(raw, str(path)).resolved(path.resolve().parent)
 
 

@@ -47,7 +47,7 @@ class ModelLoad(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rows_done: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., artifact_sha256: _Optional[str] = ..., precision: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_version", "device", "device_name", "device_memory_total", "device_memory_used", "host_pid", "draining", "models")
+    __slots__ = ("server_version", "device", "device_name", "device_memory_total", "device_memory_used", "host_pid", "draining", "models", "insecure")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class ServerInfo(_message.Message):
     HOST_PID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    INSECURE_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     device: str
     device_name: str
@@ -64,7 +65,8 @@ class ServerInfo(_message.Message):
     host_pid: int
     draining: bool
     models: _containers.RepeatedCompositeFieldContainer[ModelLoad]
-    def __init__(self, server_version: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., device_memory_total: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., host_pid: _Optional[int] = ..., draining: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ...) -> None: ...
+    insecure: bool
+    def __init__(self, server_version: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., device_memory_total: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., host_pid: _Optional[int] = ..., draining: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., insecure: _Optional[bool] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tensorfleet.client.errors import TensorfleetError
+from tensorfleet.client.settings import MAX_MESSAGE_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", dest="models", default=None,
                         help="serve only this model (repeatable); default: every model in the repository")
     parser.add_argument("--device", default=env("TENSORFLEET_DEVICE", "cpu"), help="cpu, cuda or cuda:N")
-    parser.add_argument("--host", default=env("TENSORFLEET_HOST", "0.0.0.0"))
+    parser.add_argument("--host", default=env("TENSORFLEET_HOST", "127.0.0.1"),
+                        help="address to listen on (default loopback); any other needs --token-file, "
+                        "mutual TLS (--tls-cert/--tls-key/--tls-ca) or --insecure")
     parser.add_argument("--port", type=int, default=int(env("TENSORFLEET_PORT", "8001")),
                         help="gRPC port; 0 picks a free one (see --port-file)")
     parser.add_argument("--port-file", type=Path, default=None,
@@ -32,7 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=_int_or_none(env("TENSORFLEET_METRICS_PORT")),
                         help="serve Prometheus metrics on this HTTP port")
     parser.add_argument("--token", default=env("TENSORFLEET_TOKEN"),
-                        help="require 'authorization: Bearer <token>' on every rpc but health")
+                        help="require 'authorization: Bearer <token>' on every rpc but health "
+                        "(visible in ps: prefer --token-file)")
+    parser.add_argument("--token-file", type=Path, default=env("TENSORFLEET_TOKEN_FILE"),
+                        help="file holding the bearer token (default $TENSORFLEET_TOKEN_FILE)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host with no token and no mutual TLS (logged as a warning)")
+    parser.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_BYTES // (1024 * 1024),
+                        help="largest gRPC message accepted or sent, in MiB (default $TENSORFLEET_MAX_MESSAGE_MB "
+                        "or 512); larger requests get RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=1024,
+                        help="rpcs handled at once; more get RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-streams-per-connection", type=int, default=256,
+                        help="concurrent HTTP/2 streams one client connection may open")
+    parser.add_argument("--max-stream-in-flight", type=int, default=1024,
+                        help="unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--tls-cert", type=Path, default=env("TENSORFLEET_TLS_CERT"))
     parser.add_argument("--tls-key", type=Path, default=env("TENSORFLEET_TLS_KEY"))
     parser.add_argument("--tls-ca", type=Path, default=env("TENSORFLEET_TLS_CA"),
@@ -55,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from .allocator import tune_allocator
 
         tune_allocator()  # before any model thread exists (see allocator.py)
+    from tensorfleet.core.auth import TokenFileError, token_from
+    from tensorfleet.core.exposure import ExposureError
+
     from .device import parse_device
     from .server import ServerOptions, serve
 
@@ -69,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(args.threads)
     try:
+        token = token_from(args.token, args.token_file)
+    except TokenFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         options = ServerOptions(
             model_repository=args.model_repository,
             models=args.models or [],
@@ -77,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             port_file=args.port_file,
             metrics_port=args.metrics_port,
-            token=args.token,
+            token=token,
+            insecure=args.insecure,
+            max_message_bytes=args.max_message_mb * 1024 * 1024,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_streams_per_connection=args.max_streams_per_connection,
+            max_stream_in_flight=args.max_stream_in_flight,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
@@ -87,5 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(options))
     except TensorfleetError as error:
         print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    except (ExposureError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

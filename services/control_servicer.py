@@ -13,8 +13,9 @@ from .model_runtime import ModelRuntime
 
 
 class ControlServicer(tf_grpc.ServerControlServicer):
-    def __init__(self, runtime: ModelRuntime, on_drain) -> None:
+    def __init__(self, runtime: ModelRuntime, on_drain, insecure: bool = False) -> None:
         self.runtime = runtime
+        self.insecure = insecure
         self._on_drain = on_drain
 
     async def GetServerInfo(self, request, context):
@@ -28,6 +29,7 @@ class ControlServicer(tf_grpc.ServerControlServicer):
             device_memory_total=total,
             host_pid=os.getpid(),
             draining=self.runtime.draining,
+            insecure=self.insecure,
         )
         for entry in repository.entries():
             stats = self.runtime.stats(entry.name)

@@ -15,7 +15,13 @@ import numpy as np
 
 from tensorfleet.client import __version__, wire
 from tensorfleet.client.codec import serialize_bytes
-from tensorfleet.client.errors import InternalError, TensorfleetError, Unavailable
+from tensorfleet.client.errors import (
+    InternalError,
+    InvalidArgument,
+    ResourceExhausted,
+    TensorfleetError,
+    Unavailable,
+)
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import model_config_pb2 as mc
@@ -61,8 +67,10 @@ def stream_error_reply(request: pb.ModelInferRequest, error: TensorfleetError) -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, max_stream_in_flight: int = 1024) -> None:
         self.runtime = runtime
+        #: Requests one ModelStreamInfer stream may have unanswered; more are refused one by one.
+        self.max_stream_in_flight = max_stream_in_flight
         self.repository = runtime.repository
         self.contexts = ContextStore(registry=getattr(runtime.metrics, "registry", None))
 
@@ -123,6 +131,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def RepositoryModelLoad(self, request, context):
+        if request.parameters:  # Triton's 'config' and 'file:<path>' overrides would load sent content
+            raise InvalidArgument(
+                f"RepositoryModelLoad parameters {sorted(request.parameters)[:4]} are refused: this server loads "
+                "models only from its own repository, never files or configs sent in a request"
+            )
+        if request.repository_name:
+            raise InvalidArgument("RepositoryModelLoad: repository_name must be empty (one repository per server)")
         await self.runtime.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -187,6 +202,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
+                    if len(tasks) >= self.max_stream_in_flight:
+                        await replies.put(stream_error_reply(wire.InferRequest.of(request).message, ResourceExhausted(
+                            f"{len(tasks)} requests already in flight on this stream, the most the server takes "
+                            "(--max-stream-in-flight); wait for replies before sending more")))
+                        continue
                     task = asyncio.ensure_future(answer(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)

@@ -1,11 +1,10 @@
-"""Server interceptors: one maps our error types to gRPC status codes, one checks bearer tokens.
+"""The server interceptor that maps our error types to gRPC status codes (auth: tensorfleet.core.auth).
 
-Both wrap a handler's behaviour; `_wrap` knows the four rpc shapes so neither repeats it.
+`_wrap` knows the four rpc shapes.
 """
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,12 +13,11 @@ from typing import Any
 import grpc
 
 from tensorfleet.client import wire
-from tensorfleet.client.errors import TensorfleetError, Unauthenticated
+from tensorfleet.client.errors import TensorfleetError
 
 log = logging.getLogger("tensorfleet.rpc")
 
 Guard = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 async def _fail(context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -100,21 +98,3 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         codec = WIRE_CODECS.get(handler_call_details.method)
         return _wrap(handler, lambda behaviour: _guarded(behaviour, None), codec)
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>` on every rpc but health; otherwise UNAUTHENTICATED."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(given.encode(), self._expected):
-            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
-            return handler
-        return _wrap(handler, lambda behaviour: _guarded(behaviour, self._check))

@@ -73,6 +73,20 @@ def verify_artifacts(model_dir: Path, config: ModelConfig) -> str:
     return combined.hexdigest()
 
 
+MAX_MODEL_NAME = 255
+
+
+def check_model_name(name: str) -> None:
+    """A model name is one folder of the repository: never a path that leaves it."""
+    if not name:
+        return  # unknown, not dangerous: NOT_FOUND below, as for any name the repository lacks
+    if len(name) > MAX_MODEL_NAME or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InvalidArgument(
+            f"model name {name[:64]!r} is not a folder name in the repository (at most {MAX_MODEL_NAME} characters, "
+            "no '/', '\\', NUL, '.' or '..')"
+        )
+
+
 class ModelRepository:
     """Discovers, loads and unloads models. Loading runs in the caller's thread."""
 
@@ -102,6 +116,7 @@ class ModelRepository:
             return [self._entries[name] for name in sorted(self._entries)]
 
     def entry(self, name: str) -> ModelEntry:
+        check_model_name(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is None and (self.root / name / CONFIG_FILENAME).exists():

@@ -14,7 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tensorfleet.client.settings import server_options
+from tensorfleet.client.settings import MAX_MESSAGE_BYTES, server_options
+from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
+from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
@@ -22,7 +25,7 @@ from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 from .control_servicer import ControlServicer
 from .device import check_device_available
 from .inference_servicer import InferenceServicer
-from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .interceptors import ErrorInterceptor
 from .metrics import ServerMetrics
 from .model_runtime import ModelRuntime
 from .repository import ModelRepository, ModelState
@@ -38,7 +41,7 @@ class ServerOptions:
     model_repository: Path
     models: list[str] = field(default_factory=list)
     device: str = "cpu"
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = 8001
     port_file: Path | None = None
     metrics_port: int | None = None
@@ -48,14 +51,15 @@ class ServerOptions:
     tls_ca: Path | None = None
     drain_seconds: float = 30.0
     threads: int | None = None
-
-
-def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
-    if not options.tls_cert:
-        return None
-    key, cert = options.tls_key.read_bytes(), options.tls_cert.read_bytes()  # type: ignore[union-attr]
-    ca = options.tls_ca.read_bytes() if options.tls_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    #: Listen beyond loopback with no token and no mutual TLS (logged, and shown by GetServerInfo).
+    insecure: bool = False
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    #: Rpcs handled at once (streams count as one each); more get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1024
+    #: Concurrent HTTP/2 streams one connection may open.
+    max_streams_per_connection: int = 256
+    #: Unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED each.
+    max_stream_in_flight: int = 1024
 
 
 class ModelServer:
@@ -69,12 +73,22 @@ class ModelServer:
         self.health = HealthServicer()
         self._stopping = asyncio.Event()
         self.port = 0
+        check_exposure(options.host, token=bool(options.token), mutual_tls=bool(options.tls_ca and options.tls_cert),
+                       insecure=options.insecure, what="model server")
+        self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
-        if options.token:
-            interceptors.insert(0, TokenAuthInterceptor(options.token))
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=server_options())
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
-        tf_grpc.add_ServerControlServicer_to_server(ControlServicer(self.runtime, self.drain), self.grpc)
+        if options.token:  # one role on a model server: the token may do everything
+            interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+            options=[*server_options(options.max_message_bytes),
+                     ("grpc.max_concurrent_streams", options.max_streams_per_connection)],
+        )
+        inference = InferenceServicer(self.runtime, max_stream_in_flight=options.max_stream_in_flight)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc)
+        unprotected = options.insecure and not (options.token or (options.tls_ca and options.tls_cert))
+        control = ControlServicer(self.runtime, self.drain, insecure=bool(unprotected))
+        tf_grpc.add_ServerControlServicer_to_server(control, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, CONTROL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -100,7 +114,7 @@ class ModelServer:
     async def start(self) -> int:
         check_device_available(self.options.device)
         address = f"{self.options.host}:{self.options.port}"
-        credentials = _credentials(self.options)
+        credentials = self.credentials
         if credentials is None:
             self.port = self.grpc.add_insecure_port(address)
         else:

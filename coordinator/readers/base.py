@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,13 +98,49 @@ def open_reader(spec: InputSpec) -> Reader:
     if factory is None:
         raise InputError(f"input.format '{spec.format}' has no reader (known: {sorted(MODULES)})")
     try:
-        return factory(spec)
+        reader = factory(spec)
+        try:
+            check_declared_sizes(spec.path, reader.num_rows, reader.fields())
+        except InputError:
+            reader.close()
+            raise
+        return reader
     except InputError:
         raise
     except FileNotFoundError:
         raise InputError(f"input file {spec.path} does not exist; fix input.path") from None
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"cannot read {spec.path} as {spec.format}: {error}") from None
+
+
+#: Bounds on what an input file may declare: a header is free to write, memory is not.
+MAX_ROW_BYTES = int(os.environ.get("TENSORFLEET_MAX_ROW_BYTES", str(256 * 1024 * 1024)))
+MAX_ROWS = 2**40
+MAX_ITEM_BYTES = 1 << 20
+_PLAIN_KINDS = "biufcSUO"  # bool, ints, floats, complex, byte strings, unicode, object (BYTES)
+
+
+def check_declared_sizes(path: str, rows: int, fields: dict[str, FieldInfo]) -> None:
+    """InputError (naming the field) for declared shapes or dtypes no job could read, before any read.
+
+    Readers call nothing large before this: shapes come from headers (HDF5, npy, parquet metadata)."""
+    if rows < 0 or rows > MAX_ROWS:
+        raise InputError(f"{path}: declares {rows} rows; at most {MAX_ROWS}")
+    for name, info in fields.items():
+        dtype = np.dtype(info.dtype)
+        if dtype.kind not in _PLAIN_KINDS or dtype.fields is not None or dtype.itemsize > MAX_ITEM_BYTES:
+            raise InputError(f"{path}: field '{name}' has dtype {dtype} ({dtype.itemsize} bytes per item); "
+                             "inputs hold numbers or strings")
+        if any(int(dim) < 0 for dim in info.row_shape):
+            raise InputError(f"{path}: field '{name}' declares a negative dimension {info.row_shape}")
+        row_bytes = dtype.itemsize
+        for dim in info.row_shape:
+            row_bytes *= int(dim)
+        if row_bytes > MAX_ROW_BYTES:
+            raise InputError(
+                f"{path}: field '{name}' declares rows of shape {tuple(info.row_shape)} {dtype} = {row_bytes} bytes "
+                f"each; at most {MAX_ROW_BYTES} (TENSORFLEET_MAX_ROW_BYTES)"
+            )
 
 
 def _load(fmt: str | None) -> None:

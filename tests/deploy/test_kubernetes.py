@@ -214,3 +214,35 @@ def test_the_flag_checks_catch_a_probe_on_the_wrong_port() -> None:
     container["args"] = [*args, "--no-such-flag"]
     with pytest.raises(SystemExit):
         server_problems(resources)
+
+
+def auth_problems(resources: list[dict[str, Any]]) -> list[str]:
+    """Every tensorfleet container that listens beyond loopback or talks to one carries a token file
+    from a mounted Secret (secure by default, issue 11)."""
+    problems: list[str] = []
+    for resource in resources:
+        for container in containers(resource):
+            words = [str(w) for w in [*container.get("command", []), *container.get("args", [])]]
+            if "tensorfleet" not in words[:1]:
+                continue
+            secret_mounts = {
+                m["mountPath"] for m in container.get("volumeMounts", [])
+                if any(v["name"] == m["name"] and "secret" in v for v in pod_specs(resource)[0].get("volumes", []))
+            }
+            if "--token-file" not in words:
+                problems.append(f"{resource['metadata']['name']}: no --token-file")
+                continue
+            path = words[words.index("--token-file") + 1]
+            if not any(path.startswith(m.rstrip("/") + "/") for m in secret_mounts):
+                problems.append(f"{resource['metadata']['name']}: --token-file {path} is not on a Secret volume")
+    return problems
+
+
+def test_every_listener_and_client_uses_a_token_from_a_secret() -> None:
+    assert auth_problems(render(BASE)) == []
+    assert auth_problems(render(EXAMPLE)) == []
+    broken = render(BASE)
+    container = containers(_one(broken, "StatefulSet"))[0]
+    at = container["args"].index("--token-file")
+    del container["args"][at:at + 2]
+    assert any("no --token-file" in p for p in auth_problems(broken))

@@ -47,7 +47,11 @@ class Coordinator:
 
 
 def start_coordinator(state_dir: Path, *args: str, env: dict | None = None, timeout: float = 60) -> Coordinator:
+    """`coordinator serve` on loopback; jobs may read and write under the state folder's parent
+    (the test's tmp_path) unless `args` name their own roots."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    if not any(str(a) in ("--data-root", "--output-root") for a in args):
+        args = (*args, "--data-root", str(state_dir.parent), "--output-root", str(state_dir.parent))
     port_file = state_dir / "port"
     port_file.unlink(missing_ok=True)
     log_path = state_dir / f"service-{time.monotonic_ns()}.log"

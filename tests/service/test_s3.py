@@ -84,7 +84,7 @@ def test_s3_job_survives_sigkill_of_the_service_and_equals_a_local_run(tmp_path,
         output={"path": f"s3://{BUCKET}/results/out.h5"}, **settings,
     )
     state = tmp_path / "state"
-    coordinator = start_coordinator(state, env=env)
+    coordinator = start_coordinator(state, "--allow-url-prefix", f"s3://{BUCKET}/", env=env)
     try:
         with coordinator.client() as client:
             job_id = client.submit(job).job_id
@@ -99,7 +99,7 @@ def test_s3_job_survives_sigkill_of_the_service_and_equals_a_local_run(tmp_path,
         coordinator.stop(signal.SIGKILL)
     assert not fs.exists(f"{BUCKET}/results/out.h5")
     assert str(job_dir).startswith(str(state))  # the manifest is on local disk, in the state folder
-    with running_coordinator(state, env=env) as restarted, restarted.client() as client:
+    with running_coordinator(state, "--allow-url-prefix", f"s3://{BUCKET}/", env=env) as restarted, restarted.client() as client:
         done = client.wait(job_id)
         assert (job_state(done), done.exit_code) == ("SUCCEEDED", 0), done.error
         assert done.output == f"s3://{BUCKET}/results/out.h5"

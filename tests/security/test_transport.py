@@ -9,7 +9,7 @@ from tensorfleet.client import InferenceClient, TensorfleetError, Unauthenticate
 from tests.certificates import make_pki
 from tests.serving import running_server
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).parents[1] / "models"
 ROW = {"INPUT0": np.ones((1, 16), np.float32), "INPUT1": np.ones((1, 16), np.float32)}
 
 

@@ -1,0 +1,141 @@
+"""Bearer-token auth with roles, shared by the model servers and the coordinator service.
+
+A token is read from a file (`--token-file`, `TENSORFLEET_TOKEN_FILE`) so it never shows in
+`ps`. Each rpc needs a role; a token grants its role and every role below it (ROLES order).
+Tokens are compared in constant time. Health stays open: probes carry no token.
+`check_token` is the one decision, callable by any front end (gRPC here, REST elsewhere).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+
+READ, SUBMIT = "read", "submit"
+#: Roles from weakest to strongest; a token for one role may do what the ones before it may.
+ROLES = (READ, SUBMIT)
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+TOKEN_FILE_ENV = "TENSORFLEET_TOKEN_FILE"
+#: The model servers' token for an engine (`tensorfleet run`, the service's jobs) whose spec has none.
+SERVER_TOKEN_FILE_ENV = "TENSORFLEET_SERVER_TOKEN_FILE"
+MAX_TOKEN_BYTES = 4096
+DENIED = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message names the file and why."""
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in `path`: its text without surrounding whitespace; empty or huge files refused."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()[: MAX_TOKEN_BYTES + 1]
+    except OSError as error:
+        raise TokenFileError(f"token file {path}: {error.strerror or error}") from None
+    if len(data) > MAX_TOKEN_BYTES:
+        raise TokenFileError(f"token file {path}: over {MAX_TOKEN_BYTES} bytes; it should hold one token")
+    token = data.decode(errors="strict").strip()
+    if not token or any(c.isspace() for c in token):
+        raise TokenFileError(f"token file {path}: want one token (no spaces) on one line")
+    return token
+
+
+def token_from(token: str | None, token_file: str | Path | None, use_env: bool = True) -> str | None:
+    """The token a command uses: --token, else --token-file, else $TENSORFLEET_TOKEN_FILE."""
+    if token:
+        return token
+    if not token_file and use_env:
+        token_file = os.environ.get(TOKEN_FILE_ENV) or None
+    return read_token_file(token_file) if token_file else None
+
+
+class TokenAuth:
+    """Which token grants which role; `check` answers for one request's authorization header."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        """`tokens`: role -> token (roles not given have no token of their own)."""
+        unknown = set(tokens) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}; roles are {ROLES}")
+        self._granted = [(f"Bearer {token}".encode(), role) for role, token in tokens.items() if token]
+
+    def role_of(self, header: str | bytes | None) -> str | None:
+        """The strongest role the header's token grants, or None. Compares every token, always."""
+        given = header.encode() if isinstance(header, str) else (header or b"")
+        best = None
+        for expected, role in self._granted:
+            if hmac.compare_digest(given, expected) and (best is None or ROLES.index(role) > ROLES.index(best)):
+                best = role
+        return best
+
+    def check(self, header: str | bytes | None, role: str) -> bool:
+        """True when the header's token grants `role` (or a stronger one)."""
+        granted = self.role_of(header)
+        return granted is not None and ROLES.index(granted) >= ROLES.index(role)
+
+
+def check_token(auth: TokenAuth | None, header: str | bytes | None, role: str) -> bool:
+    """For non-gRPC front ends: may a request with this `authorization` header act as `role`?
+
+    No auth configured (loopback or mTLS only) lets everything through."""
+    return auth is None or auth.check(header, role)
+
+
+def _deny(code: grpc.StatusCode, message: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def unary(request, context):
+        await context.abort(code, message)
+
+    async def stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    streams_out = handler.unary_stream is not None or handler.stream_stream is not None
+    streams_in = handler.stream_unary is not None or handler.stream_stream is not None
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(streams_in, streams_out)]
+    return factory(stream if streams_out else unary, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED without a valid token; PERMISSION_DENIED when the token's role is too weak.
+
+    `method_roles` maps full method names (or service prefixes ending in '/') to the role they
+    need; anything unlisted needs `default_role`."""
+
+    def __init__(self, auth: TokenAuth, method_roles: Mapping[str, str] | None = None,
+                 default_role: str = SUBMIT) -> None:
+        self.auth = auth
+        self.method_roles = dict(method_roles or {})
+        self.default_role = default_role
+
+    def role_for(self, method: str) -> str:
+        if method in self.method_roles:
+            return self.method_roles[method]
+        service = method.rsplit("/", 1)[0] + "/"
+        return self.method_roles.get(service, self.default_role)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        granted = self.auth.role_of(header)
+        if granted is None:
+            return _deny(grpc.StatusCode.UNAUTHENTICATED, DENIED, handler)
+        needed = self.role_for(method)
+        if ROLES.index(granted) < ROLES.index(needed):
+            name = method.rsplit("/", 1)[-1]
+            return _deny(grpc.StatusCode.PERMISSION_DENIED,
+                         f"{name} needs the {needed} token; this token may only {granted}", handler)
+        return handler

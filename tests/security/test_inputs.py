@@ -1,0 +1,81 @@
+"""Input files and job files from others: a header that declares more than any job could read,
+or a YAML file built to explode, gets a clear error (exit 2) before anything large is allocated."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from tests.coordinator.helpers import run_tensorfleet
+
+from .helpers import snapshot
+
+
+def _run(tmp_path, input_spec: dict) -> tuple[int, str]:
+    spec = {"name": "hostile", "input": input_spec, "model": {"name": "embed", "servers": ["127.0.0.1:1"]},
+            "output": {"path": "out.h5"}, "policy": {"server_wait_s": 1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = run_tensorfleet("run", tmp_path / "job.yaml", timeout=120)
+    return done.returncode, done.stderr
+
+
+def _assert_clean_refusal(tmp_path, code: int, stderr: str, *words: str) -> None:
+    assert code == 2, stderr
+    assert "MemoryError" not in stderr and "Traceback" not in stderr, stderr
+    for word in words:
+        assert word in stderr, stderr
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.tfjob").exists()
+
+
+def test_hdf5_declaring_gigantic_rows_is_refused(tmp_path):
+    with h5py.File(tmp_path / "in.h5", "w") as f:  # a few KB on disk: chunks are never written
+        f.create_dataset("x", shape=(10, 10**9), dtype="f4", chunks=(1, 1000))
+    before = snapshot(tmp_path)
+    code, stderr = _run(tmp_path, {"path": "in.h5", "tensors": {"x": "x"}})
+    _assert_clean_refusal(tmp_path, code, stderr, "field 'x'", "TENSORFLEET_MAX_ROW_BYTES")
+    assert snapshot(tmp_path) - before <= {"job.yaml"}
+
+
+def test_h5ad_declaring_a_billion_genes_is_refused(tmp_path):
+    with h5py.File(tmp_path / "in.h5ad", "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        f.create_dataset("X", shape=(2, 10**9), dtype="f4", chunks=(1, 1000))
+        for group, size in (("obs", 2), ("var", 10**9)):
+            g = f.create_group(group)
+            g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                            "column-order": np.array([], dtype="S")})
+            g.create_dataset("_index", shape=(size,), dtype="S1", chunks=(min(size, 1000),))
+    code, stderr = _run(tmp_path, {"path": "in.h5ad"})
+    _assert_clean_refusal(tmp_path, code, stderr, "field 'X'", "TENSORFLEET_MAX_ROW_BYTES")
+
+
+def test_npy_whose_header_declares_more_than_the_file_holds_is_refused(tmp_path):
+    with open(tmp_path / "in.npy", "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (10**12, 10**6)})
+        handle.write(b"\0" * 64)
+    code, stderr = _run(tmp_path, {"path": "in.npy"})
+    _assert_clean_refusal(tmp_path, code, stderr, "cannot read", "in.npy")
+
+
+def test_npy_with_a_structured_dtype_is_refused(tmp_path):
+    np.save(tmp_path / "in.npy", np.zeros(4, dtype=[("a", "f4"), ("b", "i8")]))
+    code, stderr = _run(tmp_path, {"path": "in.npy"})
+    _assert_clean_refusal(tmp_path, code, stderr, "dtype", "inputs hold numbers or strings")
+
+
+def test_a_yaml_alias_bomb_job_file_is_refused(tmp_path):
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (tmp_path / "job.yaml").write_text("\n".join(lines) + "\n")
+    done = run_tensorfleet("run", tmp_path / "job.yaml", timeout=60)
+    _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "alias")
+
+
+@pytest.mark.parametrize("size", [2 * 1024 * 1024])
+def test_an_oversized_job_file_is_refused(tmp_path, size):
+    (tmp_path / "job.yaml").write_text("name: big\n# " + "x" * size + "\n")
+    done = run_tensorfleet("run", tmp_path / "job.yaml", timeout=60)
+    _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "TENSORFLEET_MAX_SPEC_BYTES")
