@@ -23,6 +23,7 @@ from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
 from .control_servicer import ControlServicer
+from .dataplane import DataPlane
 from .device import check_device_available
 from .inference_servicer import InferenceServicer
 from .interceptors import ErrorInterceptor
@@ -70,6 +71,7 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(options.model_repository, options.device, options.models)
         self.runtime = ModelRuntime(self.repository, self.metrics)
+        self.dataplane = DataPlane(self.runtime)
         self.health = HealthServicer()
         self._stopping = asyncio.Event()
         self.port = 0
@@ -84,7 +86,7 @@ class ModelServer:
             options=[*server_options(options.max_message_bytes),
                      ("grpc.max_concurrent_streams", options.max_streams_per_connection)],
         )
-        inference = InferenceServicer(self.runtime, max_stream_in_flight=options.max_stream_in_flight)
+        inference = InferenceServicer(self.dataplane, max_stream_in_flight=options.max_stream_in_flight)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc)
         unprotected = options.insecure and not (options.token or (options.tls_ca and options.tls_cert))
         control = ControlServicer(self.runtime, self.drain, insecure=bool(unprotected))
