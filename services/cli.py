@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the bound port here once every model is loaded and warmed")
     parser.add_argument("--metrics-port", type=int, default=_int_or_none(env("TENSORFLEET_METRICS_PORT")),
                         help="serve Prometheus metrics on this HTTP port")
+    parser.add_argument("--http-port", type=int, default=_int_or_none(env("TENSORFLEET_HTTP_PORT")),
+                        help="also serve the Open Inference Protocol REST API (and /metrics) on this port, "
+                             "same host, token and TLS as gRPC; 0 picks a free one")
+    parser.add_argument("--http-port-file", type=Path, default=None,
+                        help="write the bound REST port here once it listens (before --port-file)")
     parser.add_argument("--token", default=env("TENSORFLEET_TOKEN"),
                         help="require 'authorization: Bearer <token>' on every rpc but health "
                         "(visible in ps: prefer --token-file)")
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             port_file=args.port_file,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
+            http_port_file=args.http_port_file,
             token=token,
             insecure=args.insecure,
             max_message_bytes=args.max_message_mb * 1024 * 1024,

@@ -8,6 +8,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +32,9 @@ from .metrics import ServerMetrics
 from .model_runtime import ModelRuntime
 from .repository import ModelRepository, ModelState
 
+if TYPE_CHECKING:
+    from .http_app import HttpFrontEnd
+
 log = logging.getLogger("tensorfleet.server")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -46,6 +50,8 @@ class ServerOptions:
     port: int = 8001
     port_file: Path | None = None
     metrics_port: int | None = None
+    http_port: int | None = None  # REST (OIP HTTP) beside gRPC, same host, auth and TLS
+    http_port_file: Path | None = None
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -78,6 +84,7 @@ class ModelServer:
         check_exposure(options.host, token=bool(options.token), mutual_tls=bool(options.tls_ca and options.tls_cert),
                        insecure=options.insecure, what="model server")
         self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
+        self.http: HttpFrontEnd | None = None
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
             interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
@@ -125,6 +132,8 @@ class ModelServer:
             raise RuntimeError(f"could not bind {address}")
         await self._set_health(False)
         await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
+        if self.options.http_port is not None:
+            await self._start_http()
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load_all)
@@ -145,6 +154,24 @@ class ModelServer:
                  sum(e.state is ModelState.READY for e in self.repository.entries()))
         return self.port
 
+    async def _start_http(self) -> None:
+        from .http_app import (  # FastAPI and uvicorn load only when asked for
+            HttpFrontEnd,
+            build_app,
+        )
+
+        options = self.options
+        auth = TokenAuth({SUBMIT: options.token}) if options.token else None  # as on gRPC: one role
+        app = build_app(self.dataplane, auth, self.metrics.registry)
+        self.http = HttpFrontEnd(app, options.host, options.http_port or 0, tls_cert=options.tls_cert,
+                                 tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds)
+        port = await self.http.start()
+        log.info("REST (Open Inference Protocol HTTP) on %s:%d", options.host, port)
+        if options.http_port_file:
+            tmp = Path(f"{options.http_port_file}.tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, options.http_port_file)
+
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -154,6 +181,8 @@ class ModelServer:
         # Waits for in-flight rpcs (streams included) up to the grace period.
         await self._wait_for_in_flight(self.options.drain_seconds)
         await self.grpc.stop(grace=self.options.drain_seconds)
+        if self.http is not None:
+            await self.http.stop()
         log.info("stopped")
 
     async def _wait_for_in_flight(self, limit: float) -> None:

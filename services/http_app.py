@@ -1,0 +1,255 @@
+"""The Open Inference Protocol's REST half (KServe v2 / Triton HTTP) over the data plane.
+
+A FastAPI app on uvicorn, run as a task in the model server's own event loop beside
+grpc.aio: a REST request reaches the same DataPlane, so the same batcher as gRPC, and the
+two can share a batch. Routes are thin: convert (rest_converters.py), call, convert back.
+
+Errors are JSON `{"error": "..."}` with the HTTP status of their gRPC code (STATUS below).
+With a token (tensorfleet.core.auth, as on gRPC), every route but /v2/health/* needs
+`Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
+
+from tensorfleet.client.errors import InvalidArgument, TensorfleetError, Unauthenticated
+from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
+
+from . import rest_converters as convert
+from .dataplane import DataPlane
+from .grpc_converters import model_config_message
+
+log = logging.getLogger("tensorfleet.http")
+
+#: gRPC status code -> HTTP status, for the errors the data plane raises.
+STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, TensorfleetError)
+    status = STATUS.get(error.code, 500)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _error(status, error.message, headers)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return _error(500, f"internal error: {type(error).__name__}: {error}")
+
+
+def _json_body_flag(body: bytes, key: str) -> bool:
+    """A bool in an optional JSON object body (repository index's `ready`)."""
+    if not body.strip():
+        return False
+    doc = convert.split_body(body, None)[0]
+    value = doc.get(key, False) if isinstance(doc, dict) else None
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"request body must be a JSON object with an optional bool '{key}'")
+    return value
+
+
+#: 64-bit fields of ModelConfig, which protobuf's JSON mapping writes as strings; Triton writes numbers.
+_INT64_FIELDS = frozenset({"dims", "default_timeout_microseconds", "max_queue_delay_microseconds"})
+
+
+def _config_json(message: Message) -> dict[str, Any]:
+    """Triton's HTTP model config: the JSON mapping of the protobuf message, numbers as numbers."""
+
+    def numbers(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: numbers(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [numbers(v, key) for v in value]
+        return int(value) if key in _INT64_FIELDS and isinstance(value, str) else value
+
+    return numbers(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def build_app(dataplane: DataPlane, auth: TokenAuth | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The REST routes over `dataplane`; `auth` guards all but health; `registry` adds GET /metrics."""
+
+    async def authorized(request: Request) -> None:
+        if not check_token(auth, request.headers.get("authorization"), SUBMIT):
+            raise Unauthenticated("missing or wrong bearer token (header 'Authorization: Bearer <token>')")
+
+    app = FastAPI(title="tensorfleet", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(TensorfleetError, _domain_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    health = APIRouter()
+    guarded = APIRouter(dependencies=[Depends(authorized)])
+
+    @health.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": dataplane.live()})
+
+    @health.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ready = dataplane.ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @guarded.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        name, version, extensions = dataplane.server_metadata()
+        return JSONResponse({"name": name, "version": version, "extensions": extensions})
+
+    def versioned(path: str) -> list[str]:
+        return [f"/v2/models/{{name}}{path}", f"/v2/models/{{name}}/versions/{{version}}{path}"]
+
+    # Before /v2/models/{name}, which would take "stats" for a model name.
+    for path in ["/v2/models/stats", *versioned("/stats")]:
+        @guarded.get(path)
+        async def model_statistics(name: str = "", version: str = "") -> JSONResponse:
+            return JSONResponse(convert.statistics_json(dataplane.statistics(name)))
+
+    for path in versioned("/ready"):
+        @guarded.get(path)
+        async def model_ready(name: str, version: str = "") -> JSONResponse:
+            ready = dataplane.model_ready(name, version)
+            return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    for path in versioned(""):
+        @guarded.get(path)
+        async def model_metadata(name: str, version: str = "") -> JSONResponse:
+            return JSONResponse(convert.model_metadata_json(dataplane.model_metadata(name, version)))
+
+    for path in versioned("/config"):
+        @guarded.get(path)
+        async def model_config(name: str, version: str = "") -> JSONResponse:
+            message = model_config_message(dataplane.model_details(name, version))
+            return JSONResponse(_config_json(message))
+
+    for path in versioned("/infer"):
+        @guarded.post(path)
+        async def infer(name: str, request: Request, version: str = "") -> Response:
+            body = await request.body()
+            wire_request, default_binary, wanted = convert.decode_infer(
+                name, version, body, request.headers.get(convert.HEADER_LENGTH)
+            )
+            result = await dataplane.infer(wire_request)
+            content, header_length = convert.encode_infer(wire_request.message, result, default_binary, wanted)
+            if header_length is None:
+                return Response(content, media_type="application/json")
+            return Response(
+                content,
+                media_type="application/octet-stream",
+                headers={convert.HEADER_LENGTH: str(header_length)},
+            )
+
+    @guarded.post("/v2/repository/index")
+    async def repository_index(request: Request) -> JSONResponse:
+        ready_only = _json_body_flag(await request.body(), "ready")
+        return JSONResponse(convert.repository_index_json(dataplane.repository_index(ready_only)))
+
+    @guarded.post("/v2/repository/models/{name}/load")
+    async def load(name: str) -> JSONResponse:
+        await dataplane.load(name)
+        return JSONResponse({})
+
+    @guarded.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str) -> JSONResponse:
+        await dataplane.unload(name)
+        return JSONResponse({})
+
+    if registry is not None:
+        @guarded.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(health)
+    app.include_router(guarded)
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside someone else's loop: the model server owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpFrontEnd:
+    """Runs the app with uvicorn as a task of the running event loop."""
+
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_ca: Path | None = None,
+        shutdown_seconds: float = 30.0,
+    ) -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            server_header=False,
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
+            ssl_ca_certs=str(tls_ca) if tls_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls_ca else ssl.CERT_NONE,
+            timeout_graceful_shutdown=int(shutdown_seconds) or 1,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (a port of 0 picks a free one)."""
+        self._task = asyncio.ensure_future(self._server.serve())
+        while not self._server.started:
+            if self._task.done():  # bind failed: uvicorn logs why and exits
+                self._task.result()
+                raise RuntimeError(f"HTTP server could not start on {self._server.config.host}:{self._server.config.port}")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task
