@@ -1,0 +1,145 @@
+"""What REST costs next to gRPC on the same server, through the same batcher, for 1 MB tensors.
+
+One server with REST on (`--http-port`), one identity model with a batch dimension (so every
+request goes through the dynamic batcher). Per round, each side sends the same tensor
+`--requests` times, one after another on one connection:
+
+(a) gRPC: `InferenceClient.infer` (unary ModelInfer, raw buffers);
+(b) REST: POST /v2/models/{name}/infer with the binary tensor data extension (JSON header,
+    then the raw tensor; the output asked for as binary), over one keep-alive connection of
+    Python's own http.client.
+
+The sides alternate for --rounds rounds; each reply is checked (bytes equal to the input).
+Prints one JSON line; `ratio_rest_over_grpc` is REST's wall time over gRPC's (target: <= 1.10).
+
+    python -m bench.rest                    # 1 MB, 200 requests a side, 3 rounds
+    python -m bench.rest --mb 16 --requests 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import emit, machine, server_process
+from bench.fleet import prepare_repository
+
+MB = 1024 * 1024
+MODEL = "identity_fp32"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=1, help="tensor size in MB")
+    parser.add_argument("--requests", type=int, default=200, help="requests per side and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.rounds = 10, 1
+    return args
+
+
+class RestClient:
+    """The binary tensor data extension by hand, on one keep-alive connection."""
+
+    def __init__(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        header = json.dumps({
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": list(tensor.shape),
+                        "parameters": {"binary_data_size": tensor.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }).encode()  # fmt: skip
+        self.connection.putrequest("POST", f"/v2/models/{MODEL}/infer")
+        self.connection.putheader("Content-Type", "application/octet-stream")
+        self.connection.putheader(HEADER_LENGTH, str(len(header)))
+        self.connection.putheader("Content-Length", str(len(header) + tensor.nbytes))
+        self.connection.endheaders()
+        self.connection.send(header)
+        self.connection.send(memoryview(tensor).cast("B"))
+        response = self.connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"REST infer: {response.status} {body[:500]!r}")
+        size = int(response.getheader(HEADER_LENGTH))
+        output = json.loads(body[:size])["outputs"][0]
+        return np.frombuffer(body, np.float32, offset=size).reshape(output["shape"])
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def measure(args: argparse.Namespace, grpc_address: str, rest_address: str) -> dict:
+    from tensorfleet.client import InferenceClient
+
+    elements = args.mb * MB // 4
+    tensor = np.random.default_rng(0).standard_normal((1, elements)).astype(np.float32)
+    seconds = {"grpc": 0.0, "rest": 0.0}
+    with InferenceClient(grpc_address) as grpc_client:
+        rest = RestClient(rest_address)
+        try:
+            sides = {
+                "grpc": lambda: grpc_client.infer(MODEL, {"x": tensor})["y"],
+                "rest": lambda: rest.infer(tensor),
+            }
+            for call in sides.values():  # warm both paths and check them once
+                assert call().tobytes() == tensor.tobytes()
+            for _ in range(args.rounds):
+                for side, call in sides.items():
+                    started = time.perf_counter()
+                    for _ in range(args.requests):
+                        out = call()
+                    seconds[side] += time.perf_counter() - started
+                    assert out.shape == tensor.shape and out.tobytes() == tensor.tobytes(), side
+        finally:
+            rest.close()
+    count = args.requests * args.rounds
+    return {
+        "grpc_ms_per_request": round(1000 * seconds["grpc"] / count, 3),
+        "rest_ms_per_request": round(1000 * seconds["rest"] / count, 3),
+        "ratio_rest_over_grpc": round(seconds["rest"] / seconds["grpc"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    elements = args.mb * MB // 4
+    batched = {  # a batch dimension, so each request goes through the dynamic batcher
+        "max_batch_size": 8,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [elements]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [elements]}],
+    }
+    with tempfile.TemporaryDirectory(prefix="tf-bench-rest-") as tmp:
+        repository = prepare_repository(Path(tmp) / "models", {MODEL: batched})
+        port_file = Path(tmp) / "http-port"
+        with server_process(
+            repository, "--model", MODEL, "--log-level", "WARNING",
+            "--http-port", "0", "--http-port-file", str(port_file), threads=1,
+        ) as server:  # fmt: skip
+            rest_address = f"127.0.0.1:{port_file.read_text().strip()}"
+            result = measure(args, server.address, rest_address)
+    emit({
+        "bench": "rest",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "mb": args.mb,
+        "requests_per_side_and_round": args.requests,
+        "rounds": args.rounds,
+        **result,
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
