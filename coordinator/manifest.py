@@ -139,6 +139,18 @@ class Manifest:
         )
         return [RowError(*row) for row in rows]
 
+    def commits(self) -> list[tuple[float, int, int]]:
+        """(committed_at, rows, failed rows) of every done chunk, oldest first: progress over time."""
+        rows = self._db.execute(
+            "SELECT committed_at, stop - start, failed FROM chunks WHERE done = 1 AND committed_at IS NOT NULL"
+            " ORDER BY committed_at"
+        )
+        return [(float(at), int(count), int(failed)) for at, count, failed in rows]
+
+    def first_errors(self, limit: int) -> list[RowError]:
+        rows = self._db.execute("SELECT row, id, code, message FROM errors ORDER BY row LIMIT ?", (limit,))
+        return [RowError(*row) for row in rows]
+
     def note_server(self, address: str) -> None:
         self._db.execute("INSERT OR IGNORE INTO servers VALUES (?, ?)", (address, time.time()))
 

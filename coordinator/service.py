@@ -78,6 +78,9 @@ class ServiceOptions:
     #: The coordinator's own fleet for ListServers (host:port, dns:NAME:PORT, hostfile:PATH).
     servers: list[str] = field(default_factory=list)
     server_token: str | None = None
+    #: The read-only web dashboard (dashboard.py) on this port, same host, token and TLS.
+    http_port: int | None = None
+    http_port_file: Path | None = None
 
 
 def job_message(record: JobRecord, progress: dict) -> tf.Job:
@@ -162,6 +165,10 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
                     pass
 
     async def ListServers(self, request, context):
+        return tf.ListServersResponse(servers=await self.server_entries())
+
+    async def server_entries(self) -> list[tf.ServerEntry]:
+        """The coordinator's fleet and every running job's servers, each probed now."""
         sources: dict[str, list[str]] = {}
         tokens: dict[str, str | None] = {}
         job_rows: dict[str, int] = {}
@@ -181,7 +188,7 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
         for entry in entries:
             entry.sources.extend(sources[entry.address])
             entry.job_rows = job_rows.get(entry.address, 0)
-        return tf.ListServersResponse(servers=entries)
+        return list(entries)
 
     async def _probe(self, address: str, token: str | None) -> tf.ServerEntry:
         entry = tf.ServerEntry(address=address)
@@ -227,14 +234,17 @@ class CoordinatorService:
                                   policy=policy, max_queued=options.max_queued_jobs)
         self.health = HealthServicer()
         interceptors = []
+        #: Who may do what (None: no token); the dashboard asks it too.
+        self.auth = None
         if options.token or options.read_token:
-            auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
-            interceptors.append(TokenAuthInterceptor(auth, METHOD_ROLES, default_role=SUBMIT))
+            self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
+            interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
         self.grpc = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
             options=server_options(options.max_message_bytes),
         )
-        tf_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.manager, options), self.grpc)
+        self.servicer = CoordinatorServicer(self.manager, options)
+        tf_grpc.add_CoordinatorServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [COORDINATOR_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -242,6 +252,7 @@ class CoordinatorService:
         )
         self._stopping = asyncio.Event()
         self.port = 0
+        self.dashboard = None
 
     async def start(self) -> int:
         address = f"{self.options.host}:{self.options.port}"
@@ -255,6 +266,8 @@ class CoordinatorService:
         await self.grpc.start()
         for service in ("", COORDINATOR_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.options.http_port is not None:
+            await self._start_dashboard()
         if self.options.port_file:
             temp = Path(f"{self.options.port_file}.tmp")
             temp.write_text(str(self.port))
@@ -262,6 +275,26 @@ class CoordinatorService:
         log.info("coordinator on %s:%d (%s), state in %s, up to %d job(s) at once", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.state_dir, self.options.max_jobs)
         return self.port
+
+    async def _start_dashboard(self) -> None:
+        from .dashboard import (  # FastAPI only when asked for
+            DashboardData,
+            DashboardServer,
+            build_app,
+        )
+
+        options = self.options
+        self.dashboard_data = DashboardData(self.servicer)
+        self.dashboard = DashboardServer(
+            build_app(self.dashboard_data, self.auth), options.host, options.http_port or 0,
+            tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+        )
+        port = await self.dashboard.start()
+        log.info("dashboard on http%s://%s:%d/", "s" if options.tls_cert else "", options.host, port)
+        if options.http_port_file:
+            temp = Path(f"{options.http_port_file}.tmp")
+            temp.write_text(str(port))
+            os.replace(temp, options.http_port_file)
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
@@ -275,6 +308,9 @@ class CoordinatorService:
         scheduler.cancel()
         await asyncio.gather(scheduler, return_exceptions=True)
         await self.grpc.stop(grace=5)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard_data.close()
         self.store.close()
         log.info("coordinator stopped")
 

@@ -78,6 +78,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queued-jobs", type=int, default=100, help="jobs waiting at once; more are refused")
     serve.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_MB,
                        help="largest gRPC message accepted, in MiB (default $TENSORFLEET_MAX_MESSAGE_MB or 512)")
+    serve.add_argument("--http-port", type=int,
+                       help="serve a read-only web dashboard (jobs, progress chart, failed rows, servers) on this "
+                            "port, same host, tokens and TLS; 0 picks a free one")
+    serve.add_argument("--http-port-file", type=Path, help="write the dashboard's bound port here")
     serve.add_argument("--tls-cert", type=Path)
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--tls-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
@@ -193,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_mb * 1024 * 1024,
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
             servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
+            http_port=args.http_port, http_port_file=args.http_port_file,
         )
         asyncio.run(serve(options))
     except (TokenFileError, ExposureError, ValueError) as error:

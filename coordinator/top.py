@@ -151,7 +151,7 @@ class TopSession:
         now = time.monotonic()
         for row in by_address.values():
             self._derive_rates(row, now)
-            row["gpu"] = _gpu_of(row, snapshot.gpus)
+            row["gpu"] = gpu_of(row, snapshot.gpus)
         snapshot.servers = list(by_address.values())
         return snapshot
 
@@ -276,7 +276,7 @@ def _gpu_pids(nvml: Any, handle: Any) -> set[int]:
     return pids
 
 
-def _gpu_of(row: dict[str, Any], gpus: list[dict[str, Any]]) -> dict[str, Any] | None:
+def gpu_of(row: dict[str, Any], gpus: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The local GPU whose processes include the server's pid (a remote server never matches)."""
     if not gpus or not row.get("pid") or not row["device"].startswith("cuda") or not is_local(row["address"]):
         return None

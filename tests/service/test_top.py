@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tensorfleet.client import InferenceClient
-from tensorfleet.coordinator.top import _gpu_of, is_local
+from tensorfleet.coordinator.top import gpu_of, is_local
 from tests.coordinator.helpers import (
     REPO_ROOT,
     make_fasta,
@@ -181,10 +181,10 @@ def test_nvml_figures_attach_only_to_a_local_server_on_that_gpu():
     gpu = {"index": 1, "name": "GPU X", "utilization": 87, "memory_used": 5 << 30, "memory_total": 80 << 30,
            "pids": [os.getpid()]}
     local = {"address": "127.0.0.1:8001", "pid": os.getpid(), "device": "cuda:0"}
-    assert _gpu_of(local, [gpu]) == {k: gpu[k] for k in ("index", "name", "utilization", "memory_used", "memory_total")}
-    assert _gpu_of({**local, "pid": os.getpid() + 1_000_000}, [gpu]) is None  # another process's GPU
-    assert _gpu_of({**local, "device": "cpu"}, [gpu]) is None
-    assert _gpu_of({**local, "address": "192.0.2.1:8001"}, [gpu]) is None  # same pid number, other host
+    assert gpu_of(local, [gpu]) == {k: gpu[k] for k in ("index", "name", "utilization", "memory_used", "memory_total")}
+    assert gpu_of({**local, "pid": os.getpid() + 1_000_000}, [gpu]) is None  # another process's GPU
+    assert gpu_of({**local, "device": "cpu"}, [gpu]) is None
+    assert gpu_of({**local, "address": "192.0.2.1:8001"}, [gpu]) is None  # same pid number, other host
     assert is_local("127.0.0.1:1") and is_local("localhost:8001") and not is_local("192.0.2.1:8001")
 
 
