@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException
 
 from tensorfleet.client.errors import InvalidArgument, TensorfleetError, Unauthenticated
+from tensorfleet.client.settings import MAX_MESSAGE_BYTES
 from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
 
 from . import rest_converters as convert
@@ -102,8 +103,30 @@ def _config_json(message: Message) -> dict[str, Any]:
     return numbers(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
-def build_app(dataplane: DataPlane, auth: TokenAuth | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
-    """The REST routes over `dataplane`; `auth` guards all but health; `registry` adds GET /metrics."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 once it passes `limit` (the gRPC message limit)."""
+    declared = request.headers.get("content-length", "")
+    too_large = f"request body is over the server's limit of {limit} bytes (TENSORFLEET_MAX_MESSAGE_MB)"
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, too_large)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def build_app(
+    dataplane: DataPlane,
+    auth: TokenAuth | None = None,
+    registry: CollectorRegistry | None = None,
+    max_body_bytes: int = MAX_MESSAGE_BYTES,
+) -> FastAPI:
+    """The REST routes over `dataplane`; `auth` guards all but health; `registry` adds GET /metrics.
+
+    `max_body_bytes`: the server's message limit (--max-message-mb), for REST bodies too."""
 
     async def authorized(request: Request) -> None:
         if not check_token(auth, request.headers.get("authorization"), SUBMIT):
@@ -159,7 +182,7 @@ def build_app(dataplane: DataPlane, auth: TokenAuth | None = None, registry: Col
     for path in versioned("/infer"):
         @guarded.post(path)
         async def infer(name: str, request: Request, version: str = "") -> Response:
-            body = await request.body()
+            body = await _read_body(request, max_body_bytes)
             wire_request, default_binary, wanted = convert.decode_infer(
                 name, version, body, request.headers.get(convert.HEADER_LENGTH)
             )
@@ -175,7 +198,7 @@ def build_app(dataplane: DataPlane, auth: TokenAuth | None = None, registry: Col
 
     @guarded.post("/v2/repository/index")
     async def repository_index(request: Request) -> JSONResponse:
-        ready_only = _json_body_flag(await request.body(), "ready")
+        ready_only = _json_body_flag(await _read_body(request, 1 << 20), "ready")
         return JSONResponse(convert.repository_index_json(dataplane.repository_index(ready_only)))
 
     @guarded.post("/v2/repository/models/{name}/load")

@@ -162,7 +162,7 @@ class ModelServer:
 
         options = self.options
         auth = TokenAuth({SUBMIT: options.token}) if options.token else None  # as on gRPC: one role
-        app = build_app(self.dataplane, auth, self.metrics.registry)
+        app = build_app(self.dataplane, auth, self.metrics.registry, max_body_bytes=options.max_message_bytes)
         self.http = HttpFrontEnd(app, options.host, options.http_port or 0, tls_cert=options.tls_cert,
                                  tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds)
         port = await self.http.start()

@@ -8,7 +8,9 @@ to share one batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 from tensorfleet.client import InferenceClient
+from tests.certificates import make_pki
 from tests.serving import REPO_ROOT, ServerProcess, running_server
 
 pytestmark = pytest.mark.interop
@@ -34,6 +37,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def _serve_rest(tmp: Path, repository: Path, models: tuple[str, ...], *extra: str):
     """A real server with REST on a free port; yields (server, REST base URL)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port_file = tmp / "http-port"
     served = [arg for name in models for arg in ("--model", name)]
     args = [*served, "--http-port", "0", "--http-port-file", str(port_file), *extra]
@@ -45,6 +49,20 @@ def server(tmp_path_factory) -> Iterator[tuple[ServerProcess, str]]:
     context, port_file = _serve_rest(tmp_path_factory.mktemp("rest"), MODELS, USED_MODELS)
     with context as process:
         yield process, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+@contextlib.contextmanager
+def _with_env(name: str, value: str) -> Iterator[None]:
+    """Set a variable for the servers started inside (they inherit this process's environment)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _grpc(address: str, model: str, inputs: dict, token: str | None = None) -> dict[str, np.ndarray]:
@@ -310,3 +328,37 @@ def test_rest_and_grpc_requests_share_a_batch(tmp_path) -> None:
         sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
         assert stats["inference_count"] == 3
         assert sizes == {1: 1, 2: 1}, f"REST and gRPC did not share a batch: {sizes}"
+
+
+@needs_curl
+def test_body_over_the_message_limit_gets_413(tmp_path) -> None:
+    """The REST body limit is the gRPC message limit (TENSORFLEET_MAX_MESSAGE_MB), checked before reading."""
+    context, port_file = _serve_rest(tmp_path, MODELS, ("simple",))
+    with _with_env("TENSORFLEET_MAX_MESSAGE_MB", "1"), context as process:
+        url = f"127.0.0.1:{port_file.read_text().strip()}"
+        status, _, body = _curl(f"{url}/v2/models/simple/infer", body=b" " * (2 << 20))
+        assert status == 413 and "limit of 1048576 bytes" in json.loads(body)["error"]
+        assert process.process.poll() is None
+
+
+@needs_curl
+def test_rest_over_tls_and_mutual_tls(tmp_path) -> None:
+    """--tls-cert/--tls-key (and --tls-ca for client certificates) apply to REST as to gRPC."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    tls = ["--tls-cert", str(pki["server"]), "--tls-key", str(pki["server_key"])]
+    context, port_file = _serve_rest(tmp_path / "one", MODELS, ("simple",), *tls)
+    with context:
+        url = f"https://localhost:{port_file.read_text().strip()}/v2/health/ready"
+        done = subprocess.run([CURL, "-sS", "--cacert", str(pki["ca"]), url], capture_output=True, timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout) == {"ready": True}, done.stderr
+        plain = subprocess.run([CURL, "-sS", url.replace("https", "http")], capture_output=True, timeout=60)
+        assert plain.returncode != 0 or b"ready" not in plain.stdout
+    context, port_file = _serve_rest(tmp_path / "two", MODELS, ("simple",), *tls, "--tls-ca", str(pki["ca"]))
+    with context:
+        url = f"https://localhost:{port_file.read_text().strip()}/v2/health/ready"
+        anonymous = subprocess.run([CURL, "-sS", "--cacert", str(pki["ca"]), url], capture_output=True, timeout=60)
+        assert anonymous.returncode != 0  # no client certificate: the handshake fails
+        client = ["--cert", str(pki["client"]), "--key", str(pki["client_key"])]
+        done = subprocess.run([CURL, "-sS", "--cacert", str(pki["ca"]), *client, url], capture_output=True, timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout) == {"ready": True}, done.stderr
