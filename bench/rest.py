@@ -10,7 +10,10 @@ request goes through the dynamic batcher). Per round, each side sends the same t
     Python's own http.client.
 
 The sides alternate for --rounds rounds; each reply is checked (bytes equal to the input).
-Prints one JSON line; `ratio_rest_over_grpc` is REST's wall time over gRPC's (target: <= 1.10).
+Besides wall time, the server process's CPU time (user + system, from /proc) is summed per
+side: on a shared, loaded machine that is the steadier measure of what each request costs the
+server. Prints one JSON line: `ratio_rest_over_grpc` is REST's wall time over gRPC's and
+`ratio_rest_over_grpc_server_cpu` the same for server CPU (target: <= 1.10).
 
     python -m bench.rest                    # 1 MB, 200 requests a side, 3 rounds
     python -m bench.rest --mb 16 --requests 50
@@ -22,6 +25,8 @@ import argparse
 import datetime
 import http.client
 import json
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +59,8 @@ class RestClient:
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.connection.connect()  # no Nagle: the JSON header must not wait for an ACK (gRPC sets this too)
+        self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         header = json.dumps({
@@ -65,8 +72,7 @@ class RestClient:
         self.connection.putheader("Content-Type", "application/octet-stream")
         self.connection.putheader(HEADER_LENGTH, str(len(header)))
         self.connection.putheader("Content-Length", str(len(header) + tensor.nbytes))
-        self.connection.endheaders()
-        self.connection.send(header)
+        self.connection.endheaders(header)  # HTTP headers and the JSON header in one send
         self.connection.send(memoryview(tensor).cast("B"))
         response = self.connection.getresponse()
         body = response.read()
@@ -80,12 +86,22 @@ class RestClient:
         self.connection.close()
 
 
-def measure(args: argparse.Namespace, grpc_address: str, rest_address: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(args: argparse.Namespace, grpc_address: str, rest_address: str, server_pid: int) -> dict:
     from tensorfleet.client import InferenceClient
 
     elements = args.mb * MB // 4
     tensor = np.random.default_rng(0).standard_normal((1, elements)).astype(np.float32)
     seconds = {"grpc": 0.0, "rest": 0.0}
+    cpu = {"grpc": 0.0, "rest": 0.0}
     with InferenceClient(grpc_address) as grpc_client:
         rest = RestClient(rest_address)
         try:
@@ -97,10 +113,11 @@ def measure(args: argparse.Namespace, grpc_address: str, rest_address: str) -> d
                 assert call().tobytes() == tensor.tobytes()
             for _ in range(args.rounds):
                 for side, call in sides.items():
-                    started = time.perf_counter()
+                    started, used = time.perf_counter(), cpu_seconds(server_pid)
                     for _ in range(args.requests):
                         out = call()
                     seconds[side] += time.perf_counter() - started
+                    cpu[side] += cpu_seconds(server_pid) - used
                     assert out.shape == tensor.shape and out.tobytes() == tensor.tobytes(), side
         finally:
             rest.close()
@@ -109,6 +126,9 @@ def measure(args: argparse.Namespace, grpc_address: str, rest_address: str) -> d
         "grpc_ms_per_request": round(1000 * seconds["grpc"] / count, 3),
         "rest_ms_per_request": round(1000 * seconds["rest"] / count, 3),
         "ratio_rest_over_grpc": round(seconds["rest"] / seconds["grpc"], 3),
+        "grpc_server_cpu_ms_per_request": round(1000 * cpu["grpc"] / count, 3),
+        "rest_server_cpu_ms_per_request": round(1000 * cpu["rest"] / count, 3),
+        "ratio_rest_over_grpc_server_cpu": round(cpu["rest"] / cpu["grpc"], 3) if cpu["grpc"] else None,
     }
 
 
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "--http-port", "0", "--http-port-file", str(port_file), threads=1,
         ) as server:  # fmt: skip
             rest_address = f"127.0.0.1:{port_file.read_text().strip()}"
-            result = measure(args, server.address, rest_address)
+            result = measure(args, server.address, rest_address, server.pid)
     emit({
         "bench": "rest",
         "date": datetime.date.today().isoformat(),

@@ -221,6 +221,25 @@ def build_app(
     return app
 
 
+#: Request body uvicorn buffers before it stops reading the socket until the app catches up.
+BODY_BUFFER_BYTES = 8 << 20
+
+
+def _buffer_whole_tensors() -> None:
+    """Let uvicorn buffer BODY_BUFFER_BYTES of a request body instead of 64 KiB.
+
+    uvicorn pauses reading every 64 KiB of body until the app asks for more: a 1 MB tensor
+    then costs 16 pause/resume turns of the event loop and as many extra copies, which made
+    REST about 1.2-1.3x gRPC in server CPU (bench/rest.py). uvicorn has no setting for it,
+    so its protocol modules' constant is raised; a uvicorn without that constant is left as is.
+    Every infer body is read whole anyway (and capped by _read_body)."""
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    for module in (h11_impl, httptools_impl):
+        if getattr(module, "HIGH_WATER_LIMIT", None) is not None:
+            module.HIGH_WATER_LIMIT = max(module.HIGH_WATER_LIMIT, BODY_BUFFER_BYTES)
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside someone else's loop: the model server owns SIGTERM and SIGINT."""
 
@@ -257,6 +276,7 @@ class HttpFrontEnd:
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls_ca else ssl.CERT_NONE,
             timeout_graceful_shutdown=int(shutdown_seconds) or 1,
         )
+        _buffer_whole_tensors()
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task | None = None
         self.port = 0
