@@ -8,7 +8,7 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser demo test test-all lint protos bench clean
+.PHONY: install models browser perf-analyzer demo test test-all lint protos bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,11 +39,22 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
 		echo "chromium not installed (not root, or no apt-get): the dashboard browser test will skip"
 
-test: models browser
+# Triton's perf_analyzer (a C++ binary shipped in the tritonclient 2.51.0 wheel; it links libcudart and
+# libb64) in a venv of its own, for tests/interop/test_perf_analyzer.py. Best effort: the test skips without it.
+PERF_VENV := .venv-perf
+perf-analyzer:
+	@test -x $(PERF_VENV)/bin/perf_analyzer || { \
+		{ dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q libb64-0d >/dev/null 2>&1 || \
+		  { apt-get update -qq && apt-get install -y -q libb64-0d >/dev/null; }; }; }; } && \
+		$(PYTHON) -m venv $(PERF_VENV) && \
+		$(PERF_VENV)/bin/python -m pip install -q --no-deps "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79"; } || \
+		echo "perf_analyzer not set up: tests/interop/test_perf_analyzer.py will skip"
+
+test: models browser perf-analyzer
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # Everything, including the slow memory test.
-test-all: models browser
+test-all: models browser perf-analyzer
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m ""
 
 lint: install
@@ -58,4 +69,4 @@ bench: models
 	for name in $(BENCHES); do $(BIN)/python -m bench.$$name || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info jobs out test-artifacts
+	rm -rf $(VENV) $(PERF_VENV) build *.egg-info jobs out test-artifacts
