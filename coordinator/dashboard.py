@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
+from tensorfleet.client.errors import Unavailable
 from tensorfleet.core.auth import READ, TokenAuth, check_token
 
 from .job_manager import JobRequestError
@@ -209,13 +211,20 @@ class DashboardServer:
         self.port = 0
 
     async def start(self) -> int:
-        self._task = asyncio.ensure_future(self._server.serve())
+        """Bind (a port of 0 picks a free one) and start serving; returns the bound port."""
+        config = self._server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            sock = socket.create_server((config.host, config.port), family=family)
+        except OSError as error:
+            raise Unavailable(f"cannot listen for the dashboard on {config.host}:{config.port}: {error.strerror or error}") from None
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
                 self._task.result()
-                raise RuntimeError(f"dashboard could not listen on {self._server.config.host}:{self._server.config.port}")
+                raise Unavailable(f"the dashboard on {config.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:

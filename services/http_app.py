@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,12 @@ from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
-from tensorfleet.client.errors import InvalidArgument, TensorfleetError, Unauthenticated
+from tensorfleet.client.errors import (
+    InvalidArgument,
+    TensorfleetError,
+    Unauthenticated,
+    Unavailable,
+)
 from tensorfleet.client.settings import MAX_MESSAGE_BYTES
 from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
 
@@ -282,14 +288,20 @@ class HttpFrontEnd:
         self.port = 0
 
     async def start(self) -> int:
-        """Bind and start serving; returns the bound port (a port of 0 picks a free one)."""
-        self._task = asyncio.ensure_future(self._server.serve())
+        """Bind (a port of 0 picks a free one) and start serving; returns the bound port."""
+        config = self._server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            sock = socket.create_server((config.host, config.port), family=family)
+        except OSError as error:
+            raise Unavailable(f"cannot listen for REST on {config.host}:{config.port}: {error.strerror or error}") from None
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:
-            if self._task.done():  # bind failed: uvicorn logs why and exits
+            if self._task.done():
                 self._task.result()
-                raise RuntimeError(f"HTTP server could not start on {self._server.config.host}:{self._server.config.port}")
+                raise Unavailable(f"REST on {config.host}:{self.port} stopped while starting")
             await asyncio.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:

@@ -133,7 +133,11 @@ class ModelServer:
         await self._set_health(False)
         await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
         if self.options.http_port is not None:
-            await self._start_http()
+            try:
+                await self._start_http()
+            except BaseException:
+                await self.grpc.stop(None)
+                raise
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load_all)

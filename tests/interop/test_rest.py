@@ -362,3 +362,17 @@ def test_rest_over_tls_and_mutual_tls(tmp_path) -> None:
         client = ["--cert", str(pki["client"]), "--key", str(pki["client_key"])]
         done = subprocess.run([CURL, "-sS", "--cacert", str(pki["ca"]), *client, url], capture_output=True, timeout=60)
         assert done.returncode == 0 and json.loads(done.stdout) == {"ready": True}, done.stderr
+
+
+def test_rest_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "tensorfleet.services", "--model-repository", str(MODELS), "--model", "simple",
+             "--host", "127.0.0.1", "--port", "0", "--http-port", str(port)],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen for REST on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
