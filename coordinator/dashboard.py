@@ -54,7 +54,7 @@ def history(commits: list[tuple[float, int, int]], since: float | None = None) -
     over its step."""
     if not commits:
         return []
-    start = min(since or commits[0][0], commits[0][0])
+    start = min(commits[0][0] if since is None else since, commits[0][0])
     end = commits[-1][0]
     steps = max(1, min(HISTORY_POINTS, len(commits)))
     width = max((end - start) / steps, 1e-6)

@@ -131,3 +131,17 @@ def test_dashboard_in_headless_chromium(tmp_path) -> None:
     assert server.address in text and "up" in page.text and "embed READY" in text
     assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr.decode(errors="replace")[-2000:]
     assert refused.jobs == {} and any("401" in t and "#token=" in t for t in refused.text), refused.text
+
+
+def test_history_is_rows_done_and_rate_per_step() -> None:
+    """Chunks of 10 rows committed at t=1..4 after a start at t=0: rows done climbs to 40, and
+    each step's rate is the rows committed in it over its width."""
+    from tensorfleet.coordinator.dashboard import history
+
+    points = history([(1.0, 10, 0), (2.0, 10, 0), (3.0, 10, 1), (4.0, 10, 0)], since=0.0)
+    assert [p["time"] for p in points] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [p["rows_done"] for p in points] == [0, 10, 20, 30, 40]
+    assert [p["rows_per_second"] for p in points] == [0.0, 10.0, 10.0, 10.0, 10.0]
+    assert history([]) == []
+    many = history([(float(t), 1, 0) for t in range(1, 1001)], since=0.0)
+    assert len(many) == 61 and many[-1]["rows_done"] == 1000  # at most HISTORY_POINTS steps
