@@ -83,8 +83,11 @@ def _json_buffer(name: str, datatype: str, shape: list[int], data: Any) -> wire.
         return serialize_bytes(flat)
     if datatype not in NUMPY_DTYPES:
         raise InvalidArgument(f"input '{name}': {datatype} travels as binary data only ('{BINARY_SIZE}')")
+    dtype = NUMPY_DTYPES[datatype]
     try:
-        array = np.asarray(data, dtype=NUMPY_DTYPES[datatype])
+        if dtype.kind in "iu" and np.asarray(data).dtype.kind not in "iub":  # 1.5 must not become 1
+            raise ValueError("it holds values that are not integers")
+        array = np.asarray(data, dtype=dtype)  # an integer out of the type's range raises
     except (ValueError, TypeError, OverflowError) as error:
         raise InvalidArgument(f"input '{name}': 'data' is not a list of {datatype} values: {error}") from None
     if array.size != count:

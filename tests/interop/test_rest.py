@@ -241,6 +241,12 @@ BAD_REQUESTS = [
     ("not numbers", "simple/infer", [], json.dumps({"inputs": [
         {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": ["a"] * 16}, GOOD_INPUT1]}).encode(),
      400, ["INPUT0", "FP32"]),
+    ("fractions for integers", "simple_int64/infer", [], json.dumps({"inputs": [
+        {"name": "INPUT0", "datatype": "INT64", "shape": [1, 16], "data": [1.5] * 16}]}).encode(),
+     400, ["INPUT0", "not integers"]),
+    ("integer out of range", "simple_int64/infer", [], json.dumps({"inputs": [
+        {"name": "INPUT0", "datatype": "INT64", "shape": [1, 16], "data": [2**70] * 16}]}).encode(),
+     400, ["INPUT0", "INT64"]),
     ("header length past the body", "simple/infer", ["-H", f"{HEADER_LENGTH}: 99"], b"{}", 400, ["99", "2 bytes"]),
     ("binary over the end", "simple/infer", None, None, 400, ["INPUT0", "binary_data_size"]),
     ("unclaimed binary", "simple/infer", None, None, 400, ["no input claims"]),
