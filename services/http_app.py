@@ -208,7 +208,14 @@ def build_app(
         return JSONResponse(convert.repository_index_json(dataplane.repository_index(ready_only)))
 
     @guarded.post("/v2/repository/models/{name}/load")
-    async def load(name: str) -> JSONResponse:
+    async def load(name: str, request: Request) -> JSONResponse:
+        body = await _read_body(request, 1 << 20)
+        doc = convert.split_body(body, None)[0] if body.strip() else {}
+        if not isinstance(doc, dict) or doc.get("parameters"):  # Triton's config / file overrides
+            raise InvalidArgument(
+                "load takes no body parameters: this server loads models only from its own repository, "
+                "never configs or files sent in a request"
+            )
         await dataplane.load(name)
         return JSONResponse({})
 

@@ -277,6 +277,18 @@ def test_bad_rest_requests_get_status_and_json_error(server, label, path, args, 
 
 
 @needs_curl
+def test_repository_load_refuses_sent_configs_and_index_lists_models(server) -> None:
+    process, url = server
+    body = json.dumps({"parameters": {"config": '{"backend": "python"}'}}).encode()
+    status, _, reply = _curl(f"{url}/v2/repository/models/simple/load", body=body)
+    assert status == 400 and "own repository" in json.loads(reply)["error"]
+    status, _, reply = _curl(f"{url}/v2/repository/index", body=b'{"ready": true}')
+    assert status == 200 and {m["name"] for m in json.loads(reply)} == set(USED_MODELS)
+    assert _curl(f"{url}/v2/models/simple/ready")[0] == 200  # still loaded and serving
+    assert process.process.poll() is None
+
+
+@needs_curl
 def test_unknown_route_and_method_get_json_errors(server) -> None:
     _, url = server
     status, _, body = _curl(f"{url}/v2/nothing/here")
