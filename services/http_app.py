@@ -112,7 +112,7 @@ def _config_json(message: Message) -> dict[str, Any]:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 once it passes `limit` (the gRPC message limit)."""
     declared = request.headers.get("content-length", "")
-    too_large = f"request body is over the server's limit of {limit} bytes (TENSORFLEET_MAX_MESSAGE_MB)"
+    too_large = f"request body is over the server's limit of {limit} bytes (--max-message-mb, TENSORFLEET_MAX_MESSAGE_MB)"
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, too_large)
     chunks, size = [], 0
