@@ -28,6 +28,7 @@ from .helpers import running_coordinator
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "dashboard"
 TOKEN = "dash-token-42"
+READ_TOKEN = "dash-read-token-7"
 POISON = {5, 77}
 
 
@@ -93,9 +94,11 @@ def test_dashboard_in_headless_chromium(tmp_path) -> None:
             output={"path": "out.h5"}, chunking={"chunk_rows": 16, "batch_rows": 8}, policy={"window": 2},
         )
         port_file = tmp_path / "http-port"
+        read_token_file = tmp_path / "read-token"
+        read_token_file.write_text(READ_TOKEN)
         with running_coordinator(
             tmp_path / "state", "--http-port", "0", "--http-port-file", str(port_file),
-            "--servers", server.address, "--token", TOKEN,
+            "--servers", server.address, "--token", TOKEN, "--read-token-file", str(read_token_file),
         ) as coordinator, coordinator.client(options=ConnectionOptions(token=TOKEN)) as client:
             job = client.submit(job_file)
             final = client.wait(job.job_id)
@@ -105,12 +108,13 @@ def test_dashboard_in_headless_chromium(tmp_path) -> None:
             # The JSON behind the page needs the token; the page itself carries no data.
             status, body = _get(f"{base}/api/jobs")
             assert status == 401 and "bearer token" in body["error"]
-            status, body = _get(f"{base}/api/jobs", TOKEN)
-            assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job.job_id]
+            for token in (TOKEN, READ_TOKEN):  # the submit token may read too
+                status, body = _get(f"{base}/api/jobs", token)
+                assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job.job_id]
             status, body = _get(f"{base}/api/jobs/no-such-job", TOKEN)
             assert status == 404 and "no-such-job" in body["error"]
 
-            url = f"{base}/#token={TOKEN}"
+            url = f"{base}/#token={READ_TOKEN}"
             dumped = chromium(url, "--dump-dom")
             assert dumped.returncode == 0, dumped.stderr.decode(errors="replace")[-2000:]
             page = Page(dumped.stdout.decode())
