@@ -16,11 +16,7 @@ takes the token from the address's #token=... fragment (never sent to the server
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,47 +183,20 @@ def _static(path: Path) -> Any:
 
 
 class DashboardServer:
-    """uvicorn inside the service's loop (the service owns SIGTERM and SIGINT)."""
+    """The dashboard served in the service's event loop (core/http_server.py)."""
 
-    def __init__(self, app: Any, host: str, port: int, *, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_ca: Path | None = None) -> None:
-        import ssl
+    def __init__(self, app: Any, host: str, port: int, **options: Any) -> None:
+        from tensorfleet.core.http_server import EmbeddedHttpServer
 
-        import uvicorn
-
-        class Embedded(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
-        config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=False, log_level="warning", server_header=False,
-            ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
-            ssl_ca_certs=str(tls_ca) if tls_ca else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls_ca else ssl.CERT_NONE,
-        )
-        self._server = Embedded(config)
-        self._task: asyncio.Task | None = None
-        self.port = 0
+        self._server = EmbeddedHttpServer(app, host, port, what="the dashboard", **options)
 
     async def start(self) -> int:
-        """Bind (a port of 0 picks a free one) and start serving; returns the bound port."""
-        config = self._server.config
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        from tensorfleet.core.http_server import ListenError
+
         try:
-            sock = socket.create_server((config.host, config.port), family=family)
-        except OSError as error:
-            raise Unavailable(f"cannot listen for the dashboard on {config.host}:{config.port}: {error.strerror or error}") from None
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise Unavailable(f"the dashboard on {config.host}:{self.port} stopped while starting")
-            await asyncio.sleep(0.01)
-        return self.port
+            return await self._server.start()
+        except ListenError as error:
+            raise Unavailable(str(error)) from None
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self._server.stop()

@@ -267,7 +267,11 @@ class CoordinatorService:
         for service in ("", COORDINATOR_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.options.http_port is not None:
-            await self._start_dashboard()
+            try:
+                await self._start_dashboard()
+            except BaseException:
+                await self.grpc.stop(None)
+                raise
         if self.options.port_file:
             temp = Path(f"{self.options.port_file}.tmp")
             temp.write_text(str(self.port))

@@ -171,6 +171,7 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tensorfleet.client.errors import TensorfleetError
     from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
     from tensorfleet.core.exposure import ExposureError
 
@@ -200,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
             http_port=args.http_port, http_port_file=args.http_port_file,
         )
         asyncio.run(serve(options))
-    except (TokenFileError, ExposureError, ValueError) as error:
+    except (TokenFileError, ExposureError, ValueError, TensorfleetError) as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)
         return EXIT_FATAL
     return EXIT_OK

@@ -11,17 +11,10 @@ With a token (tensorfleet.core.auth, as on gRPC), every route but /v2/health/* n
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
-import ssl
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
@@ -253,65 +246,23 @@ def _buffer_whole_tensors() -> None:
             module.HIGH_WATER_LIMIT = max(module.HIGH_WATER_LIMIT, BODY_BUFFER_BYTES)
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside someone else's loop: the model server owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class HttpFrontEnd:
-    """Runs the app with uvicorn as a task of the running event loop."""
+    """The REST app served in the running event loop (core/http_server.py)."""
 
-    def __init__(
-        self,
-        app: Any,
-        host: str,
-        port: int,
-        *,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-        tls_ca: Path | None = None,
-        shutdown_seconds: float = 30.0,
-    ) -> None:
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            server_header=False,
-            ssl_certfile=str(tls_cert) if tls_cert else None,
-            ssl_keyfile=str(tls_key) if tls_key else None,
-            ssl_ca_certs=str(tls_ca) if tls_ca else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls_ca else ssl.CERT_NONE,
-            timeout_graceful_shutdown=int(shutdown_seconds) or 1,
-        )
+    def __init__(self, app: Any, host: str, port: int, **options: Any) -> None:
+        from tensorfleet.core.http_server import EmbeddedHttpServer
+
         _buffer_whole_tensors()
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task | None = None
-        self.port = 0
+        self._server = EmbeddedHttpServer(app, host, port, what="REST", **options)
 
     async def start(self) -> int:
         """Bind (a port of 0 picks a free one) and start serving; returns the bound port."""
-        config = self._server.config
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        from tensorfleet.core.http_server import ListenError
+
         try:
-            sock = socket.create_server((config.host, config.port), family=family)
-        except OSError as error:
-            raise Unavailable(f"cannot listen for REST on {config.host}:{config.port}: {error.strerror or error}") from None
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise Unavailable(f"REST on {config.host}:{self.port} stopped while starting")
-            await asyncio.sleep(0.01)
-        return self.port
+            return await self._server.start()
+        except ListenError as error:
+            raise Unavailable(str(error)) from None
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self._server.stop()
