@@ -155,6 +155,10 @@ class DataPlane:
         return config
 
     # --- inference -------------------------------------------------------------------
+    def refused(self, model: str, error: TensorfleetError) -> None:
+        """Count a request its front end could not even decode, as infer counts its failures."""
+        self.runtime.metrics.request_done(model or "(none)", error.code.name)
+
     async def infer(self, request: wire.InferRequest) -> InferResult:
         """Validate, batch, run: the whole path of one request, whatever carried it.
 

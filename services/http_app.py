@@ -182,9 +182,13 @@ def build_app(
         @guarded.post(path)
         async def infer(name: str, request: Request, version: str = "") -> Response:
             body = await _read_body(request, max_body_bytes)
-            wire_request, default_binary, wanted = convert.decode_infer(
-                name, version, body, request.headers.get(convert.HEADER_LENGTH)
-            )
+            try:
+                wire_request, default_binary, wanted = convert.decode_infer(
+                    name, version, body, request.headers.get(convert.HEADER_LENGTH)
+                )
+            except TensorfleetError as error:
+                dataplane.refused(name, error)
+                raise
             result = await dataplane.infer(wire_request)
             content, header_length = convert.encode_infer(wire_request.message, result, default_binary, wanted)
             if header_length is None:

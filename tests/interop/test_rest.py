@@ -289,6 +289,20 @@ def test_repository_load_refuses_sent_configs_and_index_lists_models(server) -> 
 
 
 @needs_curl
+def test_refused_rest_requests_are_counted_like_grpc_ones(server) -> None:
+    _, url = server
+
+    def refused() -> float:
+        text = _curl(f"{url}/metrics")[2].decode()
+        key = 'tensorfleet_errors_total{code="INVALID_ARGUMENT",model="echo_bytes"}'
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(key))
+
+    before = refused()
+    assert _curl(f"{url}/v2/models/echo_bytes/infer", body=b"{not json")[0] == 400
+    assert refused() == before + 1
+
+
+@needs_curl
 def test_unknown_route_and_method_get_json_errors(server) -> None:
     _, url = server
     status, _, body = _curl(f"{url}/v2/nothing/here")
