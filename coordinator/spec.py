@@ -16,16 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .safe_yaml import SpecTooLarge, load_yaml
 
-InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy"]
-OutputFormat = Literal["hdf5", "parquet", "h5ad"]
+InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy", "csv", "tsv"]
+OutputFormat = Literal["hdf5", "parquet", "h5ad", "csv", "tsv"]
 
 _INPUT_SUFFIXES: dict[str, str] = {
     ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".fna": "fasta",
     ".h5": "hdf5", ".hdf5": "hdf5", ".h5ad": "h5ad",
-    ".parquet": "parquet", ".pq": "parquet", ".npy": "npy",
+    ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
 }
+#: Compression suffixes looked through to find the format: proteins.fa.gz is FASTA (gzip or bgzip).
+_COMPRESSED_SUFFIXES = (".gz", ".bgz")
 _OUTPUT_SUFFIXES: dict[str, str] = {
     ".h5": "hdf5", ".hdf5": "hdf5", ".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "tsv",
 }
 
 
@@ -44,6 +47,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _input_suffix(path: str) -> str:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+class AlignSpec(_Strict):
+    """Gene alignment: an .h5ad input's features matched to the feature list the model declares."""
+
+    var_column: str | None = Field(
+        default=None, description="var column holding the feature names; unset: var_names (raw/X: raw.var_names)."
+    )
+    fill_value: float = Field(default=0.0, description="Value fed for a model feature the input lacks.")
+    min_coverage: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Fail the job (exit 2) when fewer than this fraction of the model's features are in the input.",
+    )
+
+
 class InputSpec(_Strict):
     """Where rows come from and which stored field feeds which model input."""
 
@@ -60,15 +83,33 @@ class InputSpec(_Strict):
         "h5ad: 'X', 'layers/NAME' or 'obsm/NAME'; parquet: column; npy: 'array'). "
         "Unset with a one-input model: the format's default field.",
     )
+    duplicate_ids: Literal["error", "suffix", "first"] = Field(
+        default="error",
+        description="An id seen again: error (the job fails naming them), suffix (later ones become ID-1, "
+        "ID-2, ... as anndata's make_unique does), first (later ones are skipped).",
+    )
+    over_length: Literal["truncate", "error"] = Field(
+        default="truncate",
+        description="A row longer than the model's declared max_length: truncate (a 'truncated' column "
+        "and a count in the summary) or error (the row fails, naming its position and id).",
+    )
+    align: AlignSpec = Field(
+        default_factory=AlignSpec,
+        description="When the model declares its features: how an .h5ad input's genes are aligned to them.",
+    )
+    delimiter: str | None = Field(
+        default=None, min_length=1, max_length=1,
+        description="CSV/TSV field separator; unset: ',' for csv, tab for tsv.",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> InputSpec:
         if self.format is None:
-            found = _INPUT_SUFFIXES.get(Path(self.path).suffix.lower())
+            found = _INPUT_SUFFIXES.get(_input_suffix(self.path))
             if found is None:
                 raise ValueError(
                     f"cannot tell the format of '{self.path}' from its suffix; set input.format "
-                    f"to one of fasta, hdf5, h5ad, parquet, npy"
+                    f"to one of fasta, hdf5, h5ad, parquet, npy, csv, tsv"
                 )
             self.format = found  # type: ignore[assignment]
         return self
@@ -165,7 +206,7 @@ class OutputSpec(_Strict):
             if found is None:
                 raise ValueError(
                     f"cannot tell the format of '{self.path}' from its suffix; set output.format "
-                    f"to one of hdf5, parquet, h5ad"
+                    f"to one of hdf5, parquet, h5ad, csv, tsv"
                 )
             self.format = found  # type: ignore[assignment]
         if self.compression in ("zstd", "snappy") and self.format != "parquet":
@@ -179,6 +220,8 @@ class OutputSpec(_Strict):
             )
         if self.compression == "lzf" and self.format == "parquet":
             raise ValueError("parquet takes compression gzip, zstd or snappy")
+        if self.compression and self.format in ("csv", "tsv"):
+            raise ValueError("csv/tsv outputs are written uncompressed; unset output.compression")
         return self
 
 
@@ -223,6 +266,15 @@ class JobSpec(_Strict):
     @classmethod
     def _plain_name(cls, value: str) -> str:
         return check_file_name(value)
+
+    @model_validator(mode="after")
+    def _h5ad_keeps_obs_names(self) -> JobSpec:
+        if self.input.format == "h5ad" and self.output.format == "h5ad" and self.input.duplicate_ids != "error":
+            raise ValueError(
+                f"input.duplicate_ids '{self.input.duplicate_ids}': an .h5ad output keeps the input's obs names; "
+                "make them unique first (adata.obs_names_make_unique()) or write hdf5/parquet"
+            )
+        return self
 
     def resolved(self, base: Path) -> JobSpec:
         """A copy with every relative path made absolute against `base`."""

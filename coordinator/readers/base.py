@@ -66,6 +66,18 @@ class Reader(abc.ABC):
         per_row = int(np.prod(info.row_shape)) if info.row_shape else 1
         return np.full(stop - start, per_row, dtype=np.int64)
 
+    def where(self, row: int) -> str:
+        """Where a row sits in the file, for error messages (FASTA: record and line number)."""
+        return f"row {row}"
+
+    def row_errors(self, start: int, stop: int) -> dict[int, str]:
+        """Rows of [start, stop) the input itself makes unusable, and why; they are never sent."""
+        return {}
+
+    def stored_fields(self) -> list[FieldInfo]:
+        """Per-row fields the output keeps beside the model's outputs (e.g. `truncated`)."""
+        return []
+
     def close(self) -> None:
         """Release file handles."""
 
@@ -78,7 +90,9 @@ class Reader(abc.ABC):
 
 #: The one place formats are listed: format -> module of this package that registers it.
 #: Modules are imported on first use, so a run pays only for the libraries it needs.
-MODULES: dict[str, str] = {"fasta": "fasta", "hdf5": "hdf5", "h5ad": "h5ad", "npy": "npy", "parquet": "parquet"}
+MODULES: dict[str, str] = {
+    "fasta": "fasta", "hdf5": "hdf5", "h5ad": "h5ad", "npy": "npy", "parquet": "parquet", "csv": "csv", "tsv": "csv",
+}
 
 _REGISTRY: dict[str, Callable[[InputSpec], Reader]] = {}
 

@@ -119,3 +119,7 @@ class ParquetReader(Reader):
         out = np.empty(len(values), dtype=object)
         out[:] = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
         return out
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._file.close()
