@@ -33,7 +33,7 @@ from tensorfleet.client.messages import parse_infer_response
 
 from .manifest import RowError
 from .planner import Chunk
-from .source import RequestSource
+from .source import RequestSource, RowsRejected
 from .spec import PolicySpec
 
 log = logging.getLogger("tensorfleet.coordinator")
@@ -376,9 +376,13 @@ class Dispatcher:
                         work, start, stop = item
                         serial += 1
                         request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
-                        request = await loop.run_in_executor(
-                            self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
-                        )
+                        try:
+                            request = await loop.run_in_executor(
+                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
+                            )
+                        except RowsRejected as rejected:
+                            self._reject(server, work, start, stop, rejected.errors)
+                            continue
                         inflight[request_id] = (work, start, stop, time.monotonic(), work.generation)
                         server.requests += 1
                         await call.write(request)
@@ -430,12 +434,32 @@ class Dispatcher:
             else:
                 work.results[start] = (stop, outputs)
                 server.rows += stop - start
+        self._hand_off_if_complete(work, server)
+
+    def _hand_off_if_complete(self, work: Work, server: ServerState) -> None:
         if work.complete and not work.handed_off:
             owner = work.owner or server
             if work in owner.leases:
                 owner.leases.remove(work)
             self._hand_off(work, owner)
             owner.wake.set()
+
+    def _reject(self, server: ServerState, work: Work, start: int, stop: int, errors: dict[int, str]) -> None:
+        """Rows the reader refused fail alone, unsent; the runs of good rows between them go back."""
+        work.inflight -= 1
+        runs: list[tuple[int, int]] = []
+        run_start = start
+        for position in range(start, stop):
+            if position - start in errors:
+                if run_start < position:
+                    runs.append((run_start, position))
+                run_start = position + 1
+                self._row_failure(work, position, position + 1, "INVALID_ARGUMENT", errors[position - start])
+        if run_start < stop:
+            runs.append((run_start, stop))
+        for run in reversed(runs):
+            work.pending.appendleft(run)
+        self._hand_off_if_complete(work, server)
 
     def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None:
         if stop - start > 1:
@@ -444,7 +468,9 @@ class Dispatcher:
             work.pending.appendleft((start, middle))
             return
         if self.policy.on_row_error == "fail":
-            self._fail(DispatchFatal(f"row {start} failed: {code}: {message} (policy.on_row_error is 'fail')"))
+            row = work.chunk.row_of(start)
+            where = self.source.describe_row(row, str(work.ids[row - work.chunk.start])) if work.ids is not None else f"row {row}"
+            self._fail(DispatchFatal(f"{where} failed: {code}: {message} (policy.on_row_error is 'fail')"))
         work.errors[start] = (code, message)
 
     # --- hand-off to the writer thread ------------------------------------------------------
@@ -464,10 +490,10 @@ class Dispatcher:
             into_input_order = np.argsort(chunk.offsets()[positions - chunk.start])
             outputs = {name: value[into_input_order] for name, value in outputs.items()}
         assert work.ids is not None
-        errors = [
-            RowError(row, str(work.ids[row - chunk.start]), code, message)
-            for row, (code, message) in sorted(failed.items())
-        ]
+        errors = []
+        for row, (code, message) in sorted(failed.items()):
+            row_id = str(work.ids[row - chunk.start])
+            errors.append(RowError(row, row_id, code, f"{self.source.describe_row(row, row_id)}: {message}"))
         done = CompletedChunk(chunk, work.ids, ok, outputs, errors, server.address)
         work.results.clear()
         future = asyncio.get_running_loop().run_in_executor(self._writer, self._commit, done)

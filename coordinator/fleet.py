@@ -29,6 +29,11 @@ class ModelInfo:
     precision: str = ""
     artifact_sha256: str = ""
     token_budget: int = 0
+    #: The model's feature list (names of `features_input`'s columns), if it declares one.
+    features: list[str] = field(default_factory=list)
+    features_input: str = ""
+    #: input -> longest row it takes, for inputs that declare one.
+    max_lengths: dict[str, int] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -70,6 +75,12 @@ async def describe_model(address: str, model: str, version: str, options: Connec
             precision=params.get("precision", ""),
             artifact_sha256=params.get("artifact_sha256", ""),
             token_budget=int(params.get("token_budget", "0") or 0) if batched else 0,
+            features=params["features"].split("\n") if params.get("features") else [],
+            features_input=params.get("features_input", ""),
+            max_lengths={
+                key.removeprefix("max_length."): int(value)
+                for key, value in params.items() if key.startswith("max_length.") and value.isdigit()
+            },
         )
 
 

@@ -28,6 +28,7 @@ from tensorfleet.client import ConnectionOptions
 from tensorfleet.client import __version__ as tensorfleet_version
 from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, token_from
 
+from .adapt import AlignmentError, InputReport, adapt_input
 from .discovery import Discovery, DiscoveryError, expand
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
 from .fleet import FleetError, ModelInfo, inspect_fleet
@@ -73,6 +74,8 @@ class RunResult:
     plan_text: str = ""
     #: Object-store URLs the output was uploaded to.
     uploaded: list[str] = field(default_factory=list)
+    #: What was done to fit the input to the model (alignment, truncation, duplicate ids).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -95,6 +98,7 @@ class RunResult:
             f"job folder: {self.job_dir}",
         ]
         lines += [f"uploaded: {url}" for url in self.uploaded]
+        lines += self.notes
         if self.rows_failed:
             lines.append(f"failed rows: see the errors table in {self.output} ({self.job_dir / MANIFEST_NAME})")
         return "\n".join(lines)
@@ -143,7 +147,19 @@ def local_model_info(spec: JobSpec) -> ModelInfo:
         optional_inputs={t["name"] for t in config.get("inputs", []) if t.get("optional")},
         precision=config.get("precision", "fp32"),
         token_budget=int((config.get("batching") or {}).get("token_budget", 0)),
+        max_lengths={t["name"]: int(t["max_length"]) for t in config.get("inputs", []) if t.get("max_length")},
+        **_local_features(path.parent, config),
     )
+
+
+def _local_features(model_dir: Path, config: dict) -> dict:
+    """A dry run's view of the model's feature list (a server reads it the same way at load)."""
+    declared = config.get("features") or {}
+    if not declared.get("file") or not (model_dir / declared["file"]).is_file():
+        return {}
+    names = [line.strip() for line in (model_dir / declared["file"]).read_text().splitlines() if line.strip()]
+    inputs = [t["name"] for t in config.get("inputs", [])]
+    return {"features": names, "features_input": declared.get("input") or (inputs[0] if len(inputs) == 1 else "")}
 
 
 def _batching(spec: JobSpec, info: ModelInfo) -> tuple[int, int | None]:
@@ -179,6 +195,13 @@ def _stored_outputs(spec: JobSpec, info: ModelInfo) -> list[str] | None:
             f"(it returns: {sorted(info.outputs)})"
         )
     return wanted
+
+
+def _adapt(spec: JobSpec, reader: Reader, info: ModelInfo) -> tuple[Reader, InputReport]:
+    try:
+        return adapt_input(spec, reader, info)
+    except (AlignmentError, InputError) as error:
+        raise JobFatal(str(error)) from None
 
 
 def _check_inputs(manifest: Manifest) -> None:
@@ -288,6 +311,7 @@ def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, j
             )
         except FleetError as error:
             raise JobFatal(str(error)) from None
+    reader, report = _adapt(spec, reader, info)
     fields = _fields(spec, reader, info)
     batch_rows, token_budget = _batching(spec, info)
     try:
@@ -306,6 +330,7 @@ def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, j
             f"job: {spec.name} (dry run: nothing computed, nothing written)",
             f"model: {info.name} version {info.version} (max_batch_size {info.max_batch_size}) on {fleet}",
             plan.describe(),
+            *report.lines,
             f"output: {output} ({spec.output.format})",
             f"job folder: {job_dir}",
         ]
@@ -385,6 +410,7 @@ def _run(
         except FleetError as error:
             raise JobFatal(str(error)) from None
         verified = dict.fromkeys(ready, time.monotonic())
+        reader, report = _adapt(spec, reader, info)
         fields = _fields(spec, reader, info)
         batch_rows, token_budget = _batching(spec, info)
         if manifest is None:
@@ -400,15 +426,18 @@ def _run(
             manifest.set_meta("model", info.provenance())
             manifest.set_meta("spec_sha256", spec.digest())
             manifest.set_meta("outputs", {k: list(v) for k, v in info.outputs.items()})
+            manifest.set_meta("input_report", report.facts)
             planned = True
         else:
             rows = reader.num_rows if options.limit is None else min(options.limit, reader.num_rows)
             settings = Plan(rows, batch_rows, token_budget, spec.chunking.chunk_rows, options.limit, fields, "", []).settings()
             _check_resume(manifest, settings, info)
-        return _execute(
+        result = _execute(
             spec, reader, options, output, job_dir, manifest, info, fields, servers,
             merge_output=merge_output, wrap_commit=wrap_commit, context=context, verified=verified,
         )
+        result.notes = report.lines
+        return result
     except BaseException:
         if created and not planned:
             if fleet is not None:
@@ -499,15 +528,19 @@ def _execute(
         "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
         "batch_rows": manifest.plan_settings().get("batch_rows"),
         "token_budget": manifest.plan_settings().get("token_budget"),
+        **(manifest.meta("input_report") or {}),
     }
     declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
     from .merge import MergeError, merge
+    from .writers import Column
 
     try:
         result: MergeResult = merge(
             job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
             ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
             provenance=provenance, limit=options.limit, final_path=output, declared_outputs=declared,
+            input_columns=[Column(f.name, f.name, f.dtype, f.row_shape) for f in reader.stored_fields()],
+            input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
         )
     except (MergeError, ObjectStoreError, ValueError, OSError) as error:
         progress.close("failed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,11 @@ def merge(
     limit: int | None,
     final_path: Path,
     declared_outputs: dict[str, tuple[str, tuple[int, ...]]],
+    input_columns: list[Column] = (),  # type: ignore[assignment]
+    input_values: Callable[[int, int], dict[str, np.ndarray]] | None = None,
 ) -> MergeResult:
+    """`input_columns` are per-row fields the input view adds (e.g. `truncated`), read for each
+    chunk's rows with `input_values(start, stop)` and stored after the model's outputs."""
     done = manifest.done_chunks()
     missing = [chunk.index for chunk in chunks if chunk.index not in done]
     if missing:
@@ -117,7 +122,8 @@ def merge(
     if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
         raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
     errors = manifest.errors()
-    columns = _columns(job_dir, manifest, chunks, output, declared_outputs)
+    columns = [*_columns(job_dir, manifest, chunks, output, declared_outputs), *input_columns]
+    from_input = {column.name for column in input_columns}
     temp = temp_path_for(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -139,8 +145,10 @@ def merge(
                 for value in ids:
                     encoded = value.encode()
                     digest.update(len(encoded).to_bytes(4, "little") + encoded)
-                arrays = {}
+                arrays = input_values(chunk.start, chunk.stop) if input_values and from_input else {}
                 for column in columns:
+                    if column.name in from_input:
+                        continue
                     values = part.array(column.source)
                     if column.lengths_from:
                         arrays[column.name] = _ragged(values, part.array(column.lengths_from), ok, column, chunk)

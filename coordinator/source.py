@@ -19,6 +19,16 @@ CONTEXT = "tensorfleet.context"
 CONTEXT_PUT = "tensorfleet.context_put"
 
 
+class RowsRejected(Exception):
+    """Rows of a request the input itself makes unusable (FASTA stop codons, over-length under
+    input.over_length: error): they fail alone, with these messages, and are never sent."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__(f"{len(errors)} rows rejected")
+        #: offset within the request's rows -> why
+        self.errors = errors
+
+
 class FieldMappingError(Exception):
     """The job maps fields that do not fit the model's inputs; says what to change."""
 
@@ -101,7 +111,23 @@ class RequestSource:
             out[name] = values
         return out
 
+    def rejected(self, rows: slice | np.ndarray) -> dict[int, str]:
+        """Offsets within `rows` of the rows the reader refuses, and why."""
+        if isinstance(rows, slice):
+            errors = self.reader.row_errors(rows.start, rows.stop)
+            return {row - rows.start: message for row, message in errors.items()}
+        errors = self.reader.row_errors(int(rows.min()), int(rows.max()) + 1)
+        return {offset: errors[int(row)] for offset, row in enumerate(rows) if int(row) in errors}
+
+    def describe_row(self, row: int, row_id: str) -> str:
+        """Where a row is, for its error message: its position in the file and its id."""
+        return f"{self.reader.where(row)}, id '{row_id}'"
+
     def request(self, request_id: str, rows: slice | np.ndarray) -> InferRequest:
+        """The request for these rows; RowsRejected when the reader refuses some of them."""
+        refused = self.rejected(rows)
+        if refused:
+            raise RowsRejected(refused)
         parameters: dict = {EXCLUSIVE: True}
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]

@@ -35,7 +35,9 @@ description: >-
   {output_note}.
 max_batch_size: {max_batch_size}
 inputs:
-  - {{name: sequence, datatype: BYTES, shape: []}}
+  # max_length is told to clients (ModelConfig parameters): the coordinator truncates, or
+  # fails, longer rows itself and records which (input.over_length). Same limit as below.
+  - {{name: sequence, datatype: BYTES, shape: [], max_length: 1022}}
 outputs:
 {outputs}
 batching:

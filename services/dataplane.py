@@ -68,6 +68,8 @@ class ModelDetails:
     config: ModelConfig
     device: str
     checksum: str
+    #: config.features, read from the model folder at load ([] when none is declared)
+    features: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class DataPlane:
     def model_details(self, name: str, version: str = "") -> ModelDetails:
         entry = self.repository.ready(name, version)
         assert entry.config is not None
-        return ModelDetails(entry.config, self.repository.device, entry.checksum)
+        return ModelDetails(entry.config, self.repository.device, entry.checksum, entry.features)
 
     def statistics(self, name: str = "") -> list[ModelStatistics]:
         """One model's counters (NotFound / FailedPrecondition naming why), or every model's."""

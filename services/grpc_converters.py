@@ -60,7 +60,10 @@ def model_metadata_message(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
 
 
 def model_config_message(details: ModelDetails) -> mc.ModelConfig:
-    """The subset of Triton's ModelConfig that clients read."""
+    """The subset of Triton's ModelConfig that clients read. Our own facts go in `parameters`:
+    precision, version, artifact_sha256, token_budget; `max_length.<input>` for inputs that
+    declare one; `features` (names joined by newlines) and `features_input` for a model
+    that declares its feature list."""
     config, device = details.config, details.device
     message = mc.ModelConfig(
         name=config.name,
@@ -93,6 +96,9 @@ def model_config_message(details: ModelDetails) -> mc.ModelConfig:
         "artifact_sha256": details.checksum,
         "token_budget": str(config.batching.token_budget),
     }
+    extra.update({f"max_length.{spec.name}": str(spec.max_length) for spec in config.inputs if spec.max_length})
+    if config.features is not None and details.features:
+        extra.update({"features": "\n".join(details.features), "features_input": config.features.input or ""})
     for key, value in extra.items():
         message.parameters[key].string_value = value
     return message

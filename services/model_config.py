@@ -35,6 +35,10 @@ class TensorSpec(_Strict):
     ragged: bool = False
     pad_value: float = 0
     optional: bool = False
+    #: Longest row this input takes (BYTES: bytes per element, else the -1 dimension). Told to
+    #: clients in ModelConfig.parameters as `max_length.<input>`; the coordinator applies a
+    #: job's input.over_length policy to it. The server does not enforce it: the model does.
+    max_length: int | None = Field(default=None, ge=1)
 
     @field_validator("datatype")
     @classmethod
@@ -73,6 +77,15 @@ class PythonClass(_Strict):
     class_name: str = Field(default="Model", alias="class")
 
 
+class FeatureList(_Strict):
+    """The names of one input's columns (e.g. the genes a single-cell model was trained on)."""
+
+    #: A text file in the model folder: one name per line, in the input's column order.
+    file: str = Field(min_length=1)
+    #: The input they name the last axis of; unset: the model's only input.
+    input: str | None = None
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     backend: str
@@ -92,6 +105,8 @@ class ModelConfig(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     #: Example inputs (one row each, name -> nested list / strings) run before SERVING.
     warmup: list[dict[str, Any]] = Field(default_factory=list)
+    #: The model's feature list; jobs over .h5ad inputs align their genes to it.
+    features: FeatureList | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelConfig:
@@ -99,6 +114,21 @@ class ModelConfig(_Strict):
             names = [spec.name for spec in specs]
             if len(names) != len(set(names)):
                 raise ValueError(f"{kind} names repeat: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _features_input(self) -> ModelConfig:
+        if self.features is None:
+            return self
+        if self.features.input is None:
+            if len(self.inputs) != 1:
+                raise ValueError("features.input: name the input the feature list is for (the model has several)")
+            self.features.input = self.inputs[0].name
+        spec = self.input(self.features.input)
+        if spec is None:
+            raise ValueError(f"features.input: no input '{self.features.input}'")
+        if not spec.shape or spec.datatype == "BYTES":
+            raise ValueError(f"features.input: input '{spec.name}' has no feature axis (a numeric shape [N])")
         return self
 
     @property
@@ -135,3 +165,22 @@ def load_config(model_dir: Path) -> ModelConfig:
             f"{path}: name '{config.name}' differs from its folder name '{model_dir.name}'"
         )
     return config
+
+
+def read_features(model_dir: Path, config: ModelConfig) -> list[str]:
+    """The declared feature list, checked against its input's width; [] when none is declared."""
+    if config.features is None:
+        return []
+    path = model_dir / config.features.file
+    if not path.is_file() or not path.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidArgument(f"{model_dir / CONFIG_FILENAME}: features.file {config.features.file} is not a file in the model folder")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    spec = config.input(config.features.input or "")
+    width = spec.shape[-1] if spec is not None and spec.shape else -1
+    if width != -1 and width != len(names):
+        raise InvalidArgument(
+            f"{path}: {len(names)} feature names, but input '{spec.name}' is {width} wide"  # type: ignore[union-attr]
+        )
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"{path}: feature names repeat; each column needs its own name")
+    return names

@@ -22,7 +22,7 @@ from tensorfleet.client.errors import (
 )
 
 from .backends.base import Backend, ModelContext, create_backend
-from .model_config import CONFIG_FILENAME, ModelConfig, load_config
+from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
 from .validation import example_inputs
 
 log = logging.getLogger("tensorfleet.repository")
@@ -43,6 +43,7 @@ class ModelEntry:
     config: ModelConfig | None = None
     backend: Backend | None = None
     checksum: str = ""  # sha256 over the artifacts' digests: one fingerprint for provenance
+    features: list[str] = field(default_factory=list)  # config.features, read at load
     loaded_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -70,6 +71,8 @@ def verify_artifacts(model_dir: Path, config: ModelConfig) -> str:
                 f"model '{config.name}': artifact {name} has sha256 {actual}, config expects {expected}"
             )
         combined.update(f"{name}:{actual}\n".encode())
+    if config.features is not None and (model_dir / config.features.file).is_file():
+        combined.update(f"features:{config.features.file}:{sha256_file(model_dir / config.features.file)}\n".encode())
     return combined.hexdigest()
 
 
@@ -150,6 +153,7 @@ class ModelRepository:
                 model_dir = self.root / name
                 config = load_config(model_dir)
                 checksum = verify_artifacts(model_dir, config)
+                features = read_features(model_dir, config)
                 context = ModelContext(
                     model_dir=model_dir,
                     config=config,
@@ -167,7 +171,7 @@ class ModelRepository:
                 entry.reason = error.message if isinstance(error, TensorfleetError) else f"{type(error).__name__}: {error}"
                 log.error("model %s failed to load: %s", name, entry.reason)
                 raise
-            entry.config, entry.backend, entry.checksum = config, backend, checksum
+            entry.config, entry.backend, entry.checksum, entry.features = config, backend, checksum, features
             entry.state, entry.loaded_at = ModelState.READY, time.time()
             log.info("model %s loaded on %s in %.2fs", name, self.device, time.monotonic() - started)
             return entry

@@ -79,7 +79,7 @@ class Writer(abc.ABC):
 
 #: The one place formats are listed: format -> module of this package that registers it.
 #: Modules are imported on first use, so a run pays only for the libraries it needs.
-MODULES: dict[str, str] = {"hdf5": "hdf5", "parquet": "parquet", "h5ad": "h5ad"}
+MODULES: dict[str, str] = {"hdf5": "hdf5", "parquet": "parquet", "h5ad": "h5ad", "csv": "csv", "tsv": "csv"}
 
 _REGISTRY: dict[str, Callable[[WriteContext], Writer]] = {}
 

@@ -1,13 +1,19 @@
 """AnnData .h5ad: the input's obs and var kept, outputs into obsm (or layers), errors in uns.
 
-From an .h5ad input the input file is copied and the outputs are added with h5py, chunk by
-chunk, so X is never loaded. Other inputs get a fresh AnnData whose obs names are the ids.
+From an .h5ad input in today's encoding (obs a group at encoding-version 0.2.0) the input
+file is copied and the outputs are added with h5py, chunk by chunk, so X is never loaded.
+An input in an older encoding (anndata 0.7, or before 0.7: obs as a compound dataset,
+`raw.X`) is first rewritten the way anndata would: opened backed and written with
+`write_h5ad`, which converts every slot (X is streamed; obs, var, uns, obsm, obsp, layers and
+raw pass through memory once, as in anndata's backed mode). Other inputs get a fresh
+AnnData whose obs names are the ids.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import anndata
@@ -21,15 +27,30 @@ from .base import WriteContext, Writer, register, rows_per_chunk
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
 
+def is_current_encoding(path: Path) -> bool:
+    """obs is a group at encoding-version 0.2.0 (anndata >= 0.8): the file can be extended in place."""
+    with h5py.File(path, "r") as file:
+        obs = file.get("obs")
+        version = obs.attrs.get("encoding-version", "") if isinstance(obs, h5py.Group) else ""
+        return (version.decode() if isinstance(version, bytes) else str(version)) == "0.2.0"
+
+
 def _start_file(context: WriteContext) -> None:
     source = Path(context.input.path)
     if context.input.format == "h5ad":
-        if context.limit is None:
+        if context.limit is None and is_current_encoding(source):
             shutil.copyfile(source, context.temp_path)
-        else:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's OldFormatWarning: converting is the point
             backed = anndata.read_h5ad(source, backed="r")
-            backed[: context.rows].to_memory().write_h5ad(context.temp_path)
-            backed.file.close()
+            try:
+                if context.limit is None:
+                    backed.write_h5ad(context.temp_path)
+                else:
+                    backed[: context.rows].to_memory().write_h5ad(context.temp_path)
+            finally:
+                backed.file.close()
         return
     obs = pd.DataFrame(index=pd.Index([f"row{i}" for i in range(context.rows)], dtype=str))
     anndata.AnnData(obs=obs).write_h5ad(context.temp_path)
