@@ -84,8 +84,7 @@ def build(args: argparse.Namespace) -> Path:
         "description": f"ESM-2 encoder, {config.layers} layers x {config.dim} ({config.heads} heads), "
         f"{params / 1e6:.1f}M parameters, {source}.",
         "max_batch_size": args.max_batch_size,
-        # max_length is told to clients, so a job's input.over_length policy applies it first.
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": [], "max_length": args.max_length}],
+        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
         "outputs": [
             {"name": "mean", "datatype": "FP32", "shape": [config.dim]},
             {"name": "per_residue", "datatype": args.per_residue_dtype, "shape": [-1, config.dim], "ragged": True},

@@ -50,7 +50,8 @@ def test_one_sheet_per_model_with_the_same_columns_matching_in_process(example):
     for name, dim in (("embed_small", 64), ("embed_tiny", 32)):
         table = pq.read_table(root / "sheets" / f"{name}.parquet")
         columns = columns or table.column_names
-        assert table.column_names == columns == ["source", "id", "embedding", "ok", "error"]
+        # truncated: the models declare max_length, so input.over_length (truncate) says which rows were cut
+        assert table.column_names == columns == ["source", "id", "embedding", "truncated", "ok", "error"]
         assert table.column("source").to_pylist() == ["singles"] * 13 + ["doubles"] * 20
         expected_ids = [key for label in ("singles", "doubles") for key, _ in records[label]]
         assert table.column("id").to_pylist() == expected_ids
