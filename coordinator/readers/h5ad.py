@@ -22,6 +22,7 @@ import warnings
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse
 from anndata.io import read_elem, sparse_dataset
 
 from ..spec import InputSpec
@@ -152,8 +153,6 @@ class H5adReader(Reader):
                 matrix[:, c : min(c + _CSC_COLUMNS, columns)][lo:hi].tocsr()
                 for c in range(0, columns, _CSC_COLUMNS)
             ]
-            import scipy.sparse
-
             combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
             block = self._csc_block = (field, lo, hi, combined)
         _, lo, _, combined = block

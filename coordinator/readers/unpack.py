@@ -18,6 +18,7 @@ import io
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 GZIP_MAGIC = b"\x1f\x8b"
 SPACING = 4 << 20
@@ -41,9 +42,9 @@ class Unpacked:
         self._file = open(self.path, "rb")  # noqa: SIM115  (closed in close())
         #: uncompressed offset -> (compressed offset, decompressor state or None at a member start)
         self._points: list[int] = []
-        self._states: list[tuple[int, zlib._Decompress | None]] = []
+        self._states: list[tuple[int, Any | None]] = []
         #: where the last read stopped: (uncompressed, compressed offset, decompressor state)
-        self._cursor: tuple[int, int, zlib._Decompress] | None = None
+        self._cursor: tuple[int, int, Any] | None = None
         self._cache: tuple[int, bytes] = (0, b"")
 
     def stream(self) -> Iterator[bytes]:
@@ -58,7 +59,7 @@ class Unpacked:
             produced = 0
             position = 0
             last_point = -SPACING
-            decompressor: zlib._Decompress | None = None
+            decompressor: Any | None = None
             pending = b""
             while True:
                 if decompressor is None:  # a member starts at `position`
@@ -91,7 +92,7 @@ class Unpacked:
                 if out:
                     yield out
 
-    def _add_point(self, uncompressed: int, compressed: int, state: zlib._Decompress | None) -> None:
+    def _add_point(self, uncompressed: int, compressed: int, state: Any | None) -> None:
         self._points.append(uncompressed)
         self._states.append((compressed, state))
 
