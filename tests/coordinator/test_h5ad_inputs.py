@@ -199,3 +199,18 @@ def test_csc_rows_are_read_in_blocks_that_match_the_matrix(tmp_path, monkeypatch
         for start, stop in [(0, 7), (7, 9), (3, 30), (44, 50), (0, 50)]:
             np.testing.assert_array_equal(reader.read("X", start, stop), x[start:stop])
         assert json.dumps(list(reader.feature_names("X"))) == json.dumps(MODEL_GENES)
+
+
+def test_an_h5ad_to_h5ad_job_refuses_to_rename_or_drop_obs(tmp_path):
+    from tensorfleet.coordinator.spec import SpecError, parse_spec
+
+    for policy in ("suffix", "first"):
+        with pytest.raises(SpecError, match=f"input.duplicate_ids '{policy}': an .h5ad output keeps the input's obs names"):
+            parse_spec({
+                "input": {"path": "a.h5ad", "duplicate_ids": policy},
+                "model": {"name": "genes", "servers": ["127.0.0.1:1"]}, "output": {"path": "b.h5ad"},
+            })
+    parse_spec({
+        "input": {"path": "a.h5ad", "duplicate_ids": "first"},
+        "model": {"name": "genes", "servers": ["127.0.0.1:1"]}, "output": {"path": "b.parquet"},
+    })
