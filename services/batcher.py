@@ -70,7 +70,10 @@ class DynamicBatcher:
         predict: Predict,
         stats: ModelStats | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,
+        worker: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`worker`: the model's own thread, the one that loaded it (services/model_runtime.py);
+        the batcher then leaves it running when closed. Without one it makes and owns a thread."""
         self.config = config
         self.policy = config.batching
         self._predict = predict
@@ -78,7 +81,8 @@ class DynamicBatcher:
         self._on_batch = on_batch  # (rows, queue seconds, compute seconds) for metrics
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
+        self._owns_worker = worker is None
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
         self._loop_task: asyncio.Task | None = None
         self._batches: dict[asyncio.Task, _Batch] = {}  # handed to the worker, not yet answered
         self._closed = False
@@ -101,7 +105,12 @@ class DynamicBatcher:
                 pending.future.set_exception(Unavailable(f"model '{self.config.name}' was unloaded"))
         if self._loop_task is not None:
             self._loop_task.cancel()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._owns_worker:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+        else:  # the thread stays the model's: cancel only this batcher's batches still waiting on it
+            for batch in self._batches.values():
+                if batch.work is not None:
+                    batch.work.cancel()
         # a batch still waiting behind the running one will never run: answer its callers
         for task, batch in list(self._batches.items()):
             if batch.work is not None and batch.work.cancelled():

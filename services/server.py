@@ -140,7 +140,7 @@ class ModelServer:
                 raise
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
-        await asyncio.get_running_loop().run_in_executor(None, self.repository.load_all)
+        await self.runtime.load_all()
         for entry in self.repository.entries():
             if entry.state is ModelState.READY:
                 self.runtime.served(entry.name).batcher.start()
