@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight requests may take to finish")
     parser.add_argument("--threads", type=int, default=_int_or_none(env("TENSORFLEET_THREADS")),
                         help="torch intra-op threads (CPU)")
+    parser.add_argument("--shared-memory-max-bytes", type=int,
+                        default=int(env("TENSORFLEET_SHARED_MEMORY_MAX_BYTES", str(4 << 30))),
+                        help="bound on the bytes of system shared memory clients on this host may register "
+                             "(0 turns the extension off)")
     parser.add_argument("--log-level", default=env("TENSORFLEET_LOG_LEVEL", "INFO"))
     return parser
 
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_ca=args.tls_ca,
             drain_seconds=args.drain_seconds,
             threads=args.threads,
+            shared_memory_max_bytes=args.shared_memory_max_bytes,
         )
         asyncio.run(serve(options))
     except TensorfleetError as error:

@@ -23,13 +23,14 @@ from .contexts import ContextStore, context_ids, decode_context
 from .model_config import ModelConfig
 from .model_runtime import ModelRuntime
 from .repository import ModelEntry, ModelState
+from .shared_memory import SharedMemoryRegistry
 from .statistics import ModelStats
 from .validation import decode_request
 
 SERVER_NAME = "tensorfleet"
 EXTENSIONS = [
     "model_repository", "statistics", "model_configuration", "binary_tensor_data",
-    "tensorfleet_exclusive_batch", "tensorfleet_context",
+    "tensorfleet_exclusive_batch", "tensorfleet_context", "system_shared_memory",
 ]
 
 #: Our backend names -> the platform names Triton clients know.
@@ -90,8 +91,10 @@ class InferResult:
 class DataPlane:
     """Health, metadata, config, statistics, repository and inference over one ModelRuntime."""
 
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.runtime = runtime
+        #: System shared-memory regions of clients on this host (services/shared_memory.py).
+        self.shared_memory = shared_memory or SharedMemoryRegistry()
         self.repository = runtime.repository
         self.contexts = ContextStore(registry=getattr(runtime.metrics, "registry", None))
 
@@ -182,7 +185,7 @@ class DataPlane:
                 self.contexts.put(config.name, put, decode_context(message, config, request.raw))
                 code = None
                 return InferResult(config)
-            decoded = decode_request(message, config, request.raw)
+            decoded = decode_request(message, config, self.shared_memory.inputs(message, request.raw))
             if use:
                 decoded.context, decoded.context_inputs = use, self.contexts.get(config.name, use)
             outputs = await served.batcher.submit(decoded)

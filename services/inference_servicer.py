@@ -26,6 +26,7 @@ from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from . import grpc_converters as convert
 from .dataplane import DataPlane
+from .shared_memory import status_response
 
 log = logging.getLogger("tensorfleet.inference")
 
@@ -77,11 +78,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # --- system shared memory (services/shared_memory.py) ------------------------
+    async def SystemSharedMemoryStatus(self, request, context):
+        return status_response(self.dataplane.shared_memory.status(request.name, context.peer()))
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size, context.peer()
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.dataplane.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # --- inference -------------------------------------------------------------
     async def infer(self, request: wire.InferRequest | pb.ModelInferRequest) -> wire.InferResponse:
         request = wire.InferRequest.of(request)
         result = await self.dataplane.infer(request)
-        return convert.encode_response(request.message, result)
+        encoded = convert.encode_response(request.message, result)
+        self.dataplane.shared_memory.place_outputs(request.message, encoded)  # outputs asked for in shared memory
+        return encoded
 
     async def ModelInfer(self, request, context):
         return await self.infer(request)

@@ -31,6 +31,7 @@ from .interceptors import ErrorInterceptor
 from .metrics import ServerMetrics
 from .model_runtime import ModelRuntime
 from .repository import ModelRepository, ModelState
+from .shared_memory import DEFAULT_MAX_BYTES, SWEEP_INTERVAL_S, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from .http_app import HttpFrontEnd
@@ -67,6 +68,7 @@ class ServerOptions:
     max_streams_per_connection: int = 256
     #: Unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED each.
     max_stream_in_flight: int = 1024
+    shared_memory_max_bytes: int = DEFAULT_MAX_BYTES  # 0: the system shared-memory extension is off
 
 
 class ModelServer:
@@ -77,7 +79,8 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(options.model_repository, options.device, options.models)
         self.runtime = ModelRuntime(self.repository, self.metrics)
-        self.dataplane = DataPlane(self.runtime)
+        self.shared_memory = SharedMemoryRegistry(options.shared_memory_max_bytes, options.max_message_bytes)
+        self.dataplane = DataPlane(self.runtime, self.shared_memory)
         self.health = HealthServicer()
         self._stopping = asyncio.Event()
         self.port = 0
@@ -180,14 +183,23 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
+        sweeper = asyncio.ensure_future(self._sweep_shared_memory())
         await self._stopping.wait()
+        sweeper.cancel()
         await self._set_health(False)
         # Waits for in-flight rpcs (streams included) up to the grace period.
         await self._wait_for_in_flight(self.options.drain_seconds)
         await self.grpc.stop(grace=self.options.drain_seconds)
         if self.http is not None:
             await self.http.stop()
+        self.shared_memory.close()
         log.info("stopped")
+
+    async def _sweep_shared_memory(self) -> None:
+        """Drop regions of clients that died, even when no other client registers or asks."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.shared_memory.sweep()
 
     async def _wait_for_in_flight(self, limit: float) -> None:
         loop = asyncio.get_running_loop()
