@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from tensorfleet.protos import inference_pb2 as pb
 
+from . import wire
 from .base import ClientBase, InOrder, ReadinessDeadline, check_window
 from .channel import ConnectionOptions, aio_channel
 from .errors import TensorfleetError, from_rpc_error
@@ -22,6 +23,7 @@ from .messages import (
     parse_infer_response,
     stream_result,
 )
+from .shared_memory import Lease, SharedMemorySession, same_host
 from .shared_stream import SharedStream
 
 
@@ -41,10 +43,14 @@ class AsyncInferenceClient(ClientBase):
         timeout: float | None = None,
         options: ConnectionOptions | None = None,
         shared_stream: bool = False,
+        shared_memory: bool | None = None,
     ) -> None:
         """`shared_stream`: send `infer` calls as messages on one open stream instead of one
         unary rpc each, about half the server's CPU per small call (client/shared_stream.py);
-        a call's timeout is then kept by the client."""
+        a call's timeout is then kept by the client.
+
+        `shared_memory`: pass large tensors through POSIX shared memory (client/shared_memory.py);
+        by default on for a server on this host (a loopback address), False turns it off."""
         super().__init__(
             address, aio_channel, token=token, tls=tls, root_cert=root_cert,
             client_cert=client_cert, client_key=client_key, server_name=server_name,
@@ -53,6 +59,9 @@ class AsyncInferenceClient(ClientBase):
         self._shared = (
             SharedStream(lambda: self._stream(metadata=self._options.metadata())) if shared_stream else None
         )
+        self._shm: SharedMemorySession | None = None
+        if same_host(address) if shared_memory is None else shared_memory:
+            self._shm = SharedMemorySession(self._rpc)
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -63,7 +72,12 @@ class AsyncInferenceClient(ClientBase):
     async def close(self) -> None:
         if self._shared is not None:
             await self._shared.close()
+        if self._shm is not None:
+            await self._shm.aclose()
         await self._channel.close()
+
+    async def _rpc(self, method: str, request: Any) -> Any:
+        return await self._call(getattr(self._stub, method), request)
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -139,12 +153,35 @@ class AsyncInferenceClient(ClientBase):
         request_id: str = "",
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
+        output_names = list(outputs or ())
         request = build_wire_request(
-            model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
+            model, inputs, request_id=request_id, outputs=output_names, parameters=parameters
         )
-        if self._shared is not None:
-            return parse_infer_response(await self._shared.infer(request, timeout or self._timeout))
-        return parse_infer_response(await self._call(self._infer, request, timeout))
+        try:
+            return await self._send(request, output_names, timeout)
+        except TensorfleetError as error:
+            if self._shm is None or not self._shm.lost_regions(error):
+                raise
+        return await self._send(request, output_names, timeout)  # once more, its regions registered again
+
+    async def _send(
+        self, request: wire.InferRequest, outputs: list[str], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        lease = None
+        if self._shm is not None:
+            request, lease = await self._shm.asend(request, outputs)
+        try:
+            if self._shared is not None:
+                reply = await self._shared.infer(request, timeout or self._timeout)
+            else:
+                reply = await self._call(self._infer, request, timeout)
+        except BaseException:
+            if self._shm is not None:
+                self._shm.abandon(lease)
+            raise
+        if self._shm is not None:
+            reply = self._shm.receive(lease, reply)
+        return parse_infer_response(reply)
 
     async def stream(
         self,
@@ -161,16 +198,21 @@ class AsyncInferenceClient(ClientBase):
         output_names = list(outputs or ())
         slots = asyncio.Semaphore(window)
         call = self._stream(metadata=self._options.metadata())
+        shm = self._shm
+        leases: dict[str, Lease] = {}
 
         async def write_all() -> None:
             index = 0
             async for inputs in _aiter(requests):
                 await slots.acquire()
-                await call.write(
-                    build_wire_request(
-                        model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
-                    )
+                request = build_wire_request(
+                    model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
                 )
+                if shm is not None:
+                    request, lease = await shm.asend(request, output_names)
+                    if lease is not None:
+                        leases[str(index)] = lease
+                await call.write(request)
                 index += 1
             await call.done_writing()
 
@@ -178,6 +220,8 @@ class AsyncInferenceClient(ClientBase):
         order = InOrder(return_exceptions)
         try:
             async for reply in call:
+                if shm is not None and leases:
+                    reply = shm.claim(leases, reply)
                 index, result = stream_result(reply)
                 slots.release()
                 for item in order.push(index, result):
@@ -189,6 +233,9 @@ class AsyncInferenceClient(ClientBase):
             if not writer.done():
                 writer.cancel()
             call.cancel()
+            if shm is not None:
+                for lease in leases.values():
+                    shm.abandon(lease)
         order.finish()
 
 

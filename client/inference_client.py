@@ -25,6 +25,7 @@ from .messages import (
     stream_error,
     stream_result,
 )
+from .shared_memory import Lease, SharedMemorySession, same_host
 from .shared_stream import ThreadedSharedStream
 
 __all__ = ["InferenceClient", "StreamResult", "stream_error"]
@@ -50,10 +51,14 @@ class InferenceClient(ClientBase):
         timeout: float | None = None,
         options: ConnectionOptions | None = None,
         shared_stream: bool = False,
+        shared_memory: bool | None = None,
     ) -> None:
         """`shared_stream`: send `infer` calls (from any number of threads) as messages on one
         open stream instead of one unary rpc each, about half the server's CPU per small call
-        (client/shared_stream.py); a call's timeout is then kept by the client."""
+        (client/shared_stream.py); a call's timeout is then kept by the client.
+
+        `shared_memory`: pass large tensors through POSIX shared memory (client/shared_memory.py);
+        by default on for a server on this host (a loopback address), False turns it off."""
         super().__init__(
             address, sync_channel, token=token, tls=tls, root_cert=root_cert,
             client_cert=client_cert, client_key=client_key, server_name=server_name,
@@ -64,6 +69,9 @@ class InferenceClient(ClientBase):
             if shared_stream
             else None
         )
+        self._shm: SharedMemorySession | None = None
+        if same_host(address) if shared_memory is None else shared_memory:
+            self._shm = SharedMemorySession(self._rpc)
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -74,7 +82,12 @@ class InferenceClient(ClientBase):
     def close(self) -> None:
         if self._shared is not None:
             self._shared.close()
+        if self._shm is not None:
+            self._shm.close()
         self._channel.close()
+
+    def _rpc(self, method: str, request: Any) -> Any:
+        return self._call(getattr(self._stub, method), request)
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -146,12 +159,33 @@ class InferenceClient(ClientBase):
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """One ModelInfer call; inputs are numpy arrays, torch tensors or lists of str/bytes."""
+        output_names = list(outputs or ())
         request = build_wire_request(
-            model, inputs, request_id=request_id, outputs=outputs, parameters=parameters
+            model, inputs, request_id=request_id, outputs=output_names, parameters=parameters
         )
-        if self._shared is not None:
-            return parse_infer_response(self._shared.infer(request, timeout or self._timeout))
-        return parse_infer_response(self._call(self._infer, request, timeout))
+        try:
+            return self._send(request, output_names, timeout)
+        except TensorfleetError as error:
+            if self._shm is None or not self._shm.lost_regions(error):
+                raise
+        return self._send(request, output_names, timeout)  # once more, its regions registered again
+
+    def _send(self, request: wire.InferRequest, outputs: list[str], timeout: float | None) -> dict[str, np.ndarray]:
+        lease = None
+        if self._shm is not None:
+            request, lease = self._shm.send(request, outputs)
+        try:
+            if self._shared is not None:
+                reply = self._shared.infer(request, timeout or self._timeout)
+            else:
+                reply = self._call(self._infer, request, timeout)
+        except BaseException:
+            if self._shm is not None:
+                self._shm.abandon(lease)
+            raise
+        if self._shm is not None:
+            reply = self._shm.receive(lease, reply)
+        return parse_infer_response(reply)
 
     def stream(
         self,
@@ -172,6 +206,8 @@ class InferenceClient(ClientBase):
         output_names = list(outputs or ())
         slots = threading.Semaphore(window)
         closed = threading.Event()
+        shm = self._shm
+        leases: dict[str, Lease] = {}
 
         def produce() -> Iterator[wire.InferRequest]:
             for index, inputs in enumerate(requests):
@@ -180,14 +216,21 @@ class InferenceClient(ClientBase):
                         return
                 if closed.is_set():
                     return
-                yield build_wire_request(
+                request = build_wire_request(
                     model, inputs, request_id=str(index), outputs=output_names, parameters=parameters
                 )
+                if shm is not None:
+                    request, lease = shm.send(request, output_names)
+                    if lease is not None:
+                        leases[str(index)] = lease
+                yield request
 
         call = self._stream(produce(), metadata=self._options.metadata())
         order = InOrder(return_exceptions)
         try:
             for reply in call:
+                if shm is not None and leases:
+                    reply = shm.claim(leases, reply)
                 index, result = stream_result(reply)
                 slots.release()
                 yield from order.push(index, result)
@@ -196,4 +239,7 @@ class InferenceClient(ClientBase):
         finally:
             closed.set()
             call.cancel()
+            if shm is not None:
+                for lease in leases.values():
+                    shm.abandon(lease)
         order.finish()

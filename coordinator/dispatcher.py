@@ -28,8 +28,11 @@ import numpy as np
 
 from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, TensorfleetError, wire
 from tensorfleet.client.channel import aio_channel
+from tensorfleet.client.errors import from_rpc_error
 from tensorfleet.client.inference_client import stream_error
 from tensorfleet.client.messages import parse_infer_response
+from tensorfleet.client.shared_memory import Lease, SharedMemorySession, same_host
+from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from .manifest import RowError
 from .planner import Chunk
@@ -171,6 +174,7 @@ class Dispatcher:
         self._commits: set[asyncio.Future] = set()
         self._workers: list[asyncio.Task] = []
         self._verified = dict(verified or {})
+        self._sessions: dict[str, SharedMemorySession] = {}
 
     # --- public ----------------------------------------------------------------------
     @property
@@ -240,7 +244,7 @@ class Dispatcher:
 
     async def _serve(self, server: ServerState) -> None:
         delay = 0.1
-        client = AsyncInferenceClient(server.address, options=self.options, timeout=5.0)
+        client = AsyncInferenceClient(server.address, options=self.options, timeout=5.0, shared_memory=False)
         channel = aio_channel(server.address, self.options)
         try:
             while not self._finished.is_set():
@@ -264,6 +268,9 @@ class Dispatcher:
                     server.alive = False
                     self._return_leases(server)
         finally:
+            session = self._sessions.pop(server.address, None)
+            if session is not None:
+                await session.aclose()
             await client.close()
             await channel.close()
 
@@ -348,9 +355,15 @@ class Dispatcher:
         call = stream(metadata=self.options.metadata())
         inflight: dict[str, tuple[Work, int, int, float, int]] = {}
         loop = asyncio.get_running_loop()
+        shm = self._shared_memory(server, channel)
+        if shm is not None:
+            shm.reset()  # a new stream may be to a restarted server: register the slots again
+        leases: dict[str, Lease] = {}
 
         async def receive() -> None:
             async for reply in call:
+                if leases:
+                    reply = shm.claim(leases, reply)
                 await self._on_reply(server, inflight, reply)
                 server.wake.set()
             raise ServerLost("the server closed the stream")
@@ -383,6 +396,10 @@ class Dispatcher:
                         except RowsRejected as rejected:
                             self._reject(server, work, start, stop, rejected.errors)
                             continue
+                        if shm is not None:
+                            request, lease = await shm.asend(request, self.source.outputs or ())
+                            if lease is not None:
+                                leases[request_id] = lease
                         inflight[request_id] = (work, start, stop, time.monotonic(), work.generation)
                         server.requests += 1
                         await call.write(request)
@@ -396,6 +413,27 @@ class Dispatcher:
             receiver.cancel()
             call.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
+            if shm is not None:
+                for lease in leases.values():
+                    shm.abandon(lease)
+
+    def _shared_memory(self, server: ServerState, channel: grpc.aio.Channel) -> SharedMemorySession | None:
+        """One session per server on this host, kept across its streams (client/shared_memory.py)."""
+        if not self.policy.shared_memory or not same_host(server.address):
+            return None
+        session = self._sessions.get(server.address)
+        if session is None:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            metadata = self.options.metadata()
+
+            async def rpc(method: str, request: object) -> object:
+                try:
+                    return await getattr(stub, method)(request, metadata=metadata, timeout=30.0)
+                except grpc.RpcError as error:
+                    raise from_rpc_error(error) from None
+
+            session = self._sessions[server.address] = SharedMemorySession(rpc)
+        return session
 
     def _give_back_taken(self, server: ServerState, inflight: dict) -> None:
         """Requests this stream took from other servers' chunks go back to those chunks."""

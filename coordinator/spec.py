@@ -251,6 +251,11 @@ class PolicySpec(_Strict):
     server_wait_s: float = Field(
         default=60.0, gt=0, description="Give up (exit 2) after this long with no server reachable."
     )
+    shared_memory: bool = Field(
+        default=True,
+        description="Pass large tensors (64 KiB and up per request) through system shared memory to "
+        "servers on this host (loopback addresses); false: always over gRPC.",
+    )
 
 
 class JobSpec(_Strict):
