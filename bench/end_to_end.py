@@ -15,6 +15,8 @@ loaded once). `ratio` = in-process seconds / tensorfleet seconds (throughput rat
 leaving out start-up, planning and merge. The outputs are compared.
 
     python -m bench.end_to_end                        # CPU, 2 x 128, the 2,000 example proteins
+    python -m bench.end_to_end --tiny                 # 2 x 64, 10,000 synthetic proteins (median 60):
+                                                      # where the cost of each request shows
     python -m bench.end_to_end --device cuda --layers 33 --dim 1280 --heads 20 --precision bf16 \\
         --fasta big.fasta --threads 4
 """
@@ -61,8 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=4, help="requests in flight (tensorfleet)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--median", type=float, default=0.0,
+                        help="instead of --fasta: --sequences synthetic proteins with this median length")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny model (2 x 64) on 10,000 short synthetic proteins (median 60)")
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.layers, args.dim, args.heads, args.sequences, args.median = 2, 64, 4, 10_000, 60.0
+        args.batch, args.token_budget, args.rounds = 64, 4096, 3
     if args.quick:
         args.layers, args.dim, args.heads, args.sequences, args.rounds = 1, 64, 4, 64, 1
     return args
@@ -184,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tf-bench-e2e-") as tmp:
         workdir = Path(tmp)
+        if args.median:
+            from examples.data.make_fasta import synthetic_proteins, write_fasta
+
+            args.fasta = workdir / "synthetic.fasta"
+            write_fasta(args.fasta, synthetic_proteins(args.sequences, args.median, 0.55, seed=7))
         repository = build_protein_repository(
             workdir / "models", args.layers, args.dim, args.heads, args.precision
         )

@@ -16,6 +16,7 @@ returns every residue's state instead of the mean (the in-process loop copies th
 [rows, length, dim] tensors to the host); `output_mb_per_s` says how much crossed the wire.
 
     python -m bench.serve_overhead                                   # CPU, 6 x 320
+    python -m bench.serve_overhead --tiny     # 2 x 64, median 60: where each request's cost shows
     python -m bench.serve_overhead --device cuda --layers 33 --dim 1280 --heads 20 \\
         --precision bf16 --sequences 20000 --batch 64 --window 8 --median 300
     python -m bench.serve_overhead --per-residue FP16                 # per-residue outputs
@@ -82,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--per-residue", choices=["FP16", "FP32"],
         help="return each residue's state in this datatype instead of the mean-pooled embedding",
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny model (2 x 64, 4 heads) on 4,000 short synthetic proteins (median 60)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.layers, args.dim, args.heads, args.median, args.sequences, args.rounds = 2, 64, 4, 60.0, 4000, 4
+    return args
 
 
 def make_batches(args: argparse.Namespace) -> list[np.ndarray]:

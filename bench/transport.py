@@ -4,12 +4,16 @@
     its own process, the same channel options as tensorfleet);
 (b) tensorfleet: `ModelStreamInfer` to an identity python model (`bench/models/identity_*`)
     through `AsyncInferenceClient.stream`, requests marked `tensorfleet.exclusive`, so each
-    tensor is encoded, validated, decoded, run, encoded and decoded again.
+    tensor is encoded, validated, decoded, run, encoded and decoded again;
+(c) shared memory: the same as (b) with the SDK's system shared memory on (client/shared_memory.py;
+    the default for a server on loopback): the tensor goes through /dev/shm, gRPC carries
+    only the request's metadata.
 
 For each tensor size (MB) and stream count, both sides move the same number of messages with
 the same window in flight per stream; each stream has its own client/channel (its own TCP
 connection). The sides alternate for --rounds rounds. GB/s counts payload bytes one way
-(every byte also comes back). Prints one JSON line; `ratio_16mb_1stream` is the target figure.
+(every byte also comes back). Prints one JSON line; `ratio_16mb_1stream` (tensorfleet over
+gRPC / raw echo) and `shm_ratio_16mb_1stream` (shared memory / raw echo) are the target figures.
 
     python -m bench.transport                          # 1, 16, 64 MB; 1 and 4 streams
     python -m bench.transport --dtype uint8 --mb-per-case 1024 --rounds 3
@@ -82,7 +86,7 @@ async def tf_stream(client, model: str, tensor: np.ndarray, count: int, window: 
     return received
 
 
-async def measure_case(raw_channels, tf_clients, model, size_mb, streams, args) -> dict:
+async def measure_case(raw_channels, tf_clients, shm_clients, model, size_mb, streams, args) -> dict:
     dtype = np.float32 if args.dtype == "fp32" else np.uint8
     nbytes = size_mb * MB
     tensor = (
@@ -91,7 +95,7 @@ async def measure_case(raw_channels, tf_clients, model, size_mb, streams, args) 
     payload = tensor.tobytes()
     count = max(args.window, args.mb_per_case // (size_mb * streams))
     expected = count * nbytes * streams
-    seconds = {"raw": 0.0, "tensorfleet": 0.0}
+    seconds = {"raw": 0.0, "tensorfleet": 0.0, "shared_memory": 0.0}
     for _ in range(args.rounds):
         started = time.perf_counter()
         got = await asyncio.gather(
@@ -105,11 +109,19 @@ async def measure_case(raw_channels, tf_clients, model, size_mb, streams, args) 
         )
         seconds["tensorfleet"] += time.perf_counter() - started
         assert sum(got) == expected, (sum(got), expected)
+        started = time.perf_counter()
+        got = await asyncio.gather(
+            *(tf_stream(shm_clients[i], model, tensor, count, args.window) for i in range(streams))
+        )
+        seconds["shared_memory"] += time.perf_counter() - started
+        assert sum(got) == expected, (sum(got), expected)
     moved = expected * args.rounds / 1e9
     raw, served = moved / seconds["raw"], moved / seconds["tensorfleet"]
+    shared = moved / seconds["shared_memory"]
     return {
         "mb": size_mb, "streams": streams, "messages_per_stream": count,
         "raw_gb_per_s": round(raw, 3), "tensorfleet_gb_per_s": round(served, 3), "ratio": round(served / raw, 3),
+        "shm_gb_per_s": round(shared, 3), "shm_ratio": round(shared / raw, 3),
     }  # fmt: skip
 
 
@@ -127,21 +139,22 @@ async def run_all(
     raw_channels = [
         grpc.aio.insecure_channel(raw_address, options=channel_options()) for _ in range(most)
     ]
-    tf_clients = [AsyncInferenceClient(tf_address) for _ in range(most)]
+    tf_clients = [AsyncInferenceClient(tf_address, shared_memory=False) for _ in range(most)]
+    shm_clients = [AsyncInferenceClient(tf_address, shared_memory=True) for _ in range(most)]
     try:
         warm = {"mb": 1, "rounds": 1}
         await measure_case(
-            raw_channels, tf_clients, model, 1, most, argparse.Namespace(**{**vars(args), **warm})
+            raw_channels, tf_clients, shm_clients, model, 1, most, argparse.Namespace(**{**vars(args), **warm})
         )
         return [
-            await measure_case(raw_channels, tf_clients, model, size, n, args)
+            await measure_case(raw_channels, tf_clients, shm_clients, model, size, n, args)
             for size in sizes
             for n in streams
         ]
     finally:
         for channel in raw_channels:
             await channel.close()
-        for client in tf_clients:
+        for client in tf_clients + shm_clients:
             await client.close()
 
 
@@ -176,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "cases": cases,
     }
     for case in cases:
-        record[
-            f"ratio_{case['mb']}mb_{case['streams']}stream{'s' if case['streams'] > 1 else ''}"
-        ] = case["ratio"]
+        label = f"{case['mb']}mb_{case['streams']}stream{'s' if case['streams'] > 1 else ''}"
+        record[f"ratio_{label}"] = case["ratio"]
+        record[f"shm_ratio_{label}"] = case["shm_ratio"]
     emit(record)
     return 0
 

@@ -16,10 +16,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
-    "transport": {"cases", "ratio_1mb_1stream", "ratio_1mb_2streams"},
+    "transport": {"cases", "ratio_1mb_1stream", "ratio_1mb_2streams", "shm_ratio_1mb_1stream"},
     "batching": {"offline_rows_per_s", "levels", "ratio_1_clients", "ratio_4_clients", "ratio_4_clients_shared_stream"},
     "scale": {"single_server_rows_per_s", "levels", "busy_2", "throughput_ratio_2", "cpu_s_per_chunk_2"},
     "rest": {"ratio_rest_over_grpc", "grpc_ms_per_request", "rest_ms_per_request"},
+    "model_thread": {"ratio", "loader_thread_seq_per_s", "other_thread_seq_per_s"},
     "warm_start": {"runs", "first_result_s_median", "first_result_s_min", "cli_help_s"},
     "end_to_end": {
         "inprocess_seq_per_s",
