@@ -70,12 +70,14 @@ class DynamicBatcher:
         predict: Predict,
         stats: ModelStats | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,
+        device_stages: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.config = config
         self.policy = config.batching
         self._predict = predict
         self.stats = stats or ModelStats()
         self._on_batch = on_batch  # (rows, queue seconds, compute seconds) for metrics
+        self._device_stages = device_stages  # the backend's h2d / compute / d2h of its last predict
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
@@ -301,7 +303,7 @@ class DynamicBatcher:
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
-        self.stats.record_io(t1 - t0, t3 - t2)
+        self.stats.record_io(t1 - t0, t3 - t2, assembly.rows)
         return split
 
     def _predict_halving(
@@ -315,7 +317,8 @@ class DynamicBatcher:
         feed = {**inputs, **context} if context else inputs
         try:
             outputs = self._predict(feed) if wanted is None else self._predict(feed, outputs=wanted)
-            self.stats.record_execution(rows, time.monotonic_ns() - started)
+            device = self._device_stages() if self._device_stages else None
+            self.stats.record_execution(rows, time.monotonic_ns() - started, device)
             return outputs
         except Exception as error:
             if not is_out_of_memory(error):

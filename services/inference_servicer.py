@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -81,7 +82,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: wire.InferRequest | pb.ModelInferRequest) -> wire.InferResponse:
         request = wire.InferRequest.of(request)
         result = await self.dataplane.infer(request)
-        return convert.encode_response(request.message, result)
+        started = time.monotonic_ns()
+        encoded = convert.encode_response(request.message, result)
+        self.dataplane.runtime.stats(result.config.name).record_stage("encode", time.monotonic_ns() - started)
+        return encoded
 
     async def ModelInfer(self, request, context):
         return await self.infer(request)

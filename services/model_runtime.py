@@ -47,6 +47,7 @@ class ModelRuntime:
                 entry.backend.predict,
                 stats,
                 on_batch=self.metrics.batch_observer(name),
+                device_stages=entry.backend.last_stages,
             )
             current = self._served[name] = ServedModel(entry, batcher, stats)
         return current

@@ -72,6 +72,12 @@ class Backend(abc.ABC):
         `outputs`: the only outputs this batch's requests want (None: all); the others may be
         left out of the result."""
 
+    def last_stages(self) -> dict[str, int]:
+        """The last predict's own split, in ns: {"h2d", "compute", "d2h"}; {} when this backend
+        cannot tell its copies from its compute (the batcher then counts all of it as compute).
+        Read on the model thread right after predict returns."""
+        return {}
+
     def unload(self) -> None:
         """Release device memory."""
 

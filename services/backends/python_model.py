@@ -59,6 +59,12 @@ class PythonModelBackend(Backend):
             return self.model.predict(inputs, outputs=outputs)  # type: ignore[union-attr]
         return self.model.predict(inputs)  # type: ignore[union-attr]
 
+    def last_stages(self) -> dict[str, int]:
+        """A model may time its own copies: a `stage_ns` dict set by its predict (see
+        docs/performance.md, "Reading the stage breakdown")."""
+        stages = getattr(self.model, "stage_ns", None)
+        return dict(stages) if isinstance(stages, dict) else {}
+
     def unload(self) -> None:
         release = getattr(self.model, "unload", None)
         if callable(release):
