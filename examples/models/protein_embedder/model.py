@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.services.backends.torch_common import StageClock
 
 log = logging.getLogger("tensorfleet.examples.protein_embedder")
 
@@ -133,16 +134,22 @@ class Model:
         return self._run(self.encoder.residues, tokens, self.residue_dtype)
 
     def _run(self, method, tokens: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        clock = StageClock(torch, self.device)  # the server shows these in ModelStatistics
         batch = torch.from_numpy(tokens)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        clock.mark("h2d")
         with torch.inference_mode():
             if self.autocast_dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
                     result = method(batch)
             else:
                 result = method(batch)
-            return result.to(dtype).cpu().numpy()  # narrowed on the device: fewer bytes to copy
+            clock.mark("compute")
+            host = result.to(dtype).cpu().numpy()  # narrowed on the device: fewer bytes to copy
+        clock.mark("d2h")
+        self.stage_ns = clock.stages()
+        return host
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = tokenize(inputs["sequence"], self.max_length, self.bucket)
