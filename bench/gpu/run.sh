@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU kit's one command: prove and measure tensorfleet's GPU path in one short run.
 #
-#   bash bench/gpu/run.sh --out DIR [--quick] [--rehearse]
+#   bash bench/gpu/run.sh --out DIR [--quick] [--rehearse] [--only STEP,STEP...]
 #
 # On the GPU machine (no network): installs .gpu-wheels/cp312 (from `make gpu-wheels`, carried
 # beside the working tree) offline into a temp folder, makes the checkout importable as
@@ -13,16 +13,19 @@
 # --rehearse: the same script on a CPU machine: device cpu, tiny sizes, the same offline install
 # (Python 3.11 here: the compiled wheels come from .gpu-wheels/cp311). PYTHON picks the
 # interpreter (default: python3; with --rehearse, .venv/bin/python when there).
+# --only: run just these steps (names as in summary.md; install always runs), e.g. to
+# rerun one that failed. GPU_WHEELS: the wheels folder (default .gpu-wheels).
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT_DIR="" QUICK=0 REHEARSE=0
+OUT_DIR="" QUICK=0 REHEARSE=0 ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT_DIR="${2:?--out needs a folder}"; shift 2 ;;
         --quick) QUICK=1; shift ;;
         --rehearse) REHEARSE=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --only) ONLY=",${2:?--only needs step names},"; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -37,7 +40,7 @@ else
     MODE=$([ "$QUICK" = 1 ] && echo quick || echo full) DEVICE=cuda
 fi
 PY="${PYTHON:-python3}"
-WHEELS="$REPO/.gpu-wheels"
+WHEELS="${GPU_WHEELS:-$REPO/.gpu-wheels}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/tensorfleet-gpu-kit.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT_DIR/run.log"
@@ -50,6 +53,7 @@ echo "run.sh: mode $MODE, device $DEVICE, python $PY, out $OUT_DIR" | tee -a "$L
 # output, record it; whatever it started (servers) is killed with its group when it ends.
 step() {
     local name="$1" limit="$2"; shift 2
+    if [ -n "$ONLY" ] && [ "$name" != install ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
     local output="$WORK/$name.out" start rc seconds
     echo "=== step $name (limit ${limit}s): $*" | tee -a "$LOG"
     start=$(date +%s%N)
@@ -90,7 +94,7 @@ step device 60 "$PY" -m bench.gpu.device_check --device "$DEVICE" --kit "$WORK/s
 # 3. the gpu-marked tests: real CUDA servers (on the rehearsal, the device-generic ones run on
 #    the CPU and the CUDA-only ones skip)
 [ "$REHEARSE" = 1 ] && export TENSORFLEET_GPU_TESTS_ON_CPU=1
-step pytest-gpu "$([ "$QUICK" = 1 ] && echo 100 || echo 150)" "${PYTEST[@]}" -m gpu tests/gpu tests/test_torch_backends.py
+step pytest-gpu "$([ "$QUICK" = 1 ] && echo 100 || echo 150)" "${PYTEST[@]}" -s -W ignore::DeprecationWarning -m gpu tests/gpu tests/test_torch_backends.py
 
 # 4. the GPU rows of docs/performance.md, at sizes that fit the time (each prints its JSON line)
 ESM_8M=(--layers 6 --dim 320 --heads 20)
