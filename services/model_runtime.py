@@ -48,6 +48,7 @@ class ModelRuntime:
                 stats,
                 on_batch=self.metrics.batch_observer(name),
                 device_stages=entry.backend.last_stages,
+                staging=entry.backend if entry.backend.can_stage() else None,
             )
             current = self._served[name] = ServedModel(entry, batcher, stats)
         return current

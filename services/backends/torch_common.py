@@ -10,6 +10,7 @@ events around the copies and the program give each predict's h2d / compute / d2h
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,10 @@ class TorchProgramBackend(Backend):
         clock = StageClock(torch, self.device)
         args = [self._to_device(inputs[spec.name]) for spec in self.context.config.inputs]
         clock.mark("h2d")
+        return self._run(args, clock, outputs)
+
+    def _run(self, args: list[Any], clock: StageClock, outputs: frozenset[str] | None) -> dict[str, np.ndarray]:
+        torch = self._torch()
         with torch.inference_mode():
             result = self.program(*args)
         clock.mark("compute")
@@ -72,6 +77,35 @@ class TorchProgramBackend(Backend):
         clock.mark("d2h")
         self._stages = clock.stages()  # on CUDA: waits for the last copy back
         return {name: _as_numpy(tensor, self.context.config.output(name).datatype) for name, tensor in host.items()}
+
+    # --- copying the next batch while this one computes (CUDA only) ---------------------
+    def can_stage(self) -> bool:
+        return self.device.type == "cuda"
+
+    def stage(self, inputs: dict[str, np.ndarray]) -> _Staged:
+        """The inputs copied on a side stream (the batcher's feeder thread): the copy engine
+        moves the next batch while the compute stream runs the current one."""
+        torch = self._torch()
+        with torch.cuda.device(self.device):
+            if getattr(self, "_copy_stream", None) is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            start, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            with torch.cuda.stream(self._copy_stream):
+                start.record()
+                args = [self._to_device(inputs[spec.name]) for spec in self.context.config.inputs]
+                done.record()
+        return _Staged(args, start, done)
+
+    def predict_staged(self, staged: _Staged, outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        torch = self._torch()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(staged.done)
+        for tensor in staged.args:  # made on the copy stream: not reused until compute is done
+            tensor.record_stream(compute)
+        clock = StageClock(torch, self.device)
+        results = self._run(staged.args, clock, outputs)
+        self._stages = {"h2d": int(staged.start.elapsed_time(staged.done) * 1e6), **self._stages}
+        return results
 
     def last_stages(self) -> dict[str, int]:
         return self._stages
@@ -132,6 +166,15 @@ class TorchProgramBackend(Backend):
         if dtype is not None:
             module = module.to(dtype)
         return module
+
+
+@dataclass
+class _Staged:
+    """One batch's inputs on the device, and the copy stream's events around their copies."""
+
+    args: list[Any]
+    start: Any
+    done: Any
 
 
 def _as_numpy(tensor: Any, datatype: str) -> np.ndarray:
