@@ -192,7 +192,7 @@ def test_count_auto_starts_one_server_per_gpu(repository, tmp_path):
     from tensorfleet.coordinator.local_fleet import LocalFleet
 
     repo, _ = repository
-    fleet = LocalFleet(repo, "enc_fp32", "auto", "cuda", tmp_path / "fleet", ["--model", "enc_fp32"])
+    fleet = LocalFleet(repo, "enc_fp32", "auto", "cuda", tmp_path / "fleet", [])
     try:
         addresses = fleet.start(timeout=180)
         assert len(addresses) == torch.cuda.device_count()
@@ -200,7 +200,7 @@ def test_count_auto_starts_one_server_per_gpu(repository, tmp_path):
         for address in addresses:
             with InferenceClient(address) as client:
                 config = client.model_config("enc_fp32")
-                gpus.extend(config.config.instance_group[0].gpus)
+                gpus.extend(config.instance_group[0].gpus)
                 assert client.infer("enc_fp32", {"tokens": np.ones((1, 4), np.int64)})["mean"].shape == (1, 64)
         assert sorted(gpus) == list(range(torch.cuda.device_count()))
     finally:
