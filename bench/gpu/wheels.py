@@ -42,6 +42,9 @@ TARGET_ENV = {
     "platform_machine": "x86_64", "os_name": "posix", "extra": "",
 }  # fmt: skip
 LIMIT_MIB = 64
+PYPROJECT = HERE.parents[1] / "pyproject.toml"
+# pyproject's extras the GPU run needs (torch is the machine's own; dev tools stay here)
+EXTRAS = ("io", "gpu")
 
 
 def pinned(path: Path = REQUIREMENTS) -> dict[str, str]:
@@ -104,6 +107,18 @@ def _requires(wheel: Path) -> list[Requirement]:
     return [r for r in requirements if r.marker is None or r.marker.evaluate(TARGET_ENV)]
 
 
+def project_requirements(pyproject: Path = PYPROJECT) -> list[Requirement]:
+    """The project's runtime dependencies and the extras a GPU run uses."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    texts = list(project["dependencies"])
+    for extra in EXTRAS:
+        texts += project.get("optional-dependencies", {}).get(extra, [])
+    requirements = [Requirement(text) for text in texts]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate(TARGET_ENV)]
+
+
 def check(dest: Path) -> list[str]:
     """Problems with DEST/cp312 (empty: complete, one version each, every requirement met)."""
     problems: list[str] = []
@@ -121,6 +136,10 @@ def check(dest: Path) -> list[str]:
     for name in sorted(set(versions) & machine - {"pytest", "pluggy", "iniconfig", "grpcio", "protobuf",
                                                    "nvidia-ml-py", "pytest-timeout"}):
         problems.append(f"{name} is on the GPU machine already: do not carry it (or say why in requirements.txt)")
+    for requirement in project_requirements():
+        name = canonicalize_name(requirement.name)
+        if name not in versions and name not in machine:
+            problems.append(f"pyproject needs {requirement}: add it to {REQUIREMENTS.name} (the GPU machine lacks it)")
     for wheel in wheels:
         for requirement in _requires(wheel):
             name = canonicalize_name(requirement.name)
