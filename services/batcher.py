@@ -348,7 +348,7 @@ class DynamicBatcher:
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
-        self.stats.record_io(t1 - t0, t3 - t2, assembly.rows)
+        self.stats.record_io(t1 - t0, t3 - t2)
         return split
 
     def _run_prepared(self, requests: list[DecodedRequest], prepared: Future) -> list[Outputs]:
@@ -374,7 +374,7 @@ class DynamicBatcher:
             self.stats.record_execution(assembly.rows, time.monotonic_ns() - started + device.get("h2d", 0), device)
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
-        self.stats.record_io(ready.merge_ns, time.monotonic_ns() - t2, assembly.rows)
+        self.stats.record_io(ready.merge_ns, time.monotonic_ns() - t2)
         return split
 
     def _predict_halving(

@@ -75,22 +75,19 @@ class ModelStats:
             sized.compute_infer.add(infer_ns)
             for name in DEVICE_STAGES:
                 self.stages[name].add(device.get(name, predict_ns if name == "compute" and not device else 0))
-            if device:
+            if device:  # batch_stats is per predict size: its copies; merge and split are per batch
                 self.compute_input.add(device.get("h2d", 0), count=0)
                 self.compute_output.add(device.get("d2h", 0), count=0)
-                sized.compute_input.add(device.get("h2d", 0), count=0)
-                sized.compute_output.add(device.get("d2h", 0), count=0)
+                sized.compute_input.add(device.get("h2d", 0))
+                sized.compute_output.add(device.get("d2h", 0))
 
-    def record_io(self, input_ns: int, output_ns: int, rows: int | None = None) -> None:
-        """Merging inputs and splitting outputs of one dispatched batch (of `rows` rows)."""
+    def record_io(self, input_ns: int, output_ns: int) -> None:
+        """Merging inputs and splitting outputs of one dispatched batch."""
         with self.lock:
             self.compute_input.add(input_ns)
             self.compute_output.add(output_ns)
             self.stages["merge"].add(input_ns)
             self.stages["split"].add(output_ns)
-            if rows is not None:
-                self.by_batch_size[rows].compute_input.add(input_ns)
-                self.by_batch_size[rows].compute_output.add(output_ns)
 
     def record_stage(self, name: str, ns: int) -> None:
         """One request's decode or encode time (the batcher records the others)."""
