@@ -23,7 +23,7 @@ PACKAGES = [
     ("grpc_health", "grpcio-health-checking"), ("grpc_reflection", "grpcio-reflection"),
     ("numpy", "numpy"), ("yaml", "pyyaml"), ("prometheus_client", "prometheus-client"),
     ("h5py", "h5py"), ("pyarrow", "pyarrow"), ("anndata", "anndata"), ("psutil", "psutil"),
-    ("pynvml", "nvidia-ml-py"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
+    ("pynvml", "nvidia-ml-py"), ("rich", "rich"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
 ]  # fmt: skip
 PROJECT = ["tensorfleet.protos.inference_pb2", "tensorfleet.client", "tensorfleet.services.server",
            "tensorfleet.coordinator.cli"]
