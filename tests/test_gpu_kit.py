@@ -92,3 +92,12 @@ def test_the_project_path_follows_pyprojects_package_dir(tmp_path):
         "tensorfleet/core", "tensorfleet/services",  # backends lives inside services already
     ]
     assert (tmp_path / "out" / "tensorfleet" / "core").resolve() == (tmp_path / "core").resolve()
+
+
+def test_a_run_out_of_time_skips_its_steps_and_says_so(tmp_path):
+    done = _run_kit(tmp_path, "--only", "device", env={"GPU_KIT_BUDGET_S": "10"})
+    assert done.returncode == 1
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("install", "skipped: the run's time was spent"), ("device", "skipped: the run's time was spent"),
+    ]

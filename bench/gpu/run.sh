@@ -14,7 +14,8 @@
 # (Python 3.11 here: the compiled wheels come from .gpu-wheels/cp311). PYTHON picks the
 # interpreter (default: python3; with --rehearse, .venv/bin/python when there).
 # --only: run just these steps (names as in summary.md; install always runs), e.g. to
-# rerun one that failed. GPU_WHEELS: the wheels folder (default .gpu-wheels).
+# rerun one that failed. GPU_WHEELS: the wheels folder (default .gpu-wheels). GPU_KIT_BUDGET_S:
+# the whole run's seconds (default 525 full, 225 quick, 600 rehearse).
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1; shift ;;
         --rehearse) REHEARSE=1; shift ;;
         --only) ONLY=",${2:?--only needs step names},"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -47,6 +48,11 @@ LOG="$OUT_DIR/run.log"
 : >"$LOG"
 rm -f "$OUT_DIR/steps.jsonl" "$OUT_DIR/summary.json" "$OUT_DIR/summary.md"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# the whole run's budget: each step's limit shrinks to what is left, and a step that would get
+# under 15 s is skipped (and recorded so), so the run ends inside its promise whatever happens
+case "$MODE" in full) BUDGET=525 ;; quick) BUDGET=225 ;; *) BUDGET=600 ;; esac
+BUDGET="${GPU_KIT_BUDGET_S:-$BUDGET}"
+RUN_START=$(date +%s)
 echo "run.sh: mode $MODE, device $DEVICE, python $PY, out $OUT_DIR" | tee -a "$LOG"
 
 # step NAME LIMIT_SECONDS COMMAND...: run it in its own process group under `timeout`, log its
@@ -54,7 +60,14 @@ echo "run.sh: mode $MODE, device $DEVICE, python $PY, out $OUT_DIR" | tee -a "$L
 step() {
     local name="$1" limit="$2"; shift 2
     if [ -n "$ONLY" ] && [ "$name" != install ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
-    local output="$WORK/$name.out" start rc seconds
+    local output="$WORK/$name.out" start rc seconds left
+    left=$(( BUDGET - ($(date +%s) - RUN_START) ))
+    if [ "$left" -lt 15 ]; then
+        echo "=== step $name: skipped, ${left}s left of the run's ${BUDGET}s" | tee -a "$LOG" "$output" >/dev/null
+        "$PY" -m bench.gpu.summary record "$OUT_DIR" "$name" -1 0 "$limit" "$output" -- "$@"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "=== step $name (limit ${limit}s): $*" | tee -a "$LOG"
     start=$(date +%s%N)
     setsid timeout -k 10 "$limit" "$@" >"$output" 2>&1 </dev/null &
@@ -113,10 +126,20 @@ else
         "${ESM_8M[@]}" --batch 64 --token-budget 65536 --fasta "$WORK/big.fasta" --sequences 20000 --threads 4 \
         --rounds 1
     if [ "$QUICK" = 0 ]; then
-        step serve-overhead-650M-bf16 110 "$PY" -m bench.serve_overhead "${GPU[@]}" "${ESM_650M[@]}" \
-            --median 300 --sequences 2048 --window 8 --rounds 1
-        step per-residue-650M-fp16 80 "$PY" -m bench.serve_overhead "${GPU[@]}" "${ESM_650M[@]}" \
-            --median 300 --sequences 1024 --window 8 --rounds 1 --per-residue FP16
+        # the 650M repositories once (fixed-seed random weights), for the two serve_overhead rows
+        build_650m() {
+            "$PY" examples/build_models.py --out "$WORK/m650" "${ESM_650M[@]}" --precision bf16 &&
+            "$PY" examples/build_models.py --out "$WORK/m650-residues" "${ESM_650M[@]}" --precision bf16 \
+                --per-residue FP16
+        }
+        export -f build_650m
+        export ESM_650M_ARGS="${ESM_650M[*]}"
+        step build-650M 100 bash -c 'ESM_650M=($ESM_650M_ARGS); build_650m'
+        step serve-overhead-650M-bf16 90 "$PY" -m bench.serve_overhead "${GPU[@]}" "${ESM_650M[@]}" \
+            --median 300 --sequences 2048 --window 8 --rounds 1 --repository "$WORK/m650"
+        step per-residue-650M-fp16 70 "$PY" -m bench.serve_overhead "${GPU[@]}" "${ESM_650M[@]}" \
+            --median 300 --sequences 1024 --window 8 --rounds 1 --per-residue FP16 \
+            --repository "$WORK/m650-residues"
         step end-to-end-650M-bf16 90 "$PY" -m bench.end_to_end "${GPU[@]}" "${ESM_650M[@]}" --batch 64 \
             --token-budget 65536 --fasta "$WORK/big.fasta" --sequences 2000 --threads 4 --rounds 1
     fi

@@ -44,7 +44,8 @@ def pytest_counts(text: str) -> dict[str, int]:
 
 def record(folder: Path, name: str, rc: int, seconds: float, limit: int, output: Path, command: list[str]) -> dict:
     text = output.read_text(errors="replace") if output.exists() else ""
-    status = "passed" if rc == 0 else "timed out" if rc in TIMED_OUT else "failed"
+    status = ("passed" if rc == 0 else "timed out" if rc in TIMED_OUT
+              else "skipped: the run's time was spent" if rc == -1 else "failed")
     entry = {
         "name": name, "status": status, "rc": rc, "seconds": round(seconds, 1), "limit_s": limit,
         "command": " ".join(command), "results": json_lines(text), "tests": pytest_counts(text),
