@@ -25,6 +25,8 @@ PACKAGES = [
     ("h5py", "h5py"), ("pyarrow", "pyarrow"), ("anndata", "anndata"), ("psutil", "psutil"),
     ("pynvml", "nvidia-ml-py"), ("rich", "rich"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
 ]  # fmt: skip
+# used by some features only (h5ad output, NVML readings): reported, not a failure when missing
+OPTIONAL = {"anndata", "pynvml", "pyarrow", "h5py"}
 PROJECT = ["tensorfleet.protos.inference_pb2", "tensorfleet.client", "tensorfleet.services.server",
            "tensorfleet.coordinator.cli"]
 
@@ -41,7 +43,9 @@ def packages(kit: str) -> tuple[dict[str, dict[str, str]], list[str]]:
         try:
             module = importlib.import_module(module_name)
         except Exception as error:  # one missing package must not hide the others
-            problems.append(f"{module_name}: {type(error).__name__}: {error}")
+            found[dist] = {"error": f"{type(error).__name__}: {error}"}
+            if module_name not in OPTIONAL:
+                problems.append(f"{module_name}: {type(error).__name__}: {error}")
             continue
         try:
             version = importlib.metadata.version(dist)
