@@ -16,7 +16,15 @@ torch = pytest.importorskip("torch")
 
 CUDA = torch.cuda.is_available()
 ON_CPU = os.environ.get("TENSORFLEET_GPU_TESTS_ON_CPU") == "1"
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (nothing to rehearse on the CPU)")
+# set by bench/gpu/run.sh on the GPU machine: there a missing GPU is a failure, not a skip
+REQUIRED = os.environ.get("TENSORFLEET_GPU_TESTS_REQUIRE_CUDA") == "1"
+cuda_only = pytest.mark.skipif(not CUDA and not REQUIRED, reason="needs a CUDA device (nothing to rehearse on the CPU)")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_when_required() -> None:
+    if REQUIRED and not CUDA:
+        pytest.fail(f"bench/gpu/run.sh runs these on a GPU machine, but torch {torch.__version__} sees no CUDA device")
 
 
 @pytest.fixture(scope="session")
