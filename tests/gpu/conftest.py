@@ -31,6 +31,8 @@ def _cuda_when_required() -> None:
 def device() -> str:
     if CUDA:
         return "cuda:0"
+    if REQUIRED:
+        pytest.fail(f"bench/gpu/run.sh runs these on a GPU machine, but torch {torch.__version__} sees no CUDA device")
     if ON_CPU:
         return "cpu"
     pytest.skip("needs a CUDA device (TENSORFLEET_GPU_TESTS_ON_CPU=1 runs the device-generic ones on the CPU)")
