@@ -88,3 +88,52 @@ async def test_a_failed_copy_runs_the_batch_unstaged():
     assert [int(r["y"][0, 0]) for r in results] == [70, 80]
     assert device.plain_calls == [2]
     await batcher.close()
+
+
+STAGING_MODEL = '''
+import threading
+
+import numpy as np
+
+
+class Model:
+    """Stages on any device: stage() notes its thread; predict_staged() says it ran staged."""
+
+    def load(self, context):
+        pass
+
+    def can_stage(self):
+        return True
+
+    def stage(self, inputs):
+        return inputs["x"].copy(), threading.current_thread().name
+
+    def predict_staged(self, staged):
+        x, thread = staged
+        fed = np.full((x.shape[0], 1), thread.startswith("feed-"), dtype=np.int64)
+        return {"y": x * 2, "fed": fed}
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        return {"y": x * 2, "fed": np.zeros((x.shape[0], 1), dtype=np.int64)}
+'''
+
+
+def test_a_python_model_that_stages_is_fed_by_the_feeder_thread_in_a_real_server(tmp_path):
+    from tensorfleet.client import InferenceClient
+    from tests.serving import running_server
+
+    folder = tmp_path / "staged"
+    folder.mkdir()
+    (folder / "model.py").write_text(STAGING_MODEL)
+    (folder / "config.yaml").write_text(
+        "name: staged\nbackend: python\nmax_batch_size: 4\n"
+        "inputs: [{name: x, datatype: FP32, shape: [2]}]\n"
+        "outputs: [{name: y, datatype: FP32, shape: [2]}, {name: fed, datatype: INT64, shape: [1]}]\n"
+    )
+    rows = [np.full((1, 2), i, np.float32) for i in range(12)]
+    with running_server(tmp_path) as server, InferenceClient(server.address) as client:
+        results = list(client.stream("staged", [{"x": r} for r in rows], window=8))
+    for row, result in zip(rows, results, strict=True):
+        np.testing.assert_array_equal(result["y"], row * 2)
+        assert result["fed"][0, 0] == 1, "the batch was not staged by the feeder thread"
