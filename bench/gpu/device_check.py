@@ -23,10 +23,10 @@ PACKAGES = [
     ("grpc_health", "grpcio-health-checking"), ("grpc_reflection", "grpcio-reflection"),
     ("numpy", "numpy"), ("yaml", "pyyaml"), ("prometheus_client", "prometheus-client"),
     ("h5py", "h5py"), ("pyarrow", "pyarrow"), ("anndata", "anndata"), ("psutil", "psutil"),
-    ("pynvml", "nvidia-ml-py"), ("rich", "rich"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
+    ("pynvml", "nvidia-ml-py"), ("rich", "rich"), ("fastapi", "fastapi"), ("pytest", "pytest"), ("pytest_asyncio", "pytest-asyncio"),
 ]  # fmt: skip
-# used by some features only (h5ad output, NVML readings): reported, not a failure when missing
-OPTIONAL = {"anndata", "pynvml", "pyarrow", "h5py"}
+# used by some features only (h5ad output, NVML readings, the REST front end): reported, not a failure when missing
+OPTIONAL = {"anndata", "pynvml", "pyarrow", "h5py", "fastapi"}
 PROJECT = ["tensorfleet.protos.inference_pb2", "tensorfleet.client", "tensorfleet.services.server",
            "tensorfleet.coordinator.cli"]
 
