@@ -8,7 +8,7 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser perf-analyzer demo test test-all lint protos bench clean
+.PHONY: install models browser perf-analyzer demo test test-all lint protos bench clean gpu-wheels gpu-rehearse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,15 @@ protos: install
 BENCHES := serve_overhead coordinator end_to_end transport rest batching scale warm_start
 bench: models
 	for name in $(BENCHES); do $(BIN)/python -m bench.$$name || exit 1; done
+
+# The GPU kit (docs/performance.md, "The GPU kit"): wheels for the GPU machine, fetched here
+# (needs the package index), carried there as .gpu-wheels/cp312; then `bash bench/gpu/run.sh`.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m bench.gpu.wheels --dest .gpu-wheels
+
+# The same script end to end on this CPU machine (device cpu, tiny sizes).
+gpu-rehearse: gpu-wheels
+	PYTHON=$(BIN)/python bash bench/gpu/run.sh --rehearse --out out/gpu-rehearsal
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) build *.egg-info jobs out test-artifacts

@@ -102,6 +102,18 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()}"
 
 
+def stage_breakdown(model_stats: Any) -> dict[str, float]:
+    """A server's ModelStatistics stage_stats as mean ms per count (per request for decode,
+    queue and encode; per batch for the rest): where the served time went."""
+    from tensorfleet.services.statistics import STAGES
+
+    if model_stats is None:
+        return {}
+    stages = model_stats.stage_stats
+    return {name: round(stages[name].ns / stages[name].count / 1e6, 3)
+            for name in STAGES if name in stages and stages[name].count}
+
+
 def emit(record: dict[str, Any]) -> None:
     """The benchmark's one result line on stdout."""
     print(json.dumps(record, sort_keys=False), flush=True)

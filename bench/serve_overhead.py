@@ -40,6 +40,7 @@ from bench.common import (
     machine,
     protein_sequences,
     server_process,
+    stage_breakdown,
 )
 
 MODEL = "protein_embedder"
@@ -189,6 +190,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         "round_ratios": [round(a / b, 3) for a, b in zip(inprocess.laps, served.laps, strict=True)],
         "server_mean_batch_rows": round(mean_batch, 2) if mean_batch else None,
         "max_abs_diff": diff,
+        "server_stage_mean_ms": stage_breakdown(inference),
     }
 
 

@@ -65,7 +65,8 @@ class BatchAssembly:
             if len(self.requests) != 1:
                 raise InternalError("a model without a batch dimension runs one request at a time")
             return self.requests[0].inputs
-        if len(self.requests) == 1:
+        bucket = self.config.batching.length_bucket if self.config.batching.pad_to_bucket else 1
+        if len(self.requests) == 1 and bucket == 1:
             return self.requests[0].inputs  # nothing to pad or stack: no copy
         merged: dict[str, np.ndarray] = {}
         for spec in self.config.inputs:
@@ -76,9 +77,9 @@ class BatchAssembly:
                 raise InternalError(f"optional input '{spec.name}' is set in only some requests")
             if spec.ragged and spec.datatype != "BYTES":
                 axis = _ragged_axis(spec)
-                longest = max(a.shape[axis] for a in arrays)
+                longest = -(-max(a.shape[axis] for a in arrays) // bucket) * bucket
                 arrays = [_pad(a, axis, longest, spec.pad_value) for a in arrays]
-            merged[spec.name] = np.concatenate(arrays, axis=0)
+            merged[spec.name] = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
         return merged
 
     def split(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

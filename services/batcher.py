@@ -10,6 +10,10 @@ While a batch runs, the next one is formed and queued on the worker as soon as t
 requests fill it, so the device starts it the moment the first ends: no event-loop round
 trip between batches (a few ms per batch on a loaded host, 4-5 % of a 128 ms batch).
 A batch that is not full yet still waits for the device, where it can gather more company.
+
+On a device that can take a batch's inputs ahead of time (a torch backend on CUDA:
+`Backend.can_stage`), a second thread merges the queued batch and starts its copies to the
+device as soon as it is handed over, while the model thread is still computing the one before.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,6 +53,24 @@ Outputs = dict[str, np.ndarray]
 PIPELINE_DEPTH = 2
 
 
+class Staging(Protocol):
+    """A backend that copies a batch's inputs to its device ahead of running it."""
+
+    def stage(self, inputs: dict[str, np.ndarray]) -> Any: ...
+
+    def predict_staged(self, staged: Any, outputs: frozenset[str] | None = None) -> Outputs: ...
+
+
+@dataclass
+class _Prepared:
+    """A batch merged and copied to the device by the feeder thread."""
+
+    assembly: BatchAssembly
+    merged: dict[str, np.ndarray]
+    staged: Any
+    merge_ns: int
+
+
 @dataclass
 class _Pending:
     request: DecodedRequest
@@ -71,6 +94,8 @@ class DynamicBatcher:
         stats: ModelStats | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,
         worker: ThreadPoolExecutor | None = None,
+        device_stages: Callable[[], dict[str, int]] | None = None,
+        staging: Staging | None = None,
     ) -> None:
         """`worker`: the model's own thread, the one that loaded it (services/model_runtime.py);
         the batcher then leaves it running when closed. Without one it makes and owns a thread."""
@@ -79,10 +104,13 @@ class DynamicBatcher:
         self._predict = predict
         self.stats = stats or ModelStats()
         self._on_batch = on_batch  # (rows, queue seconds, compute seconds) for metrics
+        self._device_stages = device_stages  # the backend's h2d / compute / d2h of its last predict
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._owns_worker = worker is None
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
+        self._staging = staging
+        self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feed-{config.name}") if staging else None
         self._loop_task: asyncio.Task | None = None
         self._batches: dict[asyncio.Task, _Batch] = {}  # handed to the worker, not yet answered
         self._closed = False
@@ -111,6 +139,8 @@ class DynamicBatcher:
             for batch in self._batches.values():
                 if batch.work is not None:
                     batch.work.cancel()
+        if self._feeder is not None:
+            self._feeder.shutdown(wait=False, cancel_futures=True)
         # a batch still waiting behind the running one will never run: answer its callers
         for task, batch in list(self._batches.items()):
             if batch.work is not None and batch.work.cancelled():
@@ -266,11 +296,13 @@ class DynamicBatcher:
         The start time is taken on the thread: a batch may wait there behind the one running."""
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
+        # merge and copy now, while the model thread may still be computing the batch before
+        prepared = self._feeder.submit(self._prepare, requests) if self._feeder else None
 
         def run() -> None:
             started = time.monotonic_ns()
             try:
-                result, error = (self._run_batch(requests), started), None
+                result, error = (self._run_batch(requests, prepared), started), None
             except Exception as caught:  # handed to the loop, where _execute reports it
                 result, error = None, caught
             loop.call_soon_threadsafe(_settle, outcome, result, error)
@@ -278,10 +310,25 @@ class DynamicBatcher:
         batch.work = self._worker.submit(run)
         return outcome
 
+    # --- on the feeder thread -------------------------------------------------------
+    def _prepare(self, requests: list[DecodedRequest]) -> _Prepared:
+        assembly = BatchAssembly(self.config, requests)
+        t0 = time.monotonic_ns()
+        merged = assembly.merge()
+        merge_ns = time.monotonic_ns() - t0
+        context = requests[0].context_inputs
+        assert self._staging is not None
+        staged = self._staging.stage({**merged, **context} if context else merged)
+        return _Prepared(assembly, merged, staged, merge_ns)
+
     # --- on the worker thread -------------------------------------------------------
-    def _run_batch(self, requests: list[DecodedRequest]) -> list[Outputs | TensorfleetError]:
+    def _run_batch(
+        self, requests: list[DecodedRequest], prepared: Future | None = None
+    ) -> list[Outputs | TensorfleetError]:
         """Run merged; if that fails (not for memory), rerun each request alone."""
         try:
+            if prepared is not None:
+                return self._run_prepared(requests, prepared)
             return self._run_merged(requests)
         except TensorfleetError as error:
             if len(requests) == 1:
@@ -313,6 +360,32 @@ class DynamicBatcher:
         self.stats.record_io(t1 - t0, t3 - t2)
         return split
 
+    def _run_prepared(self, requests: list[DecodedRequest], prepared: Future) -> list[Outputs]:
+        """`_run_merged` on the feeder's merge and copies; out of memory: halve on the host."""
+        try:
+            ready: _Prepared = prepared.result()
+        except Exception as error:  # the merge or the copy failed there: redo it here
+            log.debug("model %s: staging failed (%s); running unstaged", self.config.name, error)
+            return self._run_merged(requests)
+        assembly, staging = ready.assembly, self._staging
+        assert staging is not None
+        started = time.monotonic_ns()
+        try:
+            outputs = staging.predict_staged(ready.staged, assembly.wanted)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            ready.staged = None  # free the device copies before halving
+            outputs = self._predict_halving(ready.merged, assembly.rows, requests[0].context_inputs, assembly.wanted)
+        else:
+            device = self._device_stages() if self._device_stages else {}
+            # the copy ran on the feeder: count it as part of this predict, as unstaged
+            self.stats.record_execution(assembly.rows, time.monotonic_ns() - started + device.get("h2d", 0), device)
+        t2 = time.monotonic_ns()
+        split = assembly.split(outputs)
+        self.stats.record_io(ready.merge_ns, time.monotonic_ns() - t2)
+        return split
+
     def _predict_halving(
         self, inputs: dict[str, np.ndarray], rows: int, context: dict | None = None,
         wanted: frozenset[str] | None = None,
@@ -324,7 +397,8 @@ class DynamicBatcher:
         feed = {**inputs, **context} if context else inputs
         try:
             outputs = self._predict(feed) if wanted is None else self._predict(feed, outputs=wanted)
-            self.stats.record_execution(rows, time.monotonic_ns() - started)
+            device = self._device_stages() if self._device_stages else None
+            self.stats.record_execution(rows, time.monotonic_ns() - started, device)
             return outputs
         except Exception as error:
             if not is_out_of_memory(error):

@@ -11,6 +11,7 @@ Domain errors (client/errors.py) propagate; each front end maps them to its stat
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,7 +186,9 @@ class DataPlane:
                 self.contexts.put(config.name, put, decode_context(message, config, request.raw))
                 code = None
                 return InferResult(config)
+            started = time.monotonic_ns()
             decoded = decode_request(message, config, self.shared_memory.inputs(message, request.raw))
+            served.stats.record_stage("decode", time.monotonic_ns() - started)
             if use:
                 decoded.context, decoded.context_inputs = use, self.contexts.get(config.name, use)
             outputs = await served.batcher.submit(decoded)

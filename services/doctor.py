@@ -137,7 +137,26 @@ def check_accelerators(device: str) -> list[Check]:
         checks.append(Check(status, f"gpu {index}", detail))
     if device.startswith("cuda:") and int(device.split(":")[1]) >= count:
         checks.append(Check(FAIL, "device", f"--device {device}, but only {count} GPU(s) are visible"))
+    checks.append(check_nvml())
     return checks
+
+
+def check_nvml() -> Check:
+    """On a GPU machine: can `tensorfleet top` read GPU use through NVML (nvidia-ml-py)?"""
+    try:
+        import pynvml
+    except ImportError:
+        return Check(WARN, "nvml", "nvidia-ml-py is not installed: `tensorfleet top` shows no GPU use or "
+                                   "memory; pip install 'tensorfleet[gpu]'")
+    try:
+        pynvml.nvmlInit()
+        try:
+            return Check(OK, "nvml", f"nvidia-ml-py {_version('nvidia-ml-py') or '?'}, driver "
+                                     f"{pynvml.nvmlSystemGetDriverVersion()}")
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as error:  # NVMLError and friends: the library or driver is not usable
+        return Check(WARN, "nvml", f"nvidia-ml-py is installed but NVML does not answer: {error}")
 
 
 def check_repository(root: Path, device: str, load: bool = False) -> list[Check]:

@@ -126,6 +126,8 @@ def _fill_statistics(target: pb.ModelStatistics, name: str, config: ModelConfig 
             value = getattr(stats, field)
             duration = getattr(target.inference_stats, field)
             duration.count, duration.ns = value.count, value.ns
+        for stage, value in stats.stages.items():
+            target.stage_stats[stage].count, target.stage_stats[stage].ns = value.count, value.ns
         for size in sorted(stats.by_batch_size):
             sized = stats.by_batch_size[size]
             batch = target.batch_stats.add(batch_size=size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -96,7 +97,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: wire.InferRequest | pb.ModelInferRequest) -> wire.InferResponse:
         request = wire.InferRequest.of(request)
         result = await self.dataplane.infer(request)
+        started = time.monotonic_ns()
         encoded = convert.encode_response(request.message, result)
+        self.dataplane.runtime.stats(result.config.name).record_stage("encode", time.monotonic_ns() - started)
         self.dataplane.shared_memory.place_outputs(request.message, encoded)  # outputs asked for in shared memory
         return encoded
 

@@ -70,6 +70,19 @@ class BatchingPolicy(_Strict):
     token_budget: int = Field(default=0, ge=0)
     #: Lengths are grouped into buckets of this width so batches reuse a few shapes.
     length_bucket: int = Field(default=32, ge=1)
+    #: Pad each merged batch's ragged inputs up to a multiple of `length_bucket`, so batches
+    #: come in few (rows x length) shapes: on a GPU each new shape costs tens of ms once.
+    pad_to_bucket: bool = False
+    #: (rows, padded length) shapes run before SERVING, built from the first `warmup` example
+    #: (ragged inputs repeated to that length): the common batches then meet warm kernels.
+    warmup_shapes: list[tuple[int, int]] = Field(default_factory=list)
+
+    @field_validator("warmup_shapes")
+    @classmethod
+    def _positive_shapes(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(rows < 1 or length < 1 for rows, length in value):
+            raise ValueError(f"{value}: each shape is [rows, length], both at least 1")
+        return value
 
 
 class PythonClass(_Strict):
@@ -107,6 +120,16 @@ class ModelConfig(_Strict):
     warmup: list[dict[str, Any]] = Field(default_factory=list)
     #: The model's feature list; jobs over .h5ad inputs align their genes to it.
     features: FeatureList | None = None
+
+    @model_validator(mode="after")
+    def _warmup_shapes_fit(self) -> ModelConfig:
+        shapes = self.batching.warmup_shapes
+        if shapes and not self.warmup:
+            raise ValueError("batching.warmup_shapes needs a `warmup` example to build the batches from")
+        too_big = [rows for rows, _ in shapes if rows > max(self.max_batch_size, 1)]
+        if too_big:
+            raise ValueError(f"batching.warmup_shapes: {too_big} rows exceed max_batch_size {self.max_batch_size}")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelConfig:

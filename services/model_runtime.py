@@ -63,6 +63,8 @@ class ModelRuntime:
                 stats,
                 on_batch=self.metrics.batch_observer(name),
                 worker=self.model_thread(name),
+                device_stages=entry.backend.last_stages,
+                staging=entry.backend if entry.backend.can_stage() else None,
             )
             current = self._served[name] = ServedModel(entry, batcher, stats)
         return current

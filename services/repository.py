@@ -24,6 +24,7 @@ from tensorfleet.client.errors import (
 from .backends.base import Backend, ModelContext, create_backend
 from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
 from .validation import example_inputs
+from .warmup import warm_shapes
 
 log = logging.getLogger("tensorfleet.repository")
 
@@ -166,6 +167,7 @@ class ModelRepository:
                 backend.warmup()
                 for example in config.warmup:
                     backend.predict(example_inputs(config, example))
+                warm_shapes(config, backend)
             except Exception as error:  # any failure makes this model unavailable, not the server
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = error.message if isinstance(error, TensorfleetError) else f"{type(error).__name__}: {error}"

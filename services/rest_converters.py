@@ -246,6 +246,7 @@ def statistics_json(found: list[ModelStatistics]) -> dict[str, Any]:
                     {"batch_size": size, **{f: _duration(getattr(stats.by_batch_size[size], f)) for f in batch_fields}}
                     for size in sorted(stats.by_batch_size)
                 ],
+                "stage_stats": {stage: _duration(value) for stage, value in stats.stages.items()},
             })
     return {"model_stats": models}
 

@@ -130,11 +130,27 @@ def test_dumps_cover_the_oip_messages(ours: dict, triton: dict) -> None:
     assert sum(1 for key in ours if key.startswith("message ")) >= 30
 
 
+# tensorfleet's own additions to Triton's messages, at field numbers Triton does not use: a
+# Triton client skips them. Each is checked below to be absent from Triton's descriptors.
+EXTENSION_FIELDS = {"message inference.ModelStatistics": {"1000": "stage_stats"}}
+EXTENSION_TYPES = {"message inference.ModelStatistics.StageStatsEntry"}  # the map's entry type
+
+
+def test_our_extensions_use_numbers_and_types_triton_does_not(ours: dict, triton: dict) -> None:
+    for key, fields in EXTENSION_FIELDS.items():
+        for number, name in fields.items():
+            assert ours[key][number]["name"] == name
+            assert number not in triton[key], f"{key} #{number} is Triton's own field: pick another"
+    for key in EXTENSION_TYPES:
+        assert key in ours and key not in triton
+
+
 def test_every_message_and_enum_we_define_matches_triton(ours: dict, triton: dict) -> None:
     problems: list[str] = []
     for key, mine in sorted(ours.items()):
-        if key.startswith("service "):
+        if key.startswith("service ") or key in EXTENSION_TYPES:
             continue
+        mine = {n: d for n, d in mine.items() if n not in EXTENSION_FIELDS.get(key, {})}
         theirs = triton.get(key)
         if theirs is None:
             problems.append(f"{key}: Triton has no such type")

@@ -72,6 +72,25 @@ class Backend(abc.ABC):
         `outputs`: the only outputs this batch's requests want (None: all); the others may be
         left out of the result."""
 
+    def can_stage(self) -> bool:
+        """True when `stage` can copy a batch's inputs to the device ahead of `predict_staged`,
+        so the batcher copies the next batch while the current one computes."""
+        return False
+
+    def stage(self, inputs: dict[str, np.ndarray]) -> Any:
+        """Start copying one batch's inputs to the device (another thread than predict's)."""
+        raise NotImplementedError
+
+    def predict_staged(self, staged: Any, outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        """`predict` on inputs `stage` has copied."""
+        raise NotImplementedError
+
+    def last_stages(self) -> dict[str, int]:
+        """The last predict's own split, in ns: {"h2d", "compute", "d2h"}; {} when this backend
+        cannot tell its copies from its compute (the batcher then counts all of it as compute).
+        Read on the model thread right after predict returns."""
+        return {}
+
     def unload(self) -> None:
         """Release device memory."""
 

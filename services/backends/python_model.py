@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,29 @@ class PythonModelBackend(Backend):
         if outputs is not None and self.takes_outputs:
             return self.model.predict(inputs, outputs=outputs)  # type: ignore[union-attr]
         return self.model.predict(inputs)  # type: ignore[union-attr]
+
+    def can_stage(self) -> bool:
+        """A model that copies ahead defines stage(inputs), predict_staged(staged) and
+        can_stage() (True on its GPU): the batcher then copies the next batch during this one."""
+        model = self.model
+        probe = getattr(model, "can_stage", None)
+        return (callable(probe) and callable(getattr(model, "stage", None))
+                and callable(getattr(model, "predict_staged", None)) and bool(probe()))
+
+    def stage(self, inputs: dict[str, np.ndarray]) -> Any:
+        return self.model.stage(inputs)  # type: ignore[union-attr]
+
+    def predict_staged(self, staged: Any, outputs: frozenset[str] | None = None) -> dict[str, np.ndarray]:
+        run = self.model.predict_staged  # type: ignore[union-attr]
+        if outputs is not None and "outputs" in inspect.signature(run).parameters:
+            return run(staged, outputs=outputs)
+        return run(staged)
+
+    def last_stages(self) -> dict[str, int]:
+        """A model may time its own copies: a `stage_ns` dict set by its predict (see
+        docs/performance.md, "Reading the stage breakdown")."""
+        stages = getattr(self.model, "stage_ns", None)
+        return dict(stages) if isinstance(stages, dict) else {}
 
     def unload(self) -> None:
         release = getattr(self.model, "unload", None)

@@ -138,3 +138,14 @@ def test_a_broken_config_and_an_empty_repository_fail(tmp_path: Path, capsys: py
     empty.mkdir()
     done = _doctor_here(capsys, "--model-repository", str(empty))
     assert done.returncode == 1 and "holds no model folders" in done.stdout
+
+
+def test_nvml_says_what_is_missing_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check_nvml` runs once GPUs are found; this machine has none, so it is called directly."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as if nvidia-ml-py were not installed
+    missing = doctor.check_nvml()
+    assert missing.status == doctor.WARN and "pip install 'tensorfleet[gpu]'" in missing.detail
+    monkeypatch.delitem(sys.modules, "pynvml")
+    pytest.importorskip("pynvml")
+    here = doctor.check_nvml()  # installed; without a driver NVML cannot answer
+    assert here.status in (doctor.OK, doctor.WARN) and "not installed" not in here.detail

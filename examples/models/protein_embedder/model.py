@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.services.backends.torch_common import StageClock
 
 log = logging.getLogger("tensorfleet.examples.protein_embedder")
 
@@ -133,22 +134,61 @@ class Model:
         return self._run(self.encoder.residues, tokens, self.residue_dtype)
 
     def _run(self, method, tokens: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        clock = StageClock(torch, self.device)  # the server shows these in ModelStatistics
         batch = torch.from_numpy(tokens)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        clock.mark("h2d")
+        return self._compute(method, batch, dtype, clock)
+
+    def _compute(self, method, batch: torch.Tensor, dtype: torch.dtype, clock: StageClock) -> np.ndarray:
         with torch.inference_mode():
             if self.autocast_dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
                     result = method(batch)
             else:
                 result = method(batch)
-            return result.to(dtype).cpu().numpy()  # narrowed on the device: fewer bytes to copy
+            clock.mark("compute")
+            host = result.to(dtype).cpu().numpy()  # narrowed on the device: fewer bytes to copy
+        clock.mark("d2h")
+        self.stage_ns = clock.stages()
+        return host
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = tokenize(inputs["sequence"], self.max_length, self.bucket)
         if self.per_residue:
             return {"residues": self.residue_states(tokens)}
         return {"embedding": self.embed_tokens(tokens)}
+
+    # --- on a GPU the server tokenizes and copies the next batch while this one computes ---
+    def can_stage(self) -> bool:
+        return self.device.type == "cuda"
+
+    def stage(self, inputs: dict[str, np.ndarray]):
+        """Tokenize and start the copy on a side stream (the server's feeder thread)."""
+        tokens = tokenize(inputs["sequence"], self.max_length, self.bucket)
+        with torch.cuda.device(self.device):
+            if getattr(self, "_copy_stream", None) is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            start, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            with torch.cuda.stream(self._copy_stream):
+                start.record()
+                batch = torch.from_numpy(tokens).pin_memory().to(self.device, non_blocking=True)
+                done.record()
+        return batch, start, done
+
+    def predict_staged(self, staged) -> dict[str, np.ndarray]:
+        batch, start, done = staged
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        batch.record_stream(compute)  # made on the copy stream: kept until compute is done
+        clock = StageClock(torch, self.device)
+        if self.per_residue:
+            result = {"residues": self._compute(self.encoder.residues, batch, self.residue_dtype, clock)}
+        else:
+            result = {"embedding": self._compute(self.encoder.forward, batch, torch.float32, clock)}
+        self.stage_ns = {"h2d": int(start.elapsed_time(done) * 1e6), **self.stage_ns}
+        return result
 
     def warmup(self) -> None:
         """Run the shapes real batches will have, so the first requests pay no first-shape cost.
