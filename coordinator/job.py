@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +33,12 @@ from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, token_from
 from .adapt import AlignmentError, InputReport, adapt_input
 from .discovery import Discovery, DiscoveryError, expand
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
+from .filesystems import is_disk_full
 from .fleet import FleetError, ModelInfo, inspect_fleet
+from .joblock import JobLocked
 from .manifest import MANIFEST_NAME, Manifest
 from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
-from .part_store import PARTS_DIR, missing_parts, part_name, store_part
+from .part_store import PARTS_DIR, damaged_parts, missing_parts, part_name, store_part
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
 from .readers import InputError, Reader, open_reader
@@ -246,9 +250,9 @@ def _committer(job_dir: Path, manifest: Manifest, parts_url: str | None = None):
 
     def commit(done: CompletedChunk) -> None:
         name = part_name(done.chunk.index, parts_url)
-        store_part(job_dir, name, arrays={**done.outputs, "ok": done.ok}, strings={"ids": done.ids})
+        checksum = store_part(job_dir, name, arrays={**done.outputs, "ok": done.ok}, strings={"ids": done.ids})
         manifest.note_server(done.server)
-        manifest.commit_chunk(done.chunk.index, name, done.errors, done.server)
+        manifest.commit_chunk(done.chunk.index, name, done.errors, done.server, checksum)
 
     return commit
 
@@ -344,9 +348,24 @@ def _connection(spec: JobSpec) -> ConnectionOptions:
     return ConnectionOptions(token=spec.model.token or token_from(None, server_token_file, use_env=False))
 
 
+def _writer_manifest(open_manifest: Callable[[], Manifest | None]) -> Manifest | None:
+    """The manifest, held for writing (docs/reliability.md: one coordinator per job folder)."""
+    try:
+        return open_manifest()
+    except JobLocked as error:
+        raise JobFatal(str(error)) from None
+
+
+def _disk_full(error: BaseException, job_dir: Path, output: Path) -> JobFatal:
+    return JobFatal(
+        f"no space left to write the job ({error}); free space on the disk holding {job_dir} "
+        f"(and {output.parent}), then run again with --resume: committed chunks are kept"
+    )
+
+
 def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[Manifest | None, bool]:
     """(existing manifest to resume, whether this run created the folder)."""
-    existing = Manifest.open_existing(job_dir)
+    existing = _writer_manifest(lambda: Manifest.open_existing(job_dir, lock=True))
     if existing is not None and not existing.has_plan():
         existing.close()
         existing = None
@@ -421,7 +440,7 @@ def _run(
                 )
             except PlanError as error:
                 raise JobFatal(str(error)) from None
-            manifest = Manifest(job_dir / MANIFEST_NAME)
+            manifest = _writer_manifest(lambda: Manifest(job_dir / MANIFEST_NAME, lock=True))
             manifest.record_plan(plan)
             manifest.set_meta("model", info.provenance())
             manifest.set_meta("spec_sha256", spec.digest())
@@ -463,6 +482,10 @@ def _execute(
     verified: dict[str, float] | None = None,
 ) -> RunResult:
     chunks = manifest.chunks()
+    damaged = damaged_parts(job_dir, manifest.recorded_parts())
+    for index, why in damaged.items():
+        print(f"tensorfleet: chunk {index}: {why}; computing it again", file=sys.stderr)
+    manifest.reset_chunks(damaged)
     done = manifest.done_chunks()
     names = {index: manifest.part_of(index) for index in done}
     try:
@@ -509,6 +532,12 @@ def _execute(
     except DispatchFatal as error:
         progress.close("failed")
         raise JobFatal(str(error)) from None
+    except (OSError, sqlite3.OperationalError) as error:
+        if not is_disk_full(error):
+            raise
+        with contextlib.suppress(OSError):
+            progress.close("failed")
+        raise _disk_full(error, job_dir, output) from None
     except BaseException:
         progress.close("interrupted")
         raise
@@ -542,8 +571,11 @@ def _execute(
             input_columns=[Column(f.name, f.name, f.dtype, f.row_shape) for f in reader.stored_fields()],
             input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
         )
-    except (MergeError, ObjectStoreError, ValueError, OSError) as error:
-        progress.close("failed")
+    except (MergeError, ObjectStoreError, ValueError, OSError, sqlite3.OperationalError) as error:
+        with contextlib.suppress(OSError):
+            progress.close("failed")
+        if is_disk_full(error):
+            raise _disk_full(error, job_dir, output) from None
         raise JobFatal(f"merge failed: {error}") from None
     progress.close("done" if not result.rows_failed else "done_with_errors")
     return RunResult(

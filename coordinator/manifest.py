@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .filesystems import journal_mode_for
+from .joblock import JobLock
 from .planner import Chunk, InputFingerprint, Plan
 
 MANIFEST_NAME = "manifest.sqlite"
@@ -26,7 +28,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     idx INTEGER PRIMARY KEY, start INTEGER NOT NULL, stop INTEGER NOT NULL, bounds TEXT NOT NULL,
     row_order BLOB NOT NULL DEFAULT x'',  -- uint32 LE offsets, see Chunk.order
     done INTEGER NOT NULL DEFAULT 0, part TEXT, failed INTEGER NOT NULL DEFAULT 0,
-    server TEXT, committed_at REAL
+    server TEXT, committed_at REAL, checksum TEXT  -- the part file's checksum (parts.file_checksum)
 );
 CREATE TABLE IF NOT EXISTS errors (
     row INTEGER PRIMARY KEY, chunk INTEGER NOT NULL, id TEXT NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL
@@ -45,22 +47,39 @@ class RowError:
 
 
 class Manifest:
-    """One job folder's manifest. Used from one thread at a time."""
+    """One job folder's manifest. Used from one thread at a time.
 
-    def __init__(self, path: Path) -> None:
+    `lock=True` (the coordinator that writes the job): hold the folder's JobLock until close,
+    so a second coordinator, from this host or another, is refused (JobLocked). The journal
+    mode suits the filesystem: WAL on a local one, the rollback journal on NFS/Lustre/GPFS."""
+
+    def __init__(self, path: Path, lock: bool = False) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._lock = JobLock(path.parent) if lock else None
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self.journal_mode = journal_mode_for(path.parent)
+            self._db.execute(f"PRAGMA journal_mode={self.journal_mode}")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
+            if "checksum" not in columns:  # a manifest from before part checksums
+                self._db.execute("ALTER TABLE chunks ADD COLUMN checksum TEXT")
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
 
     @classmethod
-    def open_existing(cls, job_dir: Path) -> Manifest | None:
+    def open_existing(cls, job_dir: Path, lock: bool = False) -> Manifest | None:
         path = job_dir / MANIFEST_NAME
-        return cls(path) if path.is_file() else None
+        return cls(path, lock=lock) if path.is_file() else None
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- meta -------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
@@ -115,14 +134,17 @@ class Manifest:
         ).fetchone()
         return {"chunks": total, "chunks_done": done, "rows": rows_total, "rows_done": rows_done, "rows_failed": failed}
 
-    def commit_chunk(self, chunk: int, part: str, errors: Iterable[RowError], server: str) -> bool:
-        """Mark a chunk done with its errors in one transaction. False if it already was."""
+    def commit_chunk(
+        self, chunk: int, part: str, errors: Iterable[RowError], server: str, checksum: str | None = None
+    ) -> bool:
+        """Mark a chunk done with its errors (and its part's checksum) in one transaction.
+        False if it already was."""
         errors = list(errors)
         with self._transaction():
             cursor = self._db.execute(
-                "UPDATE chunks SET done = 1, part = ?, failed = ?, server = ?, committed_at = ?"
+                "UPDATE chunks SET done = 1, part = ?, failed = ?, server = ?, committed_at = ?, checksum = ?"
                 " WHERE idx = ? AND done = 0",
-                (part, len(errors), server, time.time(), chunk),
+                (part, len(errors), server, time.time(), checksum, chunk),
             )
             if cursor.rowcount != 1:
                 return False
@@ -131,6 +153,21 @@ class Manifest:
                 [(e.row, chunk, e.id, e.code, e.message) for e in errors],
             )
         return True
+
+    def recorded_parts(self) -> dict[int, tuple[str, str | None]]:
+        """Every committed chunk's part: chunk -> (name, checksum or None)."""
+        rows = self._db.execute("SELECT idx, part, checksum FROM chunks WHERE done = 1 AND part IS NOT NULL")
+        return {index: (part, checksum) for index, part, checksum in rows}
+
+    def reset_chunks(self, chunks: Iterable[int]) -> None:
+        """Mark committed chunks not done (their part is damaged): the next run computes them again."""
+        chunks = list(chunks)
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE chunks SET done = 0, part = NULL, failed = 0, server = NULL, committed_at = NULL,"
+                " checksum = NULL WHERE idx = ?", [(i,) for i in chunks],
+            )
+            self._db.executemany("DELETE FROM errors WHERE chunk = ?", [(i,) for i in chunks])
 
     def errors(self, start: int = 0, stop: int | None = None) -> list[RowError]:
         stop = 2**62 if stop is None else stop

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .crashpoints import crash_point
 from .manifest import Manifest
 from .part_store import open_part
 from .parts import fsync_dir
@@ -164,6 +165,7 @@ def merge(
                     error[offset] = error_by_row.get(chunk.start + int(offset), "UNKNOWN: no error recorded")
                 writer.write(chunk.start, ids, arrays, ok, error)
                 del arrays, ok
+                crash_point("merge")
         if digest.hexdigest() != ids_digest:
             raise MergeError("the ids in the parts differ from the input's ids; rerun with --restart")
         side_files = writer.finish()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .crashpoints import crash_point
 from .objectstore import ObjectStoreError, _fs, is_url
-from .parts import Part, encode_part, write_part
+from .parts import CorruptPart, Part, checksum_of_file, encode_part, file_checksum, write_part
 
 PARTS_DIR = "parts"
 
@@ -25,18 +26,46 @@ def part_name(index: int, parts_url: str | None) -> str:
     return f"{parts_url.rstrip('/')}/{file}" if parts_url else f"{PARTS_DIR}/{file}"
 
 
-def store_part(job_dir: Path, name: str, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> None:
-    """Write a part completely (local: temp, fsync, rename; remote: one upload, closed)."""
+def store_part(job_dir: Path, name: str, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> str:
+    """Write a part completely (local: temp, fsync, rename; remote: one upload, closed).
+    Returns its checksum, for the manifest."""
     if not is_url(name):
-        write_part(job_dir / name, arrays, strings)
-        return
+        checksum = write_part(job_dir / name, arrays, strings)
+        crash_point("part_renamed")  # durable under its name, its manifest row not yet committed
+        return checksum
     fs, path = _fs(name)
+    pieces = encode_part(arrays, strings)
     try:
         with fs.open(path, "wb") as handle:
-            for piece in encode_part(arrays, strings):
+            for piece in pieces:
                 handle.write(piece)
     except OSError as error:
         raise ObjectStoreError(f"cannot write part {name}: {error}") from None
+    return file_checksum(pieces)
+
+
+def damaged_parts(job_dir: Path, recorded: dict[int, tuple[str, str | None]]) -> dict[int, str]:
+    """Of the committed local parts (`recorded`: chunk -> (name, checksum)), those missing, or
+    whose bytes differ from the checksum the manifest recorded (a file truncated or corrupted
+    while no coordinator ran), with why. Parts from before checksums were recorded are checked
+    against their own header digest. Remote parts are not read here (their upload is atomic)."""
+    damaged = {}
+    for index, (name, checksum) in sorted(recorded.items()):
+        if is_url(name):
+            continue
+        path = job_dir / name
+        if not path.is_file():
+            damaged[index] = f"{name} is missing"
+            continue
+        if checksum is not None:
+            if checksum_of_file(path) != checksum:
+                damaged[index] = f"{name} does not match the checksum in the manifest"
+            continue
+        try:
+            Part(path, verify=True).close()
+        except CorruptPart as error:
+            damaged[index] = str(error)
+    return damaged
 
 
 def open_part(job_dir: Path, name: str, verify: bool = True) -> Part:

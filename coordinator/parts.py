@@ -67,16 +67,39 @@ def encode_part(arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -
     return pieces
 
 
-def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> None:
-    """Write numeric `arrays` and str `strings` to `path` atomically and durably."""
+def file_checksum(pieces: list[memoryview | bytes]) -> str:
+    """The checksum the manifest records for a part: blake2b-128 of the whole file's bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def checksum_of_file(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_part(path: Path, arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> str:
+    """Write numeric `arrays` and str `strings` to `path` atomically and durably; returns the
+    file's checksum (`file_checksum`). A failed write (a full disk) leaves no temp file behind."""
     temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        for piece in encode_part(arrays, strings):
-            handle.write(piece)
-        handle.flush()
-        os.fsync(handle.fileno())
+    pieces = encode_part(arrays, strings)
+    try:
+        with open(temp, "wb") as handle:
+            for piece in pieces:
+                handle.write(piece)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     os.replace(temp, path)
     fsync_dir(path.parent)
+    return file_checksum(pieces)
 
 
 class Part:

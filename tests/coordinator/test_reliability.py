@@ -1,0 +1,164 @@
+"""Reliability: damaged parts recomputed on resume, kill -9 at named points, a full disk,
+one coordinator per job folder, the manifest's journal mode per filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tensorfleet.coordinator.filesystems import journal_mode_for
+from tensorfleet.coordinator.joblock import LOCK_NAME, STALE_S, JobLock, JobLocked
+from tensorfleet.coordinator.manifest import Manifest
+from tests.serving import launch_server
+
+from .helpers import MODELS, chunks_done, committed_rows, run_tensorfleet, start_tensorfleet, wait_for
+from .test_faults import fasta_job, read_output
+
+
+def _reference(tmp_path: Path, servers, rows: int) -> tuple:
+    folder, job, records = fasta_job(tmp_path, "reference", {"name": "embed", "servers": [s.address for s in servers]}, rows=rows)
+    assert run_tensorfleet("run", job).returncode == 0
+    return read_output(folder / "out.h5"), records
+
+
+def _same_as(reference: tuple, output: Path) -> None:
+    ids, embeddings, ok = read_output(output)
+    assert ids == reference[0] and ok.all()
+    assert embeddings.tobytes() == reference[1].tobytes()
+
+
+def test_killed_after_a_part_rename_then_damaged_parts_are_recomputed_never_merged(tmp_path, servers):
+    reference, records = _reference(tmp_path, servers, 300)
+    folder, job, _ = fasta_job(tmp_path, "damaged", {"name": "embed", "servers": [s.address for s in servers]}, rows=300)
+    job_dir = folder / "out.h5.tfjob"
+    crashed = run_tensorfleet("run", job, env={"TENSORFLEET_CRASH_AT": "part_renamed:4"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    parts = sorted((job_dir / "parts").glob("*.part"))
+    assert len(parts) == 4 and chunks_done(job_dir) == 3, "the 4th part is on disk, its manifest row is not"
+    committed = sorted(committed_rows(job_dir))
+    truncated, flipped = parts[0], parts[1]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    log = folder / "rows.log"
+    other = [launch_server(MODELS, env={"TF_TEST_ROW_LOG": str(log)})]
+    try:
+        resumed = run_tensorfleet("run", job, "--resume", "--servers", other[0].address)
+    finally:
+        other[0].stop()
+    assert resumed.returncode == 0, resumed.stderr
+    assert "chunk 0: parts/chunk-0000000.part does not match the checksum" in resumed.stderr
+    assert "chunk 1: parts/chunk-0000001.part does not match the checksum" in resumed.stderr
+    _same_as(reference, folder / "out.h5")
+    row_of = {sequence: row for row, (_, sequence) in enumerate(records)}
+    recomputed = {row_of[line] for line in log.read_text().split()}
+    assert set(range(64)) <= recomputed, "the two damaged chunks (rows 0-63) were computed again"
+    assert not recomputed & set(committed[64:]), "the undamaged committed chunk was computed again"
+
+
+def test_killed_during_the_merge_leaves_no_output_and_resume_finishes_it(tmp_path, servers):
+    reference, _ = _reference(tmp_path, servers, 200)
+    folder, job, _ = fasta_job(tmp_path, "merge", {"name": "embed", "servers": [s.address for s in servers]}, rows=200)
+    crashed = run_tensorfleet("run", job, env={"TENSORFLEET_CRASH_AT": "merge:3"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert not (folder / "out.h5").exists(), "a merge killed midway must not leave a finished-looking output"
+    resumed = run_tensorfleet("run", job, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _same_as(reference, folder / "out.h5")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount rights); unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point = tmp_path / "small"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_disk_full_stops_with_exit_2_and_resume_finishes_after_space_is_freed(tmp_path, servers, small_tmpfs):
+    reference, _ = _reference(tmp_path, servers, 1500)
+    folder, job, _ = fasta_job(tmp_path, "full", {"name": "embed", "servers": [s.address for s in servers]}, rows=1500)
+    job_dir = small_tmpfs / "job"
+    stopped = run_tensorfleet("run", job, "--job-dir", job_dir)
+    assert stopped.returncode == 2, stopped.stderr
+    assert "no space left" in stopped.stderr and "--resume" in stopped.stderr, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert not list((job_dir / "parts").glob("*.tmp")), "a failed part write leaves no temp file"
+    done_before = chunks_done(job_dir)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+    resumed = run_tensorfleet("run", job, "--job-dir", job_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert done_before > 0
+    _same_as(reference, folder / "out.h5")
+
+
+def test_a_second_coordinator_on_a_job_folder_is_refused_and_nothing_is_corrupted(tmp_path, servers):
+    reference, _ = _reference(tmp_path, servers, 600)
+    fleet = [launch_server(MODELS, env={"TF_TEST_DELAY_MS": "50"})]
+    try:
+        folder, job, _ = fasta_job(tmp_path, "two", {"name": "embed", "servers": [fleet[0].address]}, rows=600)
+        job_dir = folder / "out.h5.tfjob"
+        first = start_tensorfleet("run", job, log=folder / "first.log")
+        wait_for(lambda: chunks_done(job_dir) >= 1, what="a committed chunk")
+        for flag in ("--resume", "--restart"):
+            second = run_tensorfleet("run", job, flag)
+            assert second.returncode == 2, second.stderr
+            assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr, second.stderr
+        assert chunks_done(job_dir) < 600 // 32 + 1, "the first finished before the second tried; make it longer"
+        assert first.wait(240) == 0, (folder / "first.log").read_text()
+    finally:
+        fleet[0].stop(signal.SIGKILL)
+    _same_as(reference, folder / "out.h5")
+    assert (job_dir / LOCK_NAME).read_text() == "", "the lock is released at the end"
+
+
+def test_lock_from_another_host_is_refused_while_fresh_and_taken_over_once_stale(tmp_path):
+    lock_file = tmp_path / LOCK_NAME
+    lock_file.write_text(json.dumps({"host": "node17", "pid": 4242, "since": time.time()}))
+    with pytest.raises(JobLocked, match="pid 4242 on host node17"):
+        JobLock(tmp_path)
+    old = time.time() - STALE_S - 5
+    os.utime(lock_file, (old, old))
+    lock = JobLock(tmp_path)
+    assert lock.previous["host"] == "node17"
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    with pytest.raises(JobLocked, match=f"pid {os.getpid()}"):
+        JobLock(tmp_path)  # the same host: the kernel lock refuses even a fresh process
+    lock.release()
+    JobLock(tmp_path).release()
+
+
+def test_manifest_journal_mode_follows_the_filesystem(tmp_path):
+    mounts = "\n".join([
+        "/dev/sda1 / ext4 rw 0 0",
+        "server:/export /scratch nfs4 rw 0 0",
+        "lustre@o2ib:/fs /scratch/lus\\040fs lustre rw 0 0",
+        "/dev/sdb1 /scratch/local xfs rw 0 0",
+    ])
+    assert journal_mode_for(Path("/home/me/job"), mounts) == "WAL"
+    assert journal_mode_for(Path("/scratch/me/job"), mounts) == "DELETE"
+    assert journal_mode_for(Path("/scratch/lus fs/job"), mounts) == "DELETE"
+    assert journal_mode_for(Path("/scratch/local/job"), mounts) == "WAL"
+    assert journal_mode_for(Path("/scratch/localx"), mounts) == "DELETE"
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    try:
+        mode = manifest._db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode.upper() == journal_mode_for(tmp_path) == manifest.journal_mode.upper()
+    finally:
+        manifest.close()
