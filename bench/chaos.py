@@ -2,7 +2,7 @@
 with a fault-free run of the same job made in the same bench run.
 
 Jobs: the bundled protein embedder over the first --rows proteins (one model, HDF5), a
-two-stage job (the test embedder, then bench/models/chaos_head; parquet) and a models x
+two-stage job (the test embedder, then tests/coordinator/models/head16; parquet) and a models x
 sources sweep (two embedders over two FASTA sources; one parquet sheet per model). The
 servers are this bench's own, each behind a loopback TCP proxy (bench/chaos_proxy.py) that
 the jobs name in model.servers.
@@ -48,7 +48,7 @@ TEST_MODELS = REPO_ROOT / "tests" / "coordinator" / "models"
 MODELS = {
     "protein_embedder": REPO_ROOT / "examples" / "models" / "protein_embedder",
     "embed": TEST_MODELS / "embed",
-    "chaos_head": REPO_ROOT / "bench" / "models" / "chaos_head",
+    "head16": TEST_MODELS / "head16",
     "embed_tiny": REPO_ROOT / "examples" / "epistasis" / "models" / "embed_tiny",
 }
 REQUEST_TIMEOUT_S = 8.0  # above the slowest request on a loaded 2-core machine (token_budget 1024)
@@ -195,7 +195,7 @@ def job_specs(folder: Path, servers: list[str]) -> dict[str, dict]:
             "name": "chaos-pipeline", "input": {"path": "proteins.fasta"},
             "stages": [
                 {"name": "embed", "model": {"name": "embed", "servers": servers}, "batch_rows": 8},
-                {"name": "head", "model": {"name": "chaos_head", "servers": servers},
+                {"name": "head", "model": {"name": "head16", "servers": servers},
                  "tensors": {"x": "embedding"}, "batch_rows": 16},
             ],
             "output": {"path": "out/pipeline.parquet"}, "chunking": {"chunk_rows": 24}, "policy": policy,
@@ -216,7 +216,7 @@ def expected_rows(kind: str, rows: dict[str, int]) -> Counter:
     if kind == "protein":
         return Counter({"protein_embedder": rows["proteins"]})
     if kind == "pipeline":
-        return Counter({"embed": rows["proteins"], "chaos_head": rows["proteins"]})
+        return Counter({"embed": rows["proteins"], "head16": rows["proteins"]})
     both = rows["singles"] + rows["doubles"]
     return Counter({"embed": both, "embed_tiny": both})
 

@@ -188,7 +188,7 @@ class Dispatcher:
         self._commit_slots = asyncio.Semaphore(len(self.servers) * (self.policy.window + 2))
         if self._remaining == 0:
             return
-        self._workers = [asyncio.create_task(self._serve(server)) for server in self.servers]
+        self._workers = [self._worker(server) for server in self.servers]
         watchdog = asyncio.create_task(self._watch_fleet())
         try:
             await self._finished.wait()
@@ -213,8 +213,19 @@ class Dispatcher:
             return  # run() starts a worker for every server it finds
         for _ in range(self.policy.window + 2):  # its share of chunks in flight
             self._commit_slots.release()
-        self._workers.append(asyncio.create_task(self._serve(server)))
+        self._workers.append(self._worker(server))
         log.info("server %s joined the fleet", address)
+
+    def _worker(self, server: ServerState) -> asyncio.Task:
+        task = asyncio.create_task(self._serve(server))
+        task.add_done_callback(self._worker_ended)
+        return task
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        """A worker killed by an error nobody handles (its input unreadable, a bug) fails the job
+        at once: left alone, the chunks it held would wait forever for a worker that is gone."""
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
 
     # --- fleet -------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:

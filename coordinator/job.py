@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from .fleet import FleetError, ModelInfo, inspect_fleet
 from .joblock import JobLocked
 from .manifest import MANIFEST_NAME, Manifest
 from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
-from .part_store import PARTS_DIR, damaged_parts, missing_parts, part_name, store_part
+from .part_store import PARTS_DIR, drop_damaged_parts, missing_parts, part_name, store_part
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
 from .readers import InputError, Reader, open_reader
@@ -482,10 +481,7 @@ def _execute(
     verified: dict[str, float] | None = None,
 ) -> RunResult:
     chunks = manifest.chunks()
-    damaged = damaged_parts(job_dir, manifest.recorded_parts())
-    for index, why in damaged.items():
-        print(f"tensorfleet: chunk {index}: {why}; computing it again", file=sys.stderr)
-    manifest.reset_chunks(damaged)
+    drop_damaged_parts(job_dir, manifest)
     done = manifest.done_chunks()
     names = {index: manifest.part_of(index) for index in done}
     try:

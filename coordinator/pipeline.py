@@ -28,7 +28,9 @@ from .job import (
     final_output_path,
     local_model_info,
 )
+from .joblock import JobLocked
 from .manifest import MANIFEST_NAME, Manifest
+from .part_store import drop_damaged_parts
 from .progress import write_json_atomic
 from .readers import InputError, open_reader
 from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
@@ -124,6 +126,16 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
         return _dry_run_pipeline(spec, options, output, job_dir)
     _prepare(job_dir, options, spec, output)
     dirs = stage_dirs(job_dir, spec)
+    for stage_dir in dirs:  # before any stage reads another's parts
+        try:
+            manifest = Manifest.open_existing(stage_dir, lock=True)
+        except JobLocked as error:
+            raise JobFatal(str(error)) from None
+        if manifest is not None:
+            try:
+                drop_damaged_parts(stage_dir, manifest)
+            finally:
+                manifest.close()
     failed = threading.Event()
     results: list[RunResult | None] = [None] * len(spec.stages)
     errors: list[BaseException | None] = [None] * len(spec.stages)

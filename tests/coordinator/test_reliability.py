@@ -7,18 +7,28 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tensorfleet.coordinator.filesystems import journal_mode_for
 from tensorfleet.coordinator.joblock import LOCK_NAME, STALE_S, JobLock, JobLocked
 from tensorfleet.coordinator.manifest import Manifest
 from tests.serving import launch_server
 
-from .helpers import MODELS, chunks_done, committed_rows, run_tensorfleet, start_tensorfleet, wait_for
+from .helpers import (
+    MODELS,
+    chunks_done,
+    committed_rows,
+    make_fasta,
+    run_tensorfleet,
+    start_tensorfleet,
+    wait_for,
+)
 from .test_faults import fasta_job, read_output
 
 
@@ -162,3 +172,74 @@ def test_manifest_journal_mode_follows_the_filesystem(tmp_path):
         assert mode.upper() == journal_mode_for(tmp_path) == manifest.journal_mode.upper()
     finally:
         manifest.close()
+
+
+def test_a_worker_that_dies_of_an_unexpected_error_fails_the_job_instead_of_hanging(servers):
+    """Found by bench.chaos: a damaged upstream part raised in a worker, and the job hung."""
+    import asyncio
+
+    from tensorfleet.coordinator.dispatcher import Dispatcher
+    from tensorfleet.coordinator.parts import CorruptPart
+    from tensorfleet.coordinator.planner import Chunk
+    from tensorfleet.coordinator.spec import PolicySpec
+
+    class Unreadable:
+        model, version = "embed", ""
+
+        def preamble(self):
+            return []
+
+        def ids(self, start, stop):
+            return [f"seq{i}" for i in range(start, stop)]
+
+        def request(self, request_id, rows):
+            raise CorruptPart("parts/chunk-0000000.part is truncated")
+
+    dispatcher = Dispatcher(
+        servers=[s.address for s in servers], source=Unreadable(), chunks=[Chunk(0, 0, 8, (0, 8), b"")],
+        commit=lambda done: None, policy=PolicySpec(server_wait_s=30),
+    )
+    with pytest.raises(CorruptPart, match="truncated"):
+        asyncio.run(asyncio.wait_for(dispatcher.run(), 30))
+
+
+def test_a_damaged_part_of_a_finished_stage_is_recomputed_before_the_next_stage_reads_it(tmp_path, servers):
+    """Found by bench.chaos: on --resume a finished first stage was skipped unchecked."""
+    addresses = [s.address for s in servers]
+    outputs = {}
+    for name in ("reference", "damaged"):
+        folder = tmp_path / name
+        folder.mkdir()
+        make_fasta(folder / "in.fasta", 200)
+        job = folder / "job.yaml"
+        job.write_text(yaml.safe_dump({
+            "name": "two-stages", "input": {"path": "in.fasta"}, "output": {"path": "out.parquet"},
+            "stages": [
+                {"name": "embed", "model": {"name": "embed", "servers": addresses}, "batch_rows": 8},
+                {"name": "head", "model": {"name": "head16", "servers": addresses}, "tensors": {"x": "embedding"}},
+            ],
+            "chunking": {"chunk_rows": 32},
+        }))
+        outputs[name] = (folder, job)
+    assert run_tensorfleet("run", outputs["reference"][1]).returncode == 0
+    folder, job = outputs["damaged"]
+    crashed = run_tensorfleet("run", job, env={"TENSORFLEET_CRASH_AT": "merge:1"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    stages = folder / "out.parquet.tfjob" / "stages"
+    first, second = next(stages.glob("00-*")), next(stages.glob("01-*"))
+    part = sorted((first / "parts").glob("*.part"))[2]
+    part.write_bytes(part.read_bytes()[:-50])
+    with sqlite3.connect(first / "manifest.sqlite") as db:
+        row = db.execute("SELECT start FROM chunks WHERE idx = 2").fetchone()[0]
+    with sqlite3.connect(second / "manifest.sqlite") as db:  # as if killed before the second stage committed it
+        index, name = db.execute("SELECT idx, part FROM chunks WHERE start <= ? AND ? < stop", (row, row)).fetchone()
+        db.execute("UPDATE chunks SET done = 0, part = NULL, checksum = NULL WHERE idx = ?", (index,))
+    (second / name).unlink()
+    resumed = run_tensorfleet("run", job, "--resume", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "chunk 2:" in resumed.stderr and "computing it again" in resumed.stderr
+    import pyarrow.parquet as pq
+
+    reference = pq.read_table(outputs["reference"][0] / "out.parquet").replace_schema_metadata(None)
+    result = pq.read_table(folder / "out.parquet").replace_schema_metadata(None)
+    assert result.equals(reference)
