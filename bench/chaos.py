@@ -334,6 +334,10 @@ def run_under_faults(
                     injector.inject(pending.pop(0))
                 continue
             time.sleep(0.1)
+        if process.poll() is None:  # past the deadline: a hung job is a finding, not a hung bench
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            break
         code = process.wait()
         if code == -signal.SIGKILL:
             faults[kind or "coordinator_kill"] += 1
