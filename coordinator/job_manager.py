@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class JobManager:
     store: JobStore
     state_dir: Path
     max_jobs: int = 1
+    #: Finished jobs whose records and logs are kept (the most recent); older ones are forgotten.
+    keep_finished: int = 1000
     poll_interval: float = 0.25
     progress_interval: float = 1.0
     attempts: dict[str, _Attempt] = field(default_factory=dict)
@@ -269,6 +272,8 @@ class JobManager:
             message += f" with exit code {exit_code}: output {record.output}"
         self._event(record.id, "state", state, message + (f": {error}" if error and state != SUCCEEDED else
                                                         f" ({error})" if error else ""))
+        for forgotten in self.store.prune(self.keep_finished):
+            shutil.rmtree(self._log_path(forgotten).parent, ignore_errors=True)
 
     def _progress_event(self, record: JobRecord, attempt: _Attempt) -> None:
         now = time.monotonic()

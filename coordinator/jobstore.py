@@ -106,6 +106,25 @@ class JobStore:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
 
+    def prune(self, keep: int) -> list[str]:
+        """Forget finished jobs beyond the `keep` most recently finished (their records and
+        events; their job folders stay): the state folder stays bounded. Returns their ids."""
+        final = ", ".join(f"'{state}'" for state in sorted(FINAL))
+        old = [row[0] for row in self._db.execute(
+            f"SELECT id FROM jobs WHERE state IN ({final}) ORDER BY finished_at DESC, position DESC LIMIT -1 OFFSET ?",
+            (max(keep, 0),),
+        )]
+        if old:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM events WHERE job_id = ?", [(i,) for i in old])
+                self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in old])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return old
+
     def add_event(self, job_id: str, kind: str, state: str, message: str) -> EventRecord:
         now = time.time()
         cursor = self._db.execute(

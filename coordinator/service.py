@@ -75,6 +75,7 @@ class ServiceOptions:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     max_jobs: int = 1
+    keep_finished: int = 1000
     #: The coordinator's own fleet for ListServers (host:port, dns:NAME:PORT, hostfile:PATH).
     servers: list[str] = field(default_factory=list)
     server_token: str | None = None
@@ -231,7 +232,7 @@ class CoordinatorService:
         policy = options.policy
         policy.output_roots.append(options.state_dir.resolve())  # job folders of object-store jobs
         self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs,
-                                  policy=policy, max_queued=options.max_queued_jobs)
+                                  policy=policy, max_queued=options.max_queued_jobs, keep_finished=options.keep_finished)
         self.health = HealthServicer()
         interceptors = []
         #: Who may do what (None: no token); the dashboard asks it too.

@@ -52,6 +52,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--state-dir", type=Path, default=Path("tensorfleet-state"),
                        help="jobs database, job files and engine logs (local disk)")
     serve.add_argument("--max-jobs", type=int, default=1, help="jobs run at once; the rest queue")
+    serve.add_argument("--keep-finished", type=int, default=1000,
+                       help="finished jobs whose records and logs the state folder keeps (older ones are forgotten)")
     serve.add_argument("--servers", default="",
                        help="the fleet ListServers shows: comma-separated host:port, dns:NAME:PORT, hostfile:PATH")
     serve.add_argument("--server-token", help="bearer token of the model servers (visible in ps: prefer "
@@ -197,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
             read_token=read_token, insecure=args.insecure, policy=policy, max_queued_jobs=args.max_queued_jobs,
             max_message_bytes=args.max_message_mb * 1024 * 1024,
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
+            keep_finished=max(0, args.keep_finished),
             servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
             http_port=args.http_port, http_port_file=args.http_port_file,
         )
