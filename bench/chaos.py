@@ -53,7 +53,7 @@ MODELS = {
 }
 REQUEST_TIMEOUT_S = 8.0  # above the slowest request on a loaded 2-core machine (token_budget 1024)
 # The test embedder sleeps per batch, so its jobs last long enough for faults to land.
-SERVER_ENV = {"OMP_NUM_THREADS": "1", "TF_TEST_DELAY_MS": "40"}
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "TF_TEST_DELAY_MS": "60"}
 SERVER_FAULTS = ["server_kill", "all_servers_kill", "server_stop", "proxy_reset", "proxy_delay", "proxy_black_hole"]
 RUN_FAULTS = ["coordinator_kill", "crash_part_renamed", "crash_merge"]
 
@@ -192,7 +192,7 @@ def job_specs(folder: Path, servers: list[str]) -> dict[str, dict]:
             "chunking": {"chunk_rows": 8, "token_budget": 1024}, "policy": policy,
         },
         "pipeline": {
-            "name": "chaos-pipeline", "input": {"path": "proteins.fasta"},
+            "name": "chaos-pipeline", "input": {"path": "more-proteins.fasta"},
             "stages": [
                 {"name": "embed", "model": {"name": "embed", "servers": servers}, "batch_rows": 8},
                 {"name": "head", "model": {"name": "head16", "servers": servers},
@@ -202,7 +202,10 @@ def job_specs(folder: Path, servers: list[str]) -> dict[str, dict]:
         },
         "sweep": {
             "name": "chaos-sweep",
-            "sources": [{"name": "singles", "path": "singles.fasta"}, {"name": "doubles", "path": "doubles.fasta"}],
+            "sources": [
+                {"name": "singles", "path": "singles.fasta"}, {"name": "doubles", "path": "doubles.fasta"},
+                {"name": "proteins", "path": "proteins.fasta"},
+            ],
             "models": [
                 {"name": "embed", "servers": servers, "batch_rows": 8, "outputs": {"embedding": "embedding"}},
                 {"name": "embed_tiny", "servers": servers, "batch_rows": 8, "outputs": {"embedding": "embedding"}},
@@ -216,8 +219,8 @@ def expected_rows(kind: str, rows: dict[str, int]) -> Counter:
     if kind == "protein":
         return Counter({"protein_embedder": rows["proteins"]})
     if kind == "pipeline":
-        return Counter({"embed": rows["proteins"], "head16": rows["proteins"]})
-    both = rows["singles"] + rows["doubles"]
+        return Counter({"embed": rows["more-proteins"], "head16": rows["more-proteins"]})
+    both = rows["singles"] + rows["doubles"] + rows["proteins"]
     return Counter({"embed": both, "embed_tiny": both})
 
 
@@ -304,63 +307,61 @@ def committed_parts(folder: Path) -> int:
 def run_under_faults(
     rng: random.Random, job: Path, plan: list[str], injector: Injector, faults: Counter, deadline: float
 ) -> tuple[bool, list[str]]:
-    """Run (and resume) until it finishes; server faults and coordinator kills per `plan`.
-    Returns (finished, problems seen)."""
+    """Run (and resume) the job until it finishes. Server and network faults land one after
+    another while any run goes on; each run after the first takes the plan's next coordinator
+    fault (kill -9 after 1-3 more chunks commit, or a crash point; the merge crash last); after
+    the first kill a committed part is damaged. Returns (finished, problems seen)."""
     folder = job.parent
     log = folder / "coordinator.log"
-    problems: list[str] = []
-    pending = list(plan)
+    server_faults = [kind for kind in plan if kind in SERVER_FAULTS]
+    run_faults = sorted((kind for kind in plan if kind in RUN_FAULTS), key=lambda kind: kind == "crash_merge")
+    damage = "part_damage" in plan
     first = True
-    while time.monotonic() < deadline:
+    while True:
         env, kill_at = {}, None
-        kind = pending[0] if pending and pending[0] in RUN_FAULTS else None
+        kind = run_faults.pop(0) if run_faults else None
         if kind == "crash_part_renamed":
             env["TENSORFLEET_CRASH_AT"] = f"part_renamed:{rng.randint(1, 4)}"
         elif kind == "crash_merge":
             env["TENSORFLEET_CRASH_AT"] = f"merge:{rng.randint(1, 3)}"
         elif kind == "coordinator_kill":
             kill_at = committed_parts(folder) + rng.randint(1, 3)  # after that many more chunks commit
-        if kind:
-            pending.pop(0)
         process = coordinator(job, *([] if first else ["--resume"]), env=env, log=log)
         first = False
+        next_fault = time.monotonic() + rng.uniform(0.5, 2.0)
         while process.poll() is None and time.monotonic() < deadline:
             if kill_at and committed_parts(folder) >= kill_at:
                 process.send_signal(signal.SIGKILL)
                 break
-            if pending and pending[0] in SERVER_FAULTS:
-                time.sleep(rng.uniform(0.3, 2.0))
-                if process.poll() is None:
-                    injector.inject(pending.pop(0))
-                continue
-            time.sleep(0.1)
-        if process.poll() is None:  # past the deadline: a hung job is a finding, not a hung bench
+            if server_faults and time.monotonic() >= next_fault:
+                injector.inject(server_faults.pop(0))
+                next_fault = time.monotonic() + rng.uniform(0.3, 2.0)
+            time.sleep(0.05)
+        if process.poll() is None and time.monotonic() >= deadline:  # a hung job is a finding
             process.send_signal(signal.SIGKILL)
             process.wait()
-            break
+            return False, [f"{folder.name}: not finished before the deadline; see {log}"]
         code = process.wait()
         if code == -signal.SIGKILL:
             faults[kind or "coordinator_kill"] += 1
-            if pending and pending[0] in ("part_damage",):
-                pending.pop(0)
+            if damage:
+                damage = False
                 damage_a_part(rng, folder, faults)
             continue
         if code == 0:
-            return True, problems
-        problems.append(f"{folder.name}: exit {code}: {log.read_text()[-800:]}")
-        return False, problems
-    problems.append(f"{folder.name}: not finished before the deadline")
-    return False, problems
+            return True, []
+        return False, [f"{folder.name}: exit {code}: {log.read_text()[-800:]}"]
 
 
 def disk_full(rng: random.Random, work: Path, servers: list[str], data: Path) -> dict:
-    """The protein job with its job folder on a 256 KiB tmpfs: exit 2, then more room, --resume."""
+    """The protein job with its job folder on a 256 KiB tmpfs: exit 2, then more room, --resume,
+    and the output bitwise equal to the fault-free run's."""
     if os.geteuid() != 0:
         return {"skipped": "needs root to mount a tmpfs"}
     job = prepare(work, "disk-full", "protein", servers, data)
     point = work / "tmpfs"
     point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(point)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(point)], capture_output=True)
     if mounted.returncode != 0:
         return {"skipped": f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"}
     try:
@@ -369,7 +370,11 @@ def disk_full(rng: random.Random, work: Path, servers: list[str], data: Path) ->
         said = log.read_text()
         subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
         second = coordinator(job, "--job-dir", str(point / "job"), "--resume", log=log).wait()
-        return {"first_exit": first, "says_resume": "--resume" in said and "no space left" in said, "resume_exit": second}
+        identical, lost = compare(work / "protein-reference", job.parent) if second == 0 else (False, -1)
+        return {
+            "first_exit": first, "says_resume": "--resume" in said and "no space left" in said,
+            "traceback": "Traceback" in said, "resume_exit": second, "identical": identical, "rows_lost": lost,
+        }
     finally:
         subprocess.run(["umount", "-l", str(point)], check=False)
 
@@ -399,11 +404,12 @@ def main(argv: list[str] | None = None) -> None:
         data = work / "data"
         data.mkdir()
         write_fasta_subset(REPO_ROOT / "examples" / "data" / "proteins.fasta", data / "proteins.fasta", rows)
+        write_fasta_subset(REPO_ROOT / "examples" / "data" / "proteins.fasta", data / "more-proteins.fasta", 3 * rows)
         for source in ("singles", "doubles"):
             write_fasta_subset(REPO_ROOT / "examples" / "epistasis" / "data" / f"{source}.fasta", data / f"{source}.fasta", rows)
         from examples.protein.fasta import read_fasta
 
-        counts = {name: len(read_fasta(data / f"{name}.fasta")[0]) for name in ("proteins", "singles", "doubles")}
+        counts = {name: len(read_fasta(data / f"{name}.fasta")[0]) for name in ("proteins", "more-proteins", "singles", "doubles")}
         fleet = [Backend(repository) for _ in range(2)]
         direct = [b.address for b in fleet]
         proxied = [b.proxy.address for b in fleet]

@@ -552,12 +552,13 @@ class Dispatcher:
     def _committed(self, future: asyncio.Future, done: CompletedChunk) -> None:
         self._commits.discard(future)
         self._commit_slots.release()
+        error = None if future.cancelled() else future.exception()  # retrieved: no "never retrieved" log
         if self._finished.is_set() and self._fatal is not None:
             return
         if future.cancelled():
             return
-        if future.exception() is not None:
-            self._fail(future.exception())
+        if error is not None:
+            self._fail(error)
             return
         self._remaining -= 1
         if self._on_commit is not None:

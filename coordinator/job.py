@@ -456,7 +456,7 @@ def _run(
         )
         result.notes = report.lines
         return result
-    except BaseException:
+    except BaseException as error:
         if created and not planned:
             if fleet is not None:
                 fleet.stop()
@@ -466,6 +466,8 @@ def _run(
         else:
             with contextlib.suppress(OSError):
                 write_json_atomic(status, {"state": "failed", "output": str(output), "updated": time.time()})
+        if is_disk_full(error):  # while planning or starting, too
+            raise _disk_full(error, job_dir, output) from None
         raise
     finally:
         if fleet is not None:

@@ -118,6 +118,23 @@ def test_disk_full_stops_with_exit_2_and_resume_finishes_after_space_is_freed(tm
     _same_as(reference, folder / "out.h5")
 
 
+def test_disk_full_while_planning_stops_with_exit_2_and_resume_finishes(tmp_path, servers, small_tmpfs):
+    """Found by bench.chaos: a disk that filled while the plan was written ended in a traceback."""
+    reference, _ = _reference(tmp_path, servers, 1500)
+    folder, job, _ = fasta_job(tmp_path, "full", {"name": "embed", "servers": [s.address for s in servers]}, rows=1500)
+    filler = small_tmpfs / "filler"
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler.write_bytes(b"\0" * (free - 12 * 1024))
+    stopped = run_tensorfleet("run", job, "--job-dir", small_tmpfs / "job")
+    assert stopped.returncode == 2, stopped.stderr
+    assert "no space left" in stopped.stderr and "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+    resumed = run_tensorfleet("run", job, "--job-dir", small_tmpfs / "job", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _same_as(reference, folder / "out.h5")
+
+
 def test_a_second_coordinator_on_a_job_folder_is_refused_and_nothing_is_corrupted(tmp_path, servers):
     reference, _ = _reference(tmp_path, servers, 600)
     fleet = [launch_server(MODELS, env={"TF_TEST_DELAY_MS": "50"})]
