@@ -262,8 +262,8 @@ class Dispatcher:
                 try:
                     if not self._just_verified(server.address):
                         await self._probe(client)
-                except (TensorfleetError, grpc.RpcError, asyncio.TimeoutError, OSError) as error:
-                    server.last_error = str(error)
+                except (ServerLost, TensorfleetError, grpc.RpcError, asyncio.TimeoutError, OSError) as error:
+                    server.last_error = str(error)  # not serving yet (still loading) or unreachable: retry
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue

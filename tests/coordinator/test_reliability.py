@@ -260,3 +260,30 @@ def test_a_damaged_part_of_a_finished_stage_is_recomputed_before_the_next_stage_
     reference = pq.read_table(outputs["reference"][0] / "out.parquet").replace_schema_metadata(None)
     result = pq.read_table(folder / "out.parquet").replace_schema_metadata(None)
     assert result.equals(reference)
+
+
+def test_a_server_not_serving_the_model_is_retried_not_fatal(tmp_path):
+    """Found by bench.chaos: a server back from a kill answers NOT_SERVING while it loads; the
+    probe's ServerLost killed its worker (now: the job)."""
+    import asyncio
+
+    from tensorfleet.coordinator.dispatcher import Dispatcher, DispatchFatal
+    from tensorfleet.coordinator.planner import Chunk
+    from tensorfleet.coordinator.spec import PolicySpec
+    from tests.serving import REPO_ROOT, running_server
+
+    from tensorfleet.client import InferenceClient
+
+    class Source:
+        model, version = "simple", ""
+
+    with running_server(REPO_ROOT / "tests" / "models", "--model", "simple") as other:
+        with InferenceClient(other.address) as client:
+            client.unload_model("simple")  # serving, but the model is not ready: as while loading
+        dispatcher = Dispatcher(
+            servers=[other.address], source=Source(), chunks=[Chunk(0, 0, 8, (0, 8), b"")],
+            commit=lambda done: None, policy=PolicySpec(server_wait_s=2),
+        )
+        with pytest.raises(DispatchFatal):
+            asyncio.run(asyncio.wait_for(dispatcher.run(), 60))
+    assert "not ready" in dispatcher.servers[0].last_error
