@@ -267,12 +267,11 @@ def test_a_server_not_serving_the_model_is_retried_not_fatal(tmp_path):
     probe's ServerLost killed its worker (now: the job)."""
     import asyncio
 
+    from tensorfleet.client import InferenceClient
     from tensorfleet.coordinator.dispatcher import Dispatcher, DispatchFatal
     from tensorfleet.coordinator.planner import Chunk
     from tensorfleet.coordinator.spec import PolicySpec
     from tests.serving import REPO_ROOT, running_server
-
-    from tensorfleet.client import InferenceClient
 
     class Source:
         model, version = "simple", ""
