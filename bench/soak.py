@@ -80,7 +80,9 @@ class Soak:
         from tensorfleet.client.settings import channel_options
         from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
-        self.options = channel_options()
+        # Each channel its own connection: grpc shares one subchannel between equal channels,
+        # and 256 callers on one connection pass the server's 256 streams per connection.
+        self.options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
         self.pb_grpc = pb_grpc
         channels = [grpc.aio.insecure_channel(self.address, options=self.options) for _ in range(16)]
         self.deadline = time.monotonic() + self.seconds
