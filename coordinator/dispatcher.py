@@ -342,7 +342,9 @@ class Dispatcher:
         if work.ids is None:
             work.ids = await loop.run_in_executor(self._reader, self.source.ids, work.chunk.start, work.chunk.stop)
         if self._on_lease is not None:
-            loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address, leased_at)
+            noted = loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address, leased_at)
+            # A lease note that fails (a full disk) is only a lost statistic; the commit reports it.
+            noted.add_done_callback(lambda f: f.cancelled() or f.exception())
         if not work.pending:  # taken by other servers while the ids were read
             return None
         start, stop = work.pending.popleft()
