@@ -8,7 +8,7 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser perf-analyzer demo test test-all lint protos bench clean gpu-wheels gpu-rehearse
+.PHONY: install models browser perf-analyzer demo test test-all lint protos bench chaos soak clean gpu-wheels gpu-rehearse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,14 @@ gpu-wheels: $(STAMP)
 # The same script end to end on this CPU machine (device cpu, tiny sizes).
 gpu-rehearse: gpu-wheels
 	PYTHON=$(BIN)/python bash bench/gpu/run.sh --rehearse --out out/gpu-rehearsal
+
+# Reliability, not speed (docs/reliability.md): faults survived, load held. Both print one JSON line.
+chaos: models
+	$(BIN)/python -m bench.chaos
+
+soak: install
+	$(BIN)/python -m bench.soak --minutes 10
+	$(BIN)/python -m bench.soak_service --minutes 10
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) build *.egg-info jobs out test-artifacts
