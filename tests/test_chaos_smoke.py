@@ -41,3 +41,13 @@ def test_soak_quick_has_no_unexpected_error() -> None:
     record = run_bench("bench.soak", "--quick", timeout=280)
     assert record["server_alive"] and record["requests_total"] > 0, record
     assert record["unexpected_errors"] == 0, record["unexpected_examples"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_soak_service_quick_keeps_jobs_consistent_and_kills_no_server_late() -> None:
+    record = run_bench("bench.soak_service", "--quick", timeout=580)
+    assert record["jobs_submitted"] > 0 and record["service_kills"] == 1, record
+    assert record["inconsistent_jobs"] == 0, record["problems"]
+    assert record["servers_outliving_their_job"] == 0, record["problems"]
+    assert record["state_job_folders_max"] <= record["keep_finished"] + 10, record
