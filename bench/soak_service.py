@@ -65,7 +65,13 @@ def folder_state(folder: Path) -> tuple[int, int, bool]:
 
 
 def size_of(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes under `path`; files the service removes meanwhile (retention) are skipped."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                         client.cancel(job_id)
                         counts["cancel_requests"] += 1
                     del cancel_at[job_id]
-            state_sizes.append((round(now - started, 1), size_of(state), len(list((state / "jobs").glob("*")))))
+            state_sizes.append((round(now - started, 1), size_of(state), len(os.listdir(state / "jobs")) if (state / "jobs").is_dir() else 0))
             time.sleep(0.2)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
