@@ -3,7 +3,7 @@ with a fault-free run of the same job made in the same bench run.
 
 Jobs: the bundled protein embedder over the first --rows proteins (one model, HDF5), a
 two-stage job (the test embedder, then tests/coordinator/models/head16; parquet) and a models x
-sources sweep (two embedders over two FASTA sources; one parquet sheet per model). The
+sources sweep (the epistasis example's two embedders over three FASTA sources; one parquet sheet per model). The
 servers are this bench's own, each behind a loopback TCP proxy (bench/chaos_proxy.py) that
 the jobs name in model.servers.
 
@@ -50,6 +50,7 @@ MODELS = {
     "embed": TEST_MODELS / "embed",
     "head16": TEST_MODELS / "head16",
     "embed_tiny": REPO_ROOT / "examples" / "epistasis" / "models" / "embed_tiny",
+    "embed_small": REPO_ROOT / "examples" / "epistasis" / "models" / "embed_small",
 }
 REQUEST_TIMEOUT_S = 8.0  # above the slowest request on a loaded 2-core machine (token_budget 1024)
 # The test embedder sleeps per batch, so its jobs last long enough for faults to land.
@@ -207,7 +208,7 @@ def job_specs(folder: Path, servers: list[str]) -> dict[str, dict]:
                 {"name": "proteins", "path": "proteins.fasta"},
             ],
             "models": [
-                {"name": "embed", "servers": servers, "batch_rows": 8, "outputs": {"embedding": "embedding"}},
+                {"name": "embed_small", "servers": servers, "batch_rows": 8, "outputs": {"embedding": "embedding"}},
                 {"name": "embed_tiny", "servers": servers, "batch_rows": 8, "outputs": {"embedding": "embedding"}},
             ],
             "output": {"dir": "out/sweep"}, "chunking": {"chunk_rows": 16}, "policy": policy,
@@ -221,7 +222,7 @@ def expected_rows(kind: str, rows: dict[str, int]) -> Counter:
     if kind == "pipeline":
         return Counter({"embed": rows["more-proteins"], "head16": rows["more-proteins"]})
     both = rows["singles"] + rows["doubles"] + rows["proteins"]
-    return Counter({"embed": both, "embed_tiny": both})
+    return Counter({"embed_small": both, "embed_tiny": both})
 
 
 def prepare(work: Path, name: str, kind: str, servers: list[str], data: Path) -> Path:
