@@ -272,7 +272,8 @@ class Dispatcher:
                 log.info("server %s is serving", server.address)
                 try:
                     await self._stream(server, channel)
-                except (ServerLost, grpc.RpcError, TensorfleetError) as error:
+                except (ServerLost, grpc.RpcError, TensorfleetError, asyncio.InvalidStateError) as error:
+                    # InvalidStateError: the stream ended (connection reset) while a request was written
                     server.last_error = str(error) or type(error).__name__
                     log.warning("server %s lost: %s", server.address, server.last_error)
                 finally:
