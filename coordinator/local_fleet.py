@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the server gets SIGTERM when the coordinator dies, even by SIGKILL."""
     try:
         import ctypes
@@ -140,7 +140,7 @@ class LocalFleet:
             ]
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
                 )
             self.servers.append(LocalServer(process, port_file, log_path))
         self._write_pids()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .objectstore import ObjectStoreError, _fs, is_url
+from .objectstore import ObjectStoreError, filesystem, is_url
 from .parts import Part, encode_part, write_part
 
 PARTS_DIR = "parts"
@@ -30,7 +30,7 @@ def store_part(job_dir: Path, name: str, arrays: dict[str, np.ndarray], strings:
     if not is_url(name):
         write_part(job_dir / name, arrays, strings)
         return
-    fs, path = _fs(name)
+    fs, path = filesystem(name)
     try:
         with fs.open(path, "wb") as handle:
             for piece in encode_part(arrays, strings):
@@ -43,7 +43,7 @@ def open_part(job_dir: Path, name: str, verify: bool = True) -> Part:
     """A committed part, read back by mmap (local) or whole into memory (remote: one chunk at a time)."""
     if not is_url(name):
         return Part(job_dir / name, verify=verify)
-    fs, path = _fs(name)
+    fs, path = filesystem(name)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
@@ -63,7 +63,7 @@ def missing_parts(job_dir: Path, names: dict[int, str]) -> list[int]:
             continue
         folder, file = name.rsplit("/", 1)
         if folder not in listed:
-            fs, path = _fs(folder)
+            fs, path = filesystem(folder)
             try:
                 fs.invalidate_cache(path)
                 listed[folder] = {entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
