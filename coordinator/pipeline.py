@@ -191,8 +191,8 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
             declared[stage.name] = DeclaredOutputs(spec.input, source, fleet.info().outputs)
             rows = plan.rows
             outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())
-            body = [line for line in plan.plan_text.splitlines() if line.startswith(("model:", "rows:", "requests:", "chunks:", "fields:"))]
-            lines.append(f"stage {index + 1} {stage.name}: -> {outputs}")
+            body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
+            lines.append(f"stage {index + 1} {stage.name}: model {stage.model.name} on {fleet.describe()} -> {outputs}")
             lines += [f"  {line}" for line in body]
     lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
     return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
