@@ -30,6 +30,7 @@ from .job import (
     final_output_path,
     open_input,
     run_one,
+    up_to_date,
 )
 from .kinds import InContextSpec
 from .manifest import MANIFEST_NAME
@@ -116,21 +117,13 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
             results.append((run, result))
     finally:
         fleet.stop()
-    if not all(r.rows_computed == 0 for _, r in results) or not _combined_current(output, results):
+    if any(r.rows_computed for _, r in results) or not up_to_date(output, [r.output for _, r in results]):
         _combine(output, results, spec)
     first = results[0][1]
     return RunResult(
         output, job_dir, first.rows, sum(r.rows_failed for _, r in results), sum(r.rows_computed for _, r in results),
         time.monotonic() - started, columns=first.columns, servers=sorted({s for _, r in results for s in r.servers}),
     )
-
-
-def _combined_current(output: Path, results: list[tuple[str, RunResult]]) -> bool:
-    """The combined file exists and is newer than every run's output: a resume need not rewrite it."""
-    if not output.is_file():
-        return False
-    mtime = output.stat().st_mtime_ns
-    return all(r.output is not None and r.output.stat().st_mtime_ns <= mtime for _, r in results)
 
 
 def dry_run_incontext(spec: InContextSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:

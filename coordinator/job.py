@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .merge import MergeResult
 
 __all__ = [
-    "JobFatal", "RunOptions", "RunResult", "StageHooks", "RunContext", "plan_run", "run_one", "run_plain", "open_input",
+    "JobFatal", "RunOptions", "RunResult", "StageHooks", "RunContext", "plan_run", "run_one", "run_plain", "open_input", "up_to_date",
 ]
 
 
@@ -531,6 +531,14 @@ def _close(ctx: RunContext, progress: Progress | None, state: str) -> None:
         progress.close(state)
     else:
         write_json_atomic(ctx.status_path, {"state": state, "output": str(ctx.output), "updated": time.time()})
+
+
+def up_to_date(target: Path, sources: list[Path | None]) -> bool:
+    """`target` exists and is no older than every source: a resume that computed nothing keeps it."""
+    if not target.is_file() or any(p is None or not p.is_file() for p in sources):
+        return False
+    mtime = target.stat().st_mtime_ns
+    return all(p.stat().st_mtime_ns <= mtime for p in sources if p is not None)
 
 
 def _file_stat(path: Path) -> list[int]:

@@ -31,6 +31,7 @@ from .job import (
     final_output_path,
     open_input,
     run_one,
+    up_to_date,
 )
 from .kinds import SourceSpec, SweepModelSpec, SweepSpec
 from .manifest import MANIFEST_NAME
@@ -109,10 +110,12 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
     sheets: list[Path] = []
     columns: list[str] | None = None
     tables: list[tuple[str, list[tuple[str, Path | None]]]] = []
+    fresh = False  # some part computed rows: the combined files are written again
     for model in models:
         parts = _run_model(spec, model, options, job_dir / model.name)
         for _, result in parts:
             rows, failed, computed = rows + result.rows, failed + result.rows_failed, computed + result.rows_computed
+            fresh = fresh or bool(result.rows_computed)
         files = [(label, r.output) for label, r in parts]
         names = _column_names(files, model.name)
         if columns is not None and names != columns:
@@ -123,14 +126,17 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
         columns = names
         if spec.output.layout == "per_model":
             sheet = sheet_path(spec, model.name, options.limit)
-            _write_sheet(sheet, [("source", [label for label, _ in files])], [path for _, path in files])
+            if fresh or not up_to_date(sheet, [path for _, path in files]):
+                _write_sheet(sheet, [("source", [label for label, _ in files])], [path for _, path in files])
             sheets.append(sheet)
         else:
             tables.append((model.name, files))
     if spec.output.layout == "one_table":
         table = table_path(spec, options.limit)
         keys = [("model", [m for m, files in tables for _ in files]), ("source", [s for _, files in tables for s, _ in files])]
-        _write_sheet(table, keys, [path for _, files in tables for _, path in files])
+        paths = [path for _, files in tables for _, path in files]
+        if fresh or not up_to_date(table, paths):
+            _write_sheet(table, keys, paths)
         sheets.append(table)
     return SweepResult(sheets[0], job_dir, rows, failed, computed, time.monotonic() - started, sheets=sheets)
 
