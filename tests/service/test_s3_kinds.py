@@ -1,0 +1,43 @@
+"""Object storage for every job kind (issue 13): the STACK example (in-context) with its query,
+prompts, output and part files in an S3 bucket (moto's server on loopback) equals a local run."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata
+import yaml
+
+from tests.coordinator.helpers import REPO_ROOT, run_tensorfleet
+
+from .test_s3 import BUCKET, s3  # noqa: F401 - the moto server fixture
+
+
+def test_stack_job_with_s3_inputs_parts_and_output_equals_a_local_run(tmp_path, s3):  # noqa: F811
+    fs, env = s3
+    local = tmp_path / "local"
+    shutil.copytree(REPO_ROOT / "examples" / "stack", local, ignore=shutil.ignore_patterns("output", "*.tfjob"))
+    assert run_tensorfleet("run", local / "stack.yaml").returncode == 0
+    for name in ("query", "prompt", "control_prompt"):
+        fs.put(str(local / "data" / f"{name}.h5ad"), f"{BUCKET}/stack/{name}.h5ad")
+    spec = yaml.safe_load((local / "stack.yaml").read_text())
+    spec["input"]["path"] = f"s3://{BUCKET}/stack/query.h5ad"
+    spec["prompt"]["path"] = f"s3://{BUCKET}/stack/prompt.h5ad"
+    spec["control"]["path"] = f"s3://{BUCKET}/stack/control_prompt.h5ad"
+    spec["output"].update(path=f"s3://{BUCKET}/results/predictions.h5ad", parts=f"s3://{BUCKET}/parts/stack")
+    spec["model"]["local"]["repository"] = str(local / "models")
+    spec["job_dir"] = str(tmp_path / "work" / "stack.tfjob")
+    job = tmp_path / "s3-stack.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    done = run_tensorfleet("run", job, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"uploaded: s3://{BUCKET}/results/predictions.h5ad" in done.stdout
+    fs.invalidate_cache()
+    assert fs.ls(f"{BUCKET}/parts/stack/prompt") and fs.ls(f"{BUCKET}/parts/stack/control")
+    fs.get(f"{BUCKET}/results/predictions.h5ad", str(tmp_path / "downloaded.h5ad"))
+    ours, theirs = anndata.read_h5ad(tmp_path / "downloaded.h5ad"), anndata.read_h5ad(local / "output" / "predictions.h5ad")
+    assert list(ours.obs_names) == list(theirs.obs_names)
+    for key in ("prediction", "prediction_control"):
+        assert ours.layers[key].tobytes() == theirs.layers[key].tobytes(), key
+    status = run_tensorfleet("status", tmp_path / "work" / "stack.tfjob")
+    assert "total: done" in status.stdout, status.stdout
