@@ -141,11 +141,18 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             if reader is not None:
                 reader.close()
 
-    threads = [threading.Thread(target=stage_run, args=(i,), name=f"stage-{s.name}") for i, s in enumerate(spec.stages)]
+    # Daemon threads: an interrupt (Ctrl-C, a service's cancel or timeout) ends the run at once,
+    # as a kill would; committed chunks are kept and local servers die with the process.
+    threads = [threading.Thread(target=stage_run, args=(i,), name=f"stage-{s.name}", daemon=True)
+               for i, s in enumerate(spec.stages)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        failed.set()
+        raise
     for index, error in enumerate(errors):
         if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
             if isinstance(error, JobFatal):

@@ -4,8 +4,10 @@ a workflow's parts."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+import time
 
 import anndata
 import numpy as np
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 from tensorfleet.client.coordinator_client import job_state
 from tests.coordinator.helpers import REPO_ROOT, run_tensorfleet
 
-from .helpers import running_coordinator
+from .helpers import pid_gone, running_coordinator
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -60,3 +62,25 @@ def test_multi_stage_job_times_out_through_the_service_and_run_resume_finishes_i
     assert np.array_equal(np.array(ours), np.array(theirs))
     with sqlite3.connect(served / "output" / "domass.parquet.tfjob" / "stages" / "01-domass" / "manifest.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM chunks WHERE done = 0").fetchone()[0] == 0
+
+
+def test_cancel_stops_a_multi_stage_job_at_once_and_keeps_its_chunks(tmp_path):
+    root = _copy(tmp_path, "dpam")
+    spec = (root / "dpam.yaml").read_text().replace("chunk_rows: 64", "chunk_rows: 8")
+    spec = spec.replace("batch_rows: 64", "batch_rows: 4").replace("batch_rows: 128", "batch_rows: 4")
+    (root / "dpam.yaml").write_text(spec)
+    with running_coordinator(tmp_path / "state") as coordinator, coordinator.client() as client:
+        job_id = client.submit(root / "dpam.yaml").job_id
+        deadline = time.monotonic() + 120
+        while client.get(job_id).chunks_done < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine = coordinator.engine_pid(job_id)
+        client.cancel(job_id)
+        done = client.wait(job_id)
+        assert job_state(done) == "CANCELLED", done.error
+        assert pid_gone(engine)
+    report = json.loads(run_tensorfleet("status", root / "output" / "domass.parquet.tfjob", "--json").stdout)
+    # stopped where it was: the stages' threads did not run on to the end after the cancel
+    assert 2 <= report["total"]["chunks_done"] < report["total"]["chunks"], report["total"]
+    resumed = run_tensorfleet("run", root / "dpam.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
