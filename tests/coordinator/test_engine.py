@@ -193,8 +193,18 @@ def test_sweep_routes_models_to_their_sources_into_one_table_and_runs_a_subset(t
     values = np.array(table.column("value").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(values[:30], np.sqrt((one * one).sum(axis=1)), rtol=1e-6)
     assert (values[30:] == 5).all() and len(two) == 20
-    status = run_tensorfleet("status", tmp_path / "out" / ".routes.tfjob")
+    job_dir = tmp_path / "out" / ".routes.tfjob"
+    status = run_tensorfleet("status", job_dir)
     assert "model vec8 source one (vec8): done" in status.stdout and "vec8 source two" not in status.stdout
+
+    # unfinished work starts only the servers it needs: scaled's second source is lost, vec8 is done
+    for folder in server_folders(job_dir):
+        shutil.rmtree(folder)
+    shutil.rmtree(job_dir / "scaled" / "two")
+    again = run_tensorfleet("run", job, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert server_folders(job_dir) == [job_dir / "scaled" / "servers"]
+    assert pq.read_table(tmp_path / "out" / "routes.parquet").equals(table)
 
 
 def test_cells_example_status_and_resume_without_a_server(tmp_path):
