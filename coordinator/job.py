@@ -173,9 +173,9 @@ def _check_inputs(manifest: Manifest) -> None:
 def _check_resume(manifest: Manifest, plan_settings: dict) -> None:
     stored = manifest.plan_settings()
     changed = [
-        f"{key} {stored.get(key)!r} -> {value!r}"
-        for key, value in plan_settings.items()
-        if key != "ids_digest" and stored.get(key) != value
+        f"{key} {stored.get(key)!r} -> {plan_settings.get(key)!r}"
+        for key in sorted(set(plan_settings) | set(stored))
+        if key != "ids_digest" and stored.get(key) != plan_settings.get(key)
     ]
     if changed:
         raise JobFatal(
@@ -299,6 +299,7 @@ def plan_run(spec: JobSpec, reader: Reader, info: ModelInfo, limit: int | None) 
         )
     except PlanError as error:
         raise JobFatal(str(error)) from None
+    plan.parameters = dict(spec.model.parameters)
     return plan, fields
 
 
@@ -364,7 +365,8 @@ def run_one(ctx: RunContext) -> RunResult:
                 batch_rows, token_budget = _batching(ctx.spec, info)
                 rows = ctx.reader.num_rows if ctx.options.limit is None else min(ctx.options.limit, ctx.reader.num_rows)
                 settings = Plan(
-                    rows, batch_rows, token_budget, ctx.spec.chunking.chunk_rows, ctx.options.limit, ctx.fields, "", []
+                    rows, batch_rows, token_budget, ctx.spec.chunking.chunk_rows, ctx.options.limit, ctx.fields, "", [],
+                    parameters=dict(ctx.spec.model.parameters),
                 ).settings()
                 _check_resume(manifest, settings)
             else:

@@ -132,6 +132,12 @@ def test_model_parameters_travel_with_every_request_and_reach_the_model(tmp_path
     with h5py.File(tmp_path / "out.h5") as handle:
         np.testing.assert_array_equal(handle["y"][:], x * np.float32(2.5))
         assert (handle["steps"][:] == 7).all()
+    # the parameters change the results: a resume with other ones is refused, not mixed
+    changed = yaml.safe_load(job.read_text())
+    changed["model"]["parameters"]["scale"] = 3
+    job.write_text(yaml.safe_dump(changed))
+    refused = run_tensorfleet("run", job, "--resume")
+    assert refused.returncode == 2 and "model_parameters" in refused.stderr, refused.stderr
     bad = write_job(tmp_path / "bad.yaml", input={"path": "in.h5", "tensors": {"x": "x"}},
                     model={**local_model("scaled"), "parameters": {"tensorfleet.context": "x"}}, output={"path": "b.h5"})
     refused = run_tensorfleet("run", bad)
