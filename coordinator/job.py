@@ -45,12 +45,15 @@ if TYPE_CHECKING:
     from .merge import MergeResult
 
 __all__ = [
-    "JobFatal", "RunOptions", "RunResult", "StageHooks", "RunContext", "plan_run", "run_one", "run_plain", "open_input", "up_to_date",
+    "JobFatal", "RunContext", "RunOptions", "RunResult", "StageHooks",
+    "describe_plan", "open_input", "plan_run", "run_one", "run_plain", "up_to_date",
 ]
 
 
 @dataclass
 class RunOptions:
+    """What a command line asks of a run (the same for every job kind)."""
+
     job_dir: Path | None = None
     resume: bool = False
     restart: bool = False
@@ -263,6 +266,9 @@ class RunContext:
     fields: dict[str, str] = field(default_factory=dict)
     servers: list[str] = field(default_factory=list)
     verified: dict[str, float] = field(default_factory=dict)
+    #: What the plan reads instead of `reader` (a later stage plans against the earlier models'
+    #: declared outputs, so it plans, and starts its servers, without waiting for them).
+    plan_reader: Reader | None = None
 
     @property
     def status_path(self) -> Path:
@@ -361,9 +367,10 @@ def run_one(ctx: RunContext) -> RunResult:
             _check_inputs(manifest)
             if not _finished_unchanged(ctx, manifest):
                 info = ctx.fleet.info()
-                ctx.fields = _fields(ctx.spec, ctx.reader, info)
+                planned_from = ctx.plan_reader or ctx.reader
+                ctx.fields = _fields(ctx.spec, planned_from, info)
                 batch_rows, token_budget = _batching(ctx.spec, info)
-                rows = ctx.reader.num_rows if ctx.options.limit is None else min(ctx.options.limit, ctx.reader.num_rows)
+                rows = planned_from.num_rows if ctx.options.limit is None else min(ctx.options.limit, planned_from.num_rows)
                 settings = Plan(
                     rows, batch_rows, token_budget, ctx.spec.chunking.chunk_rows, ctx.options.limit, ctx.fields, "", [],
                     parameters=dict(ctx.spec.model.parameters),
@@ -372,7 +379,7 @@ def run_one(ctx: RunContext) -> RunResult:
             else:
                 ctx.fields = dict(manifest.plan_settings().get("fields", {}))
         else:
-            ctx.plan, ctx.fields = plan_run(ctx.spec, ctx.reader, ctx.fleet.info(), ctx.options.limit)
+            ctx.plan, ctx.fields = plan_run(ctx.spec, ctx.plan_reader or ctx.reader, ctx.fleet.info(), ctx.options.limit)
         pending = manifest is None or len(manifest.done_chunks()) < manifest.counts()["chunks"]
         if pending:
             ctx.servers, ctx.info, ctx.verified = ctx.fleet.start()

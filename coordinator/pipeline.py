@@ -101,9 +101,14 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     errors: list[BaseException | None] = [None] * len(spec.stages)
     started = time.monotonic()
 
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
+
     def stage_run(index: int) -> None:
         reader: Reader | None = None
-        fleet = ModelFleet(spec.stages[index].model, dirs[index] / "servers", spec.policy.server_wait_s)
+        planning: Reader | None = None
+        planning_input: Reader | None = None  # the input the declared fields give ids and rows of
+        fleet = fleets[index]
         try:
             sub = _stage_job(spec, index, dirs[index])
             last = index == len(spec.stages) - 1
@@ -121,15 +126,17 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                     if where == "input":
                         named[where] = open_input(spec.input)
                     else:
-                        position = [s.name for s in spec.stages].index(where)
-                        named[where] = StageReader(dirs[position], spec.input, failed.is_set)
+                        named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
                 reader = StagesReader(spec.input, previous, named) if named else previous
                 hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
+                planning_input = open_input(spec.input)
+                planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume, limit=options.limit,
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
-            results[index] = run_one(RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks))
+            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
+            results[index] = run_one(ctx)
         except InputError as error:
             errors[index] = JobFatal(str(error))
             failed.set()
@@ -138,8 +145,9 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             failed.set()
         finally:
             fleet.stop()
-            if reader is not None:
-                reader.close()
+            for item in (reader, planning_input):
+                if item is not None:
+                    item.close()
 
     # Daemon threads: an interrupt (Ctrl-C, a service's cancel or timeout) ends the run at once,
     # as a kill would; committed chunks are kept and local servers die with the process.
@@ -165,6 +173,20 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     return final
 
 
+def _position(spec: PipelineSpec, name: str) -> int:
+    return [s.name for s in spec.stages].index(name)
+
+
+def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: list[ModelFleet]) -> Reader:
+    """What stage `index` reads, as the earlier stages' models declare it (no server, no waiting)."""
+
+    def declared(position: int) -> Reader:
+        return DeclaredOutputs(spec.input, source, fleets[position].info().outputs)
+
+    named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
+    return StagesReader(spec.input, declared(index - 1), named)
+
+
 def _finished(stage_dir: Path) -> bool:
     manifest = Manifest.open_existing(stage_dir)
     if manifest is None:
@@ -182,20 +204,17 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
              f"pipeline: {len(spec.stages)} stages, run side by side"]
     dirs = stage_dirs(job_dir, spec)
     rows = 0
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
     with open_input(spec.input) as source:
-        declared: dict[str, Reader] = {}
         for index, stage in enumerate(spec.stages):
-            fleet = ModelFleet(stage.model, dirs[index] / "servers", spec.policy.server_wait_s)
+            fleet = fleets[index]
             sub = _stage_job(spec, index, dirs[index])
-            reader: Reader = source
-            if index:
-                named = {w: (source if w == "input" else declared[w]) for w in _referenced(spec, index)}
-                reader = StagesReader(spec.input, declared[spec.stages[index - 1].name], named)
+            reader = _declared_reader(spec, index, source, fleets) if index else source
             try:
                 plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
             except JobFatal as error:
                 raise JobFatal(f"stage {stage.name}: {error}") from None
-            declared[stage.name] = DeclaredOutputs(spec.input, source, fleet.info().outputs)
             rows = plan.rows
             outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())
             body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
