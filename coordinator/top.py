@@ -41,7 +41,7 @@ class Snapshot:
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `tensorfleet top`; the parser's `handler` default runs it (returns an exit code)."""
-    from .service_cli import connection_args
+    from .client_options import connection_args
 
     parser = subparsers.add_parser(
         "top", help="live view of jobs (progress, ETA) and servers (rows/s, queue depth, GPU)",
@@ -59,7 +59,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from .service_cli import DEFAULT_COORDINATOR, connection_options
+    from .client_options import DEFAULT_COORDINATOR, connection_options
 
     servers = [s.strip() for s in (args.servers or "").split(",") if s.strip()]
     coordinator = args.coordinator or (None if servers else DEFAULT_COORDINATOR)

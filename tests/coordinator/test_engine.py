@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata
@@ -30,8 +32,12 @@ def server_folders(root: Path) -> list[Path]:
 
 
 def copy_example(tmp_path: Path, name: str) -> Path:
+    """A copy of examples/NAME; the epistasis models are built into it when the checkout has none (make models)."""
     target = tmp_path / name
     shutil.copytree(EXAMPLES / name, target, ignore=shutil.ignore_patterns("output", "*.tfjob", "__pycache__"))
+    if name == "epistasis" and not (target / "models" / "embed_tiny" / "encoder.pt").exists():
+        subprocess.run([sys.executable, str(EXAMPLES / name / "build.py"), "--out", str(target), "--models-only"],
+                       check=True, capture_output=True, timeout=600, cwd=REPO_ROOT)
     return target
 
 
@@ -215,9 +221,6 @@ def test_sweep_routes_models_to_their_sources_into_one_table_and_runs_a_subset(t
 
 def test_cells_example_status_and_resume_without_a_server(tmp_path):
     """The plain example job (.h5ad): status on its folder, and a finished resume is a manifest read."""
-    import subprocess
-    import sys
-
     jobs = EXAMPLES / "jobs"
     subprocess.run([sys.executable, str(jobs / "make_h5ad.py"), "--cells", "120", "--out", str(tmp_path / "c.h5ad")],
                    check=True, capture_output=True)

@@ -30,7 +30,7 @@ def _copy(tmp_path, name: str):
 def test_stack_example_through_submit_wait_equals_a_local_run(tmp_path):
     served, local = _copy(tmp_path / "served", "stack"), _copy(tmp_path / "local", "stack")
     assert run_tensorfleet("run", local / "stack.yaml").returncode == 0
-    with running_coordinator(tmp_path / "state") as coordinator:
+    with running_coordinator(tmp_path / "state", "--model-root", str(tmp_path)) as coordinator:
         result = run_tensorfleet("submit", served / "stack.yaml", "--coordinator", coordinator.address, "--wait")
         assert result.returncode == 0, result.stdout + result.stderr + coordinator.log()
         with coordinator.client() as client:
@@ -48,7 +48,7 @@ def test_stack_example_through_submit_wait_equals_a_local_run(tmp_path):
 def test_multi_stage_job_times_out_through_the_service_and_run_resume_finishes_it(tmp_path):
     served, local = _copy(tmp_path / "served", "dpam"), _copy(tmp_path / "local", "dpam")
     assert run_tensorfleet("run", local / "dpam.yaml").returncode == 0
-    with running_coordinator(tmp_path / "state") as coordinator, coordinator.client() as client:
+    with running_coordinator(tmp_path / "state", "--model-root", str(tmp_path)) as coordinator, coordinator.client() as client:
         result = run_tensorfleet("submit", served / "dpam.yaml", "--coordinator", coordinator.address, "--wait",
                                  "--timeout", "0.5")
         assert result.returncode != 0
@@ -69,7 +69,7 @@ def test_cancel_stops_a_multi_stage_job_at_once_and_keeps_its_chunks(tmp_path):
     spec = (root / "dpam.yaml").read_text().replace("chunk_rows: 64", "chunk_rows: 8")
     spec = spec.replace("batch_rows: 64", "batch_rows: 4").replace("batch_rows: 128", "batch_rows: 4")
     (root / "dpam.yaml").write_text(spec)
-    with running_coordinator(tmp_path / "state") as coordinator, coordinator.client() as client:
+    with running_coordinator(tmp_path / "state", "--model-root", str(tmp_path)) as coordinator, coordinator.client() as client:
         job_id = client.submit(root / "dpam.yaml").job_id
         deadline = time.monotonic() + 120
         while client.get(job_id).chunks_done < 2 and time.monotonic() < deadline:
