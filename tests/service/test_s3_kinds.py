@@ -41,3 +41,35 @@ def test_stack_job_with_s3_inputs_parts_and_output_equals_a_local_run(tmp_path, 
         assert ours.layers[key].tobytes() == theirs.layers[key].tobytes(), key
     status = run_tensorfleet("status", tmp_path / "work" / "stack.tfjob")
     assert "total: done" in status.stdout, status.stdout
+
+
+def test_models_x_sources_job_reads_sources_from_s3_and_uploads_its_sheets(tmp_path, s3):  # noqa: F811
+    import h5py
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    fs, env = s3
+    for name, rows in (("one", 30), ("two", 20)):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as handle:
+            handle["x"] = np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)
+        fs.put(str(tmp_path / f"{name}.h5"), f"{BUCKET}/sweep/{name}.h5")
+    model = {"name": "scaled", "local": {"repository": str(REPO_ROOT / "tests" / "coordinator" / "models")},
+             "parameters": {"scale": 2}}
+    spec = {
+        "name": "s3sweep",
+        "sources": [{"path": f"s3://{BUCKET}/sweep/{n}.h5", "tensors": {"x": "x"}} for n in ("one", "two")],
+        "models": [model],
+        "output": {"dir": f"s3://{BUCKET}/sheets"},
+        "job_dir": str(tmp_path / "work"),
+    }
+    job = tmp_path / "sweep.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    done = run_tensorfleet("run", job, env=env)
+    assert done.returncode == 0, done.stderr
+    fs.invalidate_cache()
+    fs.get(f"{BUCKET}/sheets/scaled.parquet", str(tmp_path / "scaled.parquet"))
+    table = pq.read_table(tmp_path / "scaled.parquet")
+    assert table.column("source").to_pylist() == ["one"] * 30 + ["two"] * 20
+    with h5py.File(tmp_path / "one.h5") as handle:
+        expected = handle["x"][:] * np.float32(2)
+    assert np.array(table.column("y").to_pylist()[:30], dtype=np.float32).tobytes() == expected.tobytes()
