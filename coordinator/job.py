@@ -367,6 +367,7 @@ def run_one(ctx: RunContext) -> RunResult:
             _check_inputs(manifest)
             if not _finished_unchanged(ctx, manifest):
                 info = ctx.fleet.info()
+                adapt(ctx, info)
                 planned_from = ctx.plan_reader or ctx.reader
                 ctx.fields = _fields(ctx.spec, planned_from, info)
                 batch_rows, token_budget = _batching(ctx.spec, info)
@@ -379,6 +380,7 @@ def run_one(ctx: RunContext) -> RunResult:
             else:
                 ctx.fields = dict(manifest.plan_settings().get("fields", {}))
         else:
+            adapt(ctx, ctx.fleet.info())  # duplicate ids, over-length rows, gene alignment: before any server
             ctx.plan, ctx.fields = plan_run(ctx.spec, ctx.plan_reader or ctx.reader, ctx.fleet.info(), ctx.options.limit)
         pending = manifest is None or len(manifest.done_chunks()) < manifest.counts()["chunks"]
         if pending:
