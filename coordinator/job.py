@@ -269,6 +269,8 @@ class RunContext:
     #: What the plan reads instead of `reader` (a later stage plans against the earlier models'
     #: declared outputs, so it plans, and starts its servers, without waiting for them).
     plan_reader: Reader | None = None
+    #: What was done to fit the input to the model (coordinator/adapt.py), once adapted.
+    report: InputReport | None = None
 
     @property
     def status_path(self) -> Path:
