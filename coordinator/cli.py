@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
@@ -47,10 +46,12 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
     run.add_argument("--dry-run", action="store_true", help="print the plan; compute and write nothing")
     run.add_argument("--limit", type=int, help="only the first N rows (a smoke test; separate output and folder)")
-    run.add_argument("--servers", help="comma-separated host:port list; replaces the spec's model.servers/local")
+    run.add_argument("--servers", help="comma-separated host:port list; replaces every model's servers/local "
+                     "(the servers must serve every model the job uses)")
+    run.add_argument("--models", help="models x sources jobs: comma-separated names of the models to run")
     run.add_argument("-v", "--verbose", action="store_true", help="log server events")
 
-    status = sub.add_parser("status", help="progress of a job, from its folder")
+    status = sub.add_parser("status", help="progress of a job of any kind, from its (top) folder")
     status.add_argument("job_dir", type=Path)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             _started()
             return args.handler(args)
         if args.command == "schema":
-            from .spec import json_schema
+            from .kinds import json_schema
 
             _started()
             print(json.dumps(json_schema(), indent=2))
@@ -153,29 +154,25 @@ def _started() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .job import JobFatal, RunOptions, run_job
+    from . import engine
 
     _started()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s"
     )
     signal.signal(signal.SIGTERM, _interrupt)
-    options = RunOptions(
+    options = engine.RunOptions(
         job_dir=args.job_dir, resume=args.resume, restart=args.restart, dry_run=args.dry_run, limit=args.limit,
-        servers=[s.strip() for s in args.servers.split(",") if s.strip()] if args.servers else None,
+        servers=names(args.servers), models=names(args.models),
     )
-    try:
-        result = run_job(args.job, options)
-    except JobFatal as error:
-        print(f"tensorfleet: error: {error}", file=sys.stderr)
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        print("tensorfleet: interrupted; committed chunks are kept: run again with --resume", file=sys.stderr)
-        return EXIT_FATAL
-    print(result.summary())
-    if result.rows_failed:
-        print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed", file=sys.stderr)
-    return result.exit_code
+    from .run_command import run_and_report
+
+    return run_and_report(args.job, options)
+
+
+def names(text: str | None) -> list[str] | None:
+    """A comma-separated command-line list; None when unset."""
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -183,42 +180,14 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _status(job_dir: Path, as_json: bool) -> int:
-    from .manifest import Manifest
-    from .pipeline import print_stage_status
-    from .progress import format_duration, pid_alive, read_status
+    from . import engine
+    from .status import format_status
 
-    if print_stage_status(job_dir, as_json):  # a multi-stage job: one line per stage
-        return EXIT_OK
-    manifest = Manifest.open_existing(job_dir)
-    status = read_status(job_dir) or {}
-    if manifest is None and not status:
-        print(f"tensorfleet: error: {job_dir} holds no job (no manifest.sqlite)", file=sys.stderr)
+    report = engine.status(job_dir)
+    if report is None:
+        print(f"tensorfleet: error: {job_dir} holds no job (no manifest.sqlite or workflow.json)", file=sys.stderr)
         return EXIT_FATAL
-    counts = manifest.counts() if manifest else {}
-    if manifest:
-        manifest.close()
-    state = status.get("state", "planned")
-    if state in ("running", "starting", "merging") and status.get("pid") and not pid_alive(status["pid"]):
-        state = "stopped"
-    report = {**status, **counts, "state": state}
-    if as_json:
-        print(json.dumps(report, indent=1, sort_keys=True))
-        return EXIT_OK
-    rows, done = report.get("rows", 0), report.get("rows_done", 0)
-    print(f"job folder: {job_dir}")
-    print(f"state: {state}" + (" (the coordinator is gone; continue with `tensorfleet run JOB --resume`)" if state == "stopped" else ""))
-    print(f"rows: {done}/{rows} done ({done / rows:.1%})" if rows else "rows: 0")
-    if "chunks" in report:
-        print(f"chunks: {report['chunks_done']}/{report['chunks']} done; rows failed: {report['rows_failed']}")
-    if status.get("rows_per_second"):
-        print(f"speed: {status['rows_per_second']} rows/s, ETA {format_duration(status.get('eta_seconds'))}")
-    for server in status.get("servers", []):
-        print(f"server {server['address']}: {'alive' if server['alive'] else 'down'}, {server['rows']} rows"
-              + (f" ({server['last_error']})" if server.get("last_error") else ""))
-    if status.get("output"):
-        print(f"output: {status['output']}")
-    if status.get("updated"):
-        print(f"updated: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status['updated']))}")
+    print(json.dumps(report, indent=1, sort_keys=True) if as_json else format_status(report))
     return EXIT_OK
 
 

@@ -74,7 +74,7 @@ class DashboardData:
         self._nvml: Nvml | None = None
 
     def _row(self, record) -> dict[str, Any]:
-        from .service import job_message  # service imports this module to serve it
+        from .job_message import job_message
 
         row = job_row(job_message(record, self.manager.progress(record)))
         row.update(submitted_at=record.submitted_at, started_at=record.started_at,

@@ -16,56 +16,37 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
-from .job import JobFatal, RunOptions, RunResult, _run, default_job_dir, final_output_path
-from .local_fleet import LocalFleet, LocalFleetError
+from .job import (
+    JobFatal,
+    RunContext,
+    RunOptions,
+    RunResult,
+    StageHooks,
+    default_job_dir,
+    describe_plan,
+    final_output_path,
+    open_input,
+    run_one,
+    up_to_date,
+)
+from .kinds import InContextSpec
 from .manifest import MANIFEST_NAME
-from .pipeline import _absolute, resolve_model
+from .model_fleet import ModelFleet
 from .progress import write_json_atomic
-from .readers import InputError, open_reader
-from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
+from .spec import InputSpec, JobSpec
+from .status import MARKER_NAME
 
-MARKER = "incontext.json"
-
-
-class InContextSpec(_Strict):
-    name: str = Field(default="incontext", pattern=r"^[A-Za-z0-9_.\-]+$")
-    input: InputSpec = Field(description="Query cells (.h5ad): their rows are predicted, their obs/var kept.")
-    prompt: InputSpec = Field(description="Prompt cells; tensors maps the model's context inputs to fields.")
-    control: Literal["query"] | InputSpec = Field(
-        default="query", description="'query' (the query is the control) or a control prompt (a second, paired run)."
-    )
-    model: ModelSpec
-    output: OutputSpec
-    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
-    policy: PolicySpec = Field(default_factory=PolicySpec)
-    job_dir: str | None = None
-
-    def resolved(self, base: Path) -> InContextSpec:
-        data = self.model_dump()
-        for key in ("input", "prompt", "output"):
-            data[key]["path"] = _absolute(base, data[key]["path"])
-        if isinstance(data["control"], dict):
-            data["control"]["path"] = _absolute(base, data["control"]["path"])
-        resolve_model(data["model"], base)
-        if data["job_dir"]:
-            data["job_dir"] = _absolute(base, data["job_dir"])
-        return InContextSpec.model_validate(data)
+KIND = "in-context"
 
 
 def read_prompt(spec: InputSpec, datatypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Every row of the prompt's mapped fields, as model-input arrays."""
     if not spec.tensors:
         raise JobFatal(f"prompt {spec.path}: set tensors (context input -> field)")
-    try:
-        reader = open_reader(spec)
-    except InputError as error:
-        raise JobFatal(str(error)) from None
-    with reader:
+    with open_input(spec) as reader:
         out = {}
         for name, field in spec.tensors.items():
             if field not in reader.fields():
@@ -79,61 +60,90 @@ def _context_id(job: str, run: str, spec: InputSpec) -> str:
     return f"{job}.{run}.{digest}"
 
 
-def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
-    if options.dry_run:
-        raise JobFatal("--dry-run is not supported for in-context jobs yet")
+def locations(spec: InContextSpec, options: RunOptions) -> tuple[Path, Path]:
+    """(final output, job folder)."""
     output = final_output_path(spec, options.limit)  # type: ignore[arg-type]
     job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)  # type: ignore[arg-type]
-    marker = job_dir / MARKER
+    return output, job_dir
+
+
+def _runs(spec: InContextSpec) -> list[tuple[str, InputSpec]]:
+    return [("prompt", spec.prompt)] + ([("control", spec.control)] if isinstance(spec.control, InputSpec) else [])
+
+
+def _sub_job(spec: InContextSpec, run: str, run_dir: Path) -> JobSpec:
+    parts = f"{spec.output.parts.rstrip('/')}/{run}" if spec.output.parts else None
+    return JobSpec(
+        name=f"{spec.name}.{run}", input=spec.input, model=spec.model,
+        output=spec.output.model_copy(
+            update={"path": str(run_dir / f"predictions{Path(spec.output.path).suffix}"), "parts": parts}
+        ),
+        chunking=spec.chunking, policy=spec.policy, job_dir=str(run_dir),
+    )
+
+
+def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
+    output, job_dir = locations(spec, options)
+    runs = _runs(spec)
+    if options.dry_run:
+        return dry_run_incontext(spec, options, output, job_dir)
+    marker = job_dir / MARKER_NAME
     if marker.is_file() and options.restart:
         shutil.rmtree(job_dir)
     elif marker.is_file() and not options.resume:
         raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
     job_dir.mkdir(parents=True, exist_ok=True)
-    runs = [("prompt", spec.prompt)] + ([("control", spec.control)] if isinstance(spec.control, InputSpec) else [])
-    write_json_atomic(marker, {"name": spec.name, "runs": [name for name, _ in runs], "output": str(output)})
+    write_json_atomic(marker, {
+        "kind": KIND, "name": spec.name, "output": str(output),
+        "parts": [{"label": f"{run} run", "model": spec.model.name, "dir": run} for run, _ in runs],
+    })
     started = time.monotonic()
-    fleet: LocalFleet | None = None
-    servers = list(options.servers or spec.model.servers)
+    fleet = ModelFleet(spec.model, job_dir / "servers", spec.policy.server_wait_s)
     results: list[tuple[str, RunResult]] = []
     try:
-        if spec.model.local is not None and not options.servers:
-            local = spec.model.local
-            fleet = LocalFleet(Path(local.repository), spec.model.name, local.count, local.device, job_dir / "servers", local.args)
-            try:
-                servers = fleet.start(local.startup_timeout_s)
-            except LocalFleetError as error:
-                raise JobFatal(str(error)) from None
-        model = spec.model.model_copy(update={"servers": servers, "local": None})
         for run, prompt in runs:
             run_dir = job_dir / run
-            sub = JobSpec(
-                name=f"{spec.name}.{run}", input=spec.input, model=model,
-                output=spec.output.model_copy(update={"path": str(run_dir / f"predictions{Path(spec.output.path).suffix}")}),
-                chunking=spec.chunking, policy=spec.policy, job_dir=str(run_dir),
-            )
+            sub = _sub_job(spec, run, run_dir)
             context = (_context_id(spec.name, run, prompt), read_prompt(prompt))
-            try:
-                reader = open_reader(spec.input)
-            except InputError as error:
-                raise JobFatal(str(error)) from None
-            with reader:
+            with open_input(spec.input) as reader:
                 sub_options = RunOptions(job_dir=run_dir, resume=(run_dir / MANIFEST_NAME).is_file(), limit=options.limit,
                                          progress_stream=options.progress_stream)
+                ctx = RunContext(sub, reader, sub_options, final_output_path(sub, options.limit), run_dir, fleet,
+                                 StageHooks(context=context))
                 try:
-                    result = _run(sub, reader, sub_options, final_output_path(sub, options.limit), run_dir, context=context)
+                    result = run_one(ctx)
                 except JobFatal as error:
                     raise JobFatal(f"{run} run: {error}") from None
             results.append((run, result))
     finally:
-        if fleet is not None:
-            fleet.stop()
-    _combine(output, results, spec)
+        fleet.stop()
+    if any(r.rows_computed for _, r in results) or not up_to_date(output, [r.output for _, r in results]):
+        _combine(output, results, spec)
     first = results[0][1]
     return RunResult(
         output, job_dir, first.rows, sum(r.rows_failed for _, r in results), sum(r.rows_computed for _, r in results),
-        time.monotonic() - started, columns=first.columns, servers=servers,
+        time.monotonic() - started, columns=first.columns, servers=sorted({s for _, r in results for s in r.servers}),
     )
+
+
+def dry_run_incontext(spec: InContextSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+    """Each run (prompt, and control) planned: the prompt read and checked, the query's rows cut; nothing started."""
+    fleet = ModelFleet(spec.model, job_dir / "servers", spec.policy.server_wait_s)
+    lines = [f"job: {spec.name} (dry run: nothing computed, nothing written)",
+             f"in-context: {len(_runs(spec))} run(s), control: {'the query' if spec.control == 'query' else spec.control.path}"]
+    rows = 0
+    for run, prompt in _runs(spec):
+        tensors = read_prompt(prompt)
+        sub = _sub_job(spec, run, job_dir / run)
+        with open_input(spec.input) as reader:
+            plan = describe_plan(sub, fleet, reader, options.limit, output, job_dir / run)
+        rows = plan.rows
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
+        lines.append(f"{run} run: prompt {prompt.path} ({shapes}), sent once per server stream")
+        lines += [f"  {line}" for line in plan.plan_text.splitlines()
+                  if line.startswith(("model:", "rows:", "requests:", "chunks:", "fields:"))]
+    lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
+    return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 
 
 def _combine(output: Path, results: list[tuple[str, RunResult]], spec: InContextSpec) -> None:

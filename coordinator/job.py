@@ -1,8 +1,10 @@
-"""One `tensorfleet run`: spec -> fleet -> plan -> dispatch -> merge, with every fatal error explained.
+"""One model over one input: plan -> (servers, only for pending chunks) -> dispatch -> merge.
 
-Fatal problems (exit 2) raise JobFatal with a message that says what to fix. Files only
-appear under their final name once complete, so a failed run never leaves a finished-looking
-output.
+The public pieces every job kind is built from (coordinator/engine.py puts them together):
+`plan_run` makes the plan once, with every check that can fail on the inputs, before any
+server starts; `run_one` carries one `RunContext` from there to the merged output; a resume of
+finished work is a manifest read. Fatal problems (exit 2) raise JobFatal with a message that
+says what to fix. Files only appear under their final name once complete.
 
 What only some runs need is imported where it is used: the local fleet (model.local), the
 merge and the output writers (after the last chunk), the reader of the job's input format.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sqlite3
 import time
@@ -23,38 +24,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-import yaml
 
-from tensorfleet.client import ConnectionOptions
 from tensorfleet.client import __version__ as tensorfleet_version
-from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, token_from
 
 from .adapt import AlignmentError, InputReport, adapt_input
-from .discovery import Discovery, DiscoveryError, expand
+from .discovery import Discovery
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
+from .errors import JobFatal
 from .filesystems import is_disk_full
-from .fleet import FleetError, ModelInfo, inspect_fleet
+from .fleet import ModelInfo
 from .joblock import JobLocked
 from .manifest import MANIFEST_NAME, Manifest
-from .objectstore import ObjectStoreError, RemoteOutput, is_url, localize
+from .model_fleet import ModelFleet
+from .objectstore import ObjectStoreError
 from .part_store import PARTS_DIR, drop_damaged_parts, missing_parts, part_name, store_part
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
 from .readers import InputError, Reader, open_reader
 from .source import FieldMappingError, RequestSource, resolve_fields
-from .spec import JobSpec, SpecError, load_spec
+from .spec import InputSpec, JobSpec
 
 if TYPE_CHECKING:
-    from .local_fleet import LocalFleet
     from .merge import MergeResult
 
-
-class JobFatal(Exception):
-    """Exit 2: the job cannot run or finish as asked; the message says what to fix."""
+__all__ = [
+    "JobFatal", "RunContext", "RunOptions", "RunResult", "StageHooks",
+    "describe_plan", "open_input", "plan_run", "run_one", "run_plain", "up_to_date",
+]
 
 
 @dataclass
 class RunOptions:
+    """What a command line asks of a run (the same for every job kind)."""
+
     job_dir: Path | None = None
     resume: bool = False
     restart: bool = False
@@ -62,6 +64,8 @@ class RunOptions:
     limit: int | None = None
     servers: list[str] | None = None
     progress_stream: TextIO | None = None
+    #: models x sources jobs: run only these models (None: all).
+    models: list[str] | None = None
 
 
 @dataclass
@@ -114,55 +118,6 @@ def final_output_path(spec: JobSpec, limit: int | None) -> Path:
 
 def default_job_dir(spec: JobSpec, output: Path) -> Path:
     return Path(spec.job_dir) if spec.job_dir else output.with_name(output.name + ".tfjob")
-
-
-def load_job(path: Path | str, servers: list[str] | None = None) -> JobSpec:
-    try:
-        spec = load_spec(path)
-    except SpecError as error:
-        raise JobFatal(str(error)) from None
-    if servers:
-        model = spec.model.model_copy(update={"servers": servers, "local": None})
-        spec = spec.model_copy(update={"model": model})
-    return spec
-
-
-def local_model_info(spec: JobSpec) -> ModelInfo:
-    """For --dry-run with a local fleet: the model's config.yaml, read as plain YAML."""
-    assert spec.model.local is not None
-    path = Path(spec.model.local.repository) / spec.model.name / "config.yaml"
-    if not path.is_file():
-        from .local_fleet import LocalFleet
-
-        LocalFleet(Path(spec.model.local.repository), spec.model.name, 1, "cpu", Path("."), []).check()
-        raise JobFatal(f"{path} does not exist")
-    config = yaml.safe_load(path.read_text())
-
-    def tensors(items: list[dict]) -> dict[str, tuple[str, list[int]]]:
-        return {t["name"]: (t["datatype"], list(t.get("shape", []))) for t in items}
-
-    return ModelInfo(
-        name=spec.model.name,
-        version=str(config.get("version", "1")),
-        max_batch_size=int(config.get("max_batch_size", 0)),
-        inputs=tensors(config.get("inputs", [])),
-        outputs=tensors(config.get("outputs", [])),
-        optional_inputs={t["name"] for t in config.get("inputs", []) if t.get("optional")},
-        precision=config.get("precision", "fp32"),
-        token_budget=int((config.get("batching") or {}).get("token_budget", 0)),
-        max_lengths={t["name"]: int(t["max_length"]) for t in config.get("inputs", []) if t.get("max_length")},
-        **_local_features(path.parent, config),
-    )
-
-
-def _local_features(model_dir: Path, config: dict) -> dict:
-    """A dry run's view of the model's feature list (a server reads it the same way at load)."""
-    declared = config.get("features") or {}
-    if not declared.get("file") or not (model_dir / declared["file"]).is_file():
-        return {}
-    names = [line.strip() for line in (model_dir / declared["file"]).read_text().splitlines() if line.strip()]
-    inputs = [t["name"] for t in config.get("inputs", [])]
-    return {"features": names, "features_input": declared.get("input") or (inputs[0] if len(inputs) == 1 else "")}
 
 
 def _batching(spec: JobSpec, info: ModelInfo) -> tuple[int, int | None]:
@@ -221,18 +176,22 @@ def _check_inputs(manifest: Manifest) -> None:
             )
 
 
-def _check_resume(manifest: Manifest, plan_settings: dict, info: ModelInfo) -> None:
+def _check_resume(manifest: Manifest, plan_settings: dict) -> None:
     stored = manifest.plan_settings()
     changed = [
-        f"{key} {stored.get(key)!r} -> {value!r}"
-        for key, value in plan_settings.items()
-        if key != "ids_digest" and stored.get(key) != value
+        f"{key} {stored.get(key)!r} -> {plan_settings.get(key)!r}"
+        for key in sorted(set(plan_settings) | set(stored))
+        if key != "ids_digest" and stored.get(key) != plan_settings.get(key)
     ]
     if changed:
         raise JobFatal(
             "the job changed since it began (" + "; ".join(changed) + "); "
             "run with --restart to start over with the new settings"
         )
+
+
+def _check_build(manifest: Manifest, info: ModelInfo) -> None:
+    """The served model is the build the done chunks came from (checked only when chunks remain)."""
     model = manifest.meta("model") or {}
     if model and model.get("model_artifact_sha256") != info.artifact_sha256:
         raise JobFatal(
@@ -254,97 +213,6 @@ def _committer(job_dir: Path, manifest: Manifest, parts_url: str | None = None):
         manifest.commit_chunk(done.chunk.index, name, done.errors, done.server, checksum)
 
     return commit
-
-
-def run_job(spec_path: Path | str, options: RunOptions) -> RunResult:
-    from .workflows import load_workflow
-
-    workflow = load_workflow(spec_path)  # a multi-stage or many-model job file
-    if workflow is not None:
-        return workflow(options)
-    spec = load_job(spec_path, options.servers)
-    spec, remote = _localize(spec, options)
-    output = final_output_path(spec, options.limit)
-    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)
-    if options.limit is not None and options.limit < 1:
-        raise JobFatal("--limit must be at least 1")
-    try:
-        reader = open_reader(spec.input)
-    except InputError as error:
-        raise JobFatal(str(error)) from None
-    with reader:
-        if reader.num_rows == 0:
-            raise JobFatal(f"input {spec.input.path} has no rows")
-        if options.dry_run:
-            return _dry_run(spec, reader, options, output, job_dir)
-        result = _run(spec, reader, options, output, job_dir)
-    if remote is not None and result.output is not None:
-        try:
-            result.uploaded = remote.upload_all(result.output)
-        except ObjectStoreError as error:
-            raise JobFatal(f"{error}; the merged output is in {result.output}; --resume uploads it again") from None
-    return result
-
-
-def _localize(spec: JobSpec, options: RunOptions) -> tuple[JobSpec, RemoteOutput | None]:
-    """Object-store (fsspec URL) input and output: staged beside the local job folder."""
-    if not (is_url(spec.input.path) or is_url(spec.output.path)):
-        return spec, None
-    job_dir = options.job_dir or (Path(spec.job_dir) if spec.job_dir else None)
-    if job_dir is None:
-        raise JobFatal("an object-store input or output needs a local job folder: set job_dir or pass --job-dir")
-    try:
-        return localize(spec, job_dir.resolve())
-    except ObjectStoreError as error:
-        raise JobFatal(str(error)) from None
-
-
-def _dry_run(spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
-    if spec.model.local is not None:
-        from .local_fleet import LocalFleetError
-
-        try:
-            info = local_model_info(spec)
-        except LocalFleetError as error:
-            raise JobFatal(str(error)) from None
-    else:
-        try:
-            info, _ = asyncio.run(
-                inspect_fleet(spec.model.servers, spec.model.name, spec.model.version, _connection(spec), 10.0)
-            )
-        except FleetError as error:
-            raise JobFatal(str(error)) from None
-    reader, report = _adapt(spec, reader, info)
-    fields = _fields(spec, reader, info)
-    batch_rows, token_budget = _batching(spec, info)
-    try:
-        plan = make_plan(
-            reader, fields, batch_rows=batch_rows, chunk_rows=spec.chunking.chunk_rows,
-            token_budget=token_budget, limit=options.limit,
-        )
-    except PlanError as error:
-        raise JobFatal(str(error)) from None
-    fleet = (
-        f"{spec.model.local.count} local server(s) from {spec.model.local.repository} on {spec.model.local.device}"
-        if spec.model.local else ", ".join(spec.model.servers)
-    )
-    text = "\n".join(
-        [
-            f"job: {spec.name} (dry run: nothing computed, nothing written)",
-            f"model: {info.name} version {info.version} (max_batch_size {info.max_batch_size}) on {fleet}",
-            plan.describe(),
-            *report.lines,
-            f"output: {output} ({spec.output.format})",
-            f"job folder: {job_dir}",
-        ]
-    )
-    return RunResult(None, job_dir, plan.rows, 0, 0, 0.0, plan_text=text)
-
-
-def _connection(spec: JobSpec) -> ConnectionOptions:
-    """The servers' token: the spec's, else the file in $TENSORFLEET_SERVER_TOKEN_FILE (the service's)."""
-    server_token_file = os.environ.get(SERVER_TOKEN_FILE_ENV)
-    return ConnectionOptions(token=spec.model.token or token_from(None, server_token_file, use_env=False))
 
 
 def _writer_manifest(open_manifest: Callable[[], Manifest | None]) -> Manifest | None:
@@ -388,102 +256,191 @@ def _prepare_job_dir(job_dir: Path, output: Path, options: RunOptions) -> tuple[
     return existing, created
 
 
-def _run(
-    spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
-    *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
-    verified: dict[str, float] | None = None,
-) -> RunResult:
-    """One model over one reader. Multi-stage jobs run it per stage: without the merge for the
-    stages before the last, and with `wrap_commit` to carry earlier stages' failed rows along."""
-    manifest, created = _prepare_job_dir(job_dir, output, options)
-    fleet: LocalFleet | None = None
-    planned = manifest is not None
-    status = job_dir / "status.json"
+@dataclass
+class StageHooks:
+    """How a workflow kind uses one run: multi-stage jobs merge only the last stage and carry
+    earlier stages' failed rows along; in-context jobs put a prompt once per stream."""
+
+    merge_output: bool = True
+    wrap_commit: Callable | None = None
+    #: (context id, tensors): a prompt put once per stream.
+    context: tuple[str, dict[str, np.ndarray]] | None = None
+
+
+@dataclass
+class RunContext:
+    """Everything one run carries from its plan to its merged output."""
+
+    spec: JobSpec
+    reader: Reader
+    options: RunOptions
+    output: Path
+    job_dir: Path
+    fleet: ModelFleet
+    hooks: StageHooks = field(default_factory=StageHooks)
+    manifest: Manifest | None = None
+    plan: Plan | None = None
+    info: ModelInfo | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    servers: list[str] = field(default_factory=list)
+    verified: dict[str, float] = field(default_factory=dict)
+    #: What the plan reads instead of `reader` (a later stage plans against the earlier models'
+    #: declared outputs, so it plans, and starts its servers, without waiting for them).
+    plan_reader: Reader | None = None
+    #: What was done to fit the input to the model (coordinator/adapt.py), once adapted.
+    report: InputReport | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.job_dir / "status.json"
+
+
+def adapt(ctx: RunContext, info: ModelInfo) -> None:
+    """Fit the run's readers to the model once (duplicate ids, over-length rows, gene alignment)."""
+    if ctx.report is not None:
+        return
+    ctx.reader, ctx.report = _adapt(ctx.spec, ctx.reader, info)
+    if ctx.plan_reader is not None:
+        ctx.plan_reader, _ = _adapt(ctx.spec, ctx.plan_reader, info)
+
+
+def open_input(spec: InputSpec) -> Reader:
     try:
-        write_json_atomic(status, {"state": "starting", "output": str(output), "updated": time.time()})
+        return open_reader(spec)
+    except InputError as error:
+        raise JobFatal(str(error)) from None
+
+
+def plan_run(spec: JobSpec, reader: Reader, info: ModelInfo, limit: int | None) -> tuple[Plan, dict[str, str]]:
+    """The one plan of a run, with every check that can fail on the inputs (fields, shapes,
+    stored outputs, batch size, duplicate ids); needs the model's description, no server."""
+    if reader.num_rows == 0:
+        raise JobFatal(f"input {spec.input.path} has no rows")
+    fields = _fields(spec, reader, info)
+    batch_rows, token_budget = _batching(spec, info)
+    try:
+        plan = make_plan(
+            reader, fields, batch_rows=batch_rows, chunk_rows=spec.chunking.chunk_rows,
+            token_budget=token_budget, limit=limit,
+        )
+    except PlanError as error:
+        raise JobFatal(str(error)) from None
+    plan.parameters = dict(spec.model.parameters)
+    return plan, fields
+
+
+def describe_plan(spec: JobSpec, fleet: ModelFleet, reader: Reader, limit: int | None, output: Path, job_dir: Path) -> RunResult:
+    """--dry-run: the plan as text; nothing started (a local fleet's model is read from its config)."""
+    info = fleet.info(wait_s=10.0)
+    reader, report = _adapt(spec, reader, info)
+    plan, _ = plan_run(spec, reader, info, limit)
+    text = "\n".join(
+        [
+            f"job: {spec.name} (dry run: nothing computed, nothing written)",
+            f"model: {info.name} version {info.version} (max_batch_size {info.max_batch_size}) on {fleet.describe()}",
+            plan.describe(),
+            *report.lines,
+            f"output: {output} ({spec.output.format})",
+            f"job folder: {job_dir}",
+        ]
+    )
+    return RunResult(None, job_dir, plan.rows, 0, 0, 0.0, plan_text=text)
+
+
+def run_plain(spec: JobSpec, options: RunOptions) -> RunResult:
+    """A plain job: one model over one input (or, with options.dry_run, its plan)."""
+    output = final_output_path(spec, options.limit)
+    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)
+    fleet = ModelFleet(spec.model, job_dir / "servers", spec.policy.server_wait_s)
+    with open_input(spec.input) as reader:
+        if options.dry_run:
+            return describe_plan(spec, fleet, reader, options.limit, output, job_dir)
+        try:
+            return run_one(RunContext(spec, reader, options, output, job_dir, fleet))
+        finally:
+            fleet.stop()
+
+
+def _finished_unchanged(ctx: RunContext, manifest: Manifest) -> bool:
+    """Every chunk done and the spec as it was: nothing to check against a model."""
+    counts = manifest.counts()
+    settings = manifest.plan_settings()
+    return (
+        counts["chunks"] == counts["chunks_done"]
+        and manifest.meta("spec_sha256") == ctx.spec.digest()
+        and settings.get("limit") == ctx.options.limit
+    )
+
+
+def run_one(ctx: RunContext) -> RunResult:
+    """One model over one reader, from plan to merged output (or, for earlier stages, to parts).
+
+    Servers start only when chunks are pending; a finished run is a manifest read (and a merge
+    if its output is missing).
+    """
+    manifest, created = _prepare_job_dir(ctx.job_dir, ctx.output, ctx.options)
+    ctx.manifest = manifest
+    planned = manifest is not None
+    try:
+        write_json_atomic(ctx.status_path, {"state": "starting", "output": str(ctx.output), "updated": time.time()})
         if manifest is not None:
             _check_inputs(manifest)
-        if spec.model.local is not None:
-            from .local_fleet import LocalFleet, LocalFleetError
-
-            local = spec.model.local
-            fleet = LocalFleet(
-                Path(local.repository), spec.model.name, local.count, local.device, job_dir / "servers", local.args
-            )
-            try:
-                servers = fleet.start(local.startup_timeout_s)
-            except LocalFleetError as error:
-                raise JobFatal(str(error)) from None
+            drop_damaged_parts(ctx.job_dir, manifest)  # before deciding what is left to compute
+            if not _finished_unchanged(ctx, manifest):
+                info = ctx.fleet.info()
+                adapt(ctx, info)
+                planned_from = ctx.plan_reader or ctx.reader
+                ctx.fields = _fields(ctx.spec, planned_from, info)
+                batch_rows, token_budget = _batching(ctx.spec, info)
+                rows = planned_from.num_rows if ctx.options.limit is None else min(ctx.options.limit, planned_from.num_rows)
+                settings = Plan(
+                    rows, batch_rows, token_budget, ctx.spec.chunking.chunk_rows, ctx.options.limit, ctx.fields, "", [],
+                    parameters=dict(ctx.spec.model.parameters),
+                ).settings()
+                _check_resume(manifest, settings)
+            else:
+                ctx.fields = dict(manifest.plan_settings().get("fields", {}))
         else:
-            try:
-                servers = expand(spec.model.servers)
-            except DiscoveryError as error:
-                raise JobFatal(str(error)) from None
-            if not servers:
-                raise JobFatal(f"model.servers {spec.model.servers} name no server right now; check the name or hostfile")
-        try:
-            info, ready = asyncio.run(
-                inspect_fleet(servers, spec.model.name, spec.model.version, _connection(spec), spec.policy.server_wait_s)
-            )
-        except FleetError as error:
-            raise JobFatal(str(error)) from None
-        verified = dict.fromkeys(ready, time.monotonic())
-        reader, report = _adapt(spec, reader, info)
-        fields = _fields(spec, reader, info)
-        batch_rows, token_budget = _batching(spec, info)
-        if manifest is None:
-            try:
-                plan = make_plan(
-                    reader, fields, batch_rows=batch_rows, chunk_rows=spec.chunking.chunk_rows,
-                    token_budget=token_budget, limit=options.limit,
-                )
-            except PlanError as error:
-                raise JobFatal(str(error)) from None
-            manifest = _writer_manifest(lambda: Manifest(job_dir / MANIFEST_NAME, lock=True))
-            manifest.record_plan(plan)
-            manifest.set_meta("model", info.provenance())
-            manifest.set_meta("spec_sha256", spec.digest())
-            manifest.set_meta("outputs", {k: list(v) for k, v in info.outputs.items()})
-            manifest.set_meta("input_report", report.facts)
-            planned = True
-        else:
-            rows = reader.num_rows if options.limit is None else min(options.limit, reader.num_rows)
-            settings = Plan(rows, batch_rows, token_budget, spec.chunking.chunk_rows, options.limit, fields, "", []).settings()
-            _check_resume(manifest, settings, info)
-        result = _execute(
-            spec, reader, options, output, job_dir, manifest, info, fields, servers,
-            merge_output=merge_output, wrap_commit=wrap_commit, context=context, verified=verified,
-        )
-        result.notes = report.lines
+            adapt(ctx, ctx.fleet.info())  # duplicate ids, over-length rows, gene alignment: before any server
+            ctx.plan, ctx.fields = plan_run(ctx.spec, ctx.plan_reader or ctx.reader, ctx.fleet.info(), ctx.options.limit)
+        pending = manifest is None or len(manifest.done_chunks()) < manifest.counts()["chunks"]
+        if pending:
+            ctx.servers, ctx.info, ctx.verified = ctx.fleet.start()
+            adapt(ctx, ctx.info)
+            ctx.fields = _fields(ctx.spec, ctx.reader, ctx.info)  # the served model, checked again
+            if manifest is None:
+                assert ctx.plan is not None
+                manifest = ctx.manifest = _writer_manifest(lambda: Manifest(ctx.job_dir / MANIFEST_NAME, lock=True))
+                manifest.record_plan(ctx.plan)
+                manifest.set_meta("model", ctx.info.provenance())
+                manifest.set_meta("spec_sha256", ctx.spec.digest())
+                manifest.set_meta("outputs", {k: list(v) for k, v in ctx.info.outputs.items()})
+                manifest.set_meta("input_report", ctx.report.facts if ctx.report else {})
+                planned = True
+            else:
+                _check_build(manifest, ctx.info)
+        result = _execute(ctx)
+        result.notes = ctx.report.lines if ctx.report else []
         return result
     except BaseException as error:
         if created and not planned:
-            if fleet is not None:
-                fleet.stop()
-                fleet = None
+            ctx.fleet.stop()
             with contextlib.suppress(OSError):
-                shutil.rmtree(job_dir)
+                shutil.rmtree(ctx.job_dir)
         else:
             with contextlib.suppress(OSError):
-                write_json_atomic(status, {"state": "failed", "output": str(output), "updated": time.time()})
+                write_json_atomic(ctx.status_path, {"state": "failed", "output": str(ctx.output), "updated": time.time()})
         if is_disk_full(error):  # while planning or starting, too
-            raise _disk_full(error, job_dir, output) from None
+            raise _disk_full(error, ctx.job_dir, ctx.output) from None
         raise
     finally:
-        if fleet is not None:
-            fleet.stop()
-        if manifest is not None:
-            manifest.close()
+        if ctx.manifest is not None:
+            ctx.manifest.close()
 
-
-def _execute(
-    spec: JobSpec, reader: Reader, options: RunOptions, output: Path, job_dir: Path,
-    manifest: Manifest, info: ModelInfo, fields: dict[str, str], servers: list[str],
-    *, merge_output: bool = True, wrap_commit: Callable | None = None, context: tuple | None = None,
-    verified: dict[str, float] | None = None,
-) -> RunResult:
+def _execute(ctx: RunContext) -> RunResult:
+    manifest, spec, options, job_dir = ctx.manifest, ctx.spec, ctx.options, ctx.job_dir
+    assert manifest is not None
     chunks = manifest.chunks()
-    drop_damaged_parts(job_dir, manifest)
     done = manifest.done_chunks()
     names = {index: manifest.part_of(index) for index in done}
     try:
@@ -495,29 +452,99 @@ def _execute(
     if gone:
         index = min(gone)
         raise JobFatal(f"chunk {index} is marked done but its part file {names[index]} is missing; run with --restart")
-    parts_url = spec.output.parts if merge_output else None
     pending = [chunk for chunk in chunks if chunk.index not in done]
     counts = manifest.counts()
     rows = counts["rows"]
-    source = RequestSource(reader, fields, {k: info.inputs[k][0] for k in fields}, info.name, spec.model.version)
-    source.context = context  # (id, tensors): a prompt put once per stream (in-context jobs)
+    started = time.monotonic()
+    progress: Progress | None = None
+    if pending:
+        progress = _dispatch(ctx, pending, counts)
+    seconds = time.monotonic() - started
+    computed = sum(chunk.rows for chunk in pending)
+    if not ctx.hooks.merge_output:
+        _close(ctx, progress, "done")
+        failed = manifest.counts()["rows_failed"]
+        return RunResult(None, job_dir, rows, failed, computed, seconds, servers=ctx.servers)
+    merged = manifest.meta("merged")
+    if not pending and merged and _same_file(ctx.output, merged.get("stat")):
+        # Finished before and its output untouched since: nothing to compute, nothing to write.
+        _close(ctx, progress, "done" if not merged["rows_failed"] else "done_with_errors")
+        return RunResult(
+            output=ctx.output, job_dir=job_dir, rows=rows, rows_failed=merged["rows_failed"], rows_computed=0,
+            seconds=seconds, columns={k: (v[0], v[1]) for k, v in merged["columns"].items()}, servers=[],
+        )
+    if progress is not None:
+        progress.tick("merging", force=True)
+    provenance = {
+        "tensorfleet_version": tensorfleet_version,
+        **(manifest.meta("model") or (ctx.info.provenance() if ctx.info else {})),
+        "spec_sha256": manifest.meta("spec_sha256", spec.digest()),
+        "job_name": spec.name,
+        "servers": manifest.servers(),
+        "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
+        "batch_rows": manifest.plan_settings().get("batch_rows"),
+        "token_budget": manifest.plan_settings().get("token_budget"),
+        **(manifest.meta("input_report") or {}),
+    }
+    adapt(ctx, ctx.info or ctx.fleet.info())  # the merge copies input columns from the reader the job read
+    reader = ctx.reader
+    declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
+    from .merge import MergeError, merge
+    from .writers import Column
+
+    try:
+        result: MergeResult = merge(
+            job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
+            ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
+            provenance=provenance, limit=options.limit, final_path=ctx.output, declared_outputs=declared,
+            input_columns=[Column(f.name, f.name, f.dtype, f.row_shape) for f in reader.stored_fields()],
+            input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
+        )
+    except (MergeError, ObjectStoreError, ValueError, OSError, sqlite3.OperationalError) as error:
+        with contextlib.suppress(OSError):
+            _close(ctx, progress, "failed")
+        if is_disk_full(error):
+            raise _disk_full(error, job_dir, ctx.output) from None
+        raise JobFatal(f"merge failed: {error}") from None
+    columns = {c.name: (list(c.row_shape), str(np.dtype(c.dtype))) for c in result.columns}
+    manifest.set_meta("merged", {"stat": _file_stat(result.path), "rows_failed": result.rows_failed, "columns": columns})
+    _close(ctx, progress, "done" if not result.rows_failed else "done_with_errors")
+    return RunResult(
+        output=result.path, job_dir=job_dir, rows=rows, rows_failed=result.rows_failed, rows_computed=computed,
+        seconds=seconds, columns=columns, servers=ctx.servers,
+    )
+
+
+def _dispatch(ctx: RunContext, pending: list, counts: dict[str, int]) -> Progress:
+    """Send the pending chunks to the servers; returns the progress (still open) once all are committed."""
+    manifest, spec, info = ctx.manifest, ctx.spec, ctx.info
+    assert manifest is not None and info is not None
+    parts_url = spec.output.parts if ctx.hooks.merge_output else None
+    source = RequestSource(ctx.reader, ctx.fields, {k: info.inputs[k][0] for k in ctx.fields}, info.name, spec.model.version)
+    source.context = ctx.hooks.context
     source.outputs = _stored_outputs(spec, info)
+    source.parameters = dict(spec.model.parameters)
+    progress: Progress | None = None
+
+    def counted(item: CompletedChunk) -> None:
+        if progress is not None:
+            progress.add(item.chunk.rows, len(item.errors))
+
+    commit = (ctx.hooks.wrap_commit or (lambda commit: commit))(_committer(ctx.job_dir, manifest, parts_url))
     dispatcher = Dispatcher(
-        servers=servers, source=source, chunks=pending, commit=(wrap_commit or (lambda commit: commit))(_committer(job_dir, manifest, parts_url)),
-        policy=spec.policy, options=_connection(spec),
-        on_lease=manifest.note_lease, verified=verified,
+        servers=ctx.servers, source=source, chunks=pending, commit=commit,
+        policy=spec.policy, options=ctx.fleet.connection,
+        on_lease=manifest.note_lease, on_commit=counted, verified=ctx.verified,
     )
     progress = Progress(
-        job_dir, total_rows=rows, done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],
-        servers=lambda: [s.summary() for s in dispatcher.servers], output=str(output),
-        stream=options.progress_stream, computed=lambda: sum(s.rows for s in dispatcher.servers),
+        ctx.job_dir, total_rows=counts["rows"], done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],
+        servers=lambda: [s.summary() for s in dispatcher.servers], output=str(ctx.output),
+        stream=ctx.options.progress_stream, computed=lambda: sum(s.rows for s in dispatcher.servers),
     )
-    dispatcher._on_commit = lambda item: progress.add(item.chunk.rows, len(item.errors))
-    started = time.monotonic()
 
     async def dispatch() -> None:
         task = asyncio.create_task(dispatcher.run())
-        discovery = Discovery(spec.model.servers, servers)
+        discovery = Discovery(spec.model.servers, ctx.servers)
         while not task.done():
             progress.tick()
             for address in discovery.poll(time.monotonic()):
@@ -535,49 +562,32 @@ def _execute(
             raise
         with contextlib.suppress(OSError):
             progress.close("failed")
-        raise _disk_full(error, job_dir, output) from None
+        raise _disk_full(error, ctx.job_dir, ctx.output) from None
     except BaseException:
         progress.close("interrupted")
         raise
-    seconds = time.monotonic() - started
-    computed = sum(chunk.rows for chunk in pending)
-    if not merge_output:
-        progress.close("done")
-        failed = manifest.counts()["rows_failed"]
-        return RunResult(None, job_dir, rows, failed, computed, seconds, servers=servers)
-    progress.tick("merging", force=True)
-    provenance = {
-        "tensorfleet_version": tensorfleet_version,
-        **(manifest.meta("model") or info.provenance()),
-        "spec_sha256": manifest.meta("spec_sha256", spec.digest()),
-        "job_name": spec.name,
-        "servers": manifest.servers(),
-        "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
-        "batch_rows": manifest.plan_settings().get("batch_rows"),
-        "token_budget": manifest.plan_settings().get("token_budget"),
-        **(manifest.meta("input_report") or {}),
-    }
-    declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
-    from .merge import MergeError, merge
-    from .writers import Column
+    return progress
 
-    try:
-        result: MergeResult = merge(
-            job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
-            ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
-            provenance=provenance, limit=options.limit, final_path=output, declared_outputs=declared,
-            input_columns=[Column(f.name, f.name, f.dtype, f.row_shape) for f in reader.stored_fields()],
-            input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
-        )
-    except (MergeError, ObjectStoreError, ValueError, OSError, sqlite3.OperationalError) as error:
-        with contextlib.suppress(OSError):
-            progress.close("failed")
-        if is_disk_full(error):
-            raise _disk_full(error, job_dir, output) from None
-        raise JobFatal(f"merge failed: {error}") from None
-    progress.close("done" if not result.rows_failed else "done_with_errors")
-    return RunResult(
-        output=result.path, job_dir=job_dir, rows=rows, rows_failed=result.rows_failed, rows_computed=computed,
-        seconds=seconds, columns={c.name: (list(c.row_shape), str(np.dtype(c.dtype))) for c in result.columns},
-        servers=servers,
-    )
+
+def _close(ctx: RunContext, progress: Progress | None, state: str) -> None:
+    if progress is not None:
+        progress.close(state)
+    else:
+        write_json_atomic(ctx.status_path, {"state": state, "output": str(ctx.output), "updated": time.time()})
+
+
+def up_to_date(target: Path, sources: list[Path | None]) -> bool:
+    """`target` exists and is no older than every source: a resume that computed nothing keeps it."""
+    if not target.is_file() or any(p is None or not p.is_file() for p in sources):
+        return False
+    mtime = target.stat().st_mtime_ns
+    return all(p.stat().st_mtime_ns <= mtime for p in sources if p is not None)
+
+
+def _file_stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _same_file(path: Path, stat: list[int] | None) -> bool:
+    return stat is not None and path.is_file() and _file_stat(path) == list(stat)

@@ -22,12 +22,13 @@ from typing import Any
 import yaml
 
 from . import job_process
-from .job import default_job_dir, final_output_path
+from .engine import RunOptions, locations, parse
 from .job_policy import JobPolicy, PolicyError
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
+from .kinds import AnyJob, paths_of
 from .objectstore import is_url
 from .safe_yaml import SpecTooLarge, load_yaml
-from .spec import SpecError, parse_spec
+from .spec import SpecError
 
 log = logging.getLogger("tensorfleet.coordinator.service")
 
@@ -84,10 +85,7 @@ class JobManager:
         base = Path(base_dir or os.getcwd())
         if not base.is_absolute():
             raise JobRequestError("invalid", f"base_dir '{base_dir}' must be an absolute path")
-        try:
-            spec = parse_spec(raw, "spec").resolved(base)
-        except SpecError as error:
-            raise JobRequestError("invalid", str(error)) from None
+        spec = self.accept(raw, base)
         if timeout_s < 0:
             raise JobRequestError("invalid", "timeout_s must be >= 0")
         if self.policy is not None:
@@ -105,13 +103,10 @@ class JobManager:
         spec_path = folder / "job.yaml"
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         spec_path.write_text(spec_text)
-        output = final_output_path(spec, limit)
-        job_dir = default_job_dir(spec, output)
-        if is_url(spec.output.path) or is_url(spec.input.path):
+        output, job_dir = locations(spec, RunOptions(limit=limit))
+        if any(is_url(path) for _, path in paths_of(spec)):
             # Object storage: the manifest and staged files stay on local disk, under the state folder.
             job_dir = Path(spec.job_dir) if spec.job_dir else folder / "work"
-            if is_url(spec.output.path):
-                output = spec.output.path  # type: ignore[assignment]
         record = JobRecord(
             id=job_id, position=self.store.next_position(), name=spec.name, state=QUEUED, error="", exit_code=-1,
             spec=spec_text, spec_path=str(spec_path), job_dir=str(job_dir), output=str(output),
@@ -121,6 +116,13 @@ class JobManager:
         self.store.add(record)
         self._event(job_id, "state", QUEUED, f"submitted; job folder {record.job_dir}")
         return record
+
+    def accept(self, raw: object, base: Path) -> AnyJob:
+        """The one check a submitted spec passes: a job of any kind, validated, paths resolved against `base`."""
+        try:
+            return parse(raw, "spec", base)
+        except SpecError as error:
+            raise JobRequestError("invalid", str(error)) from None
 
     def get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)

@@ -8,6 +8,7 @@ restarted service resumes a job the same way a person would, from its manifest.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -16,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .local_fleet import _die_with_parent
+from .local_fleet import die_with_parent
 from .manifest import MANIFEST_NAME
 from .progress import read_status
+from .status import MARKER_NAME
 
 ERROR_MARK = "tensorfleet: error: "
 
@@ -83,8 +85,20 @@ def rows_failed_message(log_text: str) -> str:
 
 
 def manifest_counts(job_dir: str) -> dict[str, int]:
-    """Chunk and row counts from the job's manifest, read-only; {} before it exists."""
-    path = Path(job_dir) / MANIFEST_NAME
+    """Chunk and row counts from the job's manifest (a workflow's: summed over its parts), read-only;
+    {} before any exists."""
+    marker = Path(job_dir) / MARKER_NAME
+    if marker.is_file():
+        totals: dict[str, int] = {}
+        for part in json.loads(marker.read_text())["parts"]:
+            for key, value in _counts(Path(job_dir) / part["dir"]).items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+    return _counts(Path(job_dir))
+
+
+def _counts(job_dir: Path) -> dict[str, int]:
+    path = job_dir / MANIFEST_NAME
     if not path.is_file():
         return {}
     try:
@@ -108,13 +122,34 @@ def progress(job_dir: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """`tensorfleet run` that exits with the service: SIGTERM when its parent dies, even by SIGKILL."""
     if sys.platform == "linux":
-        _die_with_parent()
+        die_with_parent()
         parent = os.environ.get(PARENT_ENV)
         if parent and os.getppid() != int(parent):  # the service died before the signal was armed
             return 2
-    from .cli import main as cli_main
+    return run_engine(argv)
 
-    return cli_main(argv)
+
+def run_engine(argv: list[str]) -> int:
+    """`run SPEC --job-dir DIR --resume [--limit N]` (engine_command's arguments) through the engine."""
+    import argparse
+    import signal as signals
+
+    from .engine import RunOptions
+    from .run_command import run_and_report
+
+    parser = argparse.ArgumentParser(prog="tensorfleet.coordinator.job_process")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("job", type=Path)
+    parser.add_argument("--job-dir", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signals.signal(signals.SIGTERM, interrupt)
+    return run_and_report(args.job, RunOptions(job_dir=args.job_dir, resume=args.resume, limit=args.limit))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the server gets SIGTERM when the coordinator dies, even by SIGKILL."""
     try:
         import ctypes
@@ -26,6 +26,24 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+#: Runs a model server (`python -m tensorfleet.services ARGS`) that first arms its own
+#: parent-death signal. Not a preexec_fn: running Python between fork and exec in a process
+#: with gRPC threads (a multi-stage job's later stage starts its fleet while an earlier one
+#: streams) crashes the child; the plain fork+exec of subprocess is safe.
+SERVER_LAUNCHER = """
+import os, runpy, signal, sys
+if sys.platform == "linux":
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != int(os.environ.get("TENSORFLEET_FLEET_PARENT", os.getppid())):
+        sys.exit(2)  # the coordinator died before the signal was armed
+runpy.run_module("tensorfleet.services", run_name="__main__", alter_sys=True)
+"""
 
 
 class LocalFleetError(Exception):
@@ -127,21 +145,19 @@ class LocalFleet:
         self.check()
         self.count, self.device = resolve_count(self.count, self.device)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TENSORFLEET_FLEET_PARENT": str(os.getpid())}
         for index in range(self.count):
             port_file = self.workdir / f"server-{index}.port"
             log_path = self.workdir / f"server-{index}.log"
             port_file.unlink(missing_ok=True)
             command = [
-                sys.executable, "-m", "tensorfleet.services",
+                sys.executable, "-c", SERVER_LAUNCHER,
                 "--model-repository", str(self.repository), "--model", self.model,
                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                 "--device", device_for(self.device, index), *self.args,
             ]
             with open(log_path, "wb") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.servers.append(LocalServer(process, port_file, log_path))
         self._write_pids()
         deadline = time.monotonic() + timeout

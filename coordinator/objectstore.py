@@ -30,7 +30,7 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _fs(url: str) -> tuple[Any, str]:
+def filesystem(url: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec ships with the coordinator's dependencies
@@ -50,7 +50,7 @@ def _version(info: dict) -> str:
 
 def stage_input(url: str, folder: Path) -> Path:
     """A local copy of `url` in `folder`, downloaded when missing or when the object changed."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -74,7 +74,7 @@ def stage_input(url: str, folder: Path) -> Path:
 
 
 def upload(local: Path, url: str) -> None:
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     try:
         fs.put(str(local), path)
     except OSError as error:

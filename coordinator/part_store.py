@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .crashpoints import crash_point
-from .objectstore import ObjectStoreError, _fs, is_url
+from .objectstore import ObjectStoreError, filesystem, is_url
 from .parts import CorruptPart, Part, checksum_of_file, encode_part, file_checksum, write_part
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def store_part(job_dir: Path, name: str, arrays: dict[str, np.ndarray], strings:
         checksum = write_part(job_dir / name, arrays, strings)
         crash_point("part_renamed")  # durable under its name, its manifest row not yet committed
         return checksum
-    fs, path = _fs(name)
+    fs, path = filesystem(name)
     pieces = encode_part(arrays, strings)
     try:
         with fs.open(path, "wb") as handle:
@@ -76,7 +76,7 @@ def open_part(job_dir: Path, name: str, verify: bool = True) -> Part:
     """A committed part, read back by mmap (local) or whole into memory (remote: one chunk at a time)."""
     if not is_url(name):
         return Part(job_dir / name, verify=verify)
-    fs, path = _fs(name)
+    fs, path = filesystem(name)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
@@ -96,7 +96,7 @@ def missing_parts(job_dir: Path, names: dict[int, str]) -> list[int]:
             continue
         folder, file = name.rsplit("/", 1)
         if folder not in listed:
-            fs, path = _fs(folder)
+            fs, path = filesystem(folder)
             try:
                 fs.invalidate_cache(path)
                 listed[folder] = {entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}

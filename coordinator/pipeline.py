@@ -1,93 +1,62 @@
-"""Multi-stage jobs: stage k's model reads stage k-1's outputs; the last stage writes the output.
+"""Multi-stage jobs: each stage's model reads the previous stage's outputs (or, by qualified
+name, the job's input and any earlier stage's); the last stage writes the output.
 
 Step-first, as DPAM's batch mode: each stage is one ordinary run (its own fleet, model loaded
 once, its own manifest under `<job dir>/stages/NN-name/`, so progress is checkpointed per
 (stage, chunk)). Stages run side by side: a later stage reads an earlier one's committed
 chunks as they appear (`StageReader`), so it starts before the earlier stage ends. A resume
-finds finished stages and chunks done and skips them at once.
+finds finished stages and chunks done and skips them at once, without starting their servers.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from pydantic import Field
 
 from .job import (
     JobFatal,
+    RunContext,
     RunOptions,
     RunResult,
-    _dry_run,
-    _run,
+    StageHooks,
     default_job_dir,
+    describe_plan,
     final_output_path,
-    local_model_info,
+    open_input,
+    run_one,
 )
 from .joblock import JobLocked
+from .kinds import PipelineSpec
 from .manifest import MANIFEST_NAME, Manifest
+from .model_fleet import ModelFleet
 from .part_store import drop_damaged_parts
 from .progress import write_json_atomic
-from .readers import InputError, open_reader
-from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
-from .stage_reader import StageReader, carry_failures
+from .readers import InputError, Reader
+from .spec import ChunkingSpec, JobSpec
+from .stage_reader import DeclaredOutputs, StageReader, StagesReader, carry_failures
+from .status import MARKER_NAME
 
-PIPELINE_NAME = "pipeline.json"
-
-
-class StageSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="Stage name (its folder and status line).")
-    model: ModelSpec
-    tensors: dict[str, str] = Field(
-        default_factory=dict,
-        description="model input -> field: of the job's input for the first stage, of the previous "
-        "stage's outputs for the others. Unset: input.tensors (first stage) or same-named outputs.",
-    )
-    batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this stage's model.")
-    token_budget: int | None = Field(default=None, ge=1)
-
-
-class PipelineSpec(_Strict):
-    name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9_.\-]+$")
-    input: InputSpec
-    stages: list[StageSpec] = Field(min_length=1)
-    output: OutputSpec
-    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
-    policy: PolicySpec = Field(default_factory=PolicySpec)
-    job_dir: str | None = None
-
-    def resolved(self, base: Path) -> PipelineSpec:
-        data = self.model_dump()
-        data["input"]["path"] = _absolute(base, data["input"]["path"])
-        data["output"]["path"] = _absolute(base, data["output"]["path"])
-        if data["job_dir"]:
-            data["job_dir"] = _absolute(base, data["job_dir"])
-        for stage in data["stages"]:
-            resolve_model(stage["model"], base)
-        return PipelineSpec.model_validate(data)
-
-
-def _absolute(base: Path, path: str) -> str:
-    return str((base / path).resolve()) if "://" not in path else path
-
-
-def resolve_model(model: dict, base: Path) -> None:
-    """Make a dumped ModelSpec's local repository absolute, in place."""
-    if model.get("local"):
-        model["local"]["repository"] = _absolute(base, model["local"]["repository"])
+KIND = "multi-stage"
 
 
 def stage_dirs(job_dir: Path, spec: PipelineSpec) -> list[Path]:
     return [job_dir / "stages" / f"{i:02d}-{stage.name}" for i, stage in enumerate(spec.stages)]
 
 
+def locations(spec: PipelineSpec, options: RunOptions) -> tuple[Path, Path]:
+    """(final output, job folder)."""
+    output = final_output_path(spec, options.limit)  # type: ignore[arg-type]
+    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)  # type: ignore[arg-type]
+    return output, job_dir
+
+
 def _stage_job(spec: PipelineSpec, index: int, stage_dir: Path) -> JobSpec:
     stage = spec.stages[index]
     tensors = stage.tensors or (spec.input.tensors if index == 0 else {})
+    if index == 0:
+        tensors = {name: field.removeprefix("input:") for name, field in tensors.items()}
     return JobSpec(
         name=f"{spec.name}.{stage.name}",
         input=spec.input.model_copy(update={"tensors": tensors}),
@@ -101,8 +70,14 @@ def _stage_job(spec: PipelineSpec, index: int, stage_dir: Path) -> JobSpec:
     )
 
 
+def _referenced(spec: PipelineSpec, index: int) -> set[str]:
+    """The qualifiers ('input' or an earlier stage's name) stage `index` reads by qualified name."""
+    names = {"input", *(s.name for s in spec.stages[:index])}
+    return {f.partition(":")[0] for f in spec.stages[index].tensors.values() if f.partition(":")[0] in names and ":" in f}
+
+
 def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Path) -> None:
-    marker = job_dir / PIPELINE_NAME
+    marker = job_dir / MARKER_NAME
     if marker.is_file() and options.restart:
         shutil.rmtree(job_dir)
     elif marker.is_file() and not options.resume:
@@ -111,19 +86,16 @@ def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Pat
         output.unlink(missing_ok=True)
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {
-        "name": spec.name, "output": str(output),
-        "stages": [{"name": s.name, "model": s.model.name, "dir": str(d.relative_to(job_dir))}
-                   for s, d in zip(spec.stages, stage_dirs(job_dir, spec), strict=True)],
+        "kind": KIND, "name": spec.name, "output": str(output),
+        "parts": [{"label": f"stage {i + 1} {s.name}", "model": s.model.name, "dir": str(d.relative_to(job_dir))}
+                  for i, (s, d) in enumerate(zip(spec.stages, stage_dirs(job_dir, spec), strict=True))],
     })
 
 
 def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
-    output = final_output_path(spec, options.limit)  # type: ignore[arg-type]
-    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)  # type: ignore[arg-type]
-    if options.limit is not None and options.limit < 1:
-        raise JobFatal("--limit must be at least 1")
+    output, job_dir = locations(spec, options)
     if options.dry_run:
-        return _dry_run_pipeline(spec, options, output, job_dir)
+        return dry_run_pipeline(spec, options, output, job_dir)
     _prepare(job_dir, options, spec, output)
     dirs = stage_dirs(job_dir, spec)
     for stage_dir in dirs:  # before any stage reads another's parts
@@ -141,26 +113,42 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     errors: list[BaseException | None] = [None] * len(spec.stages)
     started = time.monotonic()
 
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
+
     def stage_run(index: int) -> None:
-        reader = None
+        reader: Reader | None = None
+        planning: Reader | None = None
+        planning_input: Reader | None = None  # the input the declared fields give ids and rows of
+        fleet = fleets[index]
         try:
             sub = _stage_job(spec, index, dirs[index])
-            if index == 0:
-                reader = open_reader(spec.input)
-                wrap = None
-            else:
-                reader = StageReader(dirs[index - 1], spec.input, failed.is_set)
-                wrap = carry_failures(reader, spec.stages[index - 1].name)
-            resume = (dirs[index] / MANIFEST_NAME).is_file()
-            sub_options = RunOptions(
-                job_dir=dirs[index], resume=resume, limit=options.limit,
-                progress_stream=options.progress_stream if index == len(spec.stages) - 1 else _Quiet(),
-            )
             last = index == len(spec.stages) - 1
+            resume = (dirs[index] / MANIFEST_NAME).is_file()
             if resume and not last and _finished(dirs[index]):
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
-            results[index] = _run(sub, reader, sub_options, output, dirs[index], merge_output=last, wrap_commit=wrap)
+            hooks = StageHooks(merge_output=last)
+            if index == 0:
+                reader = open_input(spec.input)
+            else:
+                previous = StageReader(dirs[index - 1], spec.input, failed.is_set)
+                named: dict[str, Reader] = {}
+                for where in _referenced(spec, index):
+                    if where == "input":
+                        named[where] = open_input(spec.input)
+                    else:
+                        named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
+                reader = StagesReader(spec.input, previous, named) if named else previous
+                hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
+                planning_input = open_input(spec.input)
+                planning = _declared_reader(spec, index, planning_input, fleets)
+            sub_options = RunOptions(
+                job_dir=dirs[index], resume=resume, limit=options.limit,
+                progress_stream=options.progress_stream if last else _Quiet(),
+            )
+            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
+            results[index] = run_one(ctx)
         except InputError as error:
             errors[index] = JobFatal(str(error))
             failed.set()
@@ -168,14 +156,23 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             errors[index] = error
             failed.set()
         finally:
-            if reader is not None:
-                reader.close()
+            fleet.stop()
+            for item in (reader, planning_input):
+                if item is not None:
+                    item.close()
 
-    threads = [threading.Thread(target=stage_run, args=(i,), name=f"stage-{s.name}") for i, s in enumerate(spec.stages)]
+    # Daemon threads: an interrupt (Ctrl-C, a service's cancel or timeout) ends the run at once,
+    # as a kill would; committed chunks are kept and local servers die with the process.
+    threads = [threading.Thread(target=stage_run, args=(i,), name=f"stage-{s.name}", daemon=True)
+               for i, s in enumerate(spec.stages)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        failed.set()
+        raise
     for index, error in enumerate(errors):
         if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
             if isinstance(error, JobFatal):
@@ -186,6 +183,20 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     final.seconds = time.monotonic() - started
     final.job_dir = job_dir
     return final
+
+
+def _position(spec: PipelineSpec, name: str) -> int:
+    return [s.name for s in spec.stages].index(name)
+
+
+def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: list[ModelFleet]) -> Reader:
+    """What stage `index` reads, as the earlier stages' models declare it (no server, no waiting)."""
+
+    def declared(position: int) -> Reader:
+        return DeclaredOutputs(spec.input, source, fleets[position].info().outputs)
+
+    named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
+    return StagesReader(spec.input, declared(index - 1), named)
 
 
 def _finished(stage_dir: Path) -> bool:
@@ -199,25 +210,30 @@ def _finished(stage_dir: Path) -> bool:
         manifest.close()
 
 
-def _dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
-    first = _stage_job(spec, 0, stage_dirs(job_dir, spec)[0])
-    try:
-        reader = open_reader(spec.input)
-    except InputError as error:
-        raise JobFatal(str(error)) from None
-    with reader:
-        plan = _dry_run(first, reader, options, output, job_dir)
-    lines = [f"pipeline: {spec.name}, {len(spec.stages)} stages, run side by side"]
-    for index, stage in enumerate(spec.stages):
-        model = stage.model
-        where = f"{model.local.count} local server(s)" if model.local else ", ".join(model.servers)
-        outputs = ""
-        if model.local:
-            info = local_model_info(_stage_job(spec, index, job_dir))
-            outputs = " -> " + ", ".join(f"{k} {v[0]}{v[1]}" for k, v in info.outputs.items())
-        lines.append(f"stage {index + 1} {stage.name}: model {model.name} on {where}{outputs}")
-    plan.plan_text = "\n".join(lines) + "\n" + plan.plan_text
-    return plan
+def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+    """Every stage planned against the models' declared inputs and outputs; nothing started or written."""
+    lines = [f"job: {spec.name} (dry run: nothing computed, nothing written)",
+             f"pipeline: {len(spec.stages)} stages, run side by side"]
+    dirs = stage_dirs(job_dir, spec)
+    rows = 0
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
+    with open_input(spec.input) as source:
+        for index, stage in enumerate(spec.stages):
+            fleet = fleets[index]
+            sub = _stage_job(spec, index, dirs[index])
+            reader = _declared_reader(spec, index, source, fleets) if index else source
+            try:
+                plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+            except JobFatal as error:
+                raise JobFatal(f"stage {stage.name}: {error}") from None
+            rows = plan.rows
+            outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())
+            body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
+            lines.append(f"stage {index + 1} {stage.name}: model {stage.model.name} on {fleet.describe()} -> {outputs}")
+            lines += [f"  {line}" for line in body]
+    lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
+    return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 
 
 class _Quiet:
@@ -231,50 +247,3 @@ class _Quiet:
 
     def isatty(self) -> bool:
         return False
-
-
-def stage_status(job_dir: Path) -> list[dict[str, Any]] | None:
-    """Per-stage progress of a pipeline's folder, or None when the folder is not a pipeline's."""
-    marker = job_dir / PIPELINE_NAME
-    if not marker.is_file():
-        return None
-    out = []
-    for stage in json.loads(marker.read_text())["stages"]:
-        manifest = Manifest.open_existing(job_dir / stage["dir"])
-        counts = manifest.counts() if manifest is not None else {}
-        if manifest is not None:
-            manifest.close()
-        out.append({"stage": stage["name"], "model": stage["model"], **counts})
-    return out
-
-
-def print_stage_status(job_dir: Path, as_json: bool) -> bool:
-    """`tensorfleet status` for a pipeline folder: progress per stage. False if not a pipeline."""
-    from .progress import pid_alive, read_status
-
-    stages = stage_status(job_dir)
-    if stages is None:
-        return False
-    for stage in stages:
-        status = read_status(job_dir / _stage_dir(job_dir, stage["stage"])) or {}
-        state = status.get("state", "waiting")
-        if state in ("running", "starting", "merging") and status.get("pid") and not pid_alive(status["pid"]):
-            state = "stopped"
-        stage["state"] = state
-    if as_json:
-        print(json.dumps({"job_dir": str(job_dir), "stages": stages}, indent=1, sort_keys=True))
-        return True
-    print(f"job folder: {job_dir}")
-    for index, stage in enumerate(stages, start=1):
-        rows, done = stage.get("rows", 0), stage.get("rows_done", 0)
-        share = f" ({done / rows:.1%})" if rows else ""
-        print(
-            f"stage {index} {stage['stage']} ({stage['model']}): {stage['state']}, rows {done}/{rows}{share}, "
-            f"chunks {stage.get('chunks_done', 0)}/{stage.get('chunks', 0)}, rows failed {stage.get('rows_failed', 0)}"
-        )
-    return True
-
-
-def _stage_dir(job_dir: Path, name: str) -> str:
-    stages = json.loads((job_dir / PIPELINE_NAME).read_text())["stages"]
-    return next(stage["dir"] for stage in stages if stage["name"] == name)

@@ -86,10 +86,14 @@ class Plan:
     ids_digest: str
     inputs: list[InputFingerprint]
     chunks: list[Chunk] = field(default_factory=list)
+    #: The job's model.parameters: they change the results, so a resume must keep them.
+    parameters: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         """What must match for a resume to reuse committed chunks."""
+        extra = {"model_parameters": dict(sorted(self.parameters.items()))} if self.parameters else {}
         return {
+            **extra,
             "rows": self.rows,
             "batch_rows": self.batch_rows,
             "token_budget": self.token_budget,

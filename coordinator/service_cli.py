@@ -16,26 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_COORDINATOR = "127.0.0.1:50051"
+from .client_options import DEFAULT_COORDINATOR, connection_args, connection_options
+
 MAX_MESSAGE_MB = int(os.environ.get("TENSORFLEET_MAX_MESSAGE_MB", "512"))
 EXIT_OK, EXIT_FATAL = 0, 2
-
-
-def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--token", help="bearer token the coordinator or server requires (visible in ps: "
-                        "prefer --token-file)")
-    parser.add_argument("--token-file", help="file holding the bearer token (default $TENSORFLEET_TOKEN_FILE)")
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's CA certificates")
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
-    parser.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
-    parser.add_argument("--tls-key", help="client key (PEM), for mutual TLS")
-    parser.add_argument("--tls-server-name", help="expected name in the server's certificate")
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=DEFAULT_COORDINATOR, help="host:port of the coordinator service")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    _connection_args(parser)
+    connection_args(parser)
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -123,24 +113,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     infer.add_argument("--model-version", default="")
     infer.add_argument("--input", action="append", required=True, metavar="NAME=VALUE",
                        help="an input: a JSON list (rows) or a string (one BYTES row); repeatable")
-    _connection_args(infer)
+    connection_args(infer)
     infer.set_defaults(handler=_infer)
-
-
-def _options(args: argparse.Namespace):
-    from tensorfleet.client import ConnectionOptions
-    from tensorfleet.core.auth import token_from
-
-    return ConnectionOptions(
-        token=token_from(args.token, args.token_file), tls=bool(args.tls), root_cert=args.tls_ca or None, client_cert=args.tls_cert or None,
-        client_key=args.tls_key or None, server_name=args.tls_server_name or None,
-    )
 
 
 def _client(args: argparse.Namespace):
     from tensorfleet.client import CoordinatorClient
 
-    return CoordinatorClient(args.coordinator, options=_options(args))
+    return CoordinatorClient(args.coordinator, options=connection_options(args))
 
 
 def _fail(error: Exception) -> int:
@@ -330,7 +310,7 @@ def _infer(args: argparse.Namespace) -> int:
     from tensorfleet.client import InferenceClient, TensorfleetError
 
     try:
-        with InferenceClient(args.server, options=_options(args)) as client:
+        with InferenceClient(args.server, options=connection_options(args)) as client:
             config = client.model_config(args.model, args.model_version)
             inputs = {}
             declared = {i.name: i for i in config.input}

@@ -71,7 +71,8 @@ def render_batch_script(
     The model repository and extra server arguments come from the job's `model.local`
     unless given here; every path in the script is absolute, since steps run on other nodes.
     """
-    from .spec import SpecError, load_spec
+    from .kinds import load_job, models_of
+    from .spec import SpecError
 
     if gpus < 1:
         raise SlurmError("--gpus must be at least 1")
@@ -79,20 +80,34 @@ def render_batch_script(
         raise SlurmError(f"devices must be 'cuda' or 'cpu', not {devices!r}")
     job_path = Path(job_path).resolve()
     try:
-        spec = load_spec(job_path)
+        spec = load_job(job_path)
     except SpecError as error:
         raise SlurmError(str(error)) from None
-    local = spec.model.local
+    # Every server serves every model the job uses (a multi-stage job's stages, a sweep's models).
+    models = models_of(spec)
+    names = list(dict.fromkeys(m.name for m in models))
+    locals_ = [m.local for m in models if m.local is not None]
+    local = locals_[0] if locals_ else None
     if model_repository is None:
-        if local is None:
+        repositories = sorted({str(Path(item.repository).resolve()) for item in locals_})
+        if len(locals_) < len(models) or not repositories:
             raise SlurmError(
                 f"{job_path}: model.servers names running servers; give --model-repository "
                 "(or use model.local in the job file) so the batch job can start its own"
             )
-        model_repository = local.repository
+        if len(repositories) > 1:
+            raise SlurmError(
+                f"{job_path}: the job's models live in several repositories {repositories}; the batch job's servers "
+                "load every model from one: put them in one repository or give --model-repository"
+            )
+        model_repository = repositories[0]
+    tokens = {m.token for m in models}
+    if len(tokens) > 1:
+        raise SlurmError(f"{job_path}: the job's models name different tokens; the batch job's servers share one")
+    token_value = tokens.pop()
     repository = Path(model_repository).resolve()
     extra = list(server_args if server_args is not None else (local.args if local else []))
-    timeout = startup_timeout or (local.startup_timeout_s if local else 300.0)
+    timeout = startup_timeout or max([item.startup_timeout_s for item in locals_] or [300.0])
     run_root = Path(run_dir).resolve() if run_dir else job_path.parent / f"{spec.name}.slurm"
     if container:  # every step runs the image's python: `apptainer exec [--nv] IMAGE python`
         image = str(Path(container).resolve())
@@ -117,8 +132,8 @@ def render_batch_script(
 
     device = "cuda:0" if devices == "cuda" else "cpu"  # cuda:0 = the one GPU SLURM gave the task
     # Other nodes reach the servers, so they listen beyond loopback and require a token (below).
-    server = ["--host", "0.0.0.0", "--model-repository", str(repository), "--model", spec.model.name,
-              "--device", device]
+    server = ["--host", "0.0.0.0", "--model-repository", str(repository),
+              *(a for n in names for a in ("--model", n)), "--device", device]
     if devices == "cpu" and cpus_per_task:
         server += ["--threads", str(int(cpus_per_task))]
     server += extra
@@ -128,7 +143,7 @@ def render_batch_script(
     server_step += ["--kill-on-bad-exit=0", '--output="$RUN_DIR/server-%t.log"']
     # With a token in the job file the servers require it too (they read TENSORFLEET_TOKEN);
     # without one, each batch job makes its own, in a file only its user can read.
-    token = [f"export TENSORFLEET_TOKEN={_q(spec.model.token)}"] if spec.model.token else [
+    token = [f"export TENSORFLEET_TOKEN={_q(token_value)}"] if token_value else [
         "# A token for this batch job's servers: they listen beyond loopback, so they require one.",
         '( umask 077 && "${PYTHON[@]}" -c "import secrets; print(secrets.token_urlsafe(32))" > "$RUN_DIR/token" ) '
         "|| exit 2",
@@ -172,7 +187,7 @@ def render_batch_script(
         "# Coordinator: wait until every server reports SERVING (models loaded), then run the job.",
         'SERVER_LIST=$(srun --overlap --ntasks=1 --nodes=1 \\',
         f'    "${{PYTHON[@]}}" -m tensorfleet.coordinator.slurm wait-healthy "$HOSTFILE" {gpus} \\',
-        f"    --model {_q(spec.model.name)} --timeout {float(timeout):g})",
+        f"    {' '.join(f'--model {_q(n)}' for n in names)} --timeout {float(timeout):g})",
         "if [ -z \"$SERVER_LIST\" ]; then",
         '    echo "tensorfleet: the servers did not become healthy; their logs are in $RUN_DIR" >&2',
         "    exit 2",
@@ -341,9 +356,9 @@ def read_hostfile(hostfile: Path) -> list[str]:
 
 
 def wait_healthy(
-    hostfile: Path, count: int, timeout: float = 300.0, model: str | None = None, token: str | None = None
+    hostfile: Path, count: int, timeout: float = 300.0, model: str | list[str] | None = None, token: str | None = None
 ) -> list[str]:
-    """Wait until the hostfile lists `count` servers and each says SERVING (and has `model`)."""
+    """Wait until the hostfile lists `count` servers and each says SERVING (and has every model in `model`)."""
     from tensorfleet.client import InferenceClient
     from tensorfleet.client.errors import TensorfleetError
 
@@ -357,12 +372,14 @@ def wait_healthy(
             raise SlurmError(f"{hostfile}: {len(servers)} of {count} servers after {timeout:g}s: {servers}")
         time.sleep(0.2)
         servers = read_hostfile(hostfile)
+    wanted = [model] if isinstance(model, str) or model is None else model
     for address in servers:
         with InferenceClient(address, token=token) as client:
-            try:
-                client.wait_until_ready(max(1.0, deadline - time.monotonic()), model=model)
-            except TensorfleetError as error:
-                raise SlurmError(f"server {address} is not healthy: {error}") from None
+            for name in wanted:
+                try:
+                    client.wait_until_ready(max(1.0, deadline - time.monotonic()), model=name)
+                except TensorfleetError as error:
+                    raise SlurmError(f"server {address} is not healthy: {error}") from None
     return servers
 
 
@@ -377,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("hostfile", type=Path)
     wait.add_argument("count", type=int)
     wait.add_argument("--timeout", type=float, default=300.0)
-    wait.add_argument("--model", default=None)
+    wait.add_argument("--model", action="append", default=None, help="a model every server must serve (repeatable)")
     wait.add_argument("--token", default=os.environ.get("TENSORFLEET_TOKEN"))
     add_subcommand(sub)  # `... slurm JOB --gpus N`: the same command as `tensorfleet slurm`
     args = parser.parse_args(argv)

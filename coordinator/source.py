@@ -89,6 +89,8 @@ class RequestSource:
         self.context: tuple[str, dict[str, np.ndarray]] | None = None
         #: Outputs to ask for (the ones the job stores); None: every output the model has.
         self.outputs: list[str] | None = None
+        #: The job's model.parameters: OIP request parameters on every request.
+        self.parameters: dict[str, str | int | float | bool] = {}
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.inputs_at(slice(start, stop))
@@ -128,7 +130,7 @@ class RequestSource:
         refused = self.rejected(rows)
         if refused:
             raise RowsRejected(refused)
-        parameters: dict = {EXCLUSIVE: True}
+        parameters: dict = {**self.parameters, EXCLUSIVE: True}
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]
         return build_wire_request(

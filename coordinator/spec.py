@@ -43,7 +43,9 @@ class SpecError(Exception):
     """A job file that cannot run as written; the message says which field and why."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A spec section that refuses unknown fields (a typo is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -54,7 +56,7 @@ def _input_suffix(path: str) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-class AlignSpec(_Strict):
+class AlignSpec(Strict):
     """Gene alignment: an .h5ad input's features matched to the feature list the model declares."""
 
     var_column: str | None = Field(
@@ -67,7 +69,7 @@ class AlignSpec(_Strict):
     )
 
 
-class InputSpec(_Strict):
+class InputSpec(Strict):
     """Where rows come from and which stored field feeds which model input."""
 
     path: str = Field(description="Input file (FASTA, HDF5, .h5ad, parquet or .npy).")
@@ -115,7 +117,7 @@ class InputSpec(_Strict):
         return self
 
 
-class LocalFleetSpec(_Strict):
+class LocalFleetSpec(Strict):
     """Servers the coordinator starts itself, as subprocesses, and stops when the job ends."""
 
     repository: str = Field(description="Model repository folder.")
@@ -138,7 +140,7 @@ class LocalFleetSpec(_Strict):
         return value
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     name: str = Field(min_length=1, max_length=128,
                       description="Model name as the servers know it (no path separators, not '.' or '..').")
     version: str = Field(default="", max_length=64)
@@ -149,6 +151,11 @@ class ModelSpec(_Strict):
     )
     local: LocalFleetSpec | None = None
     token: str | None = Field(default=None, description="Bearer token for the servers, if any.")
+    parameters: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="Open Inference Protocol request parameters sent with every request of this job (e.g. "
+        "diffusion steps); a python backend's predict receives them as `parameters`.",
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -167,6 +174,14 @@ class ModelSpec(_Strict):
                 raise ValueError(str(error)) from None
         return value
 
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(name for name in value if name.startswith("tensorfleet.") or not name)
+        if reserved:
+            raise ValueError(f"parameters {reserved}: names starting with 'tensorfleet.' are the coordinator's own")
+        return value
+
     @model_validator(mode="after")
     def _one_fleet(self) -> ModelSpec:
         if bool(self.servers) == bool(self.local):
@@ -174,7 +189,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     path: str
     format: OutputFormat | None = Field(default=None, description="Inferred from the suffix when unset.")
     tensors: dict[str, str] = Field(
@@ -225,7 +240,7 @@ class OutputSpec(_Strict):
         return self
 
 
-class ChunkingSpec(_Strict):
+class ChunkingSpec(Strict):
     """How rows are grouped: into requests (computed together) and chunks (checkpointed together)."""
 
     batch_rows: int | None = Field(
@@ -237,7 +252,7 @@ class ChunkingSpec(_Strict):
     chunk_rows: int = Field(default=1024, ge=1, description="About this many rows per part file.")
 
 
-class PolicySpec(_Strict):
+class PolicySpec(Strict):
     window: int = Field(default=4, ge=1, description="Requests in flight per server.")
     retries: int = Field(
         default=3, ge=0, description="Times a chunk may be lost with a dead server before its rows fail."
@@ -258,7 +273,22 @@ class PolicySpec(_Strict):
     )
 
 
-class JobSpec(_Strict):
+def absolute(base: Path, path: str) -> str:
+    """`path` made absolute against `base`; object-store URLs stay as they are."""
+    return str((base / path).resolve()) if "://" not in path else path
+
+
+def resolve_model(model: dict[str, Any], base: Path) -> None:
+    """Make a dumped ModelSpec's hostfile and local repository paths absolute, in place."""
+    model["servers"] = [
+        "hostfile:" + absolute(base, s.removeprefix("hostfile:")) if s.startswith("hostfile:") else s
+        for s in model.get("servers") or []
+    ]
+    if model.get("local"):
+        model["local"]["repository"] = absolute(base, model["local"]["repository"])
+
+
+class JobSpec(Strict):
     name: str = Field(default="job", max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     input: InputSpec
     model: ModelSpec
@@ -284,20 +314,11 @@ class JobSpec(_Strict):
     def resolved(self, base: Path) -> JobSpec:
         """A copy with every relative path made absolute against `base`."""
         data = self.model_dump()
-
-        def absolute(path: str) -> str:
-            return str((base / path).resolve()) if "://" not in path else path
-
-        data["input"]["path"] = absolute(data["input"]["path"])
-        data["output"]["path"] = absolute(data["output"]["path"])
-        data["model"]["servers"] = [
-            "hostfile:" + absolute(s.removeprefix("hostfile:")) if s.startswith("hostfile:") else s
-            for s in data["model"]["servers"]
-        ]
-        if data["model"]["local"]:
-            data["model"]["local"]["repository"] = absolute(data["model"]["local"]["repository"])
+        data["input"]["path"] = absolute(base, data["input"]["path"])
+        data["output"]["path"] = absolute(base, data["output"]["path"])
+        resolve_model(data["model"], base)
         if data["job_dir"]:
-            data["job_dir"] = absolute(data["job_dir"])
+            data["job_dir"] = absolute(base, data["job_dir"])
         return JobSpec.model_validate(data)
 
     def digest(self) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from .dispatcher import CompletedChunk
 from .manifest import MANIFEST_NAME, Manifest, RowError
 from .parts import Part
-from .readers import FieldInfo, Reader, open_reader
+from .readers import FieldInfo, InputError, Reader, open_reader
 from .spec import InputSpec
 
 
@@ -142,6 +142,74 @@ class StageReader(Reader):
         while len(self._cache) > self._cached_chunks:
             self._cache.popitem(last=False)
         return entry
+
+
+class DeclaredOutputs(Reader):
+    """An earlier stage's outputs as its model declares them: for planning (a dry run), never read."""
+
+    def __init__(self, spec: InputSpec, rows: Reader, outputs: dict[str, tuple[str, list[int]]]) -> None:
+        super().__init__(spec)
+        self._rows = rows
+        self._outputs = outputs
+
+    @property
+    def num_rows(self) -> int:
+        return self._rows.num_rows
+
+    def fields(self) -> dict[str, FieldInfo]:
+        from tensorfleet.client.codec import NUMPY_DTYPES
+
+        return {
+            name: FieldInfo(name, np.dtype(NUMPY_DTYPES.get(datatype, "<f4")), tuple(shape))
+            for name, (datatype, shape) in self._outputs.items()
+        }
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        return self._rows.ids(start, stop)
+
+    def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        raise InputError(f"{field}: an earlier stage's output is known only once that stage runs")
+
+
+class StagesReader(Reader):
+    """What one stage reads: the previous stage's outputs by plain name, and `input:FIELD` (the
+    job's input) or `STAGE:OUTPUT` (an earlier stage's output) by qualified name."""
+
+    def __init__(self, spec: InputSpec, previous: Reader, named: dict[str, Reader]) -> None:
+        super().__init__(spec)
+        self.previous = previous
+        self.named = named
+
+    def _source(self, field: str) -> tuple[Reader, str]:
+        where, colon, name = field.partition(":")
+        if colon and where in self.named:
+            return self.named[where], name
+        return self.previous, field
+
+    @property
+    def num_rows(self) -> int:
+        return self.previous.num_rows
+
+    def fields(self) -> dict[str, FieldInfo]:
+        out = dict(self.previous.fields())
+        for where, reader in self.named.items():
+            out.update({f"{where}:{name}": info for name, info in reader.fields().items()})
+        return out
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        return self.previous.ids(start, stop)
+
+    def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        reader, name = self._source(field)
+        return reader.read(name, start, stop)
+
+    def lengths(self, field: str, start: int, stop: int) -> np.ndarray:
+        reader, name = self._source(field)
+        return reader.lengths(name, start, stop)
+
+    def close(self) -> None:
+        for reader in {id(r): r for r in [self.previous, *self.named.values()]}.values():
+            reader.close()
 
 
 def carry_failures(upstream: StageReader, stage: str) -> Callable[[Callable], Callable]:

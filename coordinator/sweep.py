@@ -1,10 +1,13 @@
-"""Many models over many sources (the epistasis embedding pipeline): one parquet sheet per model.
+"""Many models over many sources (the epistasis embedding pipeline): one parquet sheet per model,
+or one table for the whole job.
 
 Each (model, source) pair is one ordinary run in `<job dir>/<model>/<source>/`, checkpointed
-and resumable like any job; a model's local fleet is started once for all its sources. The
-model's sheet stacks its sources in job-file order with a leading `source` column; `outputs`
-renames each model's outputs so every sheet has the same columns. Models run one after
-another, each on its own fleet.
+and resumable like any job; a model's local fleet starts once, on the first pair with work
+to do, so a finished model starts no server. A model may run on some sources only
+(`models[].sources`). Each model's sheet stacks its sources in job-file order under a leading
+`source` column (`output.layout: one_table`: one file, with a `model` column before it);
+`outputs` renames each model's outputs so every sheet has the same columns. Models run one
+after another, each on its own fleet.
 """
 
 from __future__ import annotations
@@ -18,70 +21,26 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
 
-from .job import JobFatal, RunOptions, RunResult, _dry_run, _run, final_output_path
-from .local_fleet import LocalFleet, LocalFleetError
+from .job import (
+    JobFatal,
+    RunContext,
+    RunOptions,
+    RunResult,
+    describe_plan,
+    final_output_path,
+    open_input,
+    run_one,
+    up_to_date,
+)
+from .kinds import SourceSpec, SweepModelSpec, SweepSpec
 from .manifest import MANIFEST_NAME
-from .pipeline import _absolute, resolve_model
+from .model_fleet import ModelFleet
 from .progress import write_json_atomic
-from .readers import InputError, open_reader
-from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec, PolicySpec, _Strict
+from .spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
+from .status import MARKER_NAME
 
-SWEEP_NAME = "sweep.json"
-_NAME = r"^[A-Za-z0-9_.\-]+$"
-
-
-class SourceSpec(InputSpec):
-    name: str | None = Field(default=None, pattern=_NAME, description="Source label; default: the file's stem.")
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.path).stem
-
-
-class SweepModelSpec(ModelSpec):
-    batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this model.")
-    token_budget: int | None = Field(default=None, ge=1)
-    inputs: dict[str, str] = Field(default_factory=dict, description="model input -> source field (all sources).")
-    outputs: dict[str, str] = Field(
-        default_factory=dict, description="model output -> stored column; use it to give every sheet the same columns."
-    )
-
-
-class SheetsSpec(_Strict):
-    dir: str = Field(description="Folder for the sheets: <dir>/<model>.parquet.")
-    dtype: str | None = Field(default=None, pattern=r"^(float32|float16)$")
-    compression: str | None = Field(default=None, pattern=r"^(gzip|zstd|snappy)$")
-
-
-class SweepSpec(_Strict):
-    name: str = Field(default="sweep", pattern=_NAME)
-    sources: list[SourceSpec] = Field(min_length=1)
-    models: list[SweepModelSpec] = Field(min_length=1)
-    output: SheetsSpec
-    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
-    policy: PolicySpec = Field(default_factory=PolicySpec)
-    job_dir: str | None = None
-
-    @model_validator(mode="after")
-    def _unique(self) -> SweepSpec:
-        for kind, names in (("sources", [s.label for s in self.sources]), ("models", [m.name for m in self.models])):
-            repeated = sorted({n for n in names if names.count(n) > 1})
-            if repeated:
-                raise ValueError(f"{kind} {repeated} appear more than once; give each a distinct name")
-        return self
-
-    def resolved(self, base: Path) -> SweepSpec:
-        data = self.model_dump()
-        for source in data["sources"]:
-            source["path"] = _absolute(base, source["path"])
-        for model in data["models"]:
-            resolve_model(model, base)
-        data["output"]["dir"] = _absolute(base, data["output"]["dir"])
-        if data["job_dir"]:
-            data["job_dir"] = _absolute(base, data["job_dir"])
-        return SweepSpec.model_validate(data)
+KIND = "models x sources"
 
 
 def sheet_path(spec: SweepSpec, model: str, limit: int | None) -> Path:
@@ -89,18 +48,39 @@ def sheet_path(spec: SweepSpec, model: str, limit: int | None) -> Path:
     return Path(spec.output.dir) / f"{model}{suffix}.parquet"
 
 
-def _sub_job(spec: SweepSpec, model: SweepModelSpec, source: SourceSpec, sub_dir: Path, servers: list[str] | None) -> JobSpec:
-    fleet = {"servers": servers, "local": None} if servers is not None else {}
-    base = ModelSpec.model_validate({**model.model_dump(include=set(ModelSpec.model_fields)), **fleet})
+def table_path(spec: SweepSpec, limit: int | None) -> Path:
+    return sheet_path(spec, spec.name, limit)
+
+
+def locations(spec: SweepSpec, options: RunOptions) -> tuple[Path, Path]:
+    """(output folder, job folder)."""
+    suffix = f".limit{options.limit}" if options.limit else ""
+    job_dir = (options.job_dir or Path(spec.job_dir or Path(spec.output.dir) / f".{spec.name}{suffix}.tfjob")).resolve()
+    return Path(spec.output.dir), job_dir
+
+
+def selected_models(spec: SweepSpec, options: RunOptions) -> list[SweepModelSpec]:
+    """The models this run runs: all, or --models (names checked against the job)."""
+    if not options.models:
+        return list(spec.models)
+    names = [m.name for m in spec.models]
+    unknown = [name for name in options.models if name not in names]
+    if unknown:
+        raise JobFatal(f"--models {unknown}: the job has no such model (it has {names})")
+    return [m for m in spec.models if m.name in options.models]
+
+
+def _sub_job(spec: SweepSpec, model: SweepModelSpec, source: SourceSpec, sub_dir: Path) -> JobSpec:
     return JobSpec(
         name=f"{spec.name}.{model.name}.{source.label}",
         input=InputSpec.model_validate(
             {**source.model_dump(exclude={"name"}), "tensors": model.inputs or source.tensors}
         ),
-        model=base,
+        model=ModelSpec.model_validate(model.model_dump(include=set(ModelSpec.model_fields))),
         output=OutputSpec(
             path=str(sub_dir / "rows.parquet"), tensors=model.outputs, dtype=spec.output.dtype,
             compression=spec.output.compression,
+            parts=f"{spec.output.parts.rstrip('/')}/{model.name}/{source.label}" if spec.output.parts else None,
         ),
         chunking=ChunkingSpec(batch_rows=model.batch_rows, token_budget=model.token_budget,
                               chunk_rows=spec.chunking.chunk_rows),
@@ -110,88 +90,106 @@ def _sub_job(spec: SweepSpec, model: SweepModelSpec, source: SourceSpec, sub_dir
 
 
 def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
-    if options.limit is not None and options.limit < 1:
-        raise JobFatal("--limit must be at least 1")
-    suffix = f".limit{options.limit}" if options.limit else ""
-    job_dir = (options.job_dir or Path(spec.job_dir or Path(spec.output.dir) / f".{spec.name}{suffix}.tfjob")).resolve()
+    models = selected_models(spec, options)
+    _, job_dir = locations(spec, options)
     if options.dry_run:
-        return _dry_run_sweep(spec, options, job_dir)
-    marker = job_dir / SWEEP_NAME
+        return dry_run_sweep(spec, models, options, job_dir)
+    marker = job_dir / MARKER_NAME
     if marker.is_file() and options.restart:
         shutil.rmtree(job_dir)
     elif marker.is_file() and not options.resume:
         raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
     job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {"name": spec.name, "models": [m.name for m in spec.models],
-                               "sources": [s.label for s in spec.sources]})
+    write_json_atomic(marker, {
+        "kind": KIND, "name": spec.name, "output": spec.output.dir,
+        "parts": [{"label": f"model {m.name} source {s.label}", "model": m.name, "dir": f"{m.name}/{s.label}"}
+                  for m in spec.models for s in spec.sources_of(m)],
+    })
     started = time.monotonic()
     rows = failed = computed = 0
     sheets: list[Path] = []
     columns: list[str] | None = None
-    for model in spec.models:
-        sheet = sheet_path(spec, model.name, options.limit)
+    tables: list[tuple[str, list[tuple[str, Path | None]]]] = []
+    fresh = False  # some part computed rows: the combined files are written again
+    for model in models:
         parts = _run_model(spec, model, options, job_dir / model.name)
-        for result in parts:
+        for _, result in parts:
             rows, failed, computed = rows + result.rows, failed + result.rows_failed, computed + result.rows_computed
-        names = _write_sheet(sheet, [(s.label, r.output) for s, r in zip(spec.sources, parts, strict=True)], model.name)
+            fresh = fresh or bool(result.rows_computed)
+        files = [(label, r.output) for label, r in parts]
+        names = _column_names(files, model.name)
         if columns is not None and names != columns:
             raise JobFatal(
                 f"model '{model.name}' gives the columns {names}, the sheets before it {columns}; "
                 f"map its outputs with models[].outputs so every sheet has the same columns"
             )
         columns = names
-        sheets.append(sheet)
+        if spec.output.layout == "per_model":
+            sheet = sheet_path(spec, model.name, options.limit)
+            if fresh or not up_to_date(sheet, [path for _, path in files]):
+                _write_sheet(sheet, [("source", [label for label, _ in files])], [path for _, path in files])
+            sheets.append(sheet)
+        else:
+            tables.append((model.name, files))
+    if spec.output.layout == "one_table":
+        table = table_path(spec, options.limit)
+        keys = [("model", [m for m, files in tables for _ in files]), ("source", [s for _, files in tables for s, _ in files])]
+        paths = [path for _, files in tables for _, path in files]
+        if fresh or not up_to_date(table, paths):
+            _write_sheet(table, keys, paths)
+        sheets.append(table)
     return SweepResult(sheets[0], job_dir, rows, failed, computed, time.monotonic() - started, sheets=sheets)
 
 
-def _run_model(spec: SweepSpec, model: SweepModelSpec, options: RunOptions, model_dir: Path) -> list[RunResult]:
-    fleet: LocalFleet | None = None
-    servers = list(options.servers or model.servers)
+def _run_model(
+    spec: SweepSpec, model: SweepModelSpec, options: RunOptions, model_dir: Path
+) -> list[tuple[str, RunResult]]:
+    fleet = ModelFleet(model, model_dir / "servers", spec.policy.server_wait_s, label=f"model {model.name}")
+    results = []
     try:
-        if model.local is not None and not options.servers:
-            local = model.local
-            fleet = LocalFleet(Path(local.repository), model.name, local.count, local.device, model_dir / "servers", local.args)
-            try:
-                servers = fleet.start(local.startup_timeout_s)
-            except LocalFleetError as error:
-                raise JobFatal(f"model {model.name}: {error}") from None
-        results = []
-        for source in spec.sources:
+        for source in spec.sources_of(model):
             sub_dir = model_dir / source.label
-            sub = _sub_job(spec, model, source, sub_dir, servers)
+            sub = _sub_job(spec, model, source, sub_dir)
             sub_options = RunOptions(
                 job_dir=sub_dir, resume=(sub_dir / MANIFEST_NAME).is_file(), limit=options.limit,
                 progress_stream=options.progress_stream,
             )
-            try:
-                reader = open_reader(sub.input)
-            except InputError as error:
-                raise JobFatal(str(error)) from None
-            with reader:
+            with open_input(sub.input) as reader:
                 try:
-                    results.append(_run(sub, reader, sub_options, final_output_path(sub, options.limit), sub_dir))
+                    result = run_one(RunContext(sub, reader, sub_options, final_output_path(sub, options.limit),
+                                                sub_dir, fleet))
                 except JobFatal as error:
                     raise JobFatal(f"model {model.name}, source {source.label}: {error}") from None
+            results.append((source.label, result))
         return results
     finally:
-        if fleet is not None:
-            fleet.stop()
+        fleet.stop()
 
 
-def _write_sheet(sheet: Path, parts: list[tuple[str, Path | None]], model: str) -> list[str]:
-    """Stack the sources' parquet files under a `source` column; atomic; returns the column names."""
-    tables = []
+def _column_names(parts: list[tuple[str, Path | None]], model: str) -> list[str]:
+    names: list[str] | None = None
     for label, path in parts:
         assert path is not None
+        have = pq.read_schema(path).names
+        if names is not None and have != names:
+            raise JobFatal(f"model {model}: source {label} gives columns {have}, not {names}")
+        names = have
+    return ["source", *(names or [])]
+
+
+def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Path | None]) -> None:
+    """Stack parquet files under leading key columns (one value per file); atomic."""
+    tables = []
+    for index, path in enumerate(paths):
+        assert path is not None
         table = pq.read_table(path)
-        tables.append(table.add_column(0, "source", pa.array([label] * table.num_rows, pa.string())))
-    names = tables[0].column_names
-    for (label, _), table in zip(parts, tables, strict=True):
-        if table.column_names != names:
-            raise JobFatal(f"model {model}: source {label} gives columns {table.column_names}, not {names}")
+        for position, (name, values) in enumerate(keys):
+            table = table.add_column(position, name, pa.array([values[index]] * table.num_rows, pa.string()))
+        tables.append(table)
     metadata = dict(tables[0].schema.metadata or {})
     provenance = json.loads(metadata.get(b"tensorfleet", b"{}"))
-    provenance["sources"] = [label for label, _ in parts]
+    for name, values in keys:
+        provenance[f"{name}s"] = list(dict.fromkeys(values))
     metadata[b"tensorfleet"] = json.dumps(provenance, sort_keys=True).encode()
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).replace_schema_metadata(metadata)
     sheet.parent.mkdir(parents=True, exist_ok=True)
@@ -200,23 +198,23 @@ def _write_sheet(sheet: Path, parts: list[tuple[str, Path | None]], model: str) 
     with open(temp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, sheet)
-    return names
 
 
-def _dry_run_sweep(spec: SweepSpec, options: RunOptions, job_dir: Path) -> RunResult:
+def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOptions, job_dir: Path) -> RunResult:
     lines = [f"job: {spec.name} (dry run: nothing computed, nothing written)",
-             f"{len(spec.models)} models x {len(spec.sources)} sources, models one after another"]
+             f"{len(models)} models x {len(spec.sources)} sources, models one after another"]
     rows = 0
-    for model in spec.models:
-        lines.append(f"model {model.name} -> {sheet_path(spec, model.name, options.limit)}")
-        for source in spec.sources:
-            sub = _sub_job(spec, model, source, job_dir / model.name / source.label, None)
-            try:
-                reader = open_reader(sub.input)
-            except InputError as error:
-                raise JobFatal(str(error)) from None
-            with reader:
-                plan = _dry_run(sub, reader, options, Path(spec.output.dir), job_dir)
+    for model in models:
+        fleet = ModelFleet(model, job_dir / model.name / "servers", spec.policy.server_wait_s, label=f"model {model.name}")
+        target = sheet_path(spec, model.name, options.limit) if spec.output.layout == "per_model" else table_path(spec, options.limit)
+        lines.append(f"model {model.name} -> {target}")
+        for source in spec.sources_of(model):
+            sub = _sub_job(spec, model, source, job_dir / model.name / source.label)
+            with open_input(sub.input) as reader:
+                try:
+                    plan = describe_plan(sub, fleet, reader, options.limit, Path(spec.output.dir), job_dir)
+                except JobFatal as error:
+                    raise JobFatal(f"model {model.name}, source {source.label}: {error}") from None
             rows += plan.rows
             body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:"))]
             lines.append(f"  source {source.label} ({source.path}): " + "; ".join(body))

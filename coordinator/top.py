@@ -41,7 +41,7 @@ class Snapshot:
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `tensorfleet top`; the parser's `handler` default runs it (returns an exit code)."""
-    from .service_cli import _connection_args
+    from .client_options import connection_args
 
     parser = subparsers.add_parser(
         "top", help="live view of jobs (progress, ETA) and servers (rows/s, queue depth, GPU)",
@@ -53,18 +53,18 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true", help="JSON: one document with --once, else one line per refresh")
     parser.add_argument("--server-token", help="bearer token of the servers in --servers (default: --token)")
-    _connection_args(parser)
+    connection_args(parser)
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from .service_cli import DEFAULT_COORDINATOR, _options
+    from .client_options import DEFAULT_COORDINATOR, connection_options
 
     servers = [s.strip() for s in (args.servers or "").split(",") if s.strip()]
     coordinator = args.coordinator or (None if servers else DEFAULT_COORDINATOR)
-    options = _options(args)
-    server_options = _options(argparse.Namespace(**{**vars(args), "token": args.server_token or args.token}))
+    options = connection_options(args)
+    server_options = connection_options(argparse.Namespace(**{**vars(args), "token": args.server_token or args.token}))
     session = TopSession(coordinator, servers, options, server_options)
     try:
         if args.once:

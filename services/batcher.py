@@ -210,11 +210,17 @@ class DynamicBatcher:
             return True
         enough = min(max([self.config.max_batch_size, *self.policy.preferred_batch_sizes]),
                      self.config.max_batch_size)
-        mergeable = [p.request for p in self._queue if not p.request.exclusive]
+        mergeable = [p.request for p in self._queue if self._mergeable(oldest.request, p.request)]
         if sum(r.rows for r in mergeable) >= enough:
             return True
         budget = self.policy.token_budget
         return bool(budget) and sum(r.rows * self._bucket(r) for r in mergeable) >= budget
+
+    @staticmethod
+    def _mergeable(oldest: DecodedRequest, other: DecodedRequest) -> bool:
+        """Requests share a batch only with the same stored context and the same parameters:
+        the model runs a batch with one context and one set of parameters."""
+        return not other.exclusive and other.context == oldest.context and other.parameters == oldest.parameters
 
     def _start(self, pending: list[_Pending]) -> None:
         batch = _Batch(pending)
@@ -236,8 +242,7 @@ class DynamicBatcher:
             return [oldest]
         chosen = [oldest]
         rows, longest = oldest.request.rows, self._bucket(oldest.request)
-        # never merge requests that use different stored contexts
-        candidates = [p for p in self._queue if not p.request.exclusive and p.request.context == oldest.request.context]
+        candidates = [p for p in self._queue if self._mergeable(oldest.request, p.request)]
         if self.policy.token_budget:
             # group by length: nearest length bucket first, then arrival order
             candidates.sort(key=lambda p: abs(self._bucket(p.request) - longest))
@@ -297,7 +302,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
         # merge and copy now, while the model thread may still be computing the batch before
-        prepared = self._feeder.submit(self._prepare, requests) if self._feeder else None
+        # (a batch with request parameters runs unstaged: predict_staged takes none)
+        staged = self._feeder is not None and not requests[0].parameters
+        prepared = self._feeder.submit(self._prepare, requests) if staged else None
 
         def run() -> None:
             started = time.monotonic_ns()
@@ -353,7 +360,9 @@ class DynamicBatcher:
         t0 = time.monotonic_ns()
         merged = assembly.merge()
         t1 = time.monotonic_ns()
-        outputs = self._predict_halving(merged, assembly.rows, requests[0].context_inputs, assembly.wanted)
+        outputs = self._predict_halving(
+            merged, assembly.rows, requests[0].context_inputs, assembly.wanted, requests[0].parameters
+        )
         t2 = time.monotonic_ns()
         split = assembly.split(outputs)
         t3 = time.monotonic_ns()
@@ -376,7 +385,9 @@ class DynamicBatcher:
             if not is_out_of_memory(error):
                 raise
             ready.staged = None  # free the device copies before halving
-            outputs = self._predict_halving(ready.merged, assembly.rows, requests[0].context_inputs, assembly.wanted)
+            outputs = self._predict_halving(
+                ready.merged, assembly.rows, requests[0].context_inputs, assembly.wanted, requests[0].parameters
+            )
         else:
             device = self._device_stages() if self._device_stages else {}
             # the copy ran on the feeder: count it as part of this predict, as unstaged
@@ -388,7 +399,7 @@ class DynamicBatcher:
 
     def _predict_halving(
         self, inputs: dict[str, np.ndarray], rows: int, context: dict | None = None,
-        wanted: frozenset[str] | None = None,
+        wanted: frozenset[str] | None = None, parameters: dict | None = None,
     ) -> Outputs:
         """Out of memory: run the two halves separately and join them, down to one row.
 
@@ -396,7 +407,12 @@ class DynamicBatcher:
         started = time.monotonic_ns()
         feed = {**inputs, **context} if context else inputs
         try:
-            outputs = self._predict(feed) if wanted is None else self._predict(feed, outputs=wanted)
+            extra: dict = {}
+            if wanted is not None:
+                extra["outputs"] = wanted
+            if parameters:
+                extra["parameters"] = parameters
+            outputs = self._predict(feed, **extra)
             device = self._device_stages() if self._device_stages else None
             self.stats.record_execution(rows, time.monotonic_ns() - started, device)
             return outputs
@@ -409,8 +425,8 @@ class DynamicBatcher:
                 ) from error
             half = rows // 2
             log.warning("model %s: out of memory at %d rows; halving", self.config.name, rows)
-        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half, context, wanted)
-        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half, context, wanted)
+        first = self._predict_halving({k: v[:half] for k, v in inputs.items()}, half, context, wanted, parameters)
+        second = self._predict_halving({k: v[half:] for k, v in inputs.items()}, rows - half, context, wanted, parameters)
         return {name: _join(first[name], second[name]) for name in first}
 
     def _model_error(self, error: Exception) -> TensorfleetError:

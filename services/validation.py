@@ -33,6 +33,9 @@ class DecodedRequest:
     #: A stored context (services/contexts.py): its id, and the tensors added before predict.
     context: str = ""
     context_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The request's own parameters for the model (all but tensorfleet.* and the protocol's
+    #: own): the batcher merges only requests with equal parameters; predict gets them.
+    parameters: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
 def _shape_matches(spec_shape: list[int], shape: list[int]) -> bool:
@@ -99,6 +102,19 @@ def _exclusive(request: pb.ModelInferRequest) -> bool:
     return value
 
 
+#: Request parameters the protocol or the server itself reads, never handed to a model.
+PROTOCOL_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
+                                 "binary_data_output", "headers"})
+
+
+def model_parameters(request: pb.ModelInferRequest) -> dict[str, bool | int | float | str]:
+    """The parameters a request carries for its model."""
+    return {
+        name: parameter_value(value) for name, value in request.parameters.items()
+        if not name.startswith("tensorfleet.") and name not in PROTOCOL_PARAMETERS
+    }
+
+
 def decode_request(
     request: pb.ModelInferRequest, config: ModelConfig, raw: Sequence[bytes | memoryview] | None = None
 ) -> DecodedRequest:
@@ -133,7 +149,8 @@ def decode_request(
             known = [s.name for s in config.outputs]
             raise InvalidArgument(f"unknown output '{name}' requested from model '{config.name}'; it has {known}")
     return DecodedRequest(
-        inputs=inputs, rows=rows, length=length, exclusive=_exclusive(request), requested_outputs=requested
+        inputs=inputs, rows=rows, length=length, exclusive=_exclusive(request), requested_outputs=requested,
+        parameters=model_parameters(request) if request.parameters else {},
     )
 
 

@@ -271,3 +271,23 @@ async def test_requests_that_fill_the_token_budget_are_a_full_batch_to_queue_beh
     assert [r["y"][0, 0] for r in results] == [10, 20, 20]
     assert model.batches == [(1, 16), (2, 16)]
     await batcher.close()
+
+
+async def test_requests_with_different_parameters_never_share_a_batch_and_each_batch_gets_its_own():
+    seen: list[tuple[list[int], dict]] = []
+
+    def predict(inputs, parameters=None):
+        seen.append((inputs["x"][:, 0].tolist(), dict(parameters or {})))
+        scale = (parameters or {}).get("scale", 1)
+        return {"y": inputs["x"] * scale, "width": np.full(inputs["x"].shape[0], 1, dtype=np.int64)}
+
+    batcher = DynamicBatcher(make_config(max_queue_delay_ms=200), predict)
+    requests = [request([i]) for i in range(6)]
+    for i, item in enumerate(requests):
+        item.parameters = {"scale": 10} if i % 2 else {}
+    results = await run_all(batcher, requests)
+    await batcher.close()
+    assert [int(r["y"][0, 0]) for r in results] == [0, 10, 2, 30, 4, 50]
+    assert all(params == ({"scale": 10} if rows[0] % 2 else {}) for rows, params in seen)
+    assert all(len({row % 2 for row in rows}) == 1 for rows, _ in seen)  # never mixed
+    assert max(len(rows) for rows, _ in seen) > 1  # equal parameters still merge

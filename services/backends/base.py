@@ -7,7 +7,7 @@ file that calls `register`; nothing else changes.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +65,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """One batch in (first axis = rows), one batch out with the same row count.
 
         `outputs`: the only outputs this batch's requests want (None: all); the others may be
-        left out of the result."""
+        left out of the result. `parameters`: the requests' own Open Inference Protocol
+        parameters (every request of a batch has the same ones); backends that have no use for
+        them ignore them."""
 
     def can_stage(self) -> bool:
         """True when `stage` can copy a batch's inputs to the device ahead of `predict_staged`,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ class PythonModelBackend(Backend):
         super().__init__(context)
         self.model: object | None = None
         self.takes_outputs = False
+        self.takes_parameters = False
 
     def load(self) -> None:
         spec_cfg = self.context.config.python
@@ -46,7 +48,10 @@ class PythonModelBackend(Backend):
         model.load(self.context)
         self.model = model
         # a model whose predict takes `outputs` is told which outputs the batch needs
-        self.takes_outputs = "outputs" in inspect.signature(model.predict).parameters
+        accepted = inspect.signature(model.predict).parameters
+        self.takes_outputs = "outputs" in accepted
+        # a model whose predict takes `parameters` gets the request's parameters (a dict, maybe empty)
+        self.takes_parameters = "parameters" in accepted
 
     def warmup(self) -> None:
         warm = getattr(self.model, "warmup", None)
@@ -54,11 +59,15 @@ class PythonModelBackend(Backend):
             warm()
 
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
+        extra: dict[str, Any] = {}
         if outputs is not None and self.takes_outputs:
-            return self.model.predict(inputs, outputs=outputs)  # type: ignore[union-attr]
-        return self.model.predict(inputs)  # type: ignore[union-attr]
+            extra["outputs"] = outputs
+        if self.takes_parameters:
+            extra["parameters"] = dict(parameters or {})
+        return self.model.predict(inputs, **extra)  # type: ignore[union-attr]
 
     def can_stage(self) -> bool:
         """A model that copies ahead defines stage(inputs), predict_staged(staged) and

@@ -15,6 +15,7 @@ One graph and one session per model, created at load and kept for the server's l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -117,7 +118,8 @@ class GraphCheckpointBackend(Backend):
             ) from None
 
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:  # TF computes every fetched output: `outputs` is not used
         feed = dict(self.constants)
         for spec in self.context.config.inputs:

@@ -7,6 +7,7 @@ model loads once, on the server's device, and runs each batch as one signature c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -101,7 +102,8 @@ class SavedModelBackend(Backend):
             check_shape(config, spec, _dims(saved_outputs[spec.name].shape), f"{where} output")
 
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:  # TF computes every fetched output: `outputs` is not used
         tf = self.tf
         with tf.device(self.device_name):

@@ -10,6 +10,7 @@ events around the copies and the program give each predict's h2d / compute / d2h
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,8 @@ class TorchProgramBackend(Backend):
         return tensor
 
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None
+        self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         torch = self._torch()
         clock = StageClock(torch, self.device)

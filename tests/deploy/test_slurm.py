@@ -289,3 +289,41 @@ def test_a_server_that_cannot_start_fails_the_batch_job_quickly(
     assert "failed to start" in log and "did not become healthy" in log
     assert not (tmp_path / "broken-out.h5").exists()
 
+
+
+def _dpam_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "dpam"
+    shutil.copytree(REPO_ROOT / "examples" / "dpam", root, ignore=shutil.ignore_patterns("output", "*.tfjob"))
+    return root
+
+
+def test_dry_run_of_a_multi_stage_job_serves_every_stage_model(tmp_path: Path) -> None:
+    """Issue 13: the DPAM example (two stages) through `slurm --dry-run`; its servers load both models."""
+    root = _dpam_copy(tmp_path)
+    script = _dry_run(root / "dpam.yaml", "--gpus", "2")
+    assert subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30).returncode == 0
+    args = build_parser().parse_args(_server_args(script))
+    assert args.model_repository == root / "models" and args.models == ["dpam_features", "domass"]
+    assert "--model dpam_features --model domass" in script  # the health wait checks both
+
+
+def test_tensorfleet_slurm_runs_a_multi_stage_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Issue 13: the DPAM example on one srun CPU server that serves both stages' models equals `tensorfleet run`."""
+    root, reference = _dpam_copy(tmp_path / "slurm"), _dpam_copy(tmp_path / "local")
+    submitted = subprocess.run(
+        [*_tensorfleet_slurm(), str(root / "dpam.yaml"), "--cpu", "--gpus", "1", "--startup-timeout", "120"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=slurm_cluster.env, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted batch job ")[1].split()[0]
+    state = _wait_for_job(slurm_cluster, job_id, timeout=240)
+    log = (root / "dpam.slurm" / f"slurm-{job_id}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{log}"
+    done = subprocess.run([sys.executable, "-m", "tensorfleet.coordinator", "run", str(reference / "dpam.yaml")],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr
+    import pyarrow.parquet as pq
+
+    ours, theirs = pq.read_table(root / "output" / "domass.parquet"), pq.read_table(reference / "output" / "domass.parquet")
+    assert ours.column("id").to_pylist() == theirs.column("id").to_pylist()
+    assert ours.column("probabilities").to_pylist() == theirs.column("probabilities").to_pylist()

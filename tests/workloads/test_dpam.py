@@ -79,8 +79,10 @@ def test_two_stages_tf_and_torch_match_in_process_and_resume_skips_done_work(exa
     status = run_tensorfleet("status", job_dir)
     assert "stage 1 features (dpam_features): done, rows 150/150" in status.stdout, status.stdout
     assert "stage 2 domass (domass): done, rows 150/150" in status.stdout
+    assert "total: done, rows 300/300" in status.stdout
     report = json.loads(run_tensorfleet("status", job_dir, "--json").stdout)
-    assert [s["chunks_done"] for s in report["stages"]] == [5, 5]
+    assert report["kind"] == "multi-stage"
+    assert [s["chunks_done"] for s in report["parts"]] == [5, 5]
 
     # Stage 1 lost its last chunk, stage 2 lost everything: a resume redoes exactly those.
     before = leases(stage1)
@@ -95,11 +97,16 @@ def test_two_stages_tf_and_torch_match_in_process_and_resume_skips_done_work(exa
     resumed = np.stack(pq.read_table(root / "out" / "domass.parquet").column("probabilities").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(resumed, served)
 
-    # Both stages finished: a resume starts no server and computes nothing.
+    # Both stages finished: a resume starts no server and computes nothing (a manifest read).
     before = (leases(stage1), leases(stage2))
+    for stage in (stage1, stage2):
+        shutil.rmtree(stage / "servers")  # where a local fleet writes each server's log and port
+    output_stat = (root / "out" / "domass.parquet").stat().st_mtime_ns
     third = run_tensorfleet("run", job, "--resume")
     assert third.returncode == 0, third.stderr
     assert (leases(stage1), leases(stage2)) == before
+    assert not (stage1 / "servers").exists() and not (stage2 / "servers").exists()
+    assert (root / "out" / "domass.parquet").stat().st_mtime_ns == output_stat  # not even merged again
 
 
 def test_dry_run_lists_both_stages_and_writes_nothing(example):
