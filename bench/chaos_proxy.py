@@ -15,8 +15,12 @@ import time
 
 
 class ChaosProxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, refuse: set[int] | frozenset[int] = frozenset()) -> None:
+        """`refuse`: the accepted connections (1 = the first) reset at once, for tests that need
+        a connection to drop at a known step."""
         self.target_port = target_port
+        self.refuse = set(refuse)
+        self.accepted = 0
         self.delay_s = 0.0
         self._hold_until = 0.0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -67,6 +71,10 @@ class ChaosProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
+            if self.accepted in self.refuse:
+                _abort(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
                 upstream.settimeout(None)

@@ -9,7 +9,14 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, NotFound, TensorfleetError
+from tensorfleet.client import (
+    AsyncInferenceClient,
+    ConnectionOptions,
+    DeadlineExceeded,
+    NotFound,
+    TensorfleetError,
+    Unavailable,
+)
 from tensorfleet.protos import model_config_pb2 as mc
 
 
@@ -110,15 +117,16 @@ async def inspect_fleet(
     servers: list[str], model: str, version: str, options: ConnectionOptions, timeout: float
 ) -> tuple[ModelInfo, list[str]]:
     """The model as served, and which servers answered. FleetError when none did or they disagree."""
-    problems = await asyncio.gather(*(wait_serving(s, model, version, options, timeout) for s in servers))
-    ready = [s for s, problem in zip(servers, problems, strict=True) if problem is None]
-    if not ready:
-        detail = "; ".join(f"{s}: {p}" for s, p in zip(servers, problems, strict=True))
+    answers = await asyncio.gather(*(serving_model(s, model, version, options, timeout) for s in servers))
+    described = [(s, a) for s, a in zip(servers, answers, strict=True) if isinstance(a, ModelInfo)]
+    if not described:
+        detail = "; ".join(f"{s}: {a}" for s, a in zip(servers, answers, strict=True))
         raise FleetError(
             f"no server reachable after {timeout:.0f}s ({detail}). "
             f"Start servers (tensorfleet serve ...) or fix model.servers / --servers"
         )
-    infos = await asyncio.gather(*(describe_model(s, model, version, options) for s in ready))
+    ready = [s for s, _ in described]
+    infos = [info for _, info in described]
     first = infos[0]
     for address, info in zip(ready[1:], infos[1:], strict=True):
         if (info.artifact_sha256, info.version, info.precision) != (first.artifact_sha256, first.version, first.precision):
@@ -130,3 +138,25 @@ async def inspect_fleet(
     if first.max_batch_size < 1:
         raise FleetError(f"model '{model}' has max_batch_size 0 (unbatched); the coordinator sends row batches")
     return first, ready
+
+
+async def serving_model(
+    address: str, model: str, version: str, options: ConnectionOptions, timeout: float
+) -> ModelInfo | str:
+    """The model as `address` serves it, or the last problem seen within `timeout`.
+
+    A connection that drops between the health check and the description (a server restarting,
+    a proxy resetting) is retried like one that was never up, not fatal (found by bench.chaos).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        problem = await wait_serving(address, model, version, options, max(0.0, deadline - time.monotonic()))
+        if problem is not None:
+            return problem
+        try:
+            return await describe_model(address, model, version, options)
+        except (Unavailable, DeadlineExceeded) as error:
+            problem = error.message.splitlines()[0] if error.message else type(error).__name__
+        if time.monotonic() >= deadline:
+            return problem
+        await asyncio.sleep(0.2)

@@ -18,7 +18,7 @@ import yaml
 from tensorfleet.coordinator.filesystems import journal_mode_for
 from tensorfleet.coordinator.joblock import LOCK_NAME, STALE_S, JobLock, JobLocked
 from tensorfleet.coordinator.manifest import Manifest
-from tests.serving import launch_server
+from tests.serving import launch_server, running_server
 
 from .helpers import (
     MODELS,
@@ -286,3 +286,28 @@ def test_a_server_not_serving_the_model_is_retried_not_fatal(tmp_path):
         with pytest.raises(DispatchFatal):
             asyncio.run(asyncio.wait_for(dispatcher.run(), 60))
     assert "not ready" in dispatcher.servers[0].last_error
+
+
+def test_a_connection_dropped_between_health_and_description_is_retried(tmp_path: Path):
+    """bench.chaos found it: a reset during the start-up model check ended the job with a
+    traceback. The proxy resets the second connection (the description's, after the health
+    check's), and the fleet check must describe the model anyway."""
+    import asyncio
+
+    from bench.chaos_proxy import ChaosProxy
+    from tensorfleet.client import ConnectionOptions
+    from tensorfleet.coordinator.fleet import inspect_fleet
+
+    injected = 0
+    with running_server(MODELS) as server:
+        for _ in range(6):  # grpc may reuse the health check's connection: then nothing was dropped
+            proxy = ChaosProxy(server.port, refuse={2})
+            try:
+                info, ready = asyncio.run(inspect_fleet([proxy.address], "embed", "", ConnectionOptions(), 20.0))
+            finally:
+                proxy.close()
+            assert info.name == "embed" and ready == [proxy.address]
+            injected += proxy.accepted >= 2
+            if injected >= 2:
+                break
+    assert injected, "the second connection was never opened, so the fault was never injected"
