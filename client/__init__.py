@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
-from .async_inference_client import AsyncInferenceClient
-from .channel import ConnectionOptions
-from .coordinator_client import AsyncCoordinatorClient, CoordinatorClient
-from .errors import (
+from tensorfleet.core.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -20,12 +15,12 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .inference_client import InferenceClient
+from tensorfleet.core.version import __version__
 
-try:
-    __version__ = _metadata.version("tensorfleet")
-except _metadata.PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+from .async_inference_client import AsyncInferenceClient
+from .channel import ConnectionOptions
+from .coordinator_client import AsyncCoordinatorClient, CoordinatorClient
+from .inference_client import InferenceClient
 
 __all__ = [
     "AsyncCoordinatorClient",

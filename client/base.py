@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from tensorfleet.core import wire
+from tensorfleet.core.errors import InternalError, TensorfleetError, error_for_code
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
-from . import wire
 from .channel import ConnectionOptions
-from .errors import InternalError, TensorfleetError, error_for_code
 from .messages import StreamResult
 
 
@@ -51,7 +51,7 @@ class ClientBase:
         self._channel = make_channel(address, self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        # The inference rpcs carry tensors: their buffers bypass protobuf (client/wire.py).
+        # The inference rpcs carry tensors: their buffers bypass protobuf (core/wire.py).
         self._infer, self._stream = wire.infer_methods(self._channel)
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import grpc
 
+from tensorfleet.core.settings import channel_options
 from tensorfleet.core.tls import channel_credentials
-
-from .settings import channel_options
 
 
 @dataclass(frozen=True)

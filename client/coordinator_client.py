@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 
+from tensorfleet.core.errors import from_rpc_error
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
 from .channel import ConnectionOptions, aio_channel, sync_channel
-from .errors import from_rpc_error
 
 FINAL_STATES = frozenset({tf.SUCCEEDED, tf.FAILED, tf.CANCELLED})
 JobSpecSource = str | Path | dict[str, Any]

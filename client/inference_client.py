@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
+from tensorfleet.core import wire
+from tensorfleet.core.errors import TensorfleetError, from_rpc_error
 from tensorfleet.protos import inference_pb2 as pb
 
-from . import wire
 from .base import ClientBase, InOrder, ReadinessDeadline, check_window
 from .channel import ConnectionOptions, sync_channel
-from .errors import TensorfleetError, from_rpc_error
 from .messages import (
     ParameterValue,
     StreamResult,

@@ -8,34 +8,25 @@ from typing import Any
 import grpc
 import numpy as np
 
+from tensorfleet.core.codec import decode_contents, decode_raw, encode_buffer
+from tensorfleet.core.errors import InternalError, TensorfleetError, error_for_code
+from tensorfleet.core.parameters import ParameterValue, parameter_value, set_parameters
+from tensorfleet.core.wire import Buffer, InferRequest, InferResponse, StreamResponse
 from tensorfleet.protos import inference_pb2 as pb
 
-from .codec import decode_contents, decode_raw, encode_buffer
-from .errors import InternalError, TensorfleetError, error_for_code
-from .wire import Buffer, InferRequest, InferResponse, StreamResponse
+__all__ = [  # parameter helpers live in core.parameters (the server uses them too); kept here for users
+    "ParameterValue",
+    "StreamResult",
+    "build_wire_request",
+    "parameter_value",
+    "parse_infer_response",
+    "set_parameters",
+    "stream_error",
+    "stream_result",
+]
 
-ParameterValue = bool | int | float | str
 # One answer on an ordered stream: the outputs, or the typed error of that request.
 StreamResult = dict[str, np.ndarray] | TensorfleetError
-
-
-def set_parameters(target: Any, values: Mapping[str, ParameterValue] | None) -> None:
-    """Fill a protobuf map<string, InferParameter> from plain Python values."""
-    for key, value in (values or {}).items():
-        param = target[key]
-        if isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        elif isinstance(value, float):
-            param.double_param = value
-        else:
-            param.string_param = str(value)
-
-
-def parameter_value(param: pb.InferParameter) -> ParameterValue | None:
-    choice = param.WhichOneof("parameter_choice")
-    return None if choice is None else getattr(param, choice)
 
 
 def build_wire_request(
@@ -47,7 +38,7 @@ def build_wire_request(
     parameters: Mapping[str, ParameterValue] | None = None,
     version: str = "",
 ) -> InferRequest:
-    """One request with every input as a raw buffer kept beside the message (client.wire)."""
+    """One request with every input as a raw buffer kept beside the message (core.wire)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     set_parameters(request.parameters, parameters)
     raw: list[Buffer] = []

@@ -22,8 +22,9 @@ from typing import Any
 
 import grpc
 
-from . import wire
-from .errors import DeadlineExceeded, TensorfleetError, Unavailable, from_rpc_error
+from tensorfleet.core import wire
+from tensorfleet.core.errors import DeadlineExceeded, TensorfleetError, Unavailable, from_rpc_error
+
 from .messages import stream_error
 
 

@@ -24,8 +24,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from tensorfleet.client.errors import Unavailable
 from tensorfleet.core.auth import READ, TokenAuth, check_token
+from tensorfleet.core.errors import Unavailable
 
 from .job_manager import JobRequestError
 from .manifest import Manifest

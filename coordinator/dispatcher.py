@@ -26,12 +26,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tensorfleet.client import AsyncInferenceClient, ConnectionOptions, TensorfleetError, wire
+from tensorfleet.client import AsyncInferenceClient, ConnectionOptions
 from tensorfleet.client.channel import aio_channel
-from tensorfleet.client.errors import from_rpc_error
 from tensorfleet.client.inference_client import stream_error
 from tensorfleet.client.messages import parse_infer_response
 from tensorfleet.client.shared_memory import Lease, SharedMemorySession, same_host
+from tensorfleet.core import wire
+from tensorfleet.core.errors import TensorfleetError, from_rpc_error
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from .manifest import RowError

@@ -9,14 +9,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from tensorfleet.client import (
-    AsyncInferenceClient,
-    ConnectionOptions,
-    DeadlineExceeded,
-    NotFound,
-    TensorfleetError,
-    Unavailable,
-)
+from tensorfleet.client import AsyncInferenceClient, ConnectionOptions
+from tensorfleet.core.errors import DeadlineExceeded, NotFound, TensorfleetError, Unavailable
 from tensorfleet.protos import model_config_pb2 as mc
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from tensorfleet.client import __version__ as tensorfleet_version
+from tensorfleet.core.version import __version__ as tensorfleet_version
 
 from .adapt import AlignmentError, InputReport, adapt_input
 from .discovery import Discovery

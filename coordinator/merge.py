@@ -57,7 +57,7 @@ def _columns(
                         found[name] = (array.dtype, tuple(array.shape[1:]))
                 break
     if not found:  # every row failed: fall back on what the model declares
-        from tensorfleet.client.codec import NUMPY_DTYPES
+        from tensorfleet.core.codec import NUMPY_DTYPES
 
         for name, (datatype, shape) in declared.items():
             found[name] = (NUMPY_DTYPES.get(datatype, np.dtype("<f4")), tuple(max(d, 0) for d in shape))

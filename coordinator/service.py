@@ -23,9 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
-from tensorfleet.client.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc

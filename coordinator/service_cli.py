@@ -153,8 +153,8 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tensorfleet.client.errors import TensorfleetError
     from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
+    from tensorfleet.core.errors import TensorfleetError
     from tensorfleet.core.exposure import ExposureError
 
     from .job_policy import JobPolicy
@@ -221,7 +221,7 @@ def _print_event(event, as_json: bool) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from tensorfleet.client import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     if not args.job.is_file():
         print(f"tensorfleet: error: {args.job}: no such job file", file=sys.stderr)
@@ -236,7 +236,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from tensorfleet.client import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     try:
         with _client(args) as client:
@@ -247,7 +247,7 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _one_job(action: str):
     def handler(args: argparse.Namespace) -> int:
-        from tensorfleet.client import TensorfleetError
+        from tensorfleet.core.errors import TensorfleetError
 
         try:
             with _client(args) as client:
@@ -265,7 +265,7 @@ _resume = _one_job("resume")
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from tensorfleet.client import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     try:
         with _client(args) as client:
@@ -281,7 +281,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _servers(args: argparse.Namespace) -> int:
-    from tensorfleet.client import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     try:
         with _client(args) as client:
@@ -307,7 +307,8 @@ def _servers(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tensorfleet.client import InferenceClient, TensorfleetError
+    from tensorfleet.client import InferenceClient
+    from tensorfleet.core.errors import TensorfleetError
 
     try:
         with InferenceClient(args.server, options=connection_options(args)) as client:
@@ -336,7 +337,7 @@ def _input_value(text: str, declared, batched: bool, np):
     if declared.data_type == mc.TYPE_STRING:
         rows = value if isinstance(value, list) else [value]
         return [v if isinstance(v, str) else json.dumps(v) for v in rows]
-    from tensorfleet.client.codec import NUMPY_DTYPES
+    from tensorfleet.core.codec import NUMPY_DTYPES
 
     datatype = mc.DataType.Name(declared.data_type).removeprefix("TYPE_")
     array = np.asarray(value, dtype=NUMPY_DTYPES.get(datatype, np.float32))

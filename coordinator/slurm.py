@@ -360,7 +360,7 @@ def wait_healthy(
 ) -> list[str]:
     """Wait until the hostfile lists `count` servers and each says SERVING (and has every model in `model`)."""
     from tensorfleet.client import InferenceClient
-    from tensorfleet.client.errors import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     deadline = time.monotonic() + timeout
     servers = read_hostfile(hostfile)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tensorfleet.client.codec import NUMPY_DTYPES
 from tensorfleet.client.messages import build_wire_request
-from tensorfleet.client.wire import InferRequest
+from tensorfleet.core.codec import NUMPY_DTYPES
+from tensorfleet.core.wire import InferRequest
 
 from .readers import FieldInfo, Reader
 

@@ -78,7 +78,7 @@ class StageReader(Reader):
 
     def fields(self) -> dict[str, FieldInfo]:
         """The earlier stage's declared outputs (known once it has planned)."""
-        from tensorfleet.client.codec import NUMPY_DTYPES
+        from tensorfleet.core.codec import NUMPY_DTYPES
 
         with self._lock:
             if self._fields is None:
@@ -157,7 +157,7 @@ class DeclaredOutputs(Reader):
         return self._rows.num_rows
 
     def fields(self) -> dict[str, FieldInfo]:
-        from tensorfleet.client.codec import NUMPY_DTYPES
+        from tensorfleet.core.codec import NUMPY_DTYPES
 
         return {
             name: FieldInfo(name, np.dtype(NUMPY_DTYPES.get(datatype, "<f4")), tuple(shape))

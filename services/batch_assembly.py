@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensorfleet.client.codec import NUMPY_DTYPES, float32_to_bf16_words
-from tensorfleet.client.errors import InternalError
+from tensorfleet.core.codec import NUMPY_DTYPES, float32_to_bf16_words
+from tensorfleet.core.errors import InternalError
 
 from .model_config import ModelConfig, TensorSpec
 from .validation import DecodedRequest

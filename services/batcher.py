@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tensorfleet.client.errors import (
+from tensorfleet.core.errors import (
     InternalError,
     ResourceExhausted,
     TensorfleetError,

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from tensorfleet.client.errors import TensorfleetError
-from tensorfleet.client.settings import MAX_MESSAGE_BYTES
+from tensorfleet.core.errors import TensorfleetError
+from tensorfleet.core.settings import MAX_MESSAGE_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:

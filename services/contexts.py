@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tensorfleet.client.codec import decode_contents, decode_raw
-from tensorfleet.client.errors import FailedPrecondition, InvalidArgument
-from tensorfleet.client.messages import parameter_value
+from tensorfleet.core.codec import decode_contents, decode_raw
+from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
+from tensorfleet.core.parameters import parameter_value
 from tensorfleet.protos import inference_pb2 as pb
 
 from .model_config import ModelConfig
@@ -53,7 +53,7 @@ def decode_context(
 ) -> dict[str, np.ndarray]:
     """The tensors of a context put: optional inputs of the model, any row count.
 
-    `raw`: the raw input buffers when they travel beside the message (client/wire.py)."""
+    `raw`: the raw input buffers when they travel beside the message (core/wire.py)."""
     raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument("context put: send one raw_input_contents buffer per input, or none")

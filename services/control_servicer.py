@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tensorfleet.client import __version__
+from tensorfleet.core.version import __version__
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 

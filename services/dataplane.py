@@ -6,7 +6,7 @@ a request message with its tensors as buffers, calls the data plane, and turns t
 share one validation, one batcher per model and one set of metrics, and a REST request and a
 gRPC request can land in the same batch.
 
-Domain errors (client/errors.py) propagate; each front end maps them to its status codes.
+Domain errors (core/errors.py) propagate; each front end maps them to its status codes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tensorfleet.client import __version__, wire
-from tensorfleet.client.errors import TensorfleetError, Unavailable
+from tensorfleet.core import wire
+from tensorfleet.core.errors import TensorfleetError, Unavailable
+from tensorfleet.core.version import __version__
 from tensorfleet.protos import inference_pb2 as pb
 
 from .contexts import ContextStore, context_ids, decode_context

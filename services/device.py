@@ -6,7 +6,7 @@ import platform
 import sys
 from typing import Any
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 
 
 def parse_device(text: str) -> str:

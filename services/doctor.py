@@ -161,7 +161,7 @@ def check_nvml() -> Check:
 
 def check_repository(root: Path, device: str, load: bool = False) -> list[Check]:
     """Every model's config.yaml validates and every declared artifact matches its sha256."""
-    from tensorfleet.client.errors import TensorfleetError
+    from tensorfleet.core.errors import TensorfleetError
 
     from .model_config import CONFIG_FILENAME, load_config
     from .repository import verify_artifacts

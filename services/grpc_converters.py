@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tensorfleet.client import wire
-from tensorfleet.client.codec import serialize_bytes
-from tensorfleet.client.errors import TensorfleetError
+from tensorfleet.core import wire
+from tensorfleet.core.codec import serialize_bytes
+from tensorfleet.core.errors import TensorfleetError
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import model_config_pb2 as mc
 
@@ -21,7 +21,7 @@ from .repository import ModelEntry
 
 def encode_response(request: pb.ModelInferRequest, result: InferResult) -> wire.InferResponse:
     """The reply's metadata as protobuf, its tensors as buffers: the arrays themselves are
-    copied once, into the wire bytes, when grpc sends the reply (client/wire.py)."""
+    copied once, into the wire bytes, when grpc sends the reply (core/wire.py)."""
     config, outputs = result.config, result.outputs
     response = pb.ModelInferResponse(model_name=config.name, model_version=config.version, id=request.id)
     raw: list[wire.Buffer] = []

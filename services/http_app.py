@@ -22,14 +22,14 @@ from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
-from tensorfleet.client.errors import (
+from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
+from tensorfleet.core.errors import (
     InvalidArgument,
     TensorfleetError,
     Unauthenticated,
     Unavailable,
 )
-from tensorfleet.client.settings import MAX_MESSAGE_BYTES
-from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
+from tensorfleet.core.settings import MAX_MESSAGE_BYTES
 
 from . import rest_converters as convert
 from .dataplane import DataPlane

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tensorfleet.client import wire
-from tensorfleet.client.errors import (
+from tensorfleet.core import wire
+from tensorfleet.core.errors import (
     InternalError,
     InvalidArgument,
     ResourceExhausted,

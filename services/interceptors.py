@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from tensorfleet.client import wire
-from tensorfleet.client.errors import TensorfleetError
+from tensorfleet.core import wire
+from tensorfleet.core.errors import TensorfleetError
 
 log = logging.getLogger("tensorfleet.rpc")
 
@@ -28,7 +28,7 @@ async def _fail(context: grpc.aio.ServicerContext, error: BaseException) -> None
 
 
 #: (request deserializer, response serializer) of the rpcs that carry tensors: their buffers
-#: bypass protobuf (client/wire.py). The generated registration sets protobuf's own; every rpc
+#: bypass protobuf (core/wire.py). The generated registration sets protobuf's own; every rpc
 #: passes through ErrorInterceptor, so that is where these replace them.
 WIRE_CODECS: dict[str, tuple[Callable, Callable]] = {
     wire.INFER_METHOD: (wire.decode_request_or_error, wire.encode_response),

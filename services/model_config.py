@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tensorfleet.client.codec import DATATYPES
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.codec import DATATYPES
+from tensorfleet.core.errors import InvalidArgument
 
 CONFIG_FILENAME = "config.yaml"
 Precision = Literal["fp32", "fp16", "bf16"]

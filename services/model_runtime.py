@@ -12,7 +12,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tensorfleet.client.errors import FailedPrecondition
+from tensorfleet.core.errors import FailedPrecondition
 
 from .batcher import DynamicBatcher
 from .metrics import ServerMetrics

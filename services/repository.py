@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from tensorfleet.client.errors import (
+from tensorfleet.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client import wire
-from tensorfleet.client.codec import DATATYPES, NUMPY_DTYPES, element_count, serialize_bytes
-from tensorfleet.client.errors import InvalidArgument
-from tensorfleet.client.messages import set_parameters
+from tensorfleet.core import wire
+from tensorfleet.core.codec import DATATYPES, NUMPY_DTYPES, element_count, serialize_bytes
+from tensorfleet.core.errors import InvalidArgument
+from tensorfleet.core.parameters import set_parameters
 from tensorfleet.protos import inference_pb2 as pb
 
 from .dataplane import InferResult, ModelMetadata, ModelStatistics

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tensorfleet.client.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc

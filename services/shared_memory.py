@@ -29,16 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import Message
 
-from tensorfleet.client import wire
-from tensorfleet.client.codec import expected_byte_size
-from tensorfleet.client.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-)
-from tensorfleet.client.messages import parameter_value
 from tensorfleet.client.shared_memory import (
     BYTE_SIZE_PARAMETER,
     FALLBACK_PARAMETER,
@@ -49,6 +39,16 @@ from tensorfleet.client.shared_memory import (
     owner_pid,
     shm_path,
 )
+from tensorfleet.core import wire
+from tensorfleet.core.codec import expected_byte_size
+from tensorfleet.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from tensorfleet.core.parameters import parameter_value
 from tensorfleet.protos import inference_pb2 as pb
 
 log = logging.getLogger("tensorfleet.shared_memory")

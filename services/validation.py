@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client.codec import decode_contents, decode_raw, element_count
-from tensorfleet.client.errors import InvalidArgument
-from tensorfleet.client.messages import parameter_value
+from tensorfleet.core.codec import decode_contents, decode_raw, element_count
+from tensorfleet.core.errors import InvalidArgument
+from tensorfleet.core.parameters import parameter_value
 from tensorfleet.protos import inference_pb2 as pb
 
 from .model_config import ModelConfig, TensorSpec
@@ -120,7 +120,7 @@ def decode_request(
 ) -> DecodedRequest:
     """Validate names, dtypes, shapes, byte sizes and the batch limit; return decoded inputs.
 
-    `raw`: the raw input buffers when they travel beside the message (client/wire.py)."""
+    `raw`: the raw input buffers when they travel beside the message (core/wire.py)."""
     raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -171,7 +171,7 @@ def _rows(inputs: dict[str, np.ndarray], config: ModelConfig) -> int:
 
 def example_inputs(config: ModelConfig, example: dict[str, Any]) -> dict[str, np.ndarray]:
     """One row of warm-up inputs from the config's `warmup` list, shaped like a real request."""
-    from tensorfleet.client.codec import NUMPY_DTYPES, to_numpy
+    from tensorfleet.core.codec import NUMPY_DTYPES, to_numpy
 
     arrays: dict[str, np.ndarray] = {}
     for spec in config.inputs:

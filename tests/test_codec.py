@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tensorfleet.client.codec import (
+from tensorfleet.core.codec import (
     NUMPY_DTYPES,
     bf16_words_to_float32,
     decode_raw,
@@ -11,7 +11,7 @@ from tensorfleet.client.codec import (
     float32_to_bf16_words,
     serialize_bytes,
 )
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("datatype", [d for d in NUMPY_DTYPES if d != "BYTES"])

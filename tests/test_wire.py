@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tensorfleet.client import InferenceClient, wire
-from tensorfleet.client.messages import parse_infer_response, set_parameters
-from tensorfleet.client.settings import channel_options
+from tensorfleet.client import InferenceClient
+from tensorfleet.client.messages import parse_infer_response
+from tensorfleet.core import wire
+from tensorfleet.core.parameters import set_parameters
+from tensorfleet.core.settings import channel_options
 from tensorfleet.protos import inference_pb2 as pb
 from tests.serving import REPO_ROOT, running_server
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 
 from ..model_config import ModelConfig
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client.codec import bf16_words_to_float32
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.codec import bf16_words_to_float32
+from tensorfleet.core.errors import InvalidArgument
 
 from .base import Backend, register
 from .tf_common import (

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 
 from .base import Backend, register
 from .tf_common import (

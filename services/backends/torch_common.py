@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorfleet.client.errors import InternalError
+from tensorfleet.core.errors import InternalError
 
 from .base import Backend
 

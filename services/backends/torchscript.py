@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 
 from .base import register
 from .torch_common import TorchProgramBackend
