@@ -11,13 +11,14 @@ Each run is an ordinary checkpointed run in `<job dir>/<run>/`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tensorfleet.core.hashing import file_sha256
 
 from .job import (
     JobFatal,
@@ -56,7 +57,7 @@ def read_prompt(spec: InputSpec, datatypes: dict[str, str] | None = None) -> dic
 
 
 def _context_id(job: str, run: str, spec: InputSpec) -> str:
-    digest = hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()[:16]
+    digest = file_sha256(spec.path)[:16]
     return f"{job}.{run}.{digest}"
 
 

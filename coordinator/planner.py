@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorfleet.core.hashing import file_sha256
+
 from .readers import Reader
 
 _ID_BLOCK = 65536
@@ -118,14 +120,6 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while data := handle.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def fingerprint(path: Path | str) -> InputFingerprint:

@@ -14,11 +14,12 @@ checksums, is written here beside `encoder.pt` rather than committed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
+
+from tensorfleet.core.hashing import file_sha256
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "protein_embedder"
@@ -56,14 +57,6 @@ parameters:
 warmup:
   - {{sequence: "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAADHNLPRALLQAVESAYLSKLLEERAPAGR"}}
 """
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,8 +113,8 @@ def build(args: argparse.Namespace) -> Path:
             f"  - {{name: residues, datatype: {args.per_residue}, shape: [-1, {shape.dim}], ragged: true}}"
             if args.per_residue else f"  - {{name: embedding, datatype: FP32, shape: [{shape.dim}]}}"
         ),
-        model_sha=sha256_file(target / "model.py"),
-        encoder_sha=sha256_file(target / "encoder.pt"),
+        model_sha=file_sha256(target / "model.py"),
+        encoder_sha=file_sha256(target / "encoder.pt"),
     )
     (target / "config.yaml").write_text(config)
     return target

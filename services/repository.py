@@ -20,6 +20,7 @@ from tensorfleet.core.errors import (
     NotFound,
     TensorfleetError,
 )
+from tensorfleet.core.hashing import file_sha256
 
 from .backends.base import Backend, ModelContext, create_backend
 from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
@@ -49,31 +50,23 @@ class ModelEntry:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_artifacts(model_dir: Path, config: ModelConfig) -> str:
     """Check every declared artifact exists and matches its sha256; return one fingerprint
     over the config file and the artifacts, recorded as the model's provenance."""
     combined = hashlib.sha256()
-    combined.update(f"{CONFIG_FILENAME}:{sha256_file(model_dir / CONFIG_FILENAME)}\n".encode())
+    combined.update(f"{CONFIG_FILENAME}:{file_sha256(model_dir / CONFIG_FILENAME)}\n".encode())
     for name, expected in sorted(config.artifacts.items()):
         path = model_dir / name
         if not path.is_file():
             raise InvalidArgument(f"model '{config.name}': artifact {name} is missing from {model_dir}")
-        actual = sha256_file(path)
+        actual = file_sha256(path)
         if actual != expected.lower():
             raise InvalidArgument(
                 f"model '{config.name}': artifact {name} has sha256 {actual}, config expects {expected}"
             )
         combined.update(f"{name}:{actual}\n".encode())
     if config.features is not None and (model_dir / config.features.file).is_file():
-        combined.update(f"features:{config.features.file}:{sha256_file(model_dir / config.features.file)}\n".encode())
+        combined.update(f"features:{config.features.file}:{file_sha256(model_dir / config.features.file)}\n".encode())
     return combined.hexdigest()
 
 

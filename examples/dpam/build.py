@@ -10,19 +10,16 @@ checkpoint, `tensorflow_graph` backend; built by examples/dpam_domass/build.py) 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from tensorfleet.core.hashing import file_sha256
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_features(repository: Path, seed: int = 3) -> Path:
@@ -46,7 +43,7 @@ def build_features(repository: Path, seed: int = 3) -> Path:
         "inputs": [{"name": "hits", "datatype": "FP32", "shape": [SIGNALS]}],
         "outputs": [{"name": "features", "datatype": "FP32", "shape": [FEATURES]}],
         "batching": {"max_queue_delay_ms": 2},
-        "artifacts": {"model.py": sha256(folder / "model.py"), "features.pt": sha256(folder / "features.pt")},
+        "artifacts": {"model.py": file_sha256(folder / "model.py"), "features.pt": file_sha256(folder / "features.pt")},
         "warmup": [{"hits": [0.0] * SIGNALS}],
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))

@@ -14,12 +14,13 @@ writes `<out>/domass/{model.ckpt.*, config.yaml}`; the config lists each file's 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from tensorfleet.core.hashing import file_sha256
 
 FEATURES = 13
 CLASSES = 2
@@ -76,7 +77,7 @@ def build(out: Path, seed: int = 0, steps: int = 200) -> Path:
 
 def write_config(model_dir: Path) -> None:
     artifacts = {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        path.name: file_sha256(path)
         for path in sorted(model_dir.glob("model.ckpt*"))
     }
     config = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -23,15 +22,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from tensorfleet.core.hashing import file_sha256
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from examples.esm2.checkpoint import load_hf_checkpoint  # noqa: E402
 from examples.esm2.esm2 import MAX_RESIDUES, SHAPES, ESM2Config, build_random  # noqa: E402
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +92,7 @@ def build(args: argparse.Namespace) -> Path:
             "max_queue_size": 1024, "token_budget": args.token_budget, "length_bucket": 32,
         },
         "precision": args.precision,
-        "artifacts": {name: sha256_file(target / name) for name in ("model.py", "esm2.py", "esm2.json", "weights.pt")},
+        "artifacts": {name: file_sha256(target / name) for name in ("model.py", "esm2.py", "esm2.json", "weights.pt")},
         "parameters": {"max_length": args.max_length, "over_length": args.over_length},
         "warmup": [{"sequence": "MKTAYIAKQR"[: args.max_length]}],
     }

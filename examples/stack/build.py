@@ -8,18 +8,15 @@ writes `<out>/models/stack_toy` and `<out>/data/{query,prompt,control_prompt}.h5
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from tensorfleet.core.hashing import file_sha256
+
 HERE = Path(__file__).resolve().parent
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_model(repository: Path, genes: int, seed: int = 7) -> Path:
@@ -42,7 +39,7 @@ def build_model(repository: Path, genes: int, seed: int = 7) -> Path:
         ],
         "outputs": [{"name": "prediction", "datatype": "FP32", "shape": [genes]}],
         "batching": {"max_queue_delay_ms": 2},
-        "artifacts": {"model.py": sha256(folder / "model.py"), "projection.npy": sha256(folder / "projection.npy")},
+        "artifacts": {"model.py": file_sha256(folder / "model.py"), "projection.npy": file_sha256(folder / "projection.npy")},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
     return folder
