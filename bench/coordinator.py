@@ -44,6 +44,7 @@ from tensorfleet.coordinator.planner import make_plan  # noqa: E402
 from tensorfleet.coordinator.readers import open_reader  # noqa: E402
 from tensorfleet.coordinator.source import EXCLUSIVE, RequestSource  # noqa: E402
 from tensorfleet.coordinator.spec import InputSpec  # noqa: E402
+from tensorfleet.core.process import server_command, start_and_wait  # noqa: E402
 
 CASES = {
     "protein_embedder": {"repository": ROOT / "examples" / "models", "input": "sequence", "field": "sequence"},
@@ -72,19 +73,10 @@ def prepare_input(model: str, rows: int, folder: Path) -> Path:
 
 
 def start_server(repository: Path, model: str, folder: Path) -> tuple[subprocess.Popen, str]:
-    port_file = folder / "port"
-    log = open(folder / "server.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tensorfleet.services", "--model-repository", str(repository), "--model", model,
-         "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 300
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-    return process, f"127.0.0.1:{port_file.read_text().strip()}"
+    command = server_command("--model-repository", str(repository), "--model", model, "--host", "127.0.0.1",
+                             "--threads", "1", port_file=folder / "port")
+    process, port = start_and_wait(command, folder / "port", folder / "server.log", 300)
+    return process, f"127.0.0.1:{port}"
 
 
 def in_input_order(pieces: list[np.ndarray], requests: list[np.ndarray]) -> np.ndarray:

@@ -26,6 +26,14 @@ from typing import Any
 import yaml
 
 from bench.common import REPO_ROOT
+from tensorfleet.core.process import (
+    server_command,
+    start_and_wait,
+    start_process,
+    stop_processes,
+    wait_for_port_files,
+    write_port_file,
+)
 from tests.serving import ServerProcess
 
 BENCH_MODELS = Path(__file__).resolve().parent / "models"
@@ -59,8 +67,6 @@ def prepare_repository(target: Path, models: Mapping[str, Mapping[str, Any] | No
 def _server_env(threads: int | None) -> dict[str, str]:
     threads = threads or 1
     return {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
@@ -76,65 +82,24 @@ def start_servers(
     """
     thread_args = ["--threads", str(threads)] if threads else []
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-fleet-"))
-    pending: list[tuple[subprocess.Popen, Path, Path]] = []
-    servers: list[ServerProcess] = []
+    started: list[tuple[subprocess.Popen, Path, Path]] = []
     try:
         for index in range(count):
             port_file, log_path = workdir / f"port-{index}", workdir / f"server-{index}.log"
-            command = [
-                sys.executable, "-m", "tensorfleet.services",
-                "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0",
-                "--port-file", str(port_file), *thread_args, "--log-level", "WARNING",
-                *args,
-            ]  # fmt: skip
-            with open(log_path, "wb") as log:
-                process = subprocess.Popen(
-                    command,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=_server_env(threads),
-                    cwd=REPO_ROOT,
-                )
-            pending.append((process, port_file, log_path))
-        deadline = time.monotonic() + timeout
-        while pending:
-            for item in list(pending):
-                process, port_file, log_path = item
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"server exited with {process.returncode}:\n{log_path.read_text(errors='replace')}"
-                    )
-                text = port_file.read_text().strip() if port_file.exists() else ""
-                if text:
-                    servers.append(
-                        ServerProcess(process=process, port=int(text), log_path=log_path)
-                    )
-                    pending.remove(item)
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{len(pending)} of {count} servers not ready after {timeout:.0f}s"
-                )
-            time.sleep(0.05)
-        return servers
+            command = server_command(
+                "--model-repository", str(repository), "--host", "127.0.0.1", *thread_args,
+                "--log-level", "WARNING", *args, port_file=port_file,
+            )  # fmt: skip
+            process = start_process(command, log_path, env=_server_env(threads), cwd=REPO_ROOT)
+            started.append((process, port_file, log_path))
+        ports = wait_for_port_files(started, timeout)
     except BaseException:
-        stop_processes([item[0] for item in pending] + [server.process for server in servers])
+        stop_processes([process for process, _, _ in started])
         raise
-
-
-def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
-    """SIGTERM each by pid, wait, SIGKILL the ones still running."""
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
+    return [
+        ServerProcess(process=process, port=port, log_path=log_path)
+        for (process, _, log_path), port in zip(started, ports, strict=True)
+    ]
 
 
 @contextlib.contextmanager
@@ -154,22 +119,20 @@ async def _echo(requests: Any, context: Any) -> Any:
         yield message
 
 
-async def serve_echo(host: str, port_file: Path) -> None:
+async def serve_echo(host: str, port_file: Path, port: int = 0) -> None:
     """A bidi stream that sends every message (raw bytes, no protobuf) straight back."""
     import grpc
 
-    from tensorfleet.client.settings import channel_options
+    from tensorfleet.core.settings import channel_options
 
     server = grpc.aio.server(options=channel_options())
     handler = grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {ECHO_METHOD: grpc.stream_stream_rpc_method_handler(_echo)}
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(f"{host}:0")
+    port = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    temp = port_file.with_name(port_file.name + ".tmp")
-    temp.write_text(str(port))
-    os.replace(temp, port_file)
+    write_port_file(port_file, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -181,23 +144,12 @@ async def serve_echo(host: str, port_file: Path) -> None:
 def echo_server(timeout: float = 60.0) -> Iterator[ServerProcess]:
     """The echo in its own process on loopback, like a model server; stopped by pid."""
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-echo-"))
-    port_file, log_path = workdir / "port", workdir / "echo.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.fleet", "echo", "--port-file", str(port_file)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_server_env(1),
-        )  # fmt: skip
-    server: ServerProcess | None = None
+    port_file = workdir / "port"
+    command = server_command("echo", port_file=port_file, module="bench.fleet")
+    process, port = start_and_wait(command, port_file, workdir / "echo.log", timeout, what="echo server",
+                                   env=_server_env(1), cwd=REPO_ROOT)
     try:
-        deadline = time.monotonic() + timeout
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"echo server did not start:\n{log_path.read_text(errors='replace')}"
-                )
-            time.sleep(0.05)
-        server = ServerProcess(process=process, port=int(port_file.read_text()), log_path=log_path)
-        yield server
+        yield ServerProcess(process=process, port=port, log_path=workdir / "echo.log")
     finally:
         stop_processes([process])
 
@@ -273,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     echo = sub.add_parser("echo", help="serve the raw bytes echo on loopback")
     echo.add_argument("--port-file", type=Path, required=True)
+    echo.add_argument("--port", type=int, default=0)
     echo.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     from tensorfleet.services.allocator import tune_allocator
 
     tune_allocator()  # what a CPU model server process gets (services/cli.py): a fair peer
-    asyncio.run(serve_echo(args.host, args.port_file))
+    asyncio.run(serve_echo(args.host, args.port_file, args.port))
     return 0
 
 

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .local_fleet import die_with_parent
+from tensorfleet.core.process import die_with_parent
+
 from .manifest import MANIFEST_NAME
 from .progress import read_status
 from .status import MARKER_NAME

@@ -9,41 +9,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the server gets SIGTERM when the coordinator dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-#: Runs a model server (`python -m tensorfleet.services ARGS`) that first arms its own
-#: parent-death signal. Not a preexec_fn: running Python between fork and exec in a process
-#: with gRPC threads (a multi-stage job's later stage starts its fleet while an earlier one
-#: streams) crashes the child; the plain fork+exec of subprocess is safe.
-SERVER_LAUNCHER = """
-import os, runpy, signal, sys
-if sys.platform == "linux":
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() != int(os.environ.get("TENSORFLEET_FLEET_PARENT", os.getppid())):
-        sys.exit(2)  # the coordinator died before the signal was armed
-runpy.run_module("tensorfleet.services", run_name="__main__", alter_sys=True)
-"""
+from tensorfleet.core.process import (
+    ProcessStartError,
+    server_command,
+    start_process,
+    stop_processes,
+    wait_for_port_files,
+)
 
 
 class LocalFleetError(Exception):
@@ -60,11 +38,6 @@ class LocalServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 15) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def available_models(repository: Path) -> list[str]:
@@ -145,39 +118,25 @@ class LocalFleet:
         self.check()
         self.count, self.device = resolve_count(self.count, self.device)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TENSORFLEET_FLEET_PARENT": str(os.getpid())}
         for index in range(self.count):
             port_file = self.workdir / f"server-{index}.port"
             log_path = self.workdir / f"server-{index}.log"
             port_file.unlink(missing_ok=True)
-            command = [
-                sys.executable, "-c", SERVER_LAUNCHER,
-                "--model-repository", str(self.repository), "--model", self.model,
-                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-                "--device", device_for(self.device, index), *self.args,
-            ]
-            with open(log_path, "wb") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            command = server_command(
+                "--model-repository", str(self.repository), "--model", self.model, "--host", "127.0.0.1",
+                "--device", device_for(self.device, index), *self.args, port_file=port_file,
+            )  # fmt: skip
+            process = start_process(command, log_path, new_session=True, tie_to_parent=True)
             self.servers.append(LocalServer(process, port_file, log_path))
         self._write_pids()
-        deadline = time.monotonic() + timeout
-        for server in self.servers:
-            while server.port is None:
-                text = server.port_file.read_text().strip() if server.port_file.exists() else ""
-                if text:
-                    server.port = int(text)
-                elif server.process.poll() is not None:
-                    raise LocalFleetError(
-                        f"local server {server.process.pid} exited with {server.process.returncode} "
-                        f"before serving; its log ({server.log_path}) ends:\n{server.log_tail()}"
-                    )
-                elif time.monotonic() > deadline:
-                    raise LocalFleetError(
-                        f"local server {server.process.pid} not serving after {timeout:.0f}s "
-                        f"(raise model.local.startup_timeout_s); its log ends:\n{server.log_tail()}"
-                    )
-                else:
-                    time.sleep(0.05)
+        started = [(server.process, server.port_file, server.log_path) for server in self.servers]
+        try:
+            ports = wait_for_port_files(started, timeout, what="local server",
+                                        hint=" (raise model.local.startup_timeout_s)")
+        except ProcessStartError as error:
+            raise LocalFleetError(str(error)) from None
+        for server, port in zip(self.servers, ports, strict=True):
+            server.port = port
         self._write_pids()
         return [server.address for server in self.servers]
 
@@ -190,16 +149,5 @@ class LocalFleet:
         (self.workdir / "servers.json").write_text(json.dumps(records, indent=1))
 
     def stop(self, timeout: float = 15.0) -> None:
-        for server in self.servers:
-            if server.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for server in self.servers:
-            try:
-                server.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.process.pid, signal.SIGKILL)
-                server.process.wait(10)
+        stop_processes([server.process for server in self.servers], timeout)
         self.servers = []

@@ -25,6 +25,7 @@ from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import tensorfleet_pb2 as tf
@@ -253,9 +254,7 @@ class CoordinatorService:
                 await self.grpc.stop(None)
                 raise
         if self.options.port_file:
-            temp = Path(f"{self.options.port_file}.tmp")
-            temp.write_text(str(self.port))
-            os.replace(temp, self.options.port_file)
+            write_port_file(self.options.port_file, self.port)
         log.info("coordinator on %s:%d (%s), state in %s, up to %d job(s) at once", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.state_dir, self.options.max_jobs)
         return self.port

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from tensorfleet.core.auth import token_from
+from tensorfleet.core.process import read_port_file, server_command, start_process
 
 EXIT_OK, EXIT_FATAL = 0, 2
 
@@ -302,9 +303,8 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
         or socket.gethostname()
     workdir = Path(tempfile.mkdtemp(prefix="tf-slurm-task-"))
     port_file = workdir / "port"
-    command = [sys.executable, "-m", "tensorfleet.services", *server_args, "--port", "0",
-               "--port-file", str(port_file)]
-    process = subprocess.Popen(command)
+    # --port 0 last: every task on a node gets a free port whatever the arguments say
+    process = start_process(server_command(*server_args, "--port", "0", port_file=port_file), None)
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -315,10 +315,10 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
     stop, serving, stopping = stop_file(hostfile), False, False
     try:
         while process.poll() is None:
-            if not serving and port_file.exists() and (text := port_file.read_text().strip()):
+            if not serving and (port := read_port_file(port_file)) is not None:
                 serving = True
-                _append_line(hostfile, f"{host}:{int(text)}\n")
-                print(f"tensorfleet: server {host}:{int(text)} is serving", file=sys.stderr, flush=True)
+                _append_line(hostfile, f"{host}:{port}\n")
+                print(f"tensorfleet: server {host}:{port} is serving", file=sys.stderr, flush=True)
             if not stopping and stop.exists():
                 stopping = True
                 forward(signal.SIGTERM, None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
@@ -154,9 +154,7 @@ class ModelServer:
             log.info("Prometheus metrics on port %d", port)
         await self._set_health(True)
         if self.options.port_file:
-            tmp = Path(f"{self.options.port_file}.tmp")
-            tmp.write_text(str(self.port))
-            os.replace(tmp, self.options.port_file)
+            write_port_file(self.options.port_file, self.port)
         log.info("SERVING on port %d with %d model(s) ready", self.port,
                  sum(e.state is ModelState.READY for e in self.repository.entries()))
         return self.port
@@ -175,9 +173,7 @@ class ModelServer:
         port = await self.http.start()
         log.info("REST (Open Inference Protocol HTTP) on %s:%d", options.host, port)
         if options.http_port_file:
-            tmp = Path(f"{options.http_port_file}.tmp")
-            tmp.write_text(str(port))
-            os.replace(tmp, options.http_port_file)
+            write_port_file(options.http_port_file, port)
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()

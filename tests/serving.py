@@ -6,12 +6,14 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tensorfleet.core.process import server_command, start_and_wait, stop_process
+
+__all__ = ["REPO_ROOT", "ServerProcess", "launch_server", "running_server", "stop_process"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,33 +41,6 @@ class ServerProcess:
         return stop_process(self.process, sig, timeout)
 
 
-def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-    """Signal a process by pid and wait; SIGKILL if it does not exit in time. Returns the exit code."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
-    return process.returncode
-
-
-def _wait_for_port(port_file: Path, process: subprocess.Popen, log_path: Path, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode} before it was ready:\n{log_path.read_text()}"
-            )
-        text = port_file.read_text().strip() if port_file.exists() else ""
-        if text:
-            return int(text)
-        time.sleep(0.05)
-    raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()}")
-
-
 def launch_server(
     repository: Path | str,
     *args: str,
@@ -78,36 +53,12 @@ def launch_server(
     which is also when health turns SERVING.
     """
     workdir = Path(tempfile.mkdtemp(prefix="tf-server-"))
-    port_file = workdir / "port"
-    log_path = workdir / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "tensorfleet.services",
-        "--model-repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        *args,
-    ]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    full_env.update(env or {})
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
-        )
-    try:
-        port = _wait_for_port(port_file, process, log_path, timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait(10)
-        raise
-    return ServerProcess(process=process, port=port, log_path=log_path)
+    command = server_command("--model-repository", str(repository), "--host", "127.0.0.1", *args,
+                             port_file=workdir / "port")
+    full_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    process, port = start_and_wait(command, workdir / "port", workdir / "server.log", timeout,
+                                   env=full_env, cwd=REPO_ROOT)
+    return ServerProcess(process=process, port=port, log_path=workdir / "server.log")
 
 
 @contextlib.contextmanager

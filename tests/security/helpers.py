@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.serving import REPO_ROOT, stop_process
+from tensorfleet.core.process import server_command, start_and_wait, stop_process
+from tests.serving import REPO_ROOT
 
 
 def snapshot(folder: Path) -> set[str]:
@@ -50,19 +51,11 @@ def spawn(args: list[str], workdir: Path, env: dict | None = None, module: str =
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"port-{time.monotonic_ns()}"
     log_path = workdir / f"log-{time.monotonic_ns()}.txt"
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = [sys.executable, "-m", module, *map(str, args), "--port", "0", "--port-file", str(port_file)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
-    deadline = time.monotonic() + timeout
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(10)
-            raise RuntimeError(f"{command} did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    return Spawned(process, int(port_file.read_text()), log_path)
+    # --port 0 after `args`: whatever they say, the test gets a free port
+    command = server_command(*args, "--port", "0", port_file=port_file, module=module)
+    process, port = start_and_wait(command, port_file, log_path, timeout, env={"OMP_NUM_THREADS": "1", **(env or {})},
+                                   cwd=workdir)
+    return Spawned(process, port, log_path)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from tensorfleet.client import CoordinatorClient
-from tests.coordinator.helpers import REPO_ROOT, tensorfleet_command
-from tests.serving import stop_process
+from tensorfleet.core.process import server_command, start_and_wait, stop_process
+from tests.coordinator.helpers import REPO_ROOT
 
 
 @dataclass
@@ -53,24 +53,14 @@ def start_coordinator(state_dir: Path, *args: str, env: dict | None = None, time
     if not any(str(a) in ("--data-root", "--output-root") for a in args):
         args = (*args, "--data-root", str(state_dir.parent), "--output-root", str(state_dir.parent))
     port_file = state_dir / "port"
-    port_file.unlink(missing_ok=True)
     log_path = state_dir / f"service-{time.monotonic_ns()}.log"
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = tensorfleet_command(
-        "coordinator", "serve", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
-        "--state-dir", state_dir, *args,
+    command = server_command(
+        "coordinator", "serve", "--host", "127.0.0.1", "--state-dir", state_dir, *args,
+        port_file=port_file, module="tensorfleet.coordinator",
     )
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-    deadline = time.monotonic() + timeout
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(10)
-            raise RuntimeError(f"coordinator did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    return Coordinator(process, int(port_file.read_text()), state_dir, log_path)
+    process, port = start_and_wait(command, port_file, log_path, timeout, what="coordinator",
+                                   env={"OMP_NUM_THREADS": "1", **(env or {})}, cwd=REPO_ROOT)
+    return Coordinator(process, port, state_dir, log_path)
 
 
 @contextlib.contextmanager
