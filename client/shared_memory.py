@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import mmap
 import os
-import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -30,69 +29,25 @@ from typing import Any
 
 import numpy as np
 
+from tensorfleet.core import wire
+from tensorfleet.core.errors import InvalidArgument, TensorfleetError
+from tensorfleet.core.shared_memory import (
+    BYTE_SIZE_PARAMETER,
+    FALLBACK_PARAMETER,
+    KEY_PREFIX,
+    OFFSET_PARAMETER,
+    REGION_PARAMETER,
+    UNKNOWN_REGION,
+    remove_stale_objects,
+    shm_path,
+)
 from tensorfleet.protos import inference_pb2 as pb
-
-from . import wire
-from .errors import InvalidArgument, TensorfleetError
 
 log = logging.getLogger("tensorfleet.client.shared_memory")
 
-REGION_PARAMETER = "shared_memory_region"
-BYTE_SIZE_PARAMETER = "shared_memory_byte_size"
-OFFSET_PARAMETER = "shared_memory_offset"
-#: A request parameter of ours: an output that does not fit its window travels in the reply.
-FALLBACK_PARAMETER = "tensorfleet.shared_memory_fallback"
-
-SHM_DIR = "/dev/shm"
-KEY_PREFIX = "tensorfleet-"
-_OWNED_KEY = re.compile(r"^/?tensorfleet-(\d+)-")
-#: The server's words for a region it does not hold (services/shared_memory.py).
-UNKNOWN_REGION = "unknown shared memory region"
 #: Requests with fewer input bytes than this go over gRPC as usual: nothing to gain.
 DEFAULT_MIN_BYTES = 64 << 10
 _ALIGN = 64
-
-
-def shm_path(key: str, region: str = "") -> str:
-    """/dev/shm/NAME for a shm_open key "/NAME" or "NAME"; a separator, `..` or NUL is refused."""
-    name = key[1:] if key.startswith("/") else key
-    if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") or ".." in name \
-            or len(name) > 255:
-        where = f"shared memory region '{region}': " if region else ""
-        raise InvalidArgument(f"{where}key {key!r} is not a plain shared-memory name (no separators or '..')")
-    return os.path.join(SHM_DIR, name)
-
-
-def owner_pid(key: str) -> int | None:
-    """The process that created a tensorfleet SDK key (`/tensorfleet-PID-...`), else None."""
-    match = _OWNED_KEY.match(key)
-    return int(match.group(1)) if match else None
-
-
-def owner_alive(key: str) -> bool:
-    """False only for a tensorfleet key whose creating process no longer exists on this host."""
-    pid = owner_pid(key)
-    if pid is None:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
-def remove_stale_objects() -> int:
-    """Unlink /dev/shm/tensorfleet-PID-* objects whose process died; how many were removed."""
-    removed = 0
-    with contextlib.suppress(OSError):
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(KEY_PREFIX) and not owner_alive(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(SHM_DIR, name))
-                    removed += 1
-    return removed
 
 
 def same_host(address: str) -> bool:

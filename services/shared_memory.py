@@ -29,16 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import Message
 
-from tensorfleet.client.shared_memory import (
-    BYTE_SIZE_PARAMETER,
-    FALLBACK_PARAMETER,
-    OFFSET_PARAMETER,
-    REGION_PARAMETER,
-    UNKNOWN_REGION,
-    owner_alive,
-    owner_pid,
-    shm_path,
-)
 from tensorfleet.core import wire
 from tensorfleet.core.codec import expected_byte_size
 from tensorfleet.core.errors import (
@@ -49,6 +39,16 @@ from tensorfleet.core.errors import (
     ResourceExhausted,
 )
 from tensorfleet.core.parameters import parameter_value
+from tensorfleet.core.shared_memory import (
+    BYTE_SIZE_PARAMETER,
+    FALLBACK_PARAMETER,
+    OFFSET_PARAMETER,
+    REGION_PARAMETER,
+    UNKNOWN_REGION,
+    owner_alive,
+    owner_pid,
+    shm_path,
+)
 from tensorfleet.protos import inference_pb2 as pb
 
 log = logging.getLogger("tensorfleet.shared_memory")
