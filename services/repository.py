@@ -22,7 +22,8 @@ from tensorfleet.core.errors import (
 )
 from tensorfleet.core.hashing import file_sha256
 
-from .backends.base import Backend, ModelContext, create_backend
+from .backends import create_backend
+from .backends.base import Backend, ModelContext
 from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
 from .validation import example_inputs
 from .warmup import warm_shapes

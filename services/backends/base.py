@@ -1,20 +1,18 @@
-"""The one interface every backend implements, and the registry that names them.
+"""The one interface every backend implements.
 
 A backend loads once, warms up, then runs batches of numpy arrays. Adding one is a new
-file that calls `register`; nothing else changes.
+file with a Backend subclass and one line in the table in backends/__init__.py.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from tensorfleet.core.errors import InvalidArgument
 
 from ..model_config import ModelConfig
 
@@ -100,27 +98,3 @@ class Backend(abc.ABC):
     def device_memory(self) -> tuple[int, int]:
         """(used, total) bytes on this backend's device; (0, 0) when unknown."""
         return 0, 0
-
-
-BackendFactory = Callable[[ModelContext], Backend]
-_REGISTRY: dict[str, BackendFactory] = {}
-
-
-def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    def wrap(factory: BackendFactory) -> BackendFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def create_backend(context: ModelContext) -> Backend:
-    from . import available  # noqa: F401  (imports every backend module so they register)
-
-    name = context.config.backend
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise InvalidArgument(
-            f"model '{context.config.name}': unknown backend '{name}'; known: {sorted(_REGISTRY)}"
-        )
-    return factory(context)

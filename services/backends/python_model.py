@@ -16,10 +16,9 @@ import numpy as np
 
 from tensorfleet.core.errors import InvalidArgument
 
-from .base import Backend, ModelContext, register
+from .base import Backend, ModelContext
 
 
-@register("python")
 class PythonModelBackend(Backend):
     def __init__(self, context: ModelContext) -> None:
         super().__init__(context)

@@ -23,7 +23,7 @@ import numpy as np
 from tensorfleet.core.codec import bf16_words_to_float32
 from tensorfleet.core.errors import InvalidArgument
 
-from .base import Backend, register
+from .base import Backend
 from .tf_common import (
     check_shape,
     configure_device,
@@ -37,7 +37,6 @@ DEFAULT_PREFIX = "model.ckpt"
 PRECISION_HINT = "a TF1 graph's dtypes are fixed in the saved graph; keep precision: fp32"
 
 
-@register("tensorflow_graph")
 class GraphCheckpointBackend(Backend):
     tf: Any = None
     session: Any = None

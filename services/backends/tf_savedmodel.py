@@ -14,7 +14,7 @@ import numpy as np
 
 from tensorfleet.core.errors import InvalidArgument
 
-from .base import Backend, register
+from .base import Backend
 from .tf_common import (
     check_shape,
     configure_device,
@@ -33,7 +33,6 @@ PRECISION_HINT = (
 )
 
 
-@register("tensorflow")
 class SavedModelBackend(Backend):
     tf: Any = None
     loaded: Any = None

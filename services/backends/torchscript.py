@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from tensorfleet.core.errors import InvalidArgument
 
-from .base import register
 from .torch_common import TorchProgramBackend
 
 
-@register("torchscript")
 class TorchScriptBackend(TorchProgramBackend):
     def load(self) -> None:
         torch = self._torch()

@@ -213,7 +213,8 @@ def protein_run(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def test_protein_embedder_matches_in_process(protein_run) -> None:
-    from tensorfleet.services.backends.base import ModelContext, create_backend
+    from tensorfleet.services.backends import create_backend
+    from tensorfleet.services.backends.base import ModelContext
     from tensorfleet.services.model_config import load_config
 
     results, tensors = protein_run
