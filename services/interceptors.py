@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 
-from tensorfleet.core import wire
 from tensorfleet.core.errors import TensorfleetError
 
 log = logging.getLogger("tensorfleet.rpc")
@@ -27,22 +26,9 @@ async def _fail(context: grpc.aio.ServicerContext, error: BaseException) -> None
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
-#: (request deserializer, response serializer) of the rpcs that carry tensors: their buffers
-#: bypass protobuf (core/wire.py). The generated registration sets protobuf's own; every rpc
-#: passes through ErrorInterceptor, so that is where these replace them.
-WIRE_CODECS: dict[str, tuple[Callable, Callable]] = {
-    wire.INFER_METHOD: (wire.decode_request_or_error, wire.encode_response),
-    wire.STREAM_METHOD: (wire.decode_request_or_error, wire.encode_stream_response),
-}
-
-
-def _wrap(
-    handler: grpc.RpcMethodHandler,
-    around: Callable[[Callable], Callable],
-    codec: tuple[Callable, Callable] | None = None,
-) -> grpc.RpcMethodHandler:
-    """The same handler, its behaviour passed through `around` (and its codec replaced)."""
-    deserializer, serializer = codec or (handler.request_deserializer, handler.response_serializer)
+def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler and (de)serializers, its behaviour passed through `around`."""
+    deserializer, serializer = handler.request_deserializer, handler.response_serializer
     for kind, factory in (
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
         ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -88,13 +74,10 @@ def _guarded(behaviour: Callable, guard: Guard | None) -> Callable:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged.
-
-    Also puts the inference rpcs on the tensor wire codec (WIRE_CODECS)."""
+    """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        codec = WIRE_CODECS.get(handler_call_details.method)
-        return _wrap(handler, lambda behaviour: _guarded(behaviour, None), codec)
+        return _wrap(handler, lambda behaviour: _guarded(behaviour, None))

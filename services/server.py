@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from tensorfleet.core import wire
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
 from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
-from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
 from .control_servicer import ControlServicer
@@ -40,6 +42,41 @@ log = logging.getLogger("tensorfleet.server")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CONTROL_SERVICE = tensorfleet_pb2.DESCRIPTOR.services_by_name["ServerControl"].full_name
+
+#: (request deserializer, response serializer) of the rpcs that carry tensors: their raw buffers
+#: bypass protobuf (core/wire.py); every other rpc uses protobuf's own, as generated code does.
+WIRE_CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = {
+    "ModelInfer": (wire.decode_request_or_error, wire.encode_response),
+    "ModelStreamInfer": (wire.decode_request_or_error, wire.encode_stream_response),
+}
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """A handler for every rpc of GRPCInferenceService, from its descriptor: the tensor rpcs on
+    the wire codec (WIRE_CODECS), the rest on their protobuf message classes."""
+    service = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        deserializer, serializer = WIRE_CODECS.get(method.name, (request.FromString, response.SerializeToString))
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name), request_deserializer=deserializer, response_serializer=serializer
+        )
+    return handlers
+
+
+def add_service(server: grpc.aio.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Register a service's handlers as the generated `add_*_to_server` functions do."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 @dataclass
@@ -97,7 +134,7 @@ class ModelServer:
                      ("grpc.max_concurrent_streams", options.max_streams_per_connection)],
         )
         inference = InferenceServicer(self.dataplane, max_stream_in_flight=options.max_stream_in_flight)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self.grpc)
+        add_service(self.grpc, INFERENCE_SERVICE, inference_handlers(inference))
         unprotected = options.insecure and not (options.token or (options.tls_ca and options.tls_cert))
         control = ControlServicer(self.runtime, self.drain, insecure=bool(unprotected))
         tf_grpc.add_ServerControlServicer_to_server(control, self.grpc)
