@@ -96,6 +96,13 @@ class ModelRuntime:
         if current is not None:
             await current.batcher.close()
 
+    async def close(self) -> None:
+        """Close every batcher and end the model threads once their current work is done."""
+        for name in list(self._served):
+            await self._drop(name)
+        for thread in self._threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)
+
     def in_flight(self) -> int:
         return sum(s.batcher.in_flight for s in self._served.values())
 

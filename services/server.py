@@ -212,10 +212,14 @@ class ModelServer:
         if options.http_port_file:
             write_port_file(options.http_port_file, port)
 
-    async def run_until_stopped(self) -> None:
+    async def run_until_stopped(self, *, signals: bool = True) -> None:
+        """Serve until drain() (SIGTERM/SIGINT when `signals`), then stop: in-flight requests
+        finish, listeners close, batchers and model threads end. `signals=False` for a server
+        in a thread of a process that goes on (tests/inprocess.py)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.drain)
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.drain)
         sweeper = asyncio.ensure_future(self._sweep_shared_memory())
         await self._stopping.wait()
         sweeper.cancel()
@@ -225,6 +229,7 @@ class ModelServer:
         await self.grpc.stop(grace=self.options.drain_seconds)
         if self.http is not None:
             await self.http.stop()
+        await self.runtime.close()
         self.shared_memory.close()
         log.info("stopped")
 

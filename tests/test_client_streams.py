@@ -15,7 +15,7 @@ from tensorfleet.client import (
 )
 from tensorfleet.client.base import InOrder
 from tensorfleet.client.errors import InternalError
-from tests.serving import running_server
+from tests.inprocess import inprocess_server
 
 MODELS = Path(__file__).parent / "models"
 
@@ -55,7 +55,7 @@ def test_a_stream_that_ends_with_a_gap_is_an_error():
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(MODELS) as process:
+    with inprocess_server(MODELS) as process:
         yield process
 
 

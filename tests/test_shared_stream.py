@@ -16,14 +16,15 @@ from tensorfleet.client import (
     TensorfleetError,
     Unavailable,
 )
-from tests.serving import launch_server, running_server
+from tests.inprocess import inprocess_server
+from tests.serving import launch_server
 
 MODELS = Path(__file__).parent / "models"
 
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(MODELS) as process:
+    with inprocess_server(MODELS) as process:
         yield process
 
 

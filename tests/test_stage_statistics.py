@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from tensorfleet.client import InferenceClient
-from tests.serving import REPO_ROOT, running_server
+from tests.inprocess import inprocess_server
+from tests.serving import REPO_ROOT
 
 pytest.importorskip("torch")
 from tests.gpu.tiny_encoder import build_model, reference, token_rows, write_model  # noqa: E402
@@ -42,7 +43,7 @@ def served(tmp_path_factory):
         "inputs: [{name: x, datatype: FP32, shape: [4]}]\noutputs: [{name: y, datatype: FP32, shape: [4]}]\n"
     )
     rows = token_rows(REQUESTS)
-    with running_server(repo) as server, InferenceClient(server.address) as client:
+    with inprocess_server(repo) as server, InferenceClient(server.address) as client:
         results = list(client.stream("enc", [{"tokens": r} for r in rows], window=8))
         for _ in range(3):
             client.infer("plain", {"x": np.ones((2, 4), np.float32)})

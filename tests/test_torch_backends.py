@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from tensorfleet.client import InferenceClient
+from tests.inprocess import inprocess_server
 from tests.serving import running_server
 
 torch = pytest.importorskip("torch")
@@ -73,7 +74,7 @@ def repository(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repository):
     repo, _ = repository
-    with running_server(repo) as process:
+    with inprocess_server(repo) as process:
         yield process
 
 
@@ -133,7 +134,7 @@ def test_a_checksum_mismatch_is_a_clear_load_error_and_others_keep_serving(repos
             (broken / name / item.name).write_bytes(item.read_bytes())
     with open(broken / "exported" / "model.pt2", "ab") as handle:
         handle.write(b"tampered")
-    with running_server(broken) as srv, InferenceClient(srv.address) as client:
+    with inprocess_server(broken) as srv, InferenceClient(srv.address) as client:
         index = {m.name: m for m in client.repository_index()}
         assert index["exported"].state == "UNAVAILABLE"
         assert "artifact model.pt2 has sha256" in index["exported"].reason

@@ -20,7 +20,8 @@ from tensorfleet.core import wire
 from tensorfleet.core.parameters import set_parameters
 from tensorfleet.core.settings import channel_options
 from tensorfleet.protos import inference_pb2 as pb
-from tests.serving import REPO_ROOT, running_server
+from tests.inprocess import inprocess_server
+from tests.serving import REPO_ROOT
 
 DTYPES = {"FP32": "<f4", "INT64": "<i8", "UINT8": "u1", "FP16": "<f2", "BOOL": "?"}
 names = st.text(max_size=8)
@@ -300,9 +301,9 @@ def test_malformed_bytes_name_the_problem(data: bytes, words: str) -> None:
 # --- through a real server -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
-    with running_server(REPO_ROOT / "tests" / "models", "--model", "simple") as running:
+    with inprocess_server(REPO_ROOT / "tests" / "models", "simple") as running:
         yield running
-        assert running.process.poll() is None, f"server died:\n{running.log()}"
+        assert running.alive(), f"server stopped:\n{running.log()}"
 
 
 def _simple(rows: int, request_id: str = "") -> pb.ModelInferRequest:
@@ -340,7 +341,7 @@ def test_server_answers_malformed_bytes_with_invalid_argument(server) -> None:
     errors = [r.error_message for r in replies if r.error_message]
     assert len(replies) == 3 and len(errors) == 1 and errors[0].startswith("INVALID_ARGUMENT: malformed")
     assert [r.infer_response.id for r in replies if not r.error_message] == ["good", "good"]
-    assert server.process.poll() is None
+    assert server.alive()
 
 
 def test_sdk_round_trip_through_the_server(server) -> None:

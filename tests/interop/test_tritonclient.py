@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serving import REPO_ROOT, running_server
+from tests.inprocess import inprocess_server
+from tests.serving import REPO_ROOT
 
 pytestmark = pytest.mark.interop
 
@@ -58,10 +59,9 @@ def _model_class(model_dir: Path):
 
 @pytest.fixture(scope="module")
 def triton_run(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
-    served = [arg for name in USED_MODELS for arg in ("--model", name)]
-    with running_server(MODELS, *served) as server:
+    with inprocess_server(MODELS, *USED_MODELS) as server:
         results, tensors = _run_script(server.address, tmp_path_factory.mktemp("triton"), "basic")
-        assert server.process.poll() is None, f"server died during the run:\n{server.log()}"
+        assert server.alive(), f"server stopped during the run:\n{server.log()}"
     return results, tensors
 
 
@@ -202,7 +202,7 @@ def protein_run(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
     reason = _protein_ready()
     if reason:
         pytest.skip(reason)
-    with running_server(PROTEIN_DIR.parent, "--model", "protein_embedder") as server:
+    with inprocess_server(PROTEIN_DIR.parent, "protein_embedder") as server:
         return _run_script(
             server.address,
             tmp_path_factory.mktemp("protein"),
