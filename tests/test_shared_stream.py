@@ -116,7 +116,7 @@ async def test_a_lost_server_fails_the_waiting_calls_and_the_next_call_opens_a_n
                     await asyncio.sleep(0.2)
             np.testing.assert_array_equal(again["y"], np.full((1, 2), 3))
         finally:
-            second.stop()
+            second.stop(signal.SIGKILL)  # the client still holds a stream: a drain would wait it out
     finally:
         await client.close()
         first.stop(signal.SIGKILL)
@@ -183,6 +183,6 @@ def test_sync_lost_server_fails_the_waiting_call_and_a_new_stream_opens():
                         time.sleep(0.2)
                 np.testing.assert_array_equal(again["y"], np.full((1, 2), 3))
             finally:
-                second.stop()
+                second.stop(signal.SIGKILL)  # the client still holds a stream: a drain would wait it out
     finally:
         first.stop(signal.SIGKILL)
