@@ -2,7 +2,8 @@
 
 What it finds, for the whole `tensorfleet` package (or a planted tree in a test):
 - an import against the layer direction (e.g. core importing client, coordinator importing services);
-- an import cycle, counting imports inside functions as well as module-level ones;
+- an import cycle, counting imports inside functions as well as module-level ones (not those
+  under `if TYPE_CHECKING:`, which never run; they still follow the direction);
 - a private name (`_x`) imported from, or read off, another of our modules;
 - a folder of modules that pyproject.toml does not list as a package.
 
@@ -31,6 +32,7 @@ class Import:
     line: int
     nested: bool  # inside a function or class body, not at module level
     names: tuple[str, ...] = ()  # `from target import names`
+    type_only: bool = False  # under `if TYPE_CHECKING:`: never runs, so it closes no cycle
 
 
 @dataclass
@@ -88,16 +90,20 @@ def imports_of(module: str, path: Path, package: Package, root: str) -> Iterator
     """Every import of one of our modules in `path`, module-level and nested."""
     tree = ast.parse(path.read_text(), filename=str(path))
     nested_nodes: set[int] = set()
+    type_only_nodes: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             nested_nodes |= {id(child) for child in ast.walk(node) if child is not node}
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            type_only_nodes |= {id(child) for statement in node.body for child in ast.walk(statement)}
     is_package = path.name == "__init__.py"
     for node in ast.walk(tree):
         nested = id(node) in nested_nodes
+        type_only = id(node) in type_only_nodes
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if package.is_ours(alias.name, root):
-                    yield Import(module, alias.name, node.lineno, nested)
+                    yield Import(module, alias.name, node.lineno, nested, type_only=type_only)
         elif isinstance(node, ast.ImportFrom):
             base = (_resolve_relative(module, is_package, node.level, node.module) if node.level
                     else node.module or "")
@@ -107,11 +113,17 @@ def imports_of(module: str, path: Path, package: Package, root: str) -> Iterator
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 if submodule in package.modules:  # `from package import module`
-                    yield Import(module, submodule, node.lineno, nested)
+                    yield Import(module, submodule, node.lineno, nested, type_only=type_only)
                 else:
                     plain.append(alias.name)
             if plain:
-                yield Import(module, base, node.lineno, nested, tuple(plain))
+                yield Import(module, base, node.lineno, nested, tuple(plain), type_only)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    """`TYPE_CHECKING` or `typing.TYPE_CHECKING`."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def module_aliases(path: Path, module: str, package: Package, root: str) -> dict[str, str]:
@@ -172,7 +184,7 @@ def check(
                 report.unlayered.append(item.target)
             elif target_layer != source_layer and target_layer not in may_import.get(source_layer, set()):
                 report.direction.append(f"{where}: layer {source_layer} may not import layer {target_layer}")
-            if item.target in graph and item.target != module:
+            if item.target in graph and item.target != module and not item.type_only:
                 graph[module].add(item.target)
             for name in item.names:
                 if _private(name):

@@ -44,34 +44,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "coordinator": {"protos", "core", "client"},
 }
 
-#: Private names imported across modules and import cycles that existed when this test was
-#: written, each owned by an open issue. Fix one and delete its entry: the test fails while a
-#: listed one is gone, so these lists only shrink.
-KNOWN_PRIVATE: set[str] = {
-    # issue 13 (one public engine: the job kinds call it through private functions)
-    "tensorfleet.coordinator.incontext imports private _run from tensorfleet.coordinator.job",
-    "tensorfleet.coordinator.incontext imports private _absolute from tensorfleet.coordinator.pipeline",
-    "tensorfleet.coordinator.incontext imports private _Strict from tensorfleet.coordinator.spec",
-    "tensorfleet.coordinator.pipeline imports private _dry_run from tensorfleet.coordinator.job",
-    "tensorfleet.coordinator.pipeline imports private _run from tensorfleet.coordinator.job",
-    "tensorfleet.coordinator.pipeline imports private _Strict from tensorfleet.coordinator.spec",
-    "tensorfleet.coordinator.sweep imports private _dry_run from tensorfleet.coordinator.job",
-    "tensorfleet.coordinator.sweep imports private _run from tensorfleet.coordinator.job",
-    "tensorfleet.coordinator.sweep imports private _absolute from tensorfleet.coordinator.pipeline",
-    "tensorfleet.coordinator.sweep imports private _Strict from tensorfleet.coordinator.spec",
-    # issue 13 (the coordinator by layer: service/CLI modules)
-    "tensorfleet.coordinator.top imports private _connection_args from tensorfleet.coordinator.service_cli",
-    "tensorfleet.coordinator.top imports private _options from tensorfleet.coordinator.service_cli",
-    # issue 13 / 16 (io: object store and parts)
-    "tensorfleet.coordinator.part_store imports private _fs from tensorfleet.coordinator.objectstore",
-}
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # issue 13: job <-> workflows <-> pipeline/sweep/incontext
-    frozenset(f"tensorfleet.coordinator.{m}" for m in ("incontext", "job", "pipeline", "sweep", "workflows")),
-    # issue 13: cli -> service_cli -> service -> job_manager -> job_process -> cli (and dashboard, top)
-    frozenset(f"tensorfleet.coordinator.{m}" for m in ("cli", "dashboard", "job_manager", "job_process", "service",
-                                                       "service_cli", "top")),
-}
+#: Private names imported across modules and import cycles that exist today, each owned by an
+#: open issue. Fix one and delete its entry: the test fails while a listed one is gone, so these
+#: lists only shrink.
+KNOWN_PRIVATE: set[str] = set()
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +121,9 @@ PLANTED = {
     "services/b.py": "def later():\n    from .a import helper  # closes a cycle inside a function\n",
     "services/c.py": "import planted.services.a as a\nvalue = a._hidden\n",
     "services/d.py": "from .a import _helper\n",
+    "services/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .f import F\n",
+    "services/f.py": "from .e import thing  # with e's type-only import: no cycle\nclass F: ...\n",
+    "client/typed.py": "import typing\nif typing.TYPE_CHECKING:\n    from planted.services import e  # still a direction violation\n",
     "coordinator/__init__.py": "",
     "coordinator/job.py": "from planted.client import api\nfrom planted.services import b\n",
 }
@@ -166,7 +146,9 @@ def test_planted_violations_are_each_reported(planted: Package) -> None:
     assert "planted.services.server:3 imports planted.coordinator.job (inside a function)" in direction
     assert "planted.coordinator.job:2 imports planted.services.b: layer coordinator may not import layer services" \
         in direction
-    assert len(report.direction) == 3  # the allowed imports (core->protos, client->core, ...) pass
+    assert "planted.client.typed:3 imports planted.services.e: layer client may not import layer services" \
+        in direction
+    assert len(report.direction) == 4  # the allowed imports (core->protos, client->core, ...) pass
     assert report.cycles == [["planted.services.a", "planted.services.b"]]
     private = "\n".join(report.private)
     assert "planted.services.d:1 imports private _helper from planted.services.a" in private
@@ -176,7 +158,7 @@ def test_planted_violations_are_each_reported(planted: Package) -> None:
 
 def test_a_clean_planted_tree_passes(planted: Package, tmp_path: Path) -> None:
     for relative in ("core/codec.py", "services/server.py", "services/b.py", "services/c.py",
-                     "services/d.py", "coordinator/job.py"):
+                     "services/d.py", "coordinator/job.py", "client/typed.py"):
         (tmp_path / relative).write_text("")
     report = check(Package.from_dirs({f"planted.{n}": tmp_path / n for n in MAY_IMPORT}), "planted",
                    PLANTED_LAYERS, MAY_IMPORT)
