@@ -163,8 +163,8 @@ def check_repository(root: Path, device: str, load: bool = False) -> list[Check]
     """Every model's config.yaml validates and every declared artifact matches its sha256."""
     from tensorfleet.core.errors import TensorfleetError
 
-    from .model_config import CONFIG_FILENAME, load_config
-    from .repository import verify_artifacts
+    from .repository.model_config import CONFIG_FILENAME, load_config
+    from .repository.repository import verify_artifacts
 
     if not root.is_dir():
         return [Check(FAIL, "model repository", f"{root} is not a directory")]
@@ -210,7 +210,7 @@ def check_repository(root: Path, device: str, load: bool = False) -> list[Check]
 
 def _load_model(root: Path, model: str, device: str) -> Check:
     """Load and warm one model the way the server does (slow: opt in with --load)."""
-    from .repository import ModelRepository
+    from .repository.repository import ModelRepository
 
     try:
         repository = ModelRepository(root, device=device, only=[model])

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from tensorfleet.core.errors import FailedPrecondition
 
-from .batcher import DynamicBatcher
+from .batching.batcher import DynamicBatcher
 from .metrics import ServerMetrics
-from .repository import ModelEntry, ModelRepository, ModelState
+from .repository.repository import ModelEntry, ModelRepository, ModelState
 from .statistics import ModelStats
 
 

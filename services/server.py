@@ -25,18 +25,18 @@ from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
-from .control_servicer import ControlServicer
 from .dataplane import DataPlane
 from .device import check_device_available
-from .inference_servicer import InferenceServicer
-from .interceptors import ErrorInterceptor
+from .frontends.control_servicer import ControlServicer
+from .frontends.inference_servicer import InferenceServicer
+from .frontends.interceptors import ErrorInterceptor
 from .metrics import ServerMetrics
 from .model_runtime import ModelRuntime
-from .repository import ModelRepository, ModelState
+from .repository.repository import ModelRepository, ModelState
 from .shared_memory import DEFAULT_MAX_BYTES, SWEEP_INTERVAL_S, SharedMemoryRegistry
 
 if TYPE_CHECKING:
-    from .http_app import HttpFrontEnd
+    from .frontends.http_app import HttpFrontEnd
 
 log = logging.getLogger("tensorfleet.server")
 
@@ -197,7 +197,7 @@ class ModelServer:
         return self.port
 
     async def _start_http(self) -> None:
-        from .http_app import (  # FastAPI and uvicorn load only when asked for
+        from .frontends.http_app import (  # FastAPI and uvicorn load only when asked for
             HttpFrontEnd,
             build_app,
         )

@@ -9,9 +9,9 @@ import pytest
 
 from tensorfleet.client.errors import InternalError, ResourceExhausted, Unavailable
 from tensorfleet.services.backends.base import OutOfMemory
-from tensorfleet.services.batch_assembly import BatchAssembly
-from tensorfleet.services.batcher import DynamicBatcher
-from tensorfleet.services.model_config import ModelConfig
+from tensorfleet.services.batching.assembly import BatchAssembly
+from tensorfleet.services.batching.batcher import DynamicBatcher
+from tensorfleet.services.repository.model_config import ModelConfig
 from tensorfleet.services.validation import DecodedRequest
 
 

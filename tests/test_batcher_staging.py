@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from tensorfleet.services.backends.base import OutOfMemory
-from tensorfleet.services.batcher import DynamicBatcher
+from tensorfleet.services.batching.batcher import DynamicBatcher
 from tests.test_batcher import make_config, request
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tensorfleet.client.errors import InvalidArgument
-from tensorfleet.services.model_config import load_config, read_features
-from tensorfleet.services.repository import verify_artifacts
+from tensorfleet.services.repository.model_config import load_config, read_features
+from tensorfleet.services.repository.repository import verify_artifacts
 
 CONFIG = """name: m
 backend: python

@@ -11,7 +11,7 @@ import numpy as np
 
 from tensorfleet.services.metrics import ServerMetrics
 from tensorfleet.services.model_runtime import ModelRuntime
-from tensorfleet.services.repository import ModelRepository, ModelState
+from tensorfleet.services.repository.repository import ModelRepository, ModelState
 from tensorfleet.services.validation import DecodedRequest
 
 CONFIG = """\

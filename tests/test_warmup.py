@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from tensorfleet.client.errors import InvalidArgument
-from tensorfleet.services.batch_assembly import BatchAssembly
-from tensorfleet.services.model_config import ModelConfig, load_config
+from tensorfleet.services.batching.assembly import BatchAssembly
+from tensorfleet.services.repository.model_config import ModelConfig, load_config
 from tensorfleet.services.validation import DecodedRequest
 from tensorfleet.services.warmup import shape_inputs, warm_shapes
 

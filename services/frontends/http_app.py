@@ -31,8 +31,8 @@ from tensorfleet.core.errors import (
 )
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES
 
+from ..dataplane import DataPlane
 from . import rest_converters as convert
-from .dataplane import DataPlane
 from .grpc_converters import model_config_message
 
 log = logging.getLogger("tensorfleet.http")

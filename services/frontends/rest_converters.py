@@ -25,8 +25,8 @@ from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.core.parameters import set_parameters
 from tensorfleet.protos import inference_pb2 as pb
 
-from .dataplane import InferResult, ModelMetadata, ModelStatistics
-from .repository import ModelEntry
+from ..dataplane import InferResult, ModelMetadata, ModelStatistics
+from ..repository.repository import ModelEntry
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"

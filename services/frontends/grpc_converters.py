@@ -14,9 +14,9 @@ from tensorfleet.core.errors import TensorfleetError
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import model_config_pb2 as mc
 
-from .dataplane import InferResult, ModelDetails, ModelMetadata, ModelStatistics, platform
-from .model_config import ModelConfig
-from .repository import ModelEntry
+from ..dataplane import InferResult, ModelDetails, ModelMetadata, ModelStatistics, platform
+from ..repository.model_config import ModelConfig
+from ..repository.repository import ModelEntry
 
 
 def encode_response(request: pb.ModelInferRequest, result: InferResult) -> wire.InferResponse:

@@ -8,8 +8,8 @@ from tensorfleet.core.version import __version__
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
-from .device import describe_device
-from .model_runtime import ModelRuntime
+from ..device import describe_device
+from ..model_runtime import ModelRuntime
 
 
 class ControlServicer(tf_grpc.ServerControlServicer):

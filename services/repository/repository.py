@@ -22,11 +22,11 @@ from tensorfleet.core.errors import (
 )
 from tensorfleet.core.hashing import file_sha256
 
-from .backends import create_backend
-from .backends.base import Backend, ModelContext
+from ..backends import create_backend
+from ..backends.base import Backend, ModelContext
+from ..validation import example_inputs
+from ..warmup import warm_shapes
 from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
-from .validation import example_inputs
-from .warmup import warm_shapes
 
 log = logging.getLogger("tensorfleet.repository")
 

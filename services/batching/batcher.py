@@ -36,11 +36,11 @@ from tensorfleet.core.errors import (
     Unavailable,
 )
 
-from .backends.base import is_out_of_memory
-from .batch_assembly import BatchAssembly
-from .model_config import ModelConfig
-from .statistics import ModelStats
-from .validation import DecodedRequest
+from ..backends.base import is_out_of_memory
+from ..repository.model_config import ModelConfig
+from ..statistics import ModelStats
+from ..validation import DecodedRequest
+from .assembly import BatchAssembly
 
 log = logging.getLogger("tensorfleet.batcher")
 

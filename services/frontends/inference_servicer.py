@@ -25,9 +25,9 @@ from tensorfleet.core.errors import (
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
+from ..dataplane import DataPlane
+from ..shared_memory import status_response
 from . import grpc_converters as convert
-from .dataplane import DataPlane
-from .shared_memory import status_response
 
 log = logging.getLogger("tensorfleet.inference")
 
