@@ -29,7 +29,7 @@ import yaml
 from bench.common import REPO_ROOT, emit, launch_server, machine
 from tensorfleet.client.coordinator_client import job_state
 from tests.coordinator.helpers import make_fasta
-from tests.service.helpers import start_coordinator
+from tests.coordinator.service.helpers import start_coordinator
 
 MODELS = REPO_ROOT / "tests" / "coordinator" / "models"
 KEEP = 40

@@ -107,7 +107,7 @@ step device 60 "$PY" -m bench.gpu.device_check --device "$DEVICE" --kit "$WORK/s
 # 3. the gpu-marked tests: real CUDA servers (on the rehearsal, the device-generic ones run on
 #    the CPU and the CUDA-only ones skip)
 if [ "$REHEARSE" = 1 ]; then export TENSORFLEET_GPU_TESTS_ON_CPU=1; else export TENSORFLEET_GPU_TESTS_REQUIRE_CUDA=1; fi
-step pytest-gpu "$([ "$QUICK" = 1 ] && echo 100 || echo 150)" "${PYTEST[@]}" -s -W ignore::DeprecationWarning -m gpu tests/gpu tests/test_torch_backends.py
+step pytest-gpu "$([ "$QUICK" = 1 ] && echo 100 || echo 150)" "${PYTEST[@]}" -s -W ignore::DeprecationWarning -m gpu tests/gpu tests/services/backends/test_torch_backends.py
 
 # 4. the GPU rows of docs/performance.md, at sizes that fit the time (each prints its JSON line)
 ESM_8M=(--layers 6 --dim 320 --heads 20)

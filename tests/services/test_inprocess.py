@@ -35,6 +35,6 @@ async def test_sync_and_async_clients_reach_it_and_stopping_ends_its_threads() -
         assert "SERVING on port" in server.log()
     assert not server.alive()
     deadline = time.monotonic() + 10  # model threads end once their current work is done
-    while _model_threads() != before and time.monotonic() < deadline:
+    while set(_model_threads()) - set(before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _model_threads() == before
+    assert set(_model_threads()) - set(before) == set()  # (another test's may end meanwhile)

@@ -19,7 +19,7 @@ from tensorfleet.client import (
 from tests.inprocess import inprocess_server
 from tests.serving import launch_server
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from tensorfleet.client import FailedPrecondition, InferenceClient, Unavailable
 from tests.serving import launch_server, running_server
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED = {
     "transport": {"cases", "ratio_1mb_1stream", "ratio_1mb_2streams", "shm_ratio_1mb_1stream"},

@@ -17,7 +17,7 @@ import pytest
 
 from bench.gpu import project_path, wheels
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WHEELS = REPO_ROOT / ".gpu-wheels"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from tensorfleet.services.backends.base import OutOfMemory
 from tensorfleet.services.batching.batcher import DynamicBatcher
-from tests.test_batcher import make_config, request
+from tests.services.batching.test_batcher import make_config, request
 
 
 class StagingDevice:

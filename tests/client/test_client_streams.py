@@ -17,7 +17,7 @@ from tensorfleet.client.base import InOrder
 from tensorfleet.client.errors import InternalError
 from tests.inprocess import inprocess_server
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_results_come_out_in_request_order_whatever_order_they_arrive_in():
@@ -103,7 +103,7 @@ async def test_async_wait_until_ready_names_the_address_when_nobody_answers():
 
 def _client_imports() -> dict[str, set[str]]:
     """module -> client modules it imports anywhere in its text (function-level imports too)."""
-    folder = Path(__file__).parent.parent / "client"
+    folder = Path(__file__).resolve().parents[2] / "client"
     graph: dict[str, set[str]] = {}
     for path in folder.glob("*.py"):
         targets: set[str] = set()
