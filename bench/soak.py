@@ -77,7 +77,7 @@ class Soak:
             self.examples.append(f"{what}: {error}")
 
     async def run(self) -> None:
-        from tensorfleet.client.settings import channel_options
+        from tensorfleet.core.settings import channel_options
         from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
         # Each channel its own connection: grpc shares one subchannel between equal channels,

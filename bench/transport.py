@@ -131,7 +131,7 @@ async def run_all(
     import grpc
 
     from tensorfleet.client import AsyncInferenceClient
-    from tensorfleet.client.settings import channel_options
+    from tensorfleet.core.settings import channel_options
 
     streams = [int(s) for s in args.streams.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]

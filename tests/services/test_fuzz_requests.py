@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tensorfleet.client.codec import expected_byte_size
-from tensorfleet.client.settings import channel_options
+from tensorfleet.core.codec import expected_byte_size
+from tensorfleet.core.settings import channel_options
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tests.serving import REPO_ROOT, running_server

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tensorfleet.client.settings import channel_options
+from tensorfleet.core.settings import channel_options
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 from tests.serving import REPO_ROOT, running_server

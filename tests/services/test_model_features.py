@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.services.repository.model_config import load_config, read_features
 from tensorfleet.services.repository.repository import verify_artifacts
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tensorfleet.client.errors import InvalidArgument
+from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.services.batching.assembly import BatchAssembly
 from tensorfleet.services.repository.model_config import ModelConfig, load_config
 from tensorfleet.services.validation import DecodedRequest

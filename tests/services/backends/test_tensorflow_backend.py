@@ -402,7 +402,7 @@ def test_device_placement_shows_tf_only_the_servers_gpu_with_memory_growth(
 
 
 def test_device_placement_errors_are_clear():
-    from tensorfleet.client.errors import FailedPrecondition
+    from tensorfleet.core.errors import FailedPrecondition
     from tensorfleet.services.backends.tf_common import configure_device
 
     with pytest.raises(FailedPrecondition, match="cuda:2: TensorFlow sees 2 GPU"):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from tensorfleet.client.errors import InternalError, ResourceExhausted, Unavailable
+from tensorfleet.core.errors import InternalError, ResourceExhausted, Unavailable
 from tensorfleet.services.backends.base import OutOfMemory
 from tensorfleet.services.batching.assembly import BatchAssembly
 from tensorfleet.services.batching.batcher import DynamicBatcher
