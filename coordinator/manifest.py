@@ -10,13 +10,13 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .filesystems import journal_mode_for
 from .joblock import JobLock
 from .planner import Chunk, InputFingerprint, Plan
+from .row_error import RowError
 
 MANIFEST_NAME = "manifest.sqlite"
 SCHEMA_VERSION = 2  # 2: chunks.row_order (length-sorted requests)
@@ -36,14 +36,6 @@ CREATE TABLE IF NOT EXISTS errors (
 CREATE TABLE IF NOT EXISTS servers (address TEXT PRIMARY KEY, first_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (chunk INTEGER NOT NULL, server TEXT NOT NULL, at REAL NOT NULL);
 """
-
-
-@dataclass(frozen=True)
-class RowError:
-    row: int
-    id: str
-    code: str
-    message: str
 
 
 class Manifest:

@@ -165,7 +165,7 @@ class ModelSpec(Strict):
     @field_validator("servers")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
-        from .discovery import DiscoveryError, check_entry
+        from .server_entry import DiscoveryError, check_entry
 
         for address in value:
             try:

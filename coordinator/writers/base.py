@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import RowError
+from ..row_error import RowError
 from ..spec import InputSpec, OutputSpec
 
 
