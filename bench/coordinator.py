@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from examples.protein.inprocess import load_python_model  # noqa: E402
 from tensorfleet.client import InferenceClient  # noqa: E402
-from tensorfleet.coordinator.planner import make_plan  # noqa: E402
-from tensorfleet.coordinator.readers import open_reader  # noqa: E402
-from tensorfleet.coordinator.source import EXCLUSIVE, RequestSource  # noqa: E402
+from tensorfleet.coordinator.engine.planner import make_plan  # noqa: E402
+from tensorfleet.coordinator.engine.source import EXCLUSIVE, RequestSource  # noqa: E402
+from tensorfleet.coordinator.io.readers import open_reader  # noqa: E402
 from tensorfleet.coordinator.spec import InputSpec  # noqa: E402
 from tensorfleet.core.process import server_command, start_and_wait  # noqa: E402
 

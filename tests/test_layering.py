@@ -96,7 +96,7 @@ def test_services_and_coordinator_share_only_core_and_protos() -> None:
 def test_the_check_covers_the_whole_package(report) -> None:
     package = Package.from_dirs(pyproject_package_dirs())
     for expected in ("tensorfleet.core.errors", "tensorfleet.services.backends.base",
-                     "tensorfleet.coordinator.readers.fasta", "tensorfleet.coordinator.cli",
+                     "tensorfleet.coordinator.io.readers.fasta", "tensorfleet.coordinator.cli",
                      "tensorfleet.client.inference_client", "tensorfleet.protos.inference_pb2"):
         assert expected in package.modules
     assert len(package.modules) > 100

@@ -97,8 +97,8 @@ def test_a_gzipped_pandas_csv_is_read_like_a_plain_one(tmp_path, servers):
 
 
 def test_a_value_that_does_not_fit_the_type_inferred_from_the_first_block_is_a_clear_error(tmp_path, monkeypatch):
-    from tensorfleet.coordinator.readers import InputError, open_reader
-    from tensorfleet.coordinator.readers import csv as csv_reader
+    from tensorfleet.coordinator.io.readers import InputError, open_reader
+    from tensorfleet.coordinator.io.readers import csv as csv_reader
     from tensorfleet.coordinator.spec import InputSpec
 
     monkeypatch.setattr(csv_reader, "_BLOCK_BYTES", 64)

@@ -13,7 +13,7 @@ from Bio import SeqIO, bgzf
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from tensorfleet.coordinator.readers import open_reader, unpack
+from tensorfleet.coordinator.io.readers import open_reader, unpack
 from tensorfleet.coordinator.spec import InputSpec
 
 from .helpers import ALPHABET, run_tensorfleet, write_job

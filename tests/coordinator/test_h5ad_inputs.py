@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from tensorfleet.coordinator.readers import open_reader
+from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec
 
 from .h5ad_files import expression, write_current, write_pre_0_7
@@ -189,7 +189,7 @@ def test_the_server_tells_its_feature_list_in_model_config(servers):
 
 
 def test_csc_rows_are_read_in_blocks_that_match_the_matrix(tmp_path, monkeypatch):
-    from tensorfleet.coordinator.readers import h5ad as h5ad_reader
+    from tensorfleet.coordinator.io.readers import h5ad as h5ad_reader
 
     x = expression(50, MODEL_GENES, seed=9)
     write_current(tmp_path / "c.h5ad", x, MODEL_GENES, "csc", raw=False)

@@ -22,7 +22,7 @@ def _report(package: Package, root: str):
 def test_the_coordinator_has_no_import_cycle_and_no_cross_module_private_import():
     package = Package.from_dirs({name: folder for name, folder in pyproject_package_dirs().items()
                                  if name == ROOT or name.startswith(ROOT + ".")})
-    assert f"{ROOT}.engine" in package.modules and f"{ROOT}.readers.fasta" in package.modules  # really read
+    assert f"{ROOT}.workflows.api" in package.modules and f"{ROOT}.io.readers.fasta" in package.modules  # really read
     report = _report(package, ROOT)
     assert report.cycles == []
     assert report.private == []

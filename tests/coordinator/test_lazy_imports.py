@@ -24,16 +24,15 @@ HEAVY = ("torch", "tensorflow", "anndata", "pandas", "pyarrow", "h5py", "scipy",
 #: Coordinator modules a plain `run` leaves for later or never needs.
 DEFERRED = (
     "tensorfleet.services",  # the server side: `serve` and `doctor` exec a new process
-    "tensorfleet.coordinator.slurm",
-    "tensorfleet.coordinator.top",
-    "tensorfleet.coordinator.service_cli",
-    "tensorfleet.coordinator.service",
-    "tensorfleet.coordinator.pipeline",
-    "tensorfleet.coordinator.sweep",
-    "tensorfleet.coordinator.incontext",
-    "tensorfleet.coordinator.local_fleet",  # model.local only
-    "tensorfleet.coordinator.merge",  # after the last chunk
-    "tensorfleet.coordinator.writers",
+    "tensorfleet.coordinator.fleet.slurm",
+    "tensorfleet.coordinator.cli.service_cli",
+    "tensorfleet.coordinator.service",  # the whole service layer: its gRPC API, jobs, dashboard, top
+    "tensorfleet.coordinator.workflows.pipeline",
+    "tensorfleet.coordinator.workflows.sweep",
+    "tensorfleet.coordinator.workflows.incontext",
+    "tensorfleet.coordinator.fleet.local_fleet",  # model.local only
+    "tensorfleet.coordinator.engine.merge",  # after the last chunk
+    "tensorfleet.coordinator.io.writers",
 )
 
 
@@ -66,11 +65,11 @@ def test_run_imports_neither_heavy_libraries_nor_other_commands():
         import json, sys
         from tensorfleet.coordinator import cli
         cli._parser(full=False).parse_args(["run", "job.yaml"])
-        import tensorfleet.coordinator.job
-        import tensorfleet.coordinator.readers.fasta
+        import tensorfleet.coordinator.engine.job
+        import tensorfleet.coordinator.io.readers.fasta
         print(json.dumps(sorted(sys.modules)))
     """)
-    assert "tensorfleet.coordinator.dispatcher" in modules  # the check below is not vacuous
+    assert "tensorfleet.coordinator.engine.dispatcher" in modules  # the check below is not vacuous
     assert not _loaded(modules, (*HEAVY, *DEFERRED))
 
 
@@ -82,7 +81,7 @@ def test_full_parser_still_offers_every_command():
         assert {"run", "status", "schema", "slurm", "top", "coordinator", "submit"} <= set(choices)
         print(json.dumps(sorted(sys.modules)))
     """)
-    assert "tensorfleet.coordinator.service_cli" in modules
+    assert "tensorfleet.coordinator.cli.service_cli" in modules
 
 
 def test_the_core_parser_reads_the_same_arguments_and_environment_as_the_full_one(monkeypatch):
@@ -103,7 +102,7 @@ def test_the_core_parser_reads_the_same_arguments_and_environment_as_the_full_on
 #: first part file is stored (the first result) and at the end, as JSON, to the file in argv[1].
 _DRIVER = """
     import json, sys
-    import tensorfleet.coordinator.part_store as part_store
+    import tensorfleet.coordinator.io.part_store as part_store
 
     seen = {}
     store = part_store.store_part
@@ -140,4 +139,4 @@ def test_a_fasta_job_stores_its_first_result_before_importing_writers_or_heavy_l
     assert not _loaded(first, (*HEAVY, *DEFERRED))
     # the merge then writes HDF5: the writer's library comes in only now
     assert (tmp_path / "out.limit24.h5").is_file()
-    assert "h5py" in seen["end"] and "tensorfleet.coordinator.merge" in seen["end"]
+    assert "h5py" in seen["end"] and "tensorfleet.coordinator.engine.merge" in seen["end"]

@@ -23,7 +23,7 @@ import time
 import pyte
 import pytest
 
-from tensorfleet.coordinator.progress_view import PlainView, ProgressLine
+from tensorfleet.coordinator.engine.progress_view import PlainView, ProgressLine
 from tests.serving import running_server
 
 from .helpers import MODELS, REPO_ROOT, make_fasta, run_tensorfleet, tensorfleet_command, write_job

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tensorfleet.coordinator.filesystems import journal_mode_for
-from tensorfleet.coordinator.joblock import LOCK_NAME, STALE_S, JobLock, JobLocked
-from tensorfleet.coordinator.manifest import Manifest
+from tensorfleet.coordinator.engine.manifest import Manifest
+from tensorfleet.coordinator.io.filesystems import journal_mode_for
+from tensorfleet.coordinator.io.joblock import LOCK_NAME, STALE_S, JobLock, JobLocked
 from tests.serving import launch_server, running_server
 
 from .helpers import (
@@ -195,9 +195,9 @@ def test_a_worker_that_dies_of_an_unexpected_error_fails_the_job_instead_of_hang
     """Found by bench.chaos: a damaged upstream part raised in a worker, and the job hung."""
     import asyncio
 
-    from tensorfleet.coordinator.dispatcher import Dispatcher
-    from tensorfleet.coordinator.parts import CorruptPart
-    from tensorfleet.coordinator.planner import Chunk
+    from tensorfleet.coordinator.engine.dispatcher import Dispatcher
+    from tensorfleet.coordinator.engine.planner import Chunk
+    from tensorfleet.coordinator.io.parts import CorruptPart
     from tensorfleet.coordinator.spec import PolicySpec
 
     class Unreadable:
@@ -268,8 +268,8 @@ def test_a_server_not_serving_the_model_is_retried_not_fatal(tmp_path):
     import asyncio
 
     from tensorfleet.client import InferenceClient
-    from tensorfleet.coordinator.dispatcher import Dispatcher, DispatchFatal
-    from tensorfleet.coordinator.planner import Chunk
+    from tensorfleet.coordinator.engine.dispatcher import Dispatcher, DispatchFatal
+    from tensorfleet.coordinator.engine.planner import Chunk
     from tensorfleet.coordinator.spec import PolicySpec
     from tests.serving import REPO_ROOT, running_server
 
@@ -296,7 +296,7 @@ def test_a_connection_dropped_between_health_and_description_is_retried(tmp_path
 
     from bench.chaos_proxy import ChaosProxy
     from tensorfleet.client import ConnectionOptions
-    from tensorfleet.coordinator.fleet import inspect_fleet
+    from tensorfleet.coordinator.fleet.model_info import inspect_fleet
 
     injected = 0
     with running_server(MODELS) as server:

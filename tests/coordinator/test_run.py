@@ -12,8 +12,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tensorfleet.coordinator.planner import make_plan
-from tensorfleet.coordinator.readers import open_reader
+from tensorfleet.coordinator.engine.planner import make_plan
+from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec
 
 from .helpers import MODELS, local_model, make_fasta, run_tensorfleet, write_job
@@ -88,7 +88,7 @@ def test_token_budget_requests_are_length_sorted_and_the_output_stays_in_input_o
 
 def make_plan_padding(lengths: np.ndarray, batch_rows: int, budget: int) -> int:
     """Padded tokens when requests are cut in input order (the plan before length sorting)."""
-    from tensorfleet.coordinator.planner import request_bounds
+    from tensorfleet.coordinator.engine.planner import request_bounds
 
     bounds = request_bounds(len(lengths), batch_rows, lengths, budget)
     return sum((b - a) * lengths[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True))
@@ -296,7 +296,7 @@ def test_servers_with_room_take_waiting_requests_of_the_last_chunk(tmp_path):
 
 
 def test_only_the_stored_outputs_are_asked_for_and_an_unknown_one_fails_before_dispatch(tmp_path, servers):
-    from tensorfleet.coordinator.parts import Part
+    from tensorfleet.coordinator.io.parts import Part
 
     x, _ = _numeric_inputs(tmp_path, rows=40)
     np.save(tmp_path / "x.npy", x)

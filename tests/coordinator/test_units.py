@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from tensorfleet.coordinator.manifest import Manifest, RowError
-from tensorfleet.coordinator.parts import CorruptPart, Part, write_part
-from tensorfleet.coordinator.planner import PlanError, make_chunks, make_plan, request_bounds
-from tensorfleet.coordinator.readers import open_reader
+from tensorfleet.coordinator.engine.manifest import Manifest, RowError
+from tensorfleet.coordinator.engine.planner import PlanError, make_chunks, make_plan, request_bounds
+from tensorfleet.coordinator.io.parts import CorruptPart, Part, write_part
+from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec, SpecError, json_schema, parse_spec
 
 from .helpers import make_fasta
@@ -160,7 +160,7 @@ def test_manifest_commits_a_chunk_once_with_its_errors(tmp_path):
 def test_a_server_the_fleet_check_just_saw_skips_only_its_first_probe():
     import time
 
-    from tensorfleet.coordinator import dispatcher
+    from tensorfleet.coordinator.engine import dispatcher
     from tensorfleet.coordinator.spec import PolicySpec
 
     now = time.monotonic()

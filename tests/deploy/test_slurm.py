@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tensorfleet.coordinator import slurm
+from tensorfleet.coordinator.fleet import slurm
 from tensorfleet.services.cli import build_parser
 from tests.deploy.slurm_cluster import SlurmCluster, SlurmUnavailable
 from tests.serving import REPO_ROOT
@@ -42,7 +42,7 @@ def _tensorfleet_slurm() -> tuple[str, ...]:
     )
     if probe.returncode == 0:
         return (sys.executable, "-m", "tensorfleet.coordinator", "slurm")
-    return (sys.executable, "-m", "tensorfleet.coordinator.slurm", "slurm")
+    return (sys.executable, "-m", "tensorfleet.coordinator.fleet.slurm", "slurm")
 
 
 def _write_job(folder: Path, name: str, output: str, token: str | None = None) -> Path:
@@ -143,7 +143,7 @@ def test_serve_task_reports_its_address_and_drains_on_the_stop_file(tmp_path: Pa
 
     hostfile = tmp_path / "servers"
     task = subprocess.Popen(  # the batch script exports the job's token; the server requires it
-        [sys.executable, "-m", "tensorfleet.coordinator.slurm", "serve-task", "--hostfile", str(hostfile),
+        [sys.executable, "-m", "tensorfleet.coordinator.fleet.slurm", "serve-task", "--hostfile", str(hostfile),
          "--host", "127.0.0.1", "--", "--model-repository", str(MODELS), "--model", "simple",
          "--host", "127.0.0.1"],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -170,7 +170,7 @@ def test_serve_task_reports_its_address_and_drains_on_the_stop_file(tmp_path: Pa
 def test_wait_healthy_fails_fast_when_a_server_died(tmp_path: Path) -> None:
     hostfile = tmp_path / "servers"
     task = subprocess.run(
-        [sys.executable, "-m", "tensorfleet.coordinator.slurm", "serve-task", "--hostfile", str(hostfile),
+        [sys.executable, "-m", "tensorfleet.coordinator.fleet.slurm", "serve-task", "--hostfile", str(hostfile),
          "--host", "127.0.0.1", "--", "--model-repository", str(tmp_path / "no-such-repository")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -189,7 +189,7 @@ def test_a_real_cuda_out_of_memory_splits_the_batch(tmp_path):
 
 @cuda_only
 def test_count_auto_starts_one_server_per_gpu(repository, tmp_path):
-    from tensorfleet.coordinator.local_fleet import LocalFleet
+    from tensorfleet.coordinator.fleet.local_fleet import LocalFleet
 
     repo, _ = repository
     fleet = LocalFleet(repo, "enc_fp32", "auto", "cuda", tmp_path / "fleet", [])

@@ -140,7 +140,7 @@ def test_dashboard_in_headless_chromium(tmp_path) -> None:
 def test_history_is_rows_done_and_rate_per_step() -> None:
     """Chunks of 10 rows committed at t=1..4 after a start at t=0: rows done climbs to 40, and
     each step's rate is the rows committed in it over its width."""
-    from tensorfleet.coordinator.dashboard import history
+    from tensorfleet.coordinator.service.dashboard import history
 
     points = history([(1.0, 10, 0), (2.0, 10, 0), (3.0, 10, 1), (4.0, 10, 0)], since=0.0)
     assert [p["time"] for p in points] == [0.0, 1.0, 2.0, 3.0, 4.0]

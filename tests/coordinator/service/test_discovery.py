@@ -11,7 +11,7 @@ import socket
 import sqlite3
 
 from tensorfleet.client.coordinator_client import job_state
-from tensorfleet.coordinator.discovery import expand
+from tensorfleet.coordinator.fleet.discovery import expand
 from tests.coordinator.helpers import MODELS, chunks_done, make_fasta, wait_for, write_job
 from tests.serving import launch_server
 

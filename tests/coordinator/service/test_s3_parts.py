@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tensorfleet.coordinator.parts import MAGIC
+from tensorfleet.coordinator.io.parts import MAGIC
 from tests.coordinator.helpers import (
     REPO_ROOT,
     chunks_done,

@@ -1,0 +1,1 @@
+"""One model over one input: adapt, plan, manifest, dispatch, merge, progress and status."""

@@ -1,0 +1,191 @@
+"""The merge: committed part files, in input order, into one output file, checked and atomic.
+
+It checks that the parts hold exactly the planned rows and that their ids, in order, are
+the input's ids (by digest), so every id appears exactly once. Memory is one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io.crashpoints import crash_point
+from ..io.part_store import open_part
+from ..io.parts import fsync_dir
+from ..io.writers import Column, Ragged, WriteContext, open_writer
+from ..io.writers.base import writer_class
+from ..spec import InputSpec, OutputSpec
+from .manifest import Manifest
+from .planner import Chunk
+
+
+class MergeError(Exception):
+    """The parts do not add up to the planned output; nothing was written."""
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    rows: int
+    rows_failed: int
+    columns: list[Column]
+    side_files: list[Path]
+
+
+def temp_path_for(final: Path) -> Path:
+    return final.with_name(f".{final.stem}.partial{final.suffix}")
+
+
+def _columns(
+    job_dir: Path, manifest: Manifest, chunks: list[Chunk], output: OutputSpec, declared: dict[str, tuple[str, tuple[int, ...]]]
+) -> list[Column]:
+    """Stored columns: names from the spec, dtype and row shape from the first part with rows."""
+    found: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    for chunk in chunks:
+        with open_part(job_dir, manifest.part_of(chunk.index), verify=False) as part:
+            if part.array("ok").any():
+                for name in part.names:
+                    if name != "ok":
+                        array = part.array(name)
+                        found[name] = (array.dtype, tuple(array.shape[1:]))
+                break
+    if not found:  # every row failed: fall back on what the model declares
+        from tensorfleet.core.codec import NUMPY_DTYPES
+
+        for name, (datatype, shape) in declared.items():
+            found[name] = (NUMPY_DTYPES.get(datatype, np.dtype("<f4")), tuple(max(d, 0) for d in shape))
+    wanted = output.tensors or {name: name for name in sorted(found)}
+    for source, lengths in output.ragged.items():
+        if source not in wanted or lengths not in found:
+            raise MergeError(
+                f"output.ragged maps '{source}' -> '{lengths}'; both must be model outputs (it returns: "
+                f"{sorted(found)}) and '{source}' must be stored (output.tensors)"
+            )
+        if len(found[source][1]) < 1 or found[lengths][0].kind not in "iu":
+            raise MergeError(f"output.ragged: '{source}' needs a length axis and '{lengths}' integer lengths")
+    columns = []
+    for source, stored in wanted.items():
+        if source not in found:
+            raise MergeError(f"output.tensors names '{source}', which the model does not return (it returns: {sorted(found)})")
+        dtype, shape = found[source]
+        if output.dtype and dtype.kind == "f":
+            dtype = np.dtype(output.dtype)
+        lengths = output.ragged.get(source)
+        columns.append(Column(stored, source, dtype, shape[1:] if lengths else shape, lengths))
+    return columns
+
+
+def _ragged(values: np.ndarray, lengths: np.ndarray, ok: np.ndarray, column: Column, chunk: Chunk) -> Ragged:
+    """One chunk of a ragged output: padded [ok rows, width, ...] -> entries back to back, in row order."""
+    lengths = np.asarray(lengths).reshape(len(values), -1)[:, 0].astype(np.int64)
+    width = values.shape[1] if values.ndim > 1 else 0
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > width):
+        raise MergeError(
+            f"chunk {chunk.index}: '{column.lengths_from}' holds lengths outside 0..{width}, the width of "
+            f"'{column.source}'; check output.ragged"
+        )
+    keep = np.arange(width)[None, :] < lengths[:, None]
+    full = np.zeros(chunk.rows, dtype=np.int64)
+    full[ok] = lengths
+    return Ragged(np.asarray(values[keep], dtype=column.dtype), full)
+
+
+def merge(
+    *,
+    job_dir: Path,
+    manifest: Manifest,
+    chunks: list[Chunk],
+    rows: int,
+    ids_digest: str,
+    output: OutputSpec,
+    input_spec: InputSpec,
+    provenance: dict[str, Any],
+    limit: int | None,
+    final_path: Path,
+    declared_outputs: dict[str, tuple[str, tuple[int, ...]]],
+    input_columns: list[Column] = (),  # type: ignore[assignment]
+    input_values: Callable[[int, int], dict[str, np.ndarray]] | None = None,
+) -> MergeResult:
+    """`input_columns` are per-row fields the input view adds (e.g. `truncated`), read for each
+    chunk's rows with `input_values(start, stop)` and stored after the model's outputs."""
+    done = manifest.done_chunks()
+    missing = [chunk.index for chunk in chunks if chunk.index not in done]
+    if missing:
+        raise MergeError(f"{len(missing)} chunks are not done (first: {missing[:5]})")
+    covered = sum(chunk.rows for chunk in chunks)
+    if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
+        raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
+    errors = manifest.errors()
+    columns = [*_columns(job_dir, manifest, chunks, output, declared_outputs), *input_columns]
+    from_input = {column.name for column in input_columns}
+    temp = temp_path_for(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()
+    context = WriteContext(
+        spec=output, input=input_spec, temp_path=temp, columns=columns, rows=rows,
+        provenance={**provenance, "rows": rows, "rows_failed": len(errors)}, errors=errors, limit=limit,
+    )
+    writer = open_writer(context)
+    digest = hashlib.blake2b(digest_size=16)
+    error_by_row = {e.row: f"{e.code}: {e.message}" for e in errors}
+    try:
+        for chunk in chunks:
+            with open_part(job_dir, manifest.part_of(chunk.index)) as part:
+                ids = part.strings("ids")
+                ok = np.array(part.array("ok"), dtype=bool)
+                if len(ids) != chunk.rows or len(ok) != chunk.rows:
+                    raise MergeError(f"chunk {chunk.index} holds {len(ids)} rows, planned {chunk.rows}")
+                for value in ids:
+                    encoded = value.encode()
+                    digest.update(len(encoded).to_bytes(4, "little") + encoded)
+                arrays = input_values(chunk.start, chunk.stop) if input_values and from_input else {}
+                for column in columns:
+                    if column.name in from_input:
+                        continue
+                    values = part.array(column.source)
+                    if column.lengths_from:
+                        arrays[column.name] = _ragged(values, part.array(column.lengths_from), ok, column, chunk)
+                        continue
+                    full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
+                    if column.dtype.kind == "f":
+                        full[~ok] = np.nan
+                    full[ok] = values
+                    arrays[column.name] = full
+                    del values
+                error = np.full(chunk.rows, "", dtype=object)
+                for offset in np.nonzero(~ok)[0]:
+                    error[offset] = error_by_row.get(chunk.start + int(offset), "UNKNOWN: no error recorded")
+                writer.write(chunk.start, ids, arrays, ok, error)
+                del arrays, ok
+                crash_point("merge")
+        if digest.hexdigest() != ids_digest:
+            raise MergeError("the ids in the parts differ from the input's ids; rerun with --restart")
+        side_files = writer.finish()
+    except BaseException:
+        writer.abort()
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    for path in [temp, *side_files]:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+    finals = []
+    for side in side_files:
+        target = final_path.with_name(side.name.replace(temp.stem, final_path.stem, 1).lstrip("."))
+        os.replace(side, target)
+        finals.append(target)
+    kind = writer_class(output.format)
+    for stale in getattr(kind, "side_files", lambda _: [])(final_path):
+        if stale not in finals:
+            stale.unlink(missing_ok=True)
+    os.replace(temp, final_path)
+    fsync_dir(final_path.parent)
+    return MergeResult(final_path, rows, len(errors), columns, finals)

@@ -1,0 +1,1 @@
+"""I/O: input readers, output writers, object storage, part files and the job folder's own files."""

@@ -1,0 +1,182 @@
+"""AnnData .h5ad, through anndata's own readers: X, raw/X, layers/NAME, obsm/NAME; obs names as ids.
+
+Any encoding anndata reads: today's (encoding-type attributes), 0.7's, and the one before
+0.7 (obs/var as compound datasets, `raw.X`/`raw.var` at the top, obsm as one compound
+dataset, sparse groups marked `h5sparse_format`). Rows are read by range, never the whole
+matrix:
+- dense: an h5py slice of the dataset;
+- CSR: `anndata.io.sparse_dataset(group)[start:stop]`, which reads only those rows' entries;
+- CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
+  one pass over the columns (in column blocks, through the same sparse dataset) turns a
+  block of rows into CSR, kept for the reads that follow. Each block reads the whole matrix
+  once; a block holds about `CSC_BLOCK_BYTES` of entries (12 bytes each), so a job reads the
+  matrix `12 x nnz / CSC_BLOCK_BYTES` times (more often when chunks are larger than a block).
+  For large CSC files convert once: `adata.X = adata.X.tocsr()`.
+obs, var and the small metadata are read with `anndata.io.read_elem`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse
+from anndata.io import read_elem, sparse_dataset
+
+from ...spec import InputSpec
+from .base import FieldInfo, InputError, Reader, register
+from .hdf5 import as_str_array
+
+CSC_BLOCK_BYTES = 256 << 20
+_CSC_COLUMNS = 2048
+
+
+def _attr(item: h5py.HLObject, key: str, default: str = "") -> str:
+    value = item.attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _sparse_format(item: h5py.Group) -> str:
+    """'csr', 'csc' or '' for a group that is not a sparse matrix."""
+    legacy = _attr(item, "h5sparse_format")
+    if legacy:
+        return legacy
+    return {"csr_matrix": "csr", "csc_matrix": "csc"}.get(_attr(item, "encoding-type"), "")
+
+
+def read_frame(item: h5py.Group | h5py.Dataset) -> pd.DataFrame:
+    """An obs/var frame in any encoding: read_elem for a group, a compound dataset before 0.7."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's OldFormatWarning: reading old files is the point
+        value = read_elem(item)
+    if isinstance(value, pd.DataFrame):
+        return value
+    frame = pd.DataFrame(value)  # structured array of the pre-0.7 encoding; its first field is the index
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = [v.decode() if isinstance(v, bytes) else v for v in frame[column]]
+    return frame.set_index(frame.columns[0])
+
+
+class _Names:
+    """obs names by row range without loading them all: today's string dataset, or the first
+    field of a pre-0.7 compound dataset."""
+
+    def __init__(self, obs: h5py.Group | h5py.Dataset) -> None:
+        if isinstance(obs, h5py.Dataset):
+            self._dataset, self._field = obs, obs.dtype.names[0]
+        else:
+            self._dataset, self._field = obs[_attr(obs, "_index", "_index")], None
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if self._field is None:
+            return as_str_array(self._dataset[rows])
+        return as_str_array(self._dataset.fields([self._field])[rows][self._field])
+
+
+@register("h5ad")
+class H5adReader(Reader):
+    default_field = "X"
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        self._file = h5py.File(spec.path, "r")
+        if "obs" not in self._file:
+            self._file.close()
+            raise InputError(f"{spec.path} has no obs; is it an .h5ad file?")
+        self._names = _Names(self._file["obs"])
+        #: field -> (h5py item, compound field name for pre-0.7 obsm)
+        self._items: dict[str, tuple[h5py.HLObject, str | None]] = {}
+        self._fields: dict[str, FieldInfo] = {}
+        self._csc_block: tuple[str, int, int, object] | None = None
+        candidates = {"X": "X", "raw/X": "raw/X" if "raw/X" in self._file else "raw.X"}
+        for group in ("layers", "obsm"):
+            item = self._file.get(group)
+            if isinstance(item, h5py.Group):
+                candidates.update({f"{group}/{key}": f"{group}/{key}" for key in item})
+            elif isinstance(item, h5py.Dataset) and item.dtype.names:  # pre-0.7 obsm: one compound dataset
+                for name in item.dtype.names:
+                    self._add(f"{group}/{name}", item, name)
+        for name, path in candidates.items():
+            if path in self._file:
+                self._add(name, self._file[path], None)
+
+    def _add(self, name: str, item: h5py.HLObject, member: str | None) -> None:
+        if member is not None:
+            kind = item.dtype.fields[member][0]
+            info = FieldInfo(name, kind.base, tuple(kind.shape))
+        elif isinstance(item, h5py.Dataset):
+            if item.dtype.kind not in "biuf" or item.ndim < 1:
+                return  # strings, categories: not model inputs
+            info = FieldInfo(name, item.dtype, tuple(item.shape[1:]))
+        elif _sparse_format(item):
+            matrix = sparse_dataset(item)
+            info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
+        else:
+            return  # a data frame or mapping in obsm: nothing a model can take
+        self._items[name] = (item, member)
+        self._fields[name] = info
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._names)
+
+    def fields(self) -> dict[str, FieldInfo]:
+        return self._fields
+
+    def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        if field not in self._fields:
+            raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
+        item, member = self._items[field]
+        if member is not None:
+            return item.fields([member])[start:stop][member]
+        if isinstance(item, h5py.Dataset):
+            return item[start:stop]
+        if _sparse_format(item) == "csc":
+            return self._csc_rows(field, item, start, stop)
+        return np.asarray(sparse_dataset(item)[start:stop].toarray())
+
+    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> np.ndarray:
+        block = self._csc_block
+        if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
+            matrix = sparse_dataset(item)
+            rows, columns = matrix.shape
+            per_row = max(int(item["indptr"][-1]) / max(rows, 1), 1.0)
+            size = max(stop - start, int(CSC_BLOCK_BYTES / (12 * per_row)))
+            lo, hi = start, min(rows, start + size)
+            pieces = [
+                matrix[:, c : min(c + _CSC_COLUMNS, columns)][lo:hi].tocsr()
+                for c in range(0, columns, _CSC_COLUMNS)
+            ]
+            combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
+            block = self._csc_block = (field, lo, hi, combined)
+        _, lo, _, combined = block
+        return np.asarray(combined[start - lo : stop - lo].toarray())
+
+    def feature_names(self, field: str, column: str | None = None) -> np.ndarray | None:
+        """Names of `field`'s columns (var names, raw/X: raw var names, or a var column); None for obsm."""
+        if field == "X" or field.startswith("layers/"):
+            key = "var"
+        elif field == "raw/X":
+            key = "raw/var" if "raw/var" in self._file else "raw.var"
+        else:
+            return None
+        if key not in self._file:
+            return None
+        frame = read_frame(self._file[key])
+        if column is None:
+            return np.asarray(frame.index.astype(str))
+        if column not in frame.columns:
+            raise InputError(f"input.align.var_column: no column '{column}' in {key} (has: {sorted(frame.columns)})")
+        return np.asarray(frame[column].astype(str))
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        return self._names[start:stop]
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,1 @@
+"""The long-lived coordinator service: its gRPC API, job lifecycle, own state and dashboard."""

@@ -1,0 +1,157 @@
+"""One service job attempt = one `tensorfleet run JOB --job-dir DIR --resume` subprocess.
+
+The service reuses the engine whole by running it: a crash in one job cannot take the
+service or other jobs down, SIGTERM is a clean cancel (committed chunks kept), and a
+restarted service resumes a job the same way a person would, from its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tensorfleet.core.process import die_with_parent
+
+from ..engine.manifest import MANIFEST_NAME
+from ..engine.progress import read_status
+from ..engine.status import MARKER_NAME
+
+ERROR_MARK = "tensorfleet: error: "
+
+
+PARENT_ENV = "TENSORFLEET_SERVICE_PID"
+
+
+def engine_command(spec_path: str, job_dir: str, limit: int | None) -> list[str]:
+    command = [sys.executable, "-m", "tensorfleet.coordinator.service.job_process", "run", spec_path, "--job-dir", job_dir, "--resume"]
+    return command + (["--limit", str(limit)] if limit else [])
+
+
+def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path) -> subprocess.Popen:
+    """Start the engine; it dies with the service (PDEATHSIG), so a restart never finds two.
+
+    No preexec_fn: running Python between fork and exec in a process with gRPC threads aborts
+    the child. The engine sets its own parent-death signal instead (see `main` below).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            engine_command(spec_path, job_dir, limit), stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}, start_new_session=True,
+        )
+
+
+def stop(pid: int) -> None:
+    """SIGTERM: the engine stops dispatching, keeps committed chunks, and exits."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def engine_alive(pid: int | None, spec_path: str) -> bool:
+    """Whether `pid` is still this job's engine (an orphan from a killed service)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return spec_path.encode() in cmdline
+
+
+def extract_error(log_text: str, returncode: int | None) -> str:
+    """The engine's own message ('tensorfleet: error: ...', which says what to fix), else the log's end."""
+    position = log_text.rfind(ERROR_MARK)
+    if position >= 0:
+        return log_text[position + len(ERROR_MARK):].strip()
+    if returncode is not None and returncode < 0:
+        cause = f"the job process was killed by signal {signal.Signals(-returncode).name}"
+    else:
+        cause = f"the job process exited with {returncode}"
+    tail = "\n".join(log_text.strip().splitlines()[-8:])
+    return cause + (f"; its log ends:\n{tail}" if tail else "")
+
+
+def rows_failed_message(log_text: str) -> str:
+    for line in reversed(log_text.splitlines()):
+        if line.startswith("tensorfleet: ") and "rows failed" in line:
+            return line.removeprefix("tensorfleet: ")
+    return ""
+
+
+def manifest_counts(job_dir: str) -> dict[str, int]:
+    """Chunk and row counts from the job's manifest (a workflow's: summed over its parts), read-only;
+    {} before any exists."""
+    marker = Path(job_dir) / MARKER_NAME
+    if marker.is_file():
+        totals: dict[str, int] = {}
+        for part in json.loads(marker.read_text())["parts"]:
+            for key, value in _counts(Path(job_dir) / part["dir"]).items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+    return _counts(Path(job_dir))
+
+
+def _counts(job_dir: Path) -> dict[str, int]:
+    path = job_dir / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            total, done, rows, rows_done, failed = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(done), 0), COALESCE(SUM(stop - start), 0),"
+                " COALESCE(SUM(CASE WHEN done THEN stop - start ELSE 0 END), 0), COALESCE(SUM(failed), 0)"
+                " FROM chunks"
+            ).fetchone()
+    except sqlite3.Error:
+        return {}
+    return {"chunks": total, "chunks_done": done, "rows": rows, "rows_done": rows_done, "rows_failed": failed}
+
+
+def progress(job_dir: str) -> dict[str, Any]:
+    """What the engine last reported (status.json) with the manifest's exact counts on top."""
+    status = read_status(Path(job_dir)) or {}
+    return {**status, **manifest_counts(job_dir)}
+
+
+def main(argv: list[str]) -> int:
+    """`tensorfleet run` that exits with the service: SIGTERM when its parent dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        die_with_parent()
+        parent = os.environ.get(PARENT_ENV)
+        if parent and os.getppid() != int(parent):  # the service died before the signal was armed
+            return 2
+    return run_engine(argv)
+
+
+def run_engine(argv: list[str]) -> int:
+    """`run SPEC --job-dir DIR --resume [--limit N]` (engine_command's arguments) through the engine."""
+    import argparse
+    import signal as signals
+
+    from ..workflows.api import RunOptions
+    from ..workflows.run_command import run_and_report
+
+    parser = argparse.ArgumentParser(prog="tensorfleet.coordinator.service.job_process")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("job", type=Path)
+    parser.add_argument("--job-dir", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signals.signal(signals.SIGTERM, interrupt)
+    return run_and_report(args.job, RunOptions(job_dir=args.job_dir, resume=args.resume, limit=args.limit))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

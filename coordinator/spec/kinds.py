@@ -1,0 +1,300 @@
+"""One job spec, four kinds, one loader.
+
+A job file is one of:
+- plain: `input` + `model` + `output` (JobSpec, coordinator/spec/__init__.py);
+- multi-stage: `stages:` (PipelineSpec): stage k's model reads stage k-1's outputs (and, by
+  `STAGE:FIELD` or `input:FIELD`, any earlier stage's or the input's fields);
+- models x sources: `models:` + `sources:` (SweepSpec);
+- in-context: `prompt:` (InContextSpec): query rows predicted in the context of prompt rows.
+
+`parse_job` tells the kind from the top-level keys and validates the file against that kind's
+model, so an unknown field is an error naming it. Everything that takes a job (the CLI, the
+coordinator service, the SLURM launcher) reads it through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from . import (
+    ChunkingSpec,
+    InputSpec,
+    JobSpec,
+    ModelSpec,
+    OutputSpec,
+    PolicySpec,
+    SpecError,
+    Strict,
+    absolute,
+    check_file_name,
+    format_validation_error,
+    resolve_model,
+)
+from .safe_yaml import SpecTooLarge, load_yaml
+
+NAME = r"^[A-Za-z0-9_.\-]+$"
+
+
+class Named(Strict):
+    """A spec section whose `name` becomes a file or folder name."""
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_file_name(value)
+
+
+class StageSpec(Named):
+    name: str = Field(max_length=128, pattern=NAME, description="Stage name (its folder and status line).")
+    model: ModelSpec
+    tensors: dict[str, str] = Field(
+        default_factory=dict,
+        description="model input -> field. A plain name is a field of the job's input for the first stage and "
+        "an output of the previous stage for the others; 'input:FIELD' reads the job's input and "
+        "'STAGE:OUTPUT' an earlier stage's output. Unset: input.tensors (first stage) or same-named outputs.",
+    )
+    batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this stage's model.")
+    token_budget: int | None = Field(default=None, ge=1)
+
+
+class PipelineSpec(Named):
+    name: str = Field(default="pipeline", max_length=128, pattern=NAME)
+    input: InputSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    output: OutputSpec
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    job_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _stage_references(self) -> PipelineSpec:
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated or "input" in names:
+            raise ValueError(f"stage names must be distinct and not 'input' (got {names})")
+        for index, stage in enumerate(self.stages):
+            for model_input, field in stage.tensors.items():
+                where, _, _ = field.partition(":")
+                if ":" in field and where != "input" and where not in names[:index]:
+                    raise ValueError(
+                        f"stages[{index}] ({stage.name}).tensors.{model_input}: '{field}' names no earlier stage "
+                        f"(earlier: {['input', *names[:index]]})"
+                    )
+        return self
+
+    def resolved(self, base: Path) -> PipelineSpec:
+        data = self.model_dump()
+        data["input"]["path"] = absolute(base, data["input"]["path"])
+        data["output"]["path"] = absolute(base, data["output"]["path"])
+        if data["job_dir"]:
+            data["job_dir"] = absolute(base, data["job_dir"])
+        for stage in data["stages"]:
+            resolve_model(stage["model"], base)
+        return PipelineSpec.model_validate(data)
+
+
+class SourceSpec(InputSpec):
+    name: str | None = Field(default=None, max_length=128, pattern=NAME,
+                             description="Source label; default: the file's stem.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_file_name(value)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class SweepModelSpec(ModelSpec):
+    batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this model.")
+    token_budget: int | None = Field(default=None, ge=1)
+    inputs: dict[str, str] = Field(default_factory=dict, description="model input -> source field (all sources).")
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="model output -> stored column; use it to give every sheet the same columns."
+    )
+    sources: list[str] | None = Field(
+        default=None, description="Labels of the sources this model runs on; unset: every source."
+    )
+
+
+class SheetsSpec(Strict):
+    dir: str = Field(description="Folder for the output: <dir>/<model>.parquet, or <dir>/<name>.parquet.")
+    layout: Literal["per_model", "one_table"] = Field(
+        default="per_model",
+        description="per_model: one parquet per model, its sources stacked under a `source` column; "
+        "one_table: one parquet <dir>/<job name>.parquet with `model` and `source` columns.",
+    )
+    dtype: str | None = Field(default=None, pattern=r"^(float32|float16)$")
+    compression: str | None = Field(default=None, pattern=r"^(gzip|zstd|snappy)$")
+    parts: str | None = Field(
+        default=None, description="fsspec URL of a folder for the part files (<parts>/<model>/<source>/...); "
+        "unset: parts stay in the local job folder.",
+    )
+
+
+class SweepSpec(Named):
+    name: str = Field(default="sweep", max_length=128, pattern=NAME)
+    sources: list[SourceSpec] = Field(min_length=1)
+    models: list[SweepModelSpec] = Field(min_length=1)
+    output: SheetsSpec
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    job_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> SweepSpec:
+        labels = [s.label for s in self.sources]
+        for kind, names in (("sources", labels), ("models", [m.name for m in self.models])):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{kind} {repeated} appear more than once; give each a distinct name")
+        for model in self.models:
+            unknown = sorted(set(model.sources or []) - set(labels))
+            if unknown:
+                raise ValueError(f"model {model.name}: sources {unknown} are not in sources (have {labels})")
+            if model.sources == []:
+                raise ValueError(f"model {model.name}: sources is empty; list at least one source or leave it unset")
+        return self
+
+    def sources_of(self, model: SweepModelSpec) -> list[SourceSpec]:
+        """The sources `model` runs on, in job-file order."""
+        return [s for s in self.sources if model.sources is None or s.label in model.sources]
+
+    def resolved(self, base: Path) -> SweepSpec:
+        data = self.model_dump()
+        for source in data["sources"]:
+            source["path"] = absolute(base, source["path"])
+        for model in data["models"]:
+            resolve_model(model, base)
+        data["output"]["dir"] = absolute(base, data["output"]["dir"])
+        if data["job_dir"]:
+            data["job_dir"] = absolute(base, data["job_dir"])
+        return SweepSpec.model_validate(data)
+
+
+class InContextSpec(Named):
+    name: str = Field(default="incontext", max_length=128, pattern=NAME)
+    input: InputSpec = Field(description="Query cells (.h5ad): their rows are predicted, their obs/var kept.")
+    prompt: InputSpec = Field(description="Prompt cells; tensors maps the model's context inputs to fields.")
+    control: Literal["query"] | InputSpec = Field(
+        default="query", description="'query' (the query is the control) or a control prompt (a second, paired run)."
+    )
+    model: ModelSpec
+    output: OutputSpec
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    job_dir: str | None = None
+
+    def resolved(self, base: Path) -> InContextSpec:
+        data = self.model_dump()
+        for key in ("input", "prompt", "output"):
+            data[key]["path"] = absolute(base, data[key]["path"])
+        if isinstance(data["control"], dict):
+            data["control"]["path"] = absolute(base, data["control"]["path"])
+        resolve_model(data["model"], base)
+        if data["job_dir"]:
+            data["job_dir"] = absolute(base, data["job_dir"])
+        return InContextSpec.model_validate(data)
+
+
+AnyJob = JobSpec | PipelineSpec | SweepSpec | InContextSpec
+
+#: The key that marks each kind other than plain, checked in this order.
+KIND_KEYS: tuple[tuple[str, str, type[Strict]], ...] = (
+    ("stages", "multi-stage", PipelineSpec),
+    ("prompt", "in-context", InContextSpec),
+    ("models", "models x sources", SweepSpec),
+)
+
+
+def kind_of(spec: AnyJob) -> str:
+    """'plain', 'multi-stage', 'models x sources' or 'in-context'."""
+    for _, kind, model in KIND_KEYS:
+        if isinstance(spec, model):
+            return kind
+    return "plain"
+
+
+def parse_job(raw: Any, source: str = "job", base: Path | None = None) -> AnyJob:
+    """Validate a job of any kind; with `base`, relative paths resolve against it."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping (input, model, output, ...) at the top level")
+    model: type[Strict] = JobSpec
+    for key, _, kind_model in KIND_KEYS:
+        if key in raw:
+            model = kind_model
+            break
+    try:
+        spec = model.model_validate(raw)
+        return spec.resolved(base) if base is not None else spec  # type: ignore[attr-defined]
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, source)) from None
+
+
+def load_job(path: Path | str) -> AnyJob:
+    """Read a job file of any kind, validate it and resolve its paths against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such job file")
+    try:
+        raw = load_yaml(path.read_bytes(), str(path))
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    except SpecTooLarge as error:
+        raise SpecError(str(error)) from None
+    return parse_job(raw, str(path), path.resolve().parent)
+
+
+def models_of(spec: AnyJob) -> list[ModelSpec]:
+    """Every model the job uses, in the order it uses them."""
+    if isinstance(spec, PipelineSpec):
+        return [stage.model for stage in spec.stages]
+    if isinstance(spec, SweepSpec):
+        return list(spec.models)
+    return [spec.model]
+
+
+def with_servers(spec: AnyJob, servers: list[str]) -> AnyJob:
+    """The job with every model served by `servers` (running servers that serve all its models)."""
+
+    def served(model: ModelSpec) -> ModelSpec:
+        return model.model_copy(update={"servers": list(servers), "local": None})
+
+    if isinstance(spec, PipelineSpec):
+        return spec.model_copy(update={"stages": [s.model_copy(update={"model": served(s.model)}) for s in spec.stages]})
+    if isinstance(spec, SweepSpec):
+        return spec.model_copy(update={"models": [served(m) for m in spec.models]})
+    return spec.model_copy(update={"model": served(spec.model)})
+
+
+def paths_of(spec: AnyJob) -> Iterator[tuple[str, str]]:
+    """(field, path) of every file the job reads or writes: what a service's policy checks."""
+    if isinstance(spec, SweepSpec):
+        for index, source in enumerate(spec.sources):
+            yield f"sources[{index}].path", source.path
+        yield "output.dir", spec.output.dir
+    else:
+        yield "input.path", spec.input.path
+        yield "output.path", spec.output.path
+        if spec.output.parts:
+            yield "output.parts", spec.output.parts
+    if isinstance(spec, InContextSpec):
+        yield "prompt.path", spec.prompt.path
+        if isinstance(spec.control, InputSpec):
+            yield "control.path", spec.control.path
+    if spec.job_dir:
+        yield "job_dir", spec.job_dir
+
+
+def json_schema() -> dict[str, Any]:
+    """One schema for every kind: a job file is any one of them."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(AnyJob).json_schema()

@@ -1,0 +1,249 @@
+"""Multi-stage jobs: each stage's model reads the previous stage's outputs (or, by qualified
+name, the job's input and any earlier stage's); the last stage writes the output.
+
+Step-first, as DPAM's batch mode: each stage is one ordinary run (its own fleet, model loaded
+once, its own manifest under `<job dir>/stages/NN-name/`, so progress is checkpointed per
+(stage, chunk)). Stages run side by side: a later stage reads an earlier one's committed
+chunks as they appear (`StageReader`), so it starts before the earlier stage ends. A resume
+finds finished stages and chunks done and skips them at once, without starting their servers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ..engine.job import (
+    JobFatal,
+    RunContext,
+    RunOptions,
+    RunResult,
+    StageHooks,
+    default_job_dir,
+    describe_plan,
+    final_output_path,
+    open_input,
+    run_one,
+)
+from ..engine.manifest import MANIFEST_NAME, Manifest
+from ..engine.progress import write_json_atomic
+from ..engine.status import MARKER_NAME
+from ..fleet.model_fleet import ModelFleet
+from ..io.joblock import JobLocked
+from ..io.part_store import drop_damaged_parts
+from ..io.readers import InputError, Reader
+from ..spec import ChunkingSpec, JobSpec
+from ..spec.kinds import PipelineSpec
+from .stage_reader import DeclaredOutputs, StageReader, StagesReader, carry_failures
+
+KIND = "multi-stage"
+
+
+def stage_dirs(job_dir: Path, spec: PipelineSpec) -> list[Path]:
+    return [job_dir / "stages" / f"{i:02d}-{stage.name}" for i, stage in enumerate(spec.stages)]
+
+
+def locations(spec: PipelineSpec, options: RunOptions) -> tuple[Path, Path]:
+    """(final output, job folder)."""
+    output = final_output_path(spec, options.limit)  # type: ignore[arg-type]
+    job_dir = options.job_dir.resolve() if options.job_dir else default_job_dir(spec, output)  # type: ignore[arg-type]
+    return output, job_dir
+
+
+def _stage_job(spec: PipelineSpec, index: int, stage_dir: Path) -> JobSpec:
+    stage = spec.stages[index]
+    tensors = stage.tensors or (spec.input.tensors if index == 0 else {})
+    if index == 0:
+        tensors = {name: field.removeprefix("input:") for name, field in tensors.items()}
+    return JobSpec(
+        name=f"{spec.name}.{stage.name}",
+        input=spec.input.model_copy(update={"tensors": tensors}),
+        model=stage.model,
+        output=spec.output,
+        chunking=ChunkingSpec(
+            batch_rows=stage.batch_rows, token_budget=stage.token_budget, chunk_rows=spec.chunking.chunk_rows
+        ),
+        policy=spec.policy,
+        job_dir=str(stage_dir),
+    )
+
+
+def _referenced(spec: PipelineSpec, index: int) -> set[str]:
+    """The qualifiers ('input' or an earlier stage's name) stage `index` reads by qualified name."""
+    names = {"input", *(s.name for s in spec.stages[:index])}
+    return {f.partition(":")[0] for f in spec.stages[index].tensors.values() if f.partition(":")[0] in names and ":" in f}
+
+
+def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Path) -> None:
+    marker = job_dir / MARKER_NAME
+    if marker.is_file() and options.restart:
+        shutil.rmtree(job_dir)
+    elif marker.is_file() and not options.resume:
+        raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
+    elif options.restart:
+        output.unlink(missing_ok=True)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {
+        "kind": KIND, "name": spec.name, "output": str(output),
+        "parts": [{"label": f"stage {i + 1} {s.name}", "model": s.model.name, "dir": str(d.relative_to(job_dir))}
+                  for i, (s, d) in enumerate(zip(spec.stages, stage_dirs(job_dir, spec), strict=True))],
+    })
+
+
+def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
+    output, job_dir = locations(spec, options)
+    if options.dry_run:
+        return dry_run_pipeline(spec, options, output, job_dir)
+    _prepare(job_dir, options, spec, output)
+    dirs = stage_dirs(job_dir, spec)
+    for stage_dir in dirs:  # before any stage reads another's parts
+        try:
+            manifest = Manifest.open_existing(stage_dir, lock=True)
+        except JobLocked as error:
+            raise JobFatal(str(error)) from None
+        if manifest is not None:
+            try:
+                drop_damaged_parts(stage_dir, manifest)
+            finally:
+                manifest.close()
+    failed = threading.Event()
+    results: list[RunResult | None] = [None] * len(spec.stages)
+    errors: list[BaseException | None] = [None] * len(spec.stages)
+    started = time.monotonic()
+
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
+
+    def stage_run(index: int) -> None:
+        reader: Reader | None = None
+        planning: Reader | None = None
+        planning_input: Reader | None = None  # the input the declared fields give ids and rows of
+        fleet = fleets[index]
+        try:
+            sub = _stage_job(spec, index, dirs[index])
+            last = index == len(spec.stages) - 1
+            resume = (dirs[index] / MANIFEST_NAME).is_file()
+            if resume and not last and _finished(dirs[index]):
+                results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
+                return
+            hooks = StageHooks(merge_output=last)
+            if index == 0:
+                reader = open_input(spec.input)
+            else:
+                previous = StageReader(dirs[index - 1], spec.input, failed.is_set)
+                named: dict[str, Reader] = {}
+                for where in _referenced(spec, index):
+                    if where == "input":
+                        named[where] = open_input(spec.input)
+                    else:
+                        named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
+                reader = StagesReader(spec.input, previous, named) if named else previous
+                hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
+                planning_input = open_input(spec.input)
+                planning = _declared_reader(spec, index, planning_input, fleets)
+            sub_options = RunOptions(
+                job_dir=dirs[index], resume=resume, limit=options.limit,
+                progress_stream=options.progress_stream if last else _Quiet(),
+            )
+            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
+            results[index] = run_one(ctx)
+        except InputError as error:
+            errors[index] = JobFatal(str(error))
+            failed.set()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            errors[index] = error
+            failed.set()
+        finally:
+            fleet.stop()
+            for item in (reader, planning_input):
+                if item is not None:
+                    item.close()
+
+    # Daemon threads: an interrupt (Ctrl-C, a service's cancel or timeout) ends the run at once,
+    # as a kill would; committed chunks are kept and local servers die with the process.
+    threads = [threading.Thread(target=stage_run, args=(i,), name=f"stage-{s.name}", daemon=True)
+               for i, s in enumerate(spec.stages)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        failed.set()
+        raise
+    for index, error in enumerate(errors):
+        if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
+            if isinstance(error, JobFatal):
+                raise JobFatal(f"stage {spec.stages[index].name}: {error}")
+            raise error
+    final = results[-1]
+    assert final is not None
+    final.seconds = time.monotonic() - started
+    final.job_dir = job_dir
+    return final
+
+
+def _position(spec: PipelineSpec, name: str) -> int:
+    return [s.name for s in spec.stages].index(name)
+
+
+def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: list[ModelFleet]) -> Reader:
+    """What stage `index` reads, as the earlier stages' models declare it (no server, no waiting)."""
+
+    def declared(position: int) -> Reader:
+        return DeclaredOutputs(spec.input, source, fleets[position].info().outputs)
+
+    named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
+    return StagesReader(spec.input, declared(index - 1), named)
+
+
+def _finished(stage_dir: Path) -> bool:
+    manifest = Manifest.open_existing(stage_dir)
+    if manifest is None:
+        return False
+    try:
+        counts = manifest.counts()
+        return manifest.has_plan() and counts["chunks"] == counts["chunks_done"]
+    finally:
+        manifest.close()
+
+
+def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
+    """Every stage planned against the models' declared inputs and outputs; nothing started or written."""
+    lines = [f"job: {spec.name} (dry run: nothing computed, nothing written)",
+             f"pipeline: {len(spec.stages)} stages, run side by side"]
+    dirs = stage_dirs(job_dir, spec)
+    rows = 0
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
+              for i, stage in enumerate(spec.stages)]
+    with open_input(spec.input) as source:
+        for index, stage in enumerate(spec.stages):
+            fleet = fleets[index]
+            sub = _stage_job(spec, index, dirs[index])
+            reader = _declared_reader(spec, index, source, fleets) if index else source
+            try:
+                plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+            except JobFatal as error:
+                raise JobFatal(f"stage {stage.name}: {error}") from None
+            rows = plan.rows
+            outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())
+            body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
+            lines.append(f"stage {index + 1} {stage.name}: model {stage.model.name} on {fleet.describe()} -> {outputs}")
+            lines += [f"  {line}" for line in body]
+    lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
+    return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
+
+
+class _Quiet:
+    """Progress stream for the earlier stages: only the last stage draws a bar."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
