@@ -32,7 +32,10 @@ LAYERS: dict[str, str] = {
     "tensorfleet.core": "core",
     "tensorfleet.client": "client",
     "tensorfleet.services": "services",
-    "tensorfleet.coordinator": "coordinator",
+    "tensorfleet.coordinator": "coordinator",  # its root: __init__ and __main__ only
+    # the coordinator's own layers (docs/coordinator.md, "Code layout"), from the bottom
+    **{f"tensorfleet.coordinator.{layer}": f"coordinator.{layer}" for layer in
+       ("spec", "io", "fleet", "engine", "workflows", "service", "cli")},
 }
 
 #: layer -> the other layers it may import (its own is always allowed).
@@ -41,7 +44,19 @@ MAY_IMPORT: dict[str, set[str]] = {
     "core": {"protos"},
     "client": {"protos", "core"},
     "services": {"protos", "core"},
-    "coordinator": {"protos", "core", "client"},
+    "coordinator": {"protos", "core", "client", "coordinator.cli"},  # __main__ runs the CLI
+    # inside the coordinator: cli -> service -> workflows -> engine -> io, fleet -> spec
+    # (a layer imports the ones below it; io and fleet sit side by side and not each other)
+    "coordinator.spec": {"protos", "core", "client"},
+    "coordinator.io": {"protos", "core", "client", "coordinator.spec"},
+    "coordinator.fleet": {"protos", "core", "client", "coordinator.spec"},
+    "coordinator.engine": {"protos", "core", "client", "coordinator.spec", "coordinator.io", "coordinator.fleet"},
+    "coordinator.workflows": {"protos", "core", "client", "coordinator.spec", "coordinator.io",
+                              "coordinator.fleet", "coordinator.engine"},
+    "coordinator.service": {"protos", "core", "client", "coordinator.spec", "coordinator.io",
+                            "coordinator.fleet", "coordinator.engine", "coordinator.workflows"},
+    "coordinator.cli": {"protos", "core", "client", "coordinator.spec", "coordinator.io", "coordinator.fleet",
+                        "coordinator.engine", "coordinator.workflows", "coordinator.service"},
 }
 
 #: Private names imported across modules and import cycles that exist today, each owned by an

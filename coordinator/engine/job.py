@@ -33,13 +33,13 @@ from ..fleet.model_info import ModelInfo
 from ..io.filesystems import is_disk_full
 from ..io.joblock import JobLocked
 from ..io.objectstore import ObjectStoreError
-from ..io.part_store import PARTS_DIR, drop_damaged_parts, missing_parts, part_name, store_part
+from ..io.part_store import PARTS_DIR, missing_parts, part_name, store_part
 from ..io.readers import InputError, Reader, open_reader
 from ..spec import InputSpec, JobSpec
 from ..spec.errors import JobFatal
 from .adapt import AlignmentError, InputReport, adapt_input
 from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
 from .source import FieldMappingError, RequestSource, resolve_fields

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..io.filesystems import journal_mode_for
 from ..io.joblock import JobLock
+from ..io.part_store import damaged_parts
 from ..io.row_error import RowError
 from .planner import Chunk, InputFingerprint, Plan
 
@@ -207,3 +208,15 @@ class _Transaction:
 
     def __exit__(self, kind: object, *rest: object) -> None:
         self._db.execute("ROLLBACK" if kind else "COMMIT")
+
+
+def drop_damaged_parts(job_dir: Path, manifest: Manifest) -> dict[int, str]:
+    """Mark the chunks whose part is damaged (`damaged_parts`) not done, saying so on stderr:
+    the run computes them again, and no damaged part is ever merged or read by a next stage."""
+    import sys
+
+    damaged = damaged_parts(job_dir, manifest.recorded_parts())
+    for index, why in damaged.items():
+        print(f"tensorfleet: chunk {index}: {why}; computing it again", file=sys.stderr)
+    manifest.reset_chunks(damaged)
+    return damaged

@@ -10,16 +10,12 @@ is never read: the chunk is computed again and its object overwritten.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .crashpoints import crash_point
 from .objectstore import ObjectStoreError, filesystem, is_url
 from .parts import CorruptPart, Part, checksum_of_file, encode_part, file_checksum, write_part
-
-if TYPE_CHECKING:
-    from ..engine.manifest import Manifest
 
 PARTS_DIR = "parts"
 
@@ -107,15 +103,3 @@ def missing_parts(job_dir: Path, names: dict[int, str]) -> list[int]:
         if file not in listed[folder]:
             missing.append(index)
     return missing
-
-
-def drop_damaged_parts(job_dir: Path, manifest: Manifest) -> dict[int, str]:
-    """Mark the chunks whose part is damaged (`damaged_parts`) not done, saying so on stderr:
-    the run computes them again, and no damaged part is ever merged or read by a next stage."""
-    import sys
-
-    damaged = damaged_parts(job_dir, manifest.recorded_parts())
-    for index, why in damaged.items():
-        print(f"tensorfleet: chunk {index}: {why}; computing it again", file=sys.stderr)
-    manifest.reset_chunks(damaged)
-    return damaged

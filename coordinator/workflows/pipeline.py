@@ -27,12 +27,11 @@ from ..engine.job import (
     open_input,
     run_one,
 )
-from ..engine.manifest import MANIFEST_NAME, Manifest
+from ..engine.manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
 from ..engine.progress import write_json_atomic
 from ..engine.status import MARKER_NAME
 from ..fleet.model_fleet import ModelFleet
 from ..io.joblock import JobLocked
-from ..io.part_store import drop_damaged_parts
 from ..io.readers import InputError, Reader
 from ..spec import ChunkingSpec, JobSpec
 from ..spec.kinds import PipelineSpec
