@@ -8,13 +8,29 @@ so status reads every part's manifest and never needs the job file.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+from ..spec.errors import JobFatal
 from .manifest import Manifest
-from .progress import pid_alive, read_status
+from .progress import pid_alive, read_status, write_json_atomic
 
 MARKER_NAME = "workflow.json"
+
+
+
+def open_workflow_folder(job_dir: Path, marker: dict[str, Any], *, restart: bool, resume: bool) -> None:
+    """A workflow's top folder, with its marker written: started over with --restart, continued
+    with --resume, and never taken over silently by a second run of the job."""
+    path = job_dir / MARKER_NAME
+    if path.is_file() and restart:
+        shutil.rmtree(job_dir)
+    elif path.is_file() and not resume:
+        raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, marker)
+
 
 COUNTS = ("rows", "rows_done", "rows_failed", "chunks", "chunks_done")
 

@@ -346,18 +346,22 @@ def parse_spec(raw: Any, source: str = "job") -> JobSpec:
         raise SpecError(format_validation_error(error, source)) from None
 
 
-def load_spec(path: Path | str) -> JobSpec:
-    """Read a job file, validate it, and resolve its paths against its folder."""
-    path = Path(path)
+def read_job_file(path: Path) -> Any:
+    """A job file's YAML (or JSON) as data, bounded in size and aliases (safe_yaml.py)."""
     if not path.is_file():
         raise SpecError(f"{path}: no such job file")
     try:
-        raw = load_yaml(path.read_bytes(), str(path))
+        return load_yaml(path.read_bytes(), str(path))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     except SpecTooLarge as error:
         raise SpecError(str(error)) from None
-    return parse_spec(raw, str(path)).resolved(path.resolve().parent)
+
+
+def load_spec(path: Path | str) -> JobSpec:
+    """Read a job file, validate it, and resolve its paths against its folder."""
+    path = Path(path)
+    return parse_spec(read_job_file(path), str(path)).resolved(path.resolve().parent)
 
 
 def json_schema() -> dict[str, Any]:

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import (
@@ -33,9 +32,9 @@ from . import (
     absolute,
     check_file_name,
     format_validation_error,
+    read_job_file,
     resolve_model,
 )
-from .safe_yaml import SpecTooLarge, load_yaml
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -241,15 +240,7 @@ def parse_job(raw: Any, source: str = "job", base: Path | None = None) -> AnyJob
 def load_job(path: Path | str) -> AnyJob:
     """Read a job file of any kind, validate it and resolve its paths against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such job file")
-    try:
-        raw = load_yaml(path.read_bytes(), str(path))
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
-    except SpecTooLarge as error:
-        raise SpecError(str(error)) from None
-    return parse_job(raw, str(path), path.resolve().parent)
+    return parse_job(read_job_file(path), str(path), path.resolve().parent)
 
 
 def models_of(spec: AnyJob) -> list[ModelSpec]:

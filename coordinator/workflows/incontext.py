@@ -34,8 +34,7 @@ from ..engine.job import (
     up_to_date,
 )
 from ..engine.manifest import MANIFEST_NAME
-from ..engine.progress import write_json_atomic
-from ..engine.status import MARKER_NAME
+from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..spec import InputSpec, JobSpec
 from ..spec.kinds import InContextSpec
@@ -88,16 +87,10 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
     runs = _runs(spec)
     if options.dry_run:
         return dry_run_incontext(spec, options, output, job_dir)
-    marker = job_dir / MARKER_NAME
-    if marker.is_file() and options.restart:
-        shutil.rmtree(job_dir)
-    elif marker.is_file() and not options.resume:
-        raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {
+    open_workflow_folder(job_dir, {
         "kind": KIND, "name": spec.name, "output": str(output),
         "parts": [{"label": f"{run} run", "model": spec.model.name, "dir": run} for run, _ in runs],
-    })
+    }, restart=options.restart, resume=options.resume)
     started = time.monotonic()
     fleet = ModelFleet(spec.model, job_dir / "servers", spec.policy.server_wait_s)
     results: list[tuple[str, RunResult]] = []

@@ -10,7 +10,6 @@ finds finished stages and chunks done and skips them at once, without starting t
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ from ..engine.job import (
     run_one,
 )
 from ..engine.manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
-from ..engine.progress import write_json_atomic
-from ..engine.status import MARKER_NAME
+from ..engine.status import MARKER_NAME, open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..io.joblock import JobLocked
 from ..io.readers import InputError, Reader
@@ -76,19 +74,13 @@ def _referenced(spec: PipelineSpec, index: int) -> set[str]:
 
 
 def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Path) -> None:
-    marker = job_dir / MARKER_NAME
-    if marker.is_file() and options.restart:
-        shutil.rmtree(job_dir)
-    elif marker.is_file() and not options.resume:
-        raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
-    elif options.restart:
-        output.unlink(missing_ok=True)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {
+    if options.restart and not (job_dir / MARKER_NAME).is_file():
+        output.unlink(missing_ok=True)  # a folder gone but an output left: start over means both
+    open_workflow_folder(job_dir, {
         "kind": KIND, "name": spec.name, "output": str(output),
         "parts": [{"label": f"stage {i + 1} {s.name}", "model": s.model.name, "dir": str(d.relative_to(job_dir))}
                   for i, (s, d) in enumerate(zip(spec.stages, stage_dirs(job_dir, spec), strict=True))],
-    })
+    }, restart=options.restart, resume=options.resume)
 
 
 def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,7 @@ from ..engine.job import (
     up_to_date,
 )
 from ..engine.manifest import MANIFEST_NAME
-from ..engine.progress import write_json_atomic
-from ..engine.status import MARKER_NAME
+from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
 from ..spec.kinds import SourceSpec, SweepModelSpec, SweepSpec
@@ -94,17 +92,11 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
     _, job_dir = locations(spec, options)
     if options.dry_run:
         return dry_run_sweep(spec, models, options, job_dir)
-    marker = job_dir / MARKER_NAME
-    if marker.is_file() and options.restart:
-        shutil.rmtree(job_dir)
-    elif marker.is_file() and not options.resume:
-        raise JobFatal(f"{job_dir} already holds this job; pass --resume to continue it or --restart to start over")
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {
+    open_workflow_folder(job_dir, {
         "kind": KIND, "name": spec.name, "output": spec.output.dir,
         "parts": [{"label": f"model {m.name} source {s.label}", "model": m.name, "dir": f"{m.name}/{s.label}"}
                   for m in spec.models for s in spec.sources_of(m)],
-    })
+    }, restart=options.restart, resume=options.resume)
     started = time.monotonic()
     rows = failed = computed = 0
     sheets: list[Path] = []
