@@ -62,6 +62,7 @@ class PlainView:
         self._stream = stream
         self._every = every
         self._last = time.monotonic()  # the first line after `every` seconds: short jobs print one
+        self._written = ""
 
     def show(self, line: ProgressLine) -> None:
         now = time.monotonic()
@@ -70,10 +71,12 @@ class PlainView:
             self._write(line)
 
     def close(self, line: ProgressLine) -> None:
-        self._write(line)
+        if plain_line(line) != self._written:  # the closing tick may just have written it
+            self._write(line)
 
     def _write(self, line: ProgressLine) -> None:
-        self._stream.write(plain_line(line) + "\n")
+        self._written = plain_line(line)
+        self._stream.write(self._written + "\n")
         self._stream.flush()
 
 

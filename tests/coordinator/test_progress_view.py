@@ -154,3 +154,13 @@ def test_plain_lines_come_at_most_every_few_seconds_and_once_at_the_end():
         "progress: running 10/100 rows (10.0%) 12.5 rows/s ETA 0:03 servers 2/3 failed 1",
         "progress: running 20/100 rows (20.0%) 12.5 rows/s ETA 0:03 servers 2/3 failed 1",
     ]
+
+
+def test_the_closing_line_is_written_once_when_the_last_tick_just_wrote_it():
+    out = io.StringIO()
+    view = PlainView(out, every=0)
+    view.show(_line(100))  # Progress.close ticks (a forced show) and then closes with the same line
+    view.close(_line(100))
+    assert out.getvalue().splitlines() == [
+        "progress: running 100/100 rows (100.0%) 12.5 rows/s ETA 0:03 servers 2/3 failed 1",
+    ]
