@@ -8,7 +8,7 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser perf-analyzer demo test test-all lint protos bench chaos soak clean gpu-wheels gpu-rehearse
+.PHONY: install models browser perf-analyzer mlserver-venv demo test test-all lint protos bench chaos soak clean gpu-wheels gpu-rehearse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,16 @@ perf-analyzer:
 		$(PYTHON) -m venv $(PERF_VENV) && \
 		$(PERF_VENV)/bin/python -m pip install -q --no-deps "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79"; } || \
 		echo "perf_analyzer not set up: tests/interop/test_perf_analyzer.py will skip"
+
+# MLServer, the baseline of `python -m bench.serve_overhead --tiny` (issue 15), in a venv of its own:
+# it cannot share a process with tritonclient.grpc or with tensorfleet (both register a protobuf
+# package named `inference`). uvloop 0.22+ breaks its parallel workers (asyncio.get_event_loop in a
+# fresh process raises), hence the pin. Its runtime is bench/mlserver_runtime/; the bench skips MLServer without it.
+MLSERVER_VENV := .venv-mlserver
+mlserver-venv: $(MLSERVER_VENV)/bin/mlserver
+$(MLSERVER_VENV)/bin/mlserver:
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q "mlserver==1.7.1" "uvloop==0.21.0" "torch==2.13.0" numpy
 
 test: models browser perf-analyzer
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
