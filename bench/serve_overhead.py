@@ -11,7 +11,18 @@ default --batch 64 (the model's max_batch_size) the server cannot merge requests
 sides run identical batches and the difference is the cost of serving alone. The sides
 alternate A B B A ... for `--rounds` rounds so that drift in machine load hits both alike.
 Prints one JSON line: in-process seq/s, served seq/s, their ratio, and the largest
-difference between the two sides' embeddings. With --per-residue FP16 (or FP32) the model
+difference between the two sides' embeddings.
+
+MLServer as a baseline (issue 15; with --tiny, or --mlserver): when `make mlserver-venv` has
+built `.venv-mlserver`, the same run also starts MLServer 1.7.1 twice on loopback, serving the
+same encoder.pt through bench/mlserver_runtime, without and with its adaptive batching. Both
+MLServers and the tensorfleet server are then driven by one load generator nobody here wrote,
+`tritonclient.grpc` (bench/triton_load.py, its own process: the same --window requests in
+flight, the same batches), interleaved with the other paths over the same rounds. The line
+adds `tritonclient_seq_per_s` (tensorfleet through it), `mlserver_seq_per_s` (the best
+setting), `mlserver_best_setting`, `mlserver_settings`, `ratio_vs_mlserver` (tensorfleet /
+MLServer's best, same load generator) and `mlserver_max_abs_diff` (vs the in-process loop).
+Without the venv it says `"mlserver": "skipped: ..."` and measures the rest. With --per-residue FP16 (or FP32) the model
 returns every residue's state instead of the mean (the in-process loop copies the same
 [rows, length, dim] tensors to the host); `output_mb_per_s` says how much crossed the wire.
 
@@ -20,19 +31,27 @@ returns every residue's state instead of the mean (the in-process loop copies th
     python -m bench.serve_overhead --device cuda --layers 33 --dim 1280 --heads 20 \\
         --precision bf16 --sequences 20000 --batch 64 --window 8 --median 300
     python -m bench.serve_overhead --per-residue FP16                 # per-residue outputs
+    make mlserver-venv && python -m bench.serve_overhead --tiny      # + MLServer, same run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bench import mlserver_baseline
+from bench.batch_file import write_batches
 from bench.common import (
     DEMO_FASTA,
+    REPO_ROOT,
     Stopwatch,
     build_protein_repository,
     emit,
@@ -86,9 +105,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model (2 x 64, 4 heads) on 4,000 short synthetic proteins (median 60)")
+    parser.add_argument(
+        "--mlserver", action=argparse.BooleanOptionalAction, default=None,
+        help="also measure MLServer (from .venv-mlserver) and tensorfleet through tritonclient; "
+        "on with --tiny",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.layers, args.dim, args.heads, args.median, args.sequences, args.rounds = 2, 64, 4, 60.0, 4000, 4
+    if args.mlserver is None:
+        args.mlserver = args.tiny
+    if args.mlserver and args.per_residue:
+        parser.error("--mlserver compares the mean-pooled embedding; drop --per-residue")
     return args
 
 
@@ -120,6 +148,40 @@ def run_served(
         return [out[output] for out in client.stream(MODEL, requests, window=window)]
 
 
+class TritonLoad:
+    """The tritonclient.grpc load generator (bench/triton_load.py), one process for the run."""
+
+    def __init__(self, batches: list[np.ndarray], window: int, folder: Path) -> None:
+        self.folder = folder
+        write_batches(batches, folder / "batches.txt")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.triton_load", "--batches", str(folder / "batches.txt"),
+             "--window", str(window)],
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def run(self, address: str, clock: Stopwatch) -> np.ndarray:
+        """Every batch once against `address`; the time the generator measured goes to clock."""
+        out = self.folder / "outputs.npy"
+        self.process.stdin.write(json.dumps({"url": address, "model": MODEL, "out": str(out)}) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise SystemExit(f"the tritonclient load generator exited ({self.process.wait()})")
+        seconds = json.loads(reply)["seconds"]
+        clock.laps.append(seconds)
+        clock.seconds += seconds
+        return np.load(out)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def largest_difference(local: list[np.ndarray], remote: list[np.ndarray]) -> float:
     """Per batch; a served per-residue batch is cut back to its longest sequence."""
     diff = 0.0
@@ -141,25 +203,49 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
     server_args = ["--model", MODEL, "--device", args.device]
     output = "residues" if args.per_residue else "embedding"
     output_bytes = 0
-    with server_process(repository, *server_args, threads=args.threads) as server:
-        with InferenceClient(server.address) as client:
-            warm = batches[:1]  # the longest: the allocator sees its largest shape
-            run_inprocess(model, warm, output, Stopwatch())
-            run_served(client, warm, output, args.window, Stopwatch())
-            inprocess, served = Stopwatch(), Stopwatch()
-            diff = 0.0
-            for round_number in range(args.rounds):
-                # A B, then B A: load that drifts during the run hits both sides alike
-                if round_number % 2 == 0:
-                    local = run_inprocess(model, batches, output, inprocess)
-                    remote = run_served(client, batches, output, args.window, served)
-                else:
-                    remote = run_served(client, batches, output, args.window, served)
-                    local = run_inprocess(model, batches, output, inprocess)
-                diff = max(diff, largest_difference(local, remote))
-                output_bytes += sum(array.nbytes for array in remote)
-                del local, remote
-            stats = client.model_statistics(MODEL)
+    use_mlserver = args.mlserver and mlserver_baseline.available()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(server_process(repository, *server_args, threads=args.threads))
+        client = stack.enter_context(InferenceClient(server.address))
+        # every path: a name -> a callable running all batches and returning its outputs
+        paths = {
+            "inprocess": lambda clock: run_inprocess(model, batches, output, clock),
+            "served": lambda clock: run_served(client, batches, output, args.window, clock),
+        }
+        if use_mlserver:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-bench-load-")))
+            load = TritonLoad(batches, args.window, folder)
+            stack.callback(load.close)
+            paths["tritonclient"] = lambda clock: load.run(server.address, clock)
+            for setting in mlserver_baseline.SETTINGS:
+                baseline = stack.enter_context(mlserver_baseline.mlserver_process(
+                    repository / MODEL, MODEL, setting, args.threads))  # fmt: skip
+                paths[f"mlserver_{setting}"] = lambda clock, a=baseline.grpc_address: load.run(a, clock)
+        warm = batches[:1]  # the longest: the allocator sees its largest shape
+        run_inprocess(model, warm, output, Stopwatch())
+        run_served(client, warm, output, args.window, Stopwatch())
+        for name in paths:
+            if name not in ("inprocess", "served"):
+                paths[name](Stopwatch())  # a whole pass: their warm-up and the generator's
+        clocks = {name: Stopwatch() for name in paths}
+        diffs = dict.fromkeys(paths, 0.0)
+        names = list(paths)
+        for round_number in range(args.rounds):
+            # odd rounds run the even round before them backwards (A B, then B A) and each pair
+            # starts at another path, so load that drifts during the run hits every path alike
+            start = (round_number // 2) % len(names)
+            order = names[start:] + names[:start]
+            order = order[::-1] if round_number % 2 else order
+            results = {name: paths[name](clocks[name]) for name in order}
+            local = results.pop("inprocess")
+            served_batches = results.pop("served")
+            diffs["served"] = max(diffs["served"], largest_difference(local, served_batches))
+            output_bytes += sum(array.nbytes for array in served_batches)
+            for name, flat in results.items():
+                diffs[name] = max(diffs[name], largest_difference([np.concatenate(local)], [flat]))
+            del local, served_batches, results
+        stats = client.model_statistics(MODEL)
+    inprocess, served, diff = clocks["inprocess"], clocks["served"], diffs["served"]
     inference = stats.model_stats[0] if stats.model_stats else None
     mean_batch = (
         inference.inference_count / inference.execution_count
@@ -169,7 +255,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
     total = rows * args.rounds
     inprocess_rate = total / inprocess.seconds
     served_rate = total / served.seconds
-    return {
+    record = {
         "bench": "serve_overhead",
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -192,6 +278,28 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         "max_abs_diff": diff,
         "server_stage_mean_ms": stage_breakdown(inference),
     }
+    if not args.mlserver:
+        return record
+    if not use_mlserver:
+        record["mlserver"] = f"skipped: {mlserver_baseline.MLSERVER} not found (make mlserver-venv)"
+        return record
+    rates = {name: total / clocks[name].seconds for name in clocks}
+    settings = {s: rates[f"mlserver_{s}"] for s in mlserver_baseline.SETTINGS}
+    best = max(settings, key=settings.get)
+    record.update({
+        "tritonclient_seq_per_s": round(rates["tritonclient"], 2),
+        "tritonclient_ratio": round(rates["tritonclient"] / inprocess_rate, 3),
+        "mlserver_seq_per_s": round(settings[best], 2),
+        "mlserver_best_setting": best,
+        "mlserver_settings": {name: round(rate, 2) for name, rate in settings.items()},
+        "ratio_vs_mlserver": round(rates["tritonclient"] / settings[best], 3),
+        "round_ratios_vs_mlserver": [
+            round(b / a, 3) for a, b in zip(clocks["tritonclient"].laps, clocks[f"mlserver_{best}"].laps, strict=True)
+        ],
+        "tritonclient_max_abs_diff": diffs["tritonclient"],
+        "mlserver_max_abs_diff": max(diffs[f"mlserver_{s}"] for s in mlserver_baseline.SETTINGS),
+    })
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
