@@ -282,6 +282,7 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         return record
     if not use_mlserver:
         record["mlserver"] = f"skipped: {mlserver_baseline.MLSERVER} not found (make mlserver-venv)"
+        print(f"serve_overhead: MLServer {record['mlserver']}", file=sys.stderr)
         return record
     rates = {name: total / clocks[name].seconds for name in clocks}
     settings = {s: rates[f"mlserver_{s}"] for s in mlserver_baseline.SETTINGS}
