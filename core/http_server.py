@@ -18,8 +18,10 @@ from typing import Any
 
 import uvicorn
 
+from .errors import Unavailable
 
-class ListenError(RuntimeError):
+
+class ListenError(Unavailable):
     """The address could not be bound (in use, not local, no permission)."""
 
 

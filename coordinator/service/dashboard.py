@@ -25,7 +25,6 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from tensorfleet.core.auth import READ, TokenAuth, check_token
-from tensorfleet.core.errors import Unavailable
 
 from ..engine.manifest import Manifest
 from .job_manager import JobRequestError
@@ -191,12 +190,7 @@ class DashboardServer:
         self._server = EmbeddedHttpServer(app, host, port, what="the dashboard", **options)
 
     async def start(self) -> int:
-        from tensorfleet.core.http_server import ListenError
-
-        try:
-            return await self._server.start()
-        except ListenError as error:
-            raise Unavailable(str(error)) from None
+        return await self._server.start()  # a port it cannot bind: ListenError, an Unavailable
 
     async def stop(self) -> None:
         await self._server.stop()

@@ -27,7 +27,6 @@ from tensorfleet.core.errors import (
     InvalidArgument,
     TensorfleetError,
     Unauthenticated,
-    Unavailable,
 )
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES
 
@@ -261,12 +260,7 @@ class HttpFrontEnd:
 
     async def start(self) -> int:
         """Bind (a port of 0 picks a free one) and start serving; returns the bound port."""
-        from tensorfleet.core.http_server import ListenError
-
-        try:
-            return await self._server.start()
-        except ListenError as error:
-            raise Unavailable(str(error)) from None
+        return await self._server.start()  # a port it cannot bind: ListenError, an Unavailable
 
     async def stop(self) -> None:
         await self._server.stop()
