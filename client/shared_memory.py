@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import logging
 import mmap
 import os
@@ -31,6 +30,7 @@ import numpy as np
 
 from tensorfleet.core import wire
 from tensorfleet.core.errors import InvalidArgument, TensorfleetError
+from tensorfleet.core.exposure import is_loopback
 from tensorfleet.core.shared_memory import (
     BYTE_SIZE_PARAMETER,
     FALLBACK_PARAMETER,
@@ -54,13 +54,7 @@ def same_host(address: str) -> bool:
     """A loopback or unix-socket address: the server can map our /dev/shm."""
     if address.startswith("unix:"):
         return True
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(address.rsplit(":", 1)[0] if ":" in address else address)
 
 
 class Slot:
