@@ -385,9 +385,9 @@ class Dispatcher:
 
         receiver = asyncio.create_task(receive())
         serial = 0
-        for request in self.source.preamble():  # e.g. the job's prompt, once per stream
-            await call.write(request)
         try:
+            for request in self.source.preamble():  # e.g. the job's prompt, once per stream
+                await call.write(request)
             while True:
                 server.wake.clear()
                 if receiver.done():

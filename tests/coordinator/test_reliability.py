@@ -311,3 +311,74 @@ def test_a_connection_dropped_between_health_and_description_is_retried(tmp_path
             if injected >= 2:
                 break
     assert injected, "the second connection was never opened, so the fault was never injected"
+
+
+
+def test_a_stream_reset_while_a_request_is_written_loses_the_server_not_the_job(tmp_path: Path, caplog):
+    """bench.chaos found it: a connection reset finished the stream while the dispatcher was
+    building its next request; `call.write` then raised InvalidStateError ("RPC already
+    finished"), which ended the worker and so the job. Here the source resets the proxy while the
+    second request is built and waits until the stream's receiver has ended, so the write that
+    follows is always to a finished call. The server must count as lost and the job finish."""
+    import asyncio
+    import logging
+    import threading
+
+    from bench.chaos_proxy import ChaosProxy
+    from tensorfleet.coordinator.engine.dispatcher import Dispatcher
+    from tensorfleet.coordinator.engine.planner import make_plan
+    from tensorfleet.coordinator.engine.source import RequestSource
+    from tensorfleet.coordinator.io.readers import open_reader
+    from tensorfleet.coordinator.spec import InputSpec, PolicySpec
+
+    make_fasta(tmp_path / "in.fasta", 32)
+    reader = open_reader(InputSpec(path=str(tmp_path / "in.fasta")))
+    plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=4, chunk_rows=16)
+    reset_done, stream_ended = threading.Event(), threading.Event()
+    built = 0
+
+    class ResetWhileBuilding(RequestSource):
+        def request(self, request_id, rows):
+            nonlocal built
+            built += 1
+            if built == 2:  # the first stream has one request written; the next is being built
+                assert proxy.reset() >= 1, "the stream's connection was not open"
+                reset_done.set()
+                assert stream_ended.wait(20), "the stream never saw the reset"
+            return super().request(request_id, rows)
+
+    async def watch_receivers() -> None:
+        """Sets stream_ended once the first stream's receiver task has finished (the call is done)."""
+        seen: set[asyncio.Task] = set()
+        while not stream_ended.is_set():
+            receivers = {t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("_stream.<locals>.receive")}
+            seen |= receivers
+            if reset_done.is_set() and any(task.done() for task in seen):
+                stream_ended.set()
+            await asyncio.sleep(0.01)
+
+    async def run(dispatcher: Dispatcher) -> None:
+        watcher = asyncio.create_task(watch_receivers())
+        try:
+            await asyncio.wait_for(dispatcher.run(), 60)
+        finally:
+            watcher.cancel()
+
+    committed: list[int] = []
+    with running_server(MODELS) as server:
+        proxy = ChaosProxy(server.port)
+        try:
+            source = ResetWhileBuilding(reader, {"sequence": "sequence"}, {"sequence": "BYTES"}, "embed")
+            dispatcher = Dispatcher(
+                servers=[proxy.address], source=source, chunks=plan.chunks,
+                commit=lambda done: committed.append(done.chunk.index),
+                policy=PolicySpec(window=1, server_wait_s=30, shared_memory=False),
+            )
+            with caplog.at_level(logging.WARNING, logger="tensorfleet"):
+                asyncio.run(run(dispatcher))
+        finally:
+            proxy.close()
+            reader.close()
+    assert sorted(committed) == [chunk.index for chunk in plan.chunks]
+    lost = [r.getMessage() for r in caplog.records if " lost: " in r.getMessage()]
+    assert any("RPC already finished" in message for message in lost), lost
