@@ -28,6 +28,7 @@ import yaml
 
 from bench.common import REPO_ROOT, emit, launch_server, machine
 from tensorfleet.client.coordinator_client import job_state
+from tensorfleet.coordinator.service.grpc_service import STORE_NAME
 from tests.coordinator.helpers import make_fasta
 from tests.coordinator.service.helpers import start_coordinator
 
@@ -65,14 +66,46 @@ def folder_state(folder: Path) -> tuple[int, int, bool]:
     return chunks, done, (folder / "out.h5").exists()
 
 
-def size_of(path: Path) -> int:
-    """Bytes under `path`; files the service removes meanwhile (retention) are skipped."""
-    total = 0
-    for folder, _, files in os.walk(path):
+def sizes_of(state: Path) -> dict[str, int]:
+    """Bytes under the state folder by part: the service logs the harness writes there, the
+    job store (SQLite and its WAL), the per-job folders, and anything else. Files the service
+    removes meanwhile (retention) are skipped."""
+    parts = {"logs": 0, "store": 0, "jobs": 0, "other": 0}
+    for folder, _, files in os.walk(state):
+        relative = Path(folder).relative_to(state)
         for name in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(folder, name)).st_size
-    return total
+            try:
+                size = os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+            if relative.parts[:1] == ("jobs",):
+                parts["jobs"] += size
+            elif name.startswith(STORE_NAME):
+                parts["store"] += size
+            elif name.endswith(".log"):
+                parts["logs"] += size
+            else:
+                parts["other"] += size
+    return parts
+
+
+def job_folders(state: Path) -> int:
+    with contextlib.suppress(OSError):
+        return len(os.listdir(state / "jobs"))
+    return 0
+
+
+def growth_by_part(samples: list[tuple[float, dict[str, int], int]]) -> dict[str, dict[str, float]]:
+    """Each part's bytes after warm-up (the first fifth) and at the end, and its growth: which
+    part, if any, keeps growing."""
+    if not samples:
+        return {}
+    warm = samples[len(samples) // 5][1]
+    last = samples[-1][1]
+    return {
+        part: {"after_warmup": warm[part], "end": last[part], "growth": round(last[part] / warm[part] - 1, 3) if warm[part] else None}
+        for part in last
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     local: set[str] = set()
     cancel_at: dict[str, float] = {}
     counts: Counter = Counter()
-    state_sizes: list[tuple[float, int, int]] = []
+    state_sizes: list[tuple[float, dict[str, int], int]] = []
     problems: list[str] = []
     started = time.monotonic()
     try:
@@ -125,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                         client.cancel(job_id)
                         counts["cancel_requests"] += 1
                     del cancel_at[job_id]
-            state_sizes.append((round(now - started, 1), size_of(state), len(os.listdir(state / "jobs")) if (state / "jobs").is_dir() else 0))
+            state_sizes.append((round(now - started, 1), sizes_of(state), job_folders(state)))
             time.sleep(0.2)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -173,9 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         "inconsistent_jobs": len(problems),
         "problems": problems[:10],
         "keep_finished": KEEP,
-        "state_dir_bytes_max": max((s[1] for s in state_sizes), default=0),
+        "state_dir_bytes_max": max((sum(s[1].values()) for s in state_sizes), default=0),
         "state_job_folders_max": max((s[2] for s in state_sizes), default=0),
-        "state_dir_bytes": [s[1] for s in state_sizes[:: max(1, len(state_sizes) // 20)]],
+        "state_dir_bytes": [sum(s[1].values()) for s in state_sizes[:: max(1, len(state_sizes) // 20)]],
+        "state_dir_parts": growth_by_part(state_sizes),
         "seconds_total": round(time.monotonic() - started, 1),
     })
 
