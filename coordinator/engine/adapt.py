@@ -14,7 +14,7 @@ import numpy as np
 from ..fleet.model_info import ModelInfo
 from ..io.readers import Reader
 from ..io.readers.views import Aligned, Deduplicated, Truncated
-from ..spec import JobSpec
+from ..spec import AlignSpec, JobSpec
 
 _EXAMPLES = 10
 
@@ -50,43 +50,61 @@ def align_columns(have: np.ndarray, want: list[str]) -> np.ndarray:
 
 def _align(spec: JobSpec, reader: Reader, info: ModelInfo, report: InputReport) -> Reader:
     source = _mapped_field(spec, reader, info, info.features_input)
-    names_of = getattr(reader, "feature_names", None)
-    if source is None or names_of is None:
+    if source is None or getattr(reader, "feature_names", None) is None:
         report.lines.append(
             f"features: model '{info.name}' declares {len(info.features)} features for input "
             f"'{info.features_input}'; this input has no feature names, so its columns are fed as they are"
         )
         return reader
-    have = names_of(source, spec.input.align.var_column)
+    return align_field(spec.input.align, reader, source, info, report)
+
+
+def align_field(align: AlignSpec, reader: Reader, source: str, info: ModelInfo, report: InputReport, label: str = "") -> Reader:
+    """`reader` with field `source`'s columns matched by name to the model's feature list;
+    AlignmentError below `align.min_coverage`. `label` names the file in messages (a prompt)."""
+    have = reader.feature_names(source, align.var_column)
     if have is None:
-        report.lines.append(f"features: field '{source}' has no feature names; its columns are fed as they are")
+        report.lines.append(f"features: {label}field '{source}' has no feature names; its columns are fed as they are")
         return reader
     columns = align_columns(have, info.features)
     found = int((columns >= 0).sum())
     coverage = found / len(info.features)
     missing = [name for name, column in zip(info.features, columns, strict=True) if column < 0]
     extra = len(set(map(str, have.tolist())) - set(info.features))
-    where = f"var column '{spec.input.align.var_column}'" if spec.input.align.var_column else "var_names"
+    where = f"var column '{align.var_column}'" if align.var_column else "var_names"
+    prefix = "prompt_" if label else ""
     facts = {
-        "alignment_field": source, "alignment_names": where, "alignment_model_features": len(info.features),
-        "alignment_found": found, "alignment_missing": len(missing), "alignment_dropped": extra,
-        "alignment_coverage": round(coverage, 6), "alignment_fill_value": spec.input.align.fill_value,
+        f"{prefix}alignment_field": source, f"{prefix}alignment_names": where,
+        f"{prefix}alignment_model_features": len(info.features), f"{prefix}alignment_found": found,
+        f"{prefix}alignment_missing": len(missing), f"{prefix}alignment_dropped": extra,
+        f"{prefix}alignment_coverage": round(coverage, 6), f"{prefix}alignment_fill_value": align.fill_value,
     }
-    if coverage < spec.input.align.min_coverage:
+    if coverage < align.min_coverage:
         raise AlignmentError(
-            f"the input's genes ({where} of '{source}') cover {found} of model '{info.name}''s {len(info.features)} "
-            f"features ({coverage:.1%}), below input.align.min_coverage {spec.input.align.min_coverage:g}: "
+            f"{label}the input's genes ({where} of '{source}') cover {found} of model '{info.name}''s {len(info.features)} "
+            f"features ({coverage:.1%}), below input.align.min_coverage {align.min_coverage:g}: "
             f"{len(missing)} missing, e.g. {', '.join(missing[:_EXAMPLES])}. Check the gene naming "
             "(symbols vs Ensembl ids: input.align.var_column) or lower input.align.min_coverage"
         )
     report.facts.update(facts)
     report.lines.append(
-        f"aligned: {found}/{len(info.features)} model features found in {where} ({coverage:.1%}); "
-        f"{len(missing)} missing filled with {spec.input.align.fill_value:g}"
+        f"{label}aligned: {found}/{len(info.features)} model features found in {where} ({coverage:.1%}); "
+        f"{len(missing)} missing filled with {align.fill_value:g}"
         + (f" (e.g. {', '.join(missing[:3])})" if missing else "")
         + f"; {extra} input genes not in the model dropped"
     )
-    return Aligned(reader, source, columns, spec.input.align.fill_value)
+    return Aligned(reader, source, columns, align.fill_value)
+
+
+def has_feature_axis(info: ModelInfo, model_input: str) -> bool:
+    """Whether the model's feature list describes `model_input`'s columns: the input it was
+    declared for, or another input of the same width (STACK's prompt beside its query)."""
+    if not info.features or model_input not in info.inputs:
+        return False
+    if model_input == info.features_input:
+        return True
+    shape = info.inputs[model_input][1]
+    return info.inputs[model_input][0] != "BYTES" and len(shape) >= 1 and shape[-1] == len(info.features)
 
 
 def adapt_input(spec: JobSpec, reader: Reader, info: ModelInfo) -> tuple[Reader, InputReport]:

@@ -263,8 +263,9 @@ class StageHooks:
 
     merge_output: bool = True
     wrap_commit: Callable | None = None
-    #: (context id, tensors): a prompt put once per stream.
-    context: tuple[str, dict[str, np.ndarray]] | None = None
+    #: (context id, tensors): a prompt put once per stream; or a function of the model's
+    #: description that makes it (a prompt aligned to the model's genes), called once by adapt().
+    context: tuple[str, dict[str, np.ndarray]] | Callable[[ModelInfo, InputReport], tuple[str, dict[str, np.ndarray]]] | None = None
 
 
 @dataclass
@@ -302,6 +303,11 @@ def adapt(ctx: RunContext, info: ModelInfo) -> None:
     ctx.reader, ctx.report = _adapt(ctx.spec, ctx.reader, info)
     if ctx.plan_reader is not None:
         ctx.plan_reader, _ = _adapt(ctx.spec, ctx.plan_reader, info)
+    if callable(ctx.hooks.context):
+        try:
+            ctx.hooks.context = ctx.hooks.context(info, ctx.report)
+        except AlignmentError as error:
+            raise JobFatal(str(error)) from None
 
 
 def open_input(spec: InputSpec) -> Reader:

@@ -97,6 +97,16 @@ def _ragged(values: np.ndarray, lengths: np.ndarray, ok: np.ndarray, column: Col
     return Ragged(np.asarray(values[keep], dtype=column.dtype), full)
 
 
+def _output_of(part: Any, name: str, ok: np.ndarray, column: Column, lengths: bool = False) -> np.ndarray:
+    """An output's values for a part's ok rows. A part in which no row succeeded stores no
+    outputs at all (the model never ran on it): its values are then empty."""
+    if name in part.names or ok.any():
+        return part.array(name)
+    if lengths:
+        return np.zeros(0, dtype=np.int64)
+    return np.zeros((0, 0, *column.row_shape) if column.lengths_from else (0, *column.row_shape), dtype=column.dtype)
+
+
 def merge(
     *,
     job_dir: Path,
@@ -150,9 +160,10 @@ def merge(
                 for column in columns:
                     if column.name in from_input:
                         continue
-                    values = part.array(column.source)
+                    values = _output_of(part, column.source, ok, column)
                     if column.lengths_from:
-                        arrays[column.name] = _ragged(values, part.array(column.lengths_from), ok, column, chunk)
+                        lengths = _output_of(part, column.lengths_from, ok, column, lengths=True)
+                        arrays[column.name] = _ragged(values, lengths, ok, column, chunk)
                         continue
                     full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
                     if column.dtype.kind == "f":

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from tensorfleet.core.hashing import file_sha256
 
+from ..engine.adapt import InputReport, align_field, has_feature_axis
 from ..engine.job import (
     JobFatal,
     RunContext,
@@ -36,23 +38,48 @@ from ..engine.job import (
 from ..engine.manifest import MANIFEST_NAME
 from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
+from ..fleet.model_info import ModelInfo
 from ..spec import InputSpec, JobSpec
 from ..spec.kinds import InContextSpec
 
 KIND = "in-context"
 
 
-def read_prompt(spec: InputSpec, datatypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Every row of the prompt's mapped fields, as model-input arrays."""
+def read_prompt(spec: InputSpec, info: ModelInfo | None = None, report: InputReport | None = None) -> dict[str, np.ndarray]:
+    """Every row of the prompt's mapped fields, as model-input arrays. Given the model's
+    description, a field that feeds an input the model's feature list describes is aligned to
+    it by gene name, as the query is (the prompt's genes may come in another order)."""
     if not spec.tensors:
         raise JobFatal(f"prompt {spec.path}: set tensors (context input -> field)")
-    with open_input(spec) as reader:
+    with open_input(spec) as opened:
+        reader = opened
         out = {}
         for name, field in spec.tensors.items():
             if field not in reader.fields():
                 raise JobFatal(f"prompt {spec.path}: no field '{field}' (has {sorted(reader.fields())})")
+            if info is not None and has_feature_axis(info, name) and hasattr(reader, "feature_names"):
+                reader = align_field(spec.align, reader, field, info, report or InputReport(), label=f"prompt {spec.path}: ")
             out[name] = np.ascontiguousarray(reader.read(field, 0, reader.num_rows), dtype=np.float32)
+            if info is not None:
+                _check_prompt_tensor(spec, info, name, field, out[name])
         return out
+
+
+def _check_prompt_tensor(spec: InputSpec, info: ModelInfo, name: str, field: str, values: np.ndarray) -> None:
+    """Before any server starts: a prompt the model cannot take would fail every stream."""
+    if name not in info.inputs:
+        raise JobFatal(f"prompt {spec.path}: tensors name '{name}', which model '{info.name}' does not take "
+                       f"(its inputs: {sorted(info.inputs)})")
+    want = info.inputs[name][1]
+    have = list(values.shape[1:])
+    if len(have) != len(want) or any(w not in (-1, h) for w, h in zip(want, have, strict=False)):
+        raise JobFatal(f"prompt {spec.path}: field '{field}' has rows of {have}; model '{info.name}' input '{name}' "
+                       f"takes rows of {want}")
+
+
+def _prompt_context(job: str, run: str, spec: InputSpec) -> Callable[[ModelInfo, InputReport], tuple[str, dict[str, np.ndarray]]]:
+    """The run's context, made once the model's description is known (its gene list)."""
+    return lambda info, report: (_context_id(job, run, spec), read_prompt(spec, info, report))
 
 
 def _context_id(job: str, run: str, spec: InputSpec) -> str:
@@ -98,7 +125,7 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
         for run, prompt in runs:
             run_dir = job_dir / run
             sub = _sub_job(spec, run, run_dir)
-            context = (_context_id(spec.name, run, prompt), read_prompt(prompt))
+            context = _prompt_context(spec.name, run, prompt)
             with open_input(spec.input) as reader:
                 sub_options = RunOptions(job_dir=run_dir, resume=(run_dir / MANIFEST_NAME).is_file(), limit=options.limit,
                                          progress_stream=options.progress_stream)
@@ -117,6 +144,7 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
     return RunResult(
         output, job_dir, first.rows, sum(r.rows_failed for _, r in results), sum(r.rows_computed for _, r in results),
         time.monotonic() - started, columns=first.columns, servers=sorted({s for _, r in results for s in r.servers}),
+        notes=[f"{run} run: {line}" for run, result in results for line in result.notes],
     )
 
 

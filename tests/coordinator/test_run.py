@@ -114,6 +114,32 @@ def test_failing_rows_in_length_sorted_requests_are_reported_at_their_input_rows
         np.testing.assert_allclose(f["embedding"][:][good], alone["embedding"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("output", ["out.h5", "out.parquet"])
+def test_a_chunk_whose_every_row_failed_merges_as_failed_rows(tmp_path, servers, output):
+    """Its part stores no outputs (the model never ran on it); the merge once stopped on that
+    with a KeyError and the finished rows of every other chunk were left unmerged."""
+    poison = set(range(32, 64))  # the whole second chunk
+    make_fasta(tmp_path / "in.fasta", 96, poison=poison)
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=servers_model(servers, "embed"),
+        output={"path": output}, chunking={"chunk_rows": 32, "batch_rows": 16},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 1, result.stderr
+    assert "32 of 96 rows failed" in result.stderr and "Traceback" not in result.stderr
+    if output.endswith(".h5"):
+        with h5py.File(tmp_path / output) as f:
+            ok, embeddings = f["ok"][:], f["embedding"][:]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(tmp_path / output)
+        ok = np.array(table.column("ok").to_pylist())
+        embeddings = np.array([v if v is not None else [np.nan] * 16 for v in table.column("embedding").to_pylist()], dtype=np.float32)
+    assert set(np.nonzero(~ok)[0]) == poison
+    assert np.isnan(embeddings[~ok]).all() and not np.isnan(embeddings[ok]).any()
+
+
 def test_failing_rows_go_to_the_errors_table_and_exit_1(tmp_path, servers):
     poison = {3, 77, 78, 150}
     records = make_fasta(tmp_path / "in.fasta", 200, poison=poison)

@@ -118,3 +118,72 @@ def test_an_unknown_context_is_failed_precondition_naming_it(example):
         for name, future in futures:
             expected = model.predict({"query": query, "prompt": prompts[name]})["prediction"]
             np.testing.assert_allclose(future.result()["prediction"], expected, atol=1e-5)
+
+
+def test_a_prompt_with_its_genes_in_another_order_is_aligned_like_the_query(tmp_path):
+    """STACK ships a gene list; prompt cells often come from another dataset, with the genes in
+    another order and some missing. The prompt is matched to the model's genes by name, as the
+    query is; fed as stored, its columns would be the wrong genes."""
+    import yaml
+
+    folder = build.build_model(tmp_path / "models", GENES)
+    genes = [f"GENE{i:04d}" for i in range(GENES)]
+    (folder / "genes.txt").write_text("\n".join(genes) + "\n")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["features"] = {"file": "genes.txt", "input": "query"}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    build.build_data(tmp_path / "data", GENES, query=40, prompt=12)
+
+    prompt = anndata.read_h5ad(tmp_path / "data" / "prompt.h5ad")
+    order = np.random.default_rng(5).permutation(GENES)
+    kept = order[: GENES - 2]  # two genes the prompt's dataset lacks
+    shuffled = anndata.AnnData(X=np.asarray(prompt.X)[:, kept], obs=prompt.obs, var=prompt.var.iloc[kept])
+    shuffled.write_h5ad(tmp_path / "data" / "shuffled_prompt.h5ad")
+
+    spec = write_yaml(tmp_path / "job.yaml", {
+        "name": "shuffled",
+        "input": {"path": "data/query.h5ad", "tensors": {"query": "X"}},
+        "prompt": {"path": "data/shuffled_prompt.h5ad", "tensors": {"prompt": "X"}},
+        "model": {"name": "stack_toy", "local": {"repository": "models", "count": 1}},
+        "output": {"path": "out/shuffled.h5ad", "h5ad_slot": "layers"},
+        "chunking": {"batch_rows": BATCH, "chunk_rows": 32},
+    })
+    done = run_tensorfleet("run", spec)
+    assert done.returncode == 0, done.stderr
+    assert f"prompt run: prompt {tmp_path / 'data' / 'shuffled_prompt.h5ad'}: aligned: {GENES - 2}/{GENES}" in done.stdout, done.stdout
+
+    aligned = np.zeros((prompt.n_obs, GENES), dtype=np.float32)  # by name, built here independently
+    for column, gene in enumerate(genes):
+        if gene in list(shuffled.var_names):
+            aligned[:, column] = np.asarray(shuffled.X)[:, list(shuffled.var_names).index(gene)]
+    model = load_python_model(folder)
+    query = np.asarray(anndata.read_h5ad(tmp_path / "data" / "query.h5ad").X)
+    want = model.predict({"query": query, "prompt": aligned})["prediction"]
+    out = anndata.read_h5ad(tmp_path / "out" / "shuffled.h5ad")
+    np.testing.assert_allclose(out.layers["prediction"], want, atol=1e-5)
+    as_stored = model.predict({"query": query, "prompt": np.pad(np.asarray(shuffled.X), ((0, 0), (0, 2)))})["prediction"]
+    assert not np.allclose(as_stored, want, atol=1e-3)
+    provenance = out.uns["tensorfleet"]["provenance"]
+    assert provenance["prompt_alignment_missing"] == 2 and provenance["prompt_alignment_found"] == GENES - 2
+
+
+def test_a_prompt_of_the_wrong_width_is_refused_before_any_server_starts(tmp_path):
+    """Every stream's context put would fail; each chunk was lost and retried until its rows
+    were all failed. Now: exit 2 naming the field, the input and both widths."""
+    build.build_model(tmp_path / "models", GENES)
+    build.build_data(tmp_path / "data", GENES, query=20, prompt=6)
+    prompt = anndata.read_h5ad(tmp_path / "data" / "prompt.h5ad")
+    narrow = anndata.AnnData(X=np.asarray(prompt.X)[:, : GENES - 2], obs=prompt.obs, var=prompt.var.iloc[: GENES - 2])
+    narrow.write_h5ad(tmp_path / "data" / "narrow.h5ad")
+    spec = write_yaml(tmp_path / "job.yaml", {
+        "name": "narrow",
+        "input": {"path": "data/query.h5ad", "tensors": {"query": "X"}},
+        "prompt": {"path": "data/narrow.h5ad", "tensors": {"prompt": "X"}},
+        "model": {"name": "stack_toy", "local": {"repository": "models", "count": 1}},
+        "output": {"path": "out/narrow.h5ad", "h5ad_slot": "layers"},
+    })
+    done = run_tensorfleet("run", spec)
+    assert done.returncode == 2, done.stderr
+    assert f"field 'X' has rows of [{GENES - 2}]; model 'stack_toy' input 'prompt' takes rows of [{GENES}]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("out/narrow.h5ad.tfjob/servers/*.log"))
