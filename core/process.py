@@ -98,9 +98,10 @@ def start_process(
     cwd: Path | str | None = None,
     new_session: bool = False,
     tie_to_parent: bool = False,
+    append: bool = False,
 ) -> subprocess.Popen:
     """Start `command` with stdout and stderr into `log_path` (None: this process's own) and
-    Python output unbuffered.
+    Python output unbuffered; `append` keeps what the log holds (a restarted server's).
 
     `env` is added to this process's environment. `tie_to_parent` (a `python -m MODULE` command)
     ends the child with SIGTERM when this process dies, even by SIGKILL (Linux)."""
@@ -114,7 +115,7 @@ def start_process(
     if log_path is None:
         return subprocess.Popen(command, env=full_env, cwd=cwd, start_new_session=new_session)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab" if append else "wb") as log:
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=new_session
         )

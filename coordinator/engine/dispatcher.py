@@ -94,6 +94,10 @@ class Work:
     #: replies to requests sent before the chunk went back to the queue are ignored.
     owner: ServerState | None = None
     generation: int = 0
+    #: Lost more than policy.retries times: its requests now go one at a time, alone on their
+    #: server, and one in flight when its server dies is split in halves, down to the row that
+    #: kills servers, which alone fails. Results survive its losses from then on.
+    isolating: bool = False
 
     def reset(self) -> None:
         self.generation += 1
@@ -303,26 +307,51 @@ class Dispatcher:
         for work in server.leases:
             if work.handed_off:
                 continue
-            work.losses += 1
-            if work.losses > self.policy.retries:
-                message = (
-                    f"chunk {work.chunk.index} was lost {work.losses} times with its server "
-                    f"(last: {server.last_error}); a row in it may crash the server"
-                )
-                work.pending.clear()
-                work.inflight = 0
-                work.results.clear()
-                work.errors = {row: ("UNAVAILABLE", message) for row in range(work.chunk.start, work.chunk.stop)}
-                self._hand_off(work, server)
-                continue
-            work.reset()
+            if not work.isolating:
+                work.losses += 1
+                if work.losses > self.policy.retries:
+                    log.warning(
+                        "chunk %d was lost %d times with its server (last: %s); its requests now go one at "
+                        "a time to find the row that kills servers", work.chunk.index, work.losses, server.last_error,
+                    )
+                    work.isolating = True
+                work.reset()
+            # isolating: what was in flight was split or failed when the stream ended (_isolate)
             heapq.heappush(self._queue, work)
             self._commit_slots.release()
         server.leases = []
         self._notify()
 
+    def _isolate(self, server: ServerState, inflight: dict) -> None:
+        """A stream ended with requests of isolating chunks unanswered: each was alone on the
+        server, so it holds the row that killed it. Halve it; a single row fails."""
+        for request_id, (work, start, stop, _, generation) in list(inflight.items()):
+            if not work.isolating or generation != work.generation or work.handed_off or work.owner is not server:
+                continue
+            del inflight[request_id]
+            work.inflight -= 1
+            if stop - start > 1:
+                middle = (start + stop) // 2
+                work.pending.appendleft((middle, stop))
+                work.pending.appendleft((start, middle))
+                continue
+            self._row_failure(
+                work, start, stop, "UNAVAILABLE",
+                f"the server died with this row alone in flight, after chunk {work.chunk.index} was lost "
+                f"{work.losses} times; the row crashes or hangs the model",
+            )
+            self._hand_off_if_complete(work, server)
+
     # --- one stream ------------------------------------------------------------------------
-    async def _next_request(self, server: ServerState) -> tuple[Work, int, int] | None:
+    async def _next_request(self, server: ServerState, busy: int) -> tuple[Work, int, int] | None:
+        """The next request for this server's stream, which has `busy` requests in flight."""
+        isolating = next((work for work in server.leases if work.isolating and not work.handed_off), None)
+        if isolating is not None:  # alone in flight, or not at all
+            if busy or not isolating.pending:
+                return None
+            start, stop = isolating.pending.popleft()
+            isolating.inflight += 1
+            return isolating, start, stop
         for work in server.leases:
             if work.pending:
                 start, stop = work.pending.popleft()
@@ -347,7 +376,7 @@ class Dispatcher:
             noted = loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address, leased_at)
             # A lease note that fails (a full disk) is only a lost statistic; the commit reports it.
             noted.add_done_callback(lambda f: f.cancelled() or f.exception())
-        if not work.pending:  # taken by other servers while the ids were read
+        if not work.pending or (work.isolating and busy):  # taken by others while the ids were read; or wait
             return None
         start, stop = work.pending.popleft()
         work.inflight += 1
@@ -359,7 +388,7 @@ class Dispatcher:
             if other is server:
                 continue
             for work in other.leases:
-                if work.pending and work.ids is not None and not work.handed_off:
+                if work.pending and work.ids is not None and not work.handed_off and not work.isolating:
                     start, stop = work.pending.pop()
                     work.inflight += 1
                     return work, start, stop
@@ -399,7 +428,7 @@ class Dispatcher:
                     if time.monotonic() - oldest > self.policy.request_timeout_s:
                         raise ServerLost(f"no answer for {self.policy.request_timeout_s:.0f}s (stalled)")
                 if len(inflight) < self.policy.window and not self._finished.is_set():
-                    item = await self._next_request(server)
+                    item = await self._next_request(server, len(inflight))
                     if item is not None:
                         work, start, stop = item
                         serial += 1
@@ -424,6 +453,7 @@ class Dispatcher:
                 waiter.cancel()
             await call.done_writing()
         finally:
+            self._isolate(server, inflight)
             self._give_back_taken(server, inflight)
             receiver.cancel()
             call.cancel()

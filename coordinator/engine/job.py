@@ -426,7 +426,7 @@ def run_one(ctx: RunContext) -> RunResult:
             else:
                 _check_build(manifest, ctx.info)
         result = _execute(ctx)
-        result.notes = ctx.report.lines if ctx.report else []
+        result.notes = [*(ctx.report.lines if ctx.report else []), *filter(None, [ctx.fleet.restart_note()])]
         return result
     except BaseException as error:
         if created and not planned:

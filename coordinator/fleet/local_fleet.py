@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,11 @@ from tensorfleet.core.process import (
     wait_for_port_files,
 )
 
+log = logging.getLogger("tensorfleet.coordinator")
+
+#: How often the supervisor looks for servers that died.
+SUPERVISE_EVERY_S = 0.5
+
 
 class LocalFleetError(Exception):
     """A local server would not start; the message carries the end of its log."""
@@ -34,6 +41,8 @@ class LocalServer:
     port_file: Path
     log_path: Path
     port: int | None = None
+    command: list[str] | None = None
+    restarts: int = 0
 
     @property
     def address(self) -> str:
@@ -95,14 +104,21 @@ def resolve_count(count: int | str, device: str, gpus: Callable[[], int] = visib
 class LocalFleet:
     """Starts `count` servers for one model and stops them, by pid, when the job ends."""
 
-    def __init__(self, repository: Path, model: str, count: int | str, device: str, workdir: Path, args: list[str]) -> None:
+    def __init__(
+        self, repository: Path, model: str, count: int | str, device: str, workdir: Path, args: list[str],
+        max_restarts: int = 0,
+    ) -> None:
         self.repository = repository
         self.model = model
         self.count = count
         self.device = device
         self.workdir = workdir
         self.args = args
+        self.max_restarts = max_restarts
         self.servers: list[LocalServer] = []
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         if not self.repository.is_dir():
@@ -127,7 +143,7 @@ class LocalFleet:
                 "--device", device_for(self.device, index), *self.args, port_file=port_file,
             )  # fmt: skip
             process = start_process(command, log_path, new_session=True, tie_to_parent=True)
-            self.servers.append(LocalServer(process, port_file, log_path))
+            self.servers.append(LocalServer(process, port_file, log_path, command=command))
         self._write_pids()
         started = [(server.process, server.port_file, server.log_path) for server in self.servers]
         try:
@@ -138,7 +154,49 @@ class LocalFleet:
         for server, port in zip(self.servers, ports, strict=True):
             server.port = port
         self._write_pids()
+        if self.max_restarts:
+            self._supervisor = threading.Thread(
+                target=self._supervise, args=(timeout,), name="tf-local-fleet", daemon=True
+            )
+            self._supervisor.start()
         return [server.address for server in self.servers]
+
+    # --- supervision -----------------------------------------------------------------
+    def _supervise(self, timeout: float) -> None:
+        """A server that dies mid-job (a crash on a bad row, the OOM killer) is started again on
+        its port, up to max_restarts times: its address stays valid, so the dispatcher, which
+        retries a lost server, reconnects by itself. Without this, a one-server fleet ends the
+        job at the first crash."""
+        while not self._stopping.wait(SUPERVISE_EVERY_S):
+            for index, server in enumerate(list(self.servers)):
+                code = server.process.poll()
+                if code is None or self._stopping.is_set():
+                    continue
+                if server.restarts >= self.max_restarts:
+                    continue  # told once, below; the dispatcher sees the server as lost
+                self._restart(index, server, code, timeout)
+
+    def _restart(self, index: int, server: LocalServer, code: int, timeout: float) -> None:
+        server.restarts += 1
+        log.warning(
+            "local server %d (pid %d, %s) exited with code %s; starting it again on port %s (%d of %d)%s",
+            index, server.process.pid, server.address, code, server.port, server.restarts, self.max_restarts,
+            "" if server.restarts < self.max_restarts else ": the last restart model.local.max_restarts allows",
+        )
+        assert server.command is not None and server.port is not None
+        command = [*server.command]
+        command[command.index("--port") + 1] = str(server.port)
+        server.port_file.unlink(missing_ok=True)
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            server.process = start_process(command, server.log_path, new_session=True, tie_to_parent=True, append=True)
+            self._write_pids()
+        try:
+            wait_for_port_files([(server.process, server.port_file, server.log_path)], timeout, what="local server")
+        except ProcessStartError as error:
+            server.restarts = self.max_restarts  # it dies while loading: starting it again would loop
+            log.error("local server %d did not come back; not starting it again: %s", index, error)
 
     def _write_pids(self) -> None:
         """servers.json: pid, port and log of each server, for operators and tests."""
@@ -148,6 +206,16 @@ class LocalFleet:
         ]
         (self.workdir / "servers.json").write_text(json.dumps(records, indent=1))
 
+    @property
+    def restarts(self) -> int:
+        return sum(server.restarts for server in self.servers)
+
     def stop(self, timeout: float = 15.0) -> None:
-        stop_processes([server.process for server in self.servers], timeout)
+        self._stopping.set()
+        with self._lock:  # a restart in progress finishes starting its process first
+            processes = [server.process for server in self.servers]
+        stop_processes(processes, timeout)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+            self._supervisor = None
         self.servers = []

@@ -132,7 +132,8 @@ class ModelFleet:
 
                 local = self.model.local
                 self._local = LocalFleet(
-                    Path(local.repository), self.model.name, local.count, local.device, self.workdir, local.args
+                    Path(local.repository), self.model.name, local.count, local.device, self.workdir, local.args,
+                    max_restarts=local.max_restarts,
                 )
                 try:
                     servers = self._local.start(local.startup_timeout_s)
@@ -142,6 +143,18 @@ class ModelFleet:
                 servers = self._addresses()
             self._live = self._inspect(servers, self.server_wait_s)
         return self._live
+
+    @property
+    def restarts(self) -> int:
+        """Times local servers were started again after dying (fleet/local_fleet.py)."""
+        return self._local.restarts if self._local is not None else 0
+
+    def restart_note(self) -> str:
+        """A line for the run's summary, or "" when no server died."""
+        if not self.restarts:
+            return ""
+        return (f"local servers died and were started again {self.restarts} time(s) "
+                f"(model.local.max_restarts {self.model.local.max_restarts}); their logs: {self.workdir}/server-*.log")
 
     def stop(self) -> None:
         if self._local is not None:

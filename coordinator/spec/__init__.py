@@ -131,6 +131,12 @@ class LocalFleetSpec(Strict):
     )
     args: list[str] = Field(default_factory=list, description="Extra server command-line arguments.")
     startup_timeout_s: float = Field(default=300.0, gt=0)
+    max_restarts: int = Field(
+        default=50, ge=0, le=1000,
+        description="Times each server is started again on its port after it dies mid-job (a crash on a "
+        "bad row, the OOM killer); 0: never. Finding a row that kills servers takes about policy.retries "
+        "+ 2 + log2(batch rows) deaths. A server that dies again while loading is not restarted.",
+    )
 
     @field_validator("count")
     @classmethod
@@ -255,7 +261,8 @@ class ChunkingSpec(Strict):
 class PolicySpec(Strict):
     window: int = Field(default=4, ge=1, description="Requests in flight per server.")
     retries: int = Field(
-        default=3, ge=0, description="Times a chunk may be lost with a dead server before its rows fail."
+        default=3, ge=0, description="Times a chunk may be lost with a dead server before its requests go one "
+        "at a time, halved at each death down to the row that kills servers, which alone fails."
     )
     request_timeout_s: float = Field(
         default=300.0, gt=0, description="A request unanswered this long marks its server stalled."

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -187,3 +188,46 @@ def test_stalled_server_loses_its_leases_and_the_job_completes_identically(tmp_p
     status = json.loads((job_dir / "status.json").read_text())
     stalled = next(s for s in status["servers"] if s["address"] == fleet[0].address)
     assert not stalled["alive"] and stalled["last_error"]
+
+
+def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started_again(tmp_path):
+    """One local server and a row that kills it (as a segfault or the OOM killer would). The
+    server is started again on its port after each death; after policy.retries losses its chunk
+    goes one request at a time, and the request in flight at a death is halved down to the row,
+    which alone fails. Before: the first crash left the job with no server (exit 2 after
+    server_wait_s), every --resume crashed the same way, and at best the whole chunk failed."""
+    records = make_fasta(tmp_path / "in.fasta", 64, seed=4)
+    marker = "WCRASHCRASHW"
+    lines = (tmp_path / "in.fasta").read_text().splitlines()
+    bad_row = 40
+    header = lines.index(f">seq{bad_row} test record {bad_row}")
+    lines[header + 1] = marker + lines[header + 1]
+    (tmp_path / "in.fasta").write_text("\n".join(lines) + "\n")
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 16, "batch_rows": 16},
+        policy={"retries": 2, "server_wait_s": 60},
+    )
+    result = run_tensorfleet("run", job, env={"TF_TEST_CRASH_ON": marker}, timeout=300)
+    assert result.returncode == 1, result.stderr
+    # 3 losses of the chunk (retries 2), then its 16-row request halved at each death: 16, 8, 4, 2, 1
+    assert "local servers died and were started again 8 time(s)" in result.stdout, result.stdout
+    folder = tmp_path / "out.h5.tfjob" / "servers"
+    log = (folder / "server-0.log").read_text()  # one log, appended
+    port = json.loads((folder / "servers.json").read_text())[0]["port"]
+    assert log.count(f"SERVING on port {port} ") == 9, log  # started, then again after each death
+    with h5py.File(tmp_path / "out.h5") as f:
+        ok = f["ok"][:]
+        assert set(np.nonzero(~ok)[0].tolist()) == {bad_row}
+        assert [v.decode() for v in f["errors/id"][:]] == [f"seq{bad_row}"]
+        assert "died with this row alone in flight" in f["errors/message"][0].decode()
+        embeddings = f["embedding"][:]
+    assert np.isnan(embeddings[bad_row]).all()
+    from .test_run import load_test_model
+
+    good = [row for row in range(64) if row != bad_row]
+    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
+    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+    for entry in json.loads((folder / "servers.json").read_text()):
+        status = Path(f"/proc/{entry['pid']}/status")
+        assert not status.exists() or "zombie" in status.read_text()

@@ -1,7 +1,9 @@
 """Test embedder: hashed 2-mer counts times a fixed random projection (one matmul per batch).
 
 Env (read at load): TF_TEST_ROW_LOG appends every computed sequence (one line each);
-TF_TEST_DELAY_MS sleeps per batch; a sequence holding '!' fails its whole batch.
+TF_TEST_DELAY_MS sleeps per batch; a sequence holding '!' fails its whole batch;
+TF_TEST_CRASH_ON=TEXT: a batch with a sequence holding TEXT ends the server process at once, as
+a segfault or the OOM killer would.
 """
 
 import os
@@ -16,11 +18,14 @@ class Model:
         self.projection = np.random.default_rng(7).standard_normal((64, 16)).astype(np.float32)
         self.log = os.environ.get("TF_TEST_ROW_LOG")
         self.delay = float(os.environ.get("TF_TEST_DELAY_MS", "0")) / 1000
+        self.crash_on = os.environ.get("TF_TEST_CRASH_ON", "").encode()
 
     def predict(self, inputs):
         sequences = [bytes(s) for s in inputs["sequence"]]
         if any(b"!" in s for s in sequences):
             raise ValueError("poison row: sequence holds '!'")
+        if self.crash_on and any(self.crash_on in s for s in sequences):
+            os._exit(70)
         counts = np.zeros((len(sequences), 64), dtype=np.float32)
         for row, sequence in enumerate(sequences):
             for i in range(len(sequence) - 1):
