@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..spec.errors import JobFatal
-from .manifest import Manifest
+from .manifest import MANIFEST_NAME, Manifest
 from .progress import pid_alive, read_status, write_json_atomic
 
 MARKER_NAME = "workflow.json"
@@ -50,15 +50,35 @@ def _part(folder: Path) -> dict[str, Any] | None:
     return {**status, **counts, "state": state}
 
 
+def _unmarked_workflow(job_dir: Path) -> dict[str, Any] | None:
+    """A workflow folder without workflow.json: one written before it existed (its marker was
+    pipeline.json or sweep.json) or whose marker was lost. Its parts are the run folders below
+    it that hold a manifest, named by their path; --resume of the job writes the marker again."""
+    if not job_dir.is_dir():
+        return None
+    manifests = sorted(
+        path.parent for depth in ("*", "*/*", "*/*/*") for path in job_dir.glob(f"{depth}/{MANIFEST_NAME}")
+    )
+    if not manifests:
+        return None
+    older = next((name for name in ("pipeline.json", "sweep.json") if (job_dir / name).is_file()), None)
+    kind = {"pipeline.json": "multi-stage", "sweep.json": "models x sources"}.get(older or "", "unknown")
+    parts = [{"label": str(folder.relative_to(job_dir)), "dir": str(folder.relative_to(job_dir))} for folder in manifests]
+    return {"kind": kind, "name": f"no {MARKER_NAME}: parts found by their manifests", "parts": parts}
+
+
 def job_status(job_dir: Path) -> dict[str, Any] | None:
     """The job's progress: {'kind', 'parts': [...], 'total': {...}} or, for a plain job, its report; None: no job."""
     marker = job_dir / MARKER_NAME
     if not marker.is_file():
         report = _part(job_dir)
-        if report is None:
+        if report is not None:
+            return {"kind": "plain", "job_dir": str(job_dir), **report}
+        workflow = _unmarked_workflow(job_dir)
+        if workflow is None:
             return None
-        return {"kind": "plain", "job_dir": str(job_dir), **report}
-    workflow = json.loads(marker.read_text())
+    else:
+        workflow = json.loads(marker.read_text())
     parts = []
     for entry in workflow["parts"]:
         report = _part(job_dir / entry["dir"]) or {"state": "waiting"}

@@ -73,6 +73,16 @@ def test_example_plans_runs_reports_status_on_its_top_folder_and_resumes_with_no
     assert report["total"]["rows_done"] == report["total"]["rows"] > 0
     assert report["total"]["chunks_done"] == sum(p["chunks"] for p in report["parts"])
 
+    marker = root / top / "workflow.json"  # folders written before it had pipeline.json / sweep.json
+    older = marker.rename(marker.with_name({"dpam": "pipeline.json", "epistasis": "sweep.json"}.get(name, "none.json")))
+    legacy = run_tensorfleet("status", root / top, "--json")
+    assert legacy.returncode == 0, legacy.stderr
+    found = json.loads(legacy.stdout)
+    assert len(found["parts"]) == len(report["parts"]) and found["total"] == report["total"]
+    assert found["kind"] == {"dpam": "multi-stage", "epistasis": "models x sources"}.get(name, "unknown")
+    assert "\ntotal: done" in run_tensorfleet("status", root / top).stdout
+    older.rename(marker)
+
     for folder in server_folders(root):
         shutil.rmtree(folder)
     stamps = [(root / o).stat().st_mtime_ns for o in outputs]
