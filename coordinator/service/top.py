@@ -52,7 +52,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true", help="JSON: one document with --once, else one line per refresh")
-    parser.add_argument("--server-token", help="bearer token of the servers in --servers (default: --token)")
+    parser.add_argument("--server-token", help="bearer token of the servers in --servers (default: --token; "
+                        "visible in ps: prefer --server-token-file)")
+    parser.add_argument("--server-token-file", help="file holding the servers' bearer token")
     connection_args(parser)
     parser.set_defaults(handler=run)
     return parser
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     servers = [s.strip() for s in (args.servers or "").split(",") if s.strip()]
     coordinator = args.coordinator or (None if servers else DEFAULT_COORDINATOR)
     options = connection_options(args)
-    server_options = connection_options(argparse.Namespace(**{**vars(args), "token": args.server_token or args.token}))
+    server_options = connection_options(argparse.Namespace(**{**vars(args), **_server_token(args)}))
     session = TopSession(coordinator, servers, options, server_options)
     try:
         if args.once:
@@ -74,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
         return _live(session, max(args.interval, 0.1), args.json)
     finally:
         session.close()
+
+
+def _server_token(args: argparse.Namespace) -> dict[str, str | None]:
+    """The servers' token: --server-token, else --server-token-file, else the coordinator's."""
+    if args.server_token or args.server_token_file:
+        return {"token": args.server_token, "token_file": args.server_token_file}
+    return {}
 
 
 def _live(session: TopSession, interval: float, as_json: bool) -> int:

@@ -134,3 +134,20 @@ def test_a_bad_token_file_stops_the_start(tmp_path, content):
     done = run_cli(["coordinator", "serve", "--state-dir", tmp_path / "state", "--token-file", bad])
     assert done.returncode == 2 and f"token file {bad}" in done.stderr, done.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_top_reads_the_servers_token_from_a_file(fleet):
+    """`top --servers` against servers that require a token: the token comes from a file, never
+    the command line (where ps shows it)."""
+    import json
+
+    server = fleet["server"].address
+    refused = run_cli(["top", "--once", "--json", "--servers", server])
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert any("unauthenticated" in error.lower() or "token" in error.lower()
+               for error in json.loads(refused.stdout)["errors"]), refused.stdout
+    shown = run_cli(["top", "--once", "--json", "--servers", server, "--server-token-file", fleet["files"]["server"]])
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    snapshot = json.loads(shown.stdout)
+    assert snapshot["errors"] == [] and [row["address"] for row in snapshot["servers"]] == [server]
+    assert TOKENS["server"] not in shown.stdout + shown.stderr
