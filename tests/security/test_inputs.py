@@ -79,3 +79,23 @@ def test_an_oversized_job_file_is_refused(tmp_path, size):
     (tmp_path / "job.yaml").write_text("name: big\n# " + "x" * size + "\n")
     done = run_tensorfleet("run", tmp_path / "job.yaml", timeout=60)
     _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "TENSORFLEET_MAX_SPEC_BYTES")
+
+
+def test_parquet_whose_lists_decode_far_beyond_their_bytes_is_refused(tmp_path):
+    """Encoded, a list of zeros takes a few bytes: a small file can decode to any size. The
+    bounds are checked against the values a row group counts, before it is read. The bound is
+    lowered here so that the file stays small; the rows are 4 MB each once decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [np.zeros(1 << 20, np.float32)] * 8
+    pq.write_table(pa.table({"x": pa.array(rows, type=pa.list_(pa.float32()))}), tmp_path / "in.parquet")
+    assert (tmp_path / "in.parquet").stat().st_size < 64 * 1024
+    spec = {"name": "hostile", "input": {"path": "in.parquet", "tensors": {"x": "x"}},
+            "model": {"name": "embed", "servers": ["127.0.0.1:1"]}, "output": {"path": "out.h5"},
+            "policy": {"server_wait_s": 1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    for bound, words in (({"TENSORFLEET_MAX_ROW_BYTES": str(1 << 20)}, ("4194304 bytes a row", "TENSORFLEET_MAX_ROW_BYTES")),
+                         ({"TENSORFLEET_MAX_ROW_GROUP_BYTES": str(16 << 20)}, ("33554432 bytes", "smaller row groups"))):
+        done = run_tensorfleet("run", tmp_path / "job.yaml", env=bound, timeout=120)
+        _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "column 'x', row group 0 (8 rows)", *words)

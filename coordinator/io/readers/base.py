@@ -131,6 +131,8 @@ def open_reader(spec: InputSpec) -> Reader:
 MAX_ROW_BYTES = int(os.environ.get("TENSORFLEET_MAX_ROW_BYTES", str(256 * 1024 * 1024)))
 MAX_ROWS = 2**40
 MAX_ITEM_BYTES = 1 << 20
+#: One column's row group, decoded (parquet reads whole row groups).
+MAX_ROW_GROUP_BYTES = int(os.environ.get("TENSORFLEET_MAX_ROW_GROUP_BYTES", str(8 << 30)))
 _PLAIN_KINDS = "biufcSUO"  # bool, ints, floats, complex, byte strings, unicode, object (BYTES)
 
 

@@ -9,7 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...spec import InputSpec
+from . import base
 from .base import FieldInfo, InputError, Reader, register
+
+#: Bytes a decoded value takes, by parquet physical type; strings are measured otherwise.
+_DECODED_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "FIXED_LEN_BYTE_ARRAY": 16}
 
 
 def _list_depth_and_value(kind: pa.DataType) -> tuple[int, pa.DataType]:
@@ -94,9 +98,30 @@ class ParquetReader(Reader):
         if key not in self._cache:
             if len(self._cache) >= 8:
                 self._cache.pop(next(iter(self._cache)))
+            self._check_group(column, group)
             table = self._file.read_row_group(group, columns=[column])
             self._cache[key] = _to_numpy(table.column(0), column)
         return self._cache[key]
+
+    def _check_group(self, column: str, group: int) -> None:
+        """InputError before a row group that would decode to more than the bounds is read. Its
+        size comes from the values it counts, not its bytes: encoded, a list of a billion zeros
+        takes a few bytes (strings: their encoded size, a lower bound)."""
+        meta = self._file.metadata.row_group(group)
+        decoded = 0
+        for index in range(meta.num_columns):
+            chunk = meta.column(index)
+            if chunk.path_in_schema == column or chunk.path_in_schema.startswith(f"{column}."):
+                width = _DECODED_BYTES.get(chunk.physical_type)
+                decoded += chunk.num_values * width if width else chunk.total_uncompressed_size
+        where = f"{self.spec.path}: column '{column}', row group {group} ({meta.num_rows} rows)"
+        per_row = decoded // max(meta.num_rows, 1)
+        if per_row > base.MAX_ROW_BYTES:
+            raise InputError(f"{where} decodes to {per_row} bytes a row; at most {base.MAX_ROW_BYTES} "
+                             "(TENSORFLEET_MAX_ROW_BYTES)")
+        if decoded > base.MAX_ROW_GROUP_BYTES:
+            raise InputError(f"{where} decodes to {decoded} bytes; at most {base.MAX_ROW_GROUP_BYTES} "
+                             "(TENSORFLEET_MAX_ROW_GROUP_BYTES): rewrite the file with smaller row groups")
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         if field not in self._schema.names:
