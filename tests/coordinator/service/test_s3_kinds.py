@@ -1,4 +1,4 @@
-"""Object storage for every job kind (issue 13): the STACK example (in-context) with its query,
+"""Object storage for every job kind (issue 13): the STACK example (in-context), a multi-stage job and a models x sources job; the STACK one with its query,
 prompts, output and part files in an S3 bucket (moto's server on loopback) equals a local run."""
 
 from __future__ import annotations
@@ -73,3 +73,51 @@ def test_models_x_sources_job_reads_sources_from_s3_and_uploads_its_sheets(tmp_p
     with h5py.File(tmp_path / "one.h5") as handle:
         expected = handle["x"][:] * np.float32(2)
     assert np.array(table.column("y").to_pylist()[:30], dtype=np.float32).tobytes() == expected.tobytes()
+
+
+def test_multi_stage_job_with_s3_input_parts_and_output_equals_a_local_run(tmp_path, s3):  # noqa: F811
+    """Two stages (the embedder, then a head reading its output) with the input, every stage's
+    parts and the output in the bucket: the same table as the local run."""
+    import pyarrow.parquet as pq
+
+    from tests.coordinator.helpers import MODELS, make_fasta
+
+    fs, env = s3
+    make_fasta(tmp_path / "in.fasta", 90)
+    fs.put(str(tmp_path / "in.fasta"), f"{BUCKET}/pipeline/in.fasta")
+    local_model = {"local": {"repository": str(MODELS)}}
+
+    def spec(input_path: str, output: dict, job_dir: str) -> dict:
+        return {
+            "name": "two-stages", "input": {"path": input_path}, "output": output, "job_dir": job_dir,
+            "stages": [
+                {"name": "embed", "model": {"name": "embed", **local_model}, "batch_rows": 8},
+                {"name": "head", "model": {"name": "head16", **local_model}, "tensors": {"x": "embedding"}},
+            ],
+            "chunking": {"chunk_rows": 32},
+        }
+
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump(spec(str(tmp_path / "in.fasta"), {"path": str(tmp_path / "local.parquet")},
+                                         str(tmp_path / "local.tfjob"))))
+    assert run_tensorfleet("run", local).returncode == 0
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(yaml.safe_dump(spec(
+        f"s3://{BUCKET}/pipeline/in.fasta",
+        {"path": f"s3://{BUCKET}/pipeline/out.parquet", "parts": f"s3://{BUCKET}/pipeline/parts"},
+        str(tmp_path / "remote.tfjob"),
+    )))
+    done = run_tensorfleet("run", remote, env=env)
+    assert done.returncode == 0, done.stderr
+    fs.invalidate_cache()
+    # the last stage's parts go to output.parts; earlier stages keep theirs in the job folder
+    remote_parts = sorted(path.rsplit("/", 1)[1] for path in fs.find(f"{BUCKET}/pipeline/parts"))
+    head_parts = sorted(p.name for p in (tmp_path / "local.tfjob" / "stages" / "01-head" / "parts").glob("*.part"))
+    assert remote_parts == head_parts and remote_parts, (remote_parts, head_parts)
+    assert len(list((tmp_path / "remote.tfjob" / "stages" / "00-embed" / "parts").glob("*.part"))) == 3
+    fs.get(f"{BUCKET}/pipeline/out.parquet", str(tmp_path / "downloaded.parquet"))
+    ours = pq.read_table(tmp_path / "downloaded.parquet").replace_schema_metadata(None)
+    theirs = pq.read_table(tmp_path / "local.parquet").replace_schema_metadata(None)
+    assert ours.num_rows == 90 and ours.equals(theirs)
+    status = run_tensorfleet("status", tmp_path / "remote.tfjob")
+    assert "total: done" in status.stdout, status.stdout
