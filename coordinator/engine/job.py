@@ -503,7 +503,7 @@ def _execute(ctx: RunContext) -> RunResult:
             job_dir=job_dir, manifest=manifest, chunks=chunks, rows=rows,
             ids_digest=manifest.plan_settings()["ids_digest"], output=spec.output, input_spec=spec.input,
             provenance=provenance, limit=options.limit, final_path=ctx.output, declared_outputs=declared,
-            input_columns=[Column(f.name, f.name, f.dtype, f.row_shape) for f in reader.stored_fields()],
+            input_columns=[Column(f.name, f.name, f.dtype, f.row_shape, from_input=True) for f in reader.stored_fields()],
             input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
         )
     except (MergeError, ObjectStoreError, ValueError, OSError, sqlite3.OperationalError) as error:

@@ -143,3 +143,23 @@ def test_compressed_rows_read_in_any_order_from_access_points(tmp_path, monkeypa
             assert list(reader.read("sequence", start, stop)) == [str(r.seq).encode() for r in items[start:stop]]
         assert list(reader.ids(0, 400)) == [r.id for r in items]
         np.testing.assert_array_equal(reader.lengths("sequence", 0, 400), [len(r.seq) for r in items])
+
+
+def test_an_h5ad_output_from_fasta_keeps_truncated_in_obs(tmp_path, servers):
+    """A per-row fact of the input is an obs column for anndata users; outputs stay in obsm."""
+    import anndata
+
+    items = records(20, long_every=7)
+    write(tmp_path / "in.fasta", items, "plain")
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=servers_model(servers),
+        output={"path": "out.h5ad"}, chunking={"chunk_rows": 8, "batch_rows": 4},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.obs_names) == [r.id for r in items]
+    assert out.obs["truncated"].tolist() == [len(r.seq) > 40 for r in items]
+    assert "truncated" not in out.obsm
+    assert out.obsm["length"][:, 0].tolist() == [min(len(r.seq), 40) for r in items]
+    assert out.obs["tensorfleet_ok"].all()

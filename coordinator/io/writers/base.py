@@ -30,6 +30,9 @@ class Column:
     #: For a ragged output (`output.ragged`): the model output holding each row's length. Its
     #: row_shape is then one entry's shape, and `write` gets a `Ragged` for it.
     lengths_from: str | None = None
+    #: A per-row field of the input's own (e.g. `truncated`), kept beside the outputs: an
+    #: .h5ad output puts a scalar one in obs, as anndata users expect, not in obsm.
+    from_input: bool = False
 
     @property
     def row_bytes(self) -> int:

@@ -77,7 +77,14 @@ class H5adWriter(Writer):
         for key, value in {"encoding-type": "dict", "encoding-version": "0.1.0"}.items():
             slot.attrs.setdefault(key, value)
         rows = context.rows
+        #: per-row input facts (e.g. `truncated`): obs columns, written at finish
+        self._obs_values = {
+            column.name: np.zeros(rows, dtype=column.dtype)
+            for column in context.columns if column.from_input and column.row_shape == ()
+        }
         for column in context.columns:
+            if column.name in self._obs_values:
+                continue
             if column.name in slot:
                 del slot[column.name]
             if context.spec.h5ad_slot == "layers" and column.row_shape != (_n_vars(self._file),):
@@ -104,6 +111,9 @@ class H5adWriter(Writer):
             if stored != list(ids):
                 raise ValueError(f"rows {start}:{stop}: ids differ from the .h5ad obs names")
         for name, values in arrays.items():
+            if name in self._obs_values:
+                self._obs_values[name][start:stop] = values
+                continue
             self._slot[name][start:stop] = values.reshape(len(values), -1) if values.ndim == 1 else values
         self._ok[start:stop] = ok
         for offset in np.nonzero(~ok)[0]:
@@ -114,12 +124,13 @@ class H5adWriter(Writer):
         errors_text = np.full(len(self._ok), "", dtype=object)
         for row, text in self._failed.items():
             errors_text[row] = text
-        for name, values in (("tensorfleet_ok", self._ok), ("tensorfleet_error", errors_text)):
+        added = {**self._obs_values, "tensorfleet_ok": self._ok, "tensorfleet_error": errors_text.astype(str)}
+        for name, values in added.items():
             if name in obs:
                 del obs[name]
-            write_elem(obs, name, values if values.dtype == bool else values.astype(str))
-        order = [c for c in obs.attrs.get("column-order", []) if c not in ("tensorfleet_ok", "tensorfleet_error")]
-        obs.attrs["column-order"] = np.array([*order, "tensorfleet_ok", "tensorfleet_error"], dtype=object)
+            write_elem(obs, name, values)
+        order = [c for c in obs.attrs.get("column-order", []) if c not in added]
+        obs.attrs["column-order"] = np.array([*order, *added], dtype=object)
         uns = self._file.require_group("uns")
         if "tensorfleet" in uns:
             del uns["tensorfleet"]
