@@ -4,7 +4,8 @@ One server with REST on (`--http-port`), one identity model with a batch dimensi
 request goes through the dynamic batcher). Per round, each side sends the same tensor
 `--requests` times, one after another on one connection:
 
-(a) gRPC: `InferenceClient.infer` (unary ModelInfer, raw buffers);
+(a) gRPC: `InferenceClient.infer` (unary ModelInfer, raw buffers over the wire: shared memory,
+    which the SDK would use on loopback, is off, as REST has none);
 (b) REST: POST /v2/models/{name}/infer with the binary tensor data extension (JSON header,
     then the raw tensor; the output asked for as binary), over one keep-alive connection of
     Python's own http.client.
@@ -22,6 +23,7 @@ server. Prints one JSON line: `ratio_rest_over_grpc` is REST's wall time over gR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import http.client
 import json
@@ -87,7 +89,19 @@ class RestClient:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    """CPU time of a process's threads so far: nanoseconds from each thread's schedstat (Linux),
+    so that a short run still measures; whole clock ticks from stat where there is none."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    total, measured = 0, False
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            measured = True
+    if measured:
+        return total / 1e9
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -102,7 +116,7 @@ def measure(args: argparse.Namespace, grpc_address: str, rest_address: str, serv
     tensor = np.random.default_rng(0).standard_normal((1, elements)).astype(np.float32)
     seconds = {"grpc": 0.0, "rest": 0.0}
     cpu = {"grpc": 0.0, "rest": 0.0}
-    with InferenceClient(grpc_address) as grpc_client:
+    with InferenceClient(grpc_address, shared_memory=False) as grpc_client:
         rest = RestClient(rest_address)
         try:
             sides = {
@@ -117,7 +131,7 @@ def measure(args: argparse.Namespace, grpc_address: str, rest_address: str, serv
                     for _ in range(args.requests):
                         out = call()
                     seconds[side] += time.perf_counter() - started
-                    cpu[side] += cpu_seconds(server_pid) - used
+                    cpu[side] += max(cpu_seconds(server_pid) - used, 0.0)  # a thread that ended takes its time along
                     assert out.shape == tensor.shape and out.tobytes() == tensor.tobytes(), side
         finally:
             rest.close()
