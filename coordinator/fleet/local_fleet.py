@@ -43,6 +43,8 @@ class LocalServer:
     port: int | None = None
     command: list[str] | None = None
     restarts: int = 0
+    #: No more restarts: the budget is spent, or it died again while loading.
+    given_up: bool = False
 
     @property
     def address(self) -> str:
@@ -172,8 +174,14 @@ class LocalFleet:
                 code = server.process.poll()
                 if code is None or self._stopping.is_set():
                     continue
+                if server.given_up:
+                    continue
                 if server.restarts >= self.max_restarts:
-                    continue  # told once, below; the dispatcher sees the server as lost
+                    server.given_up = True
+                    log.error("local server %d (pid %d, %s) exited with code %s; model.local.max_restarts (%d) is "
+                              "spent, so it stays down: its log is %s", index, server.process.pid, server.address,
+                              code, self.max_restarts, server.log_path)
+                    continue
                 self._restart(index, server, code, timeout)
 
     def _restart(self, index: int, server: LocalServer, code: int, timeout: float) -> None:
@@ -195,7 +203,9 @@ class LocalFleet:
         try:
             wait_for_port_files([(server.process, server.port_file, server.log_path)], timeout, what="local server")
         except ProcessStartError as error:
-            server.restarts = self.max_restarts  # it dies while loading: starting it again would loop
+            if self._stopping.is_set():
+                return  # stopped with the fleet, not dead of itself
+            server.given_up = True  # it dies while loading: starting it again would loop
             log.error("local server %d did not come back; not starting it again: %s", index, error)
 
     def _write_pids(self) -> None:
