@@ -19,7 +19,10 @@ polled every 0.3 s and just before each kill: rows a server computed after its l
 before a kill -9 are not seen, so the figure is a lower bound; rows lost is exact (the output
 holds every input id exactly once, with ok set, bitwise equal to the reference).
 
-Run: python -m bench.chaos [--quick] [--seed N] [--rows N]; prints one JSON line.
+A planned fault counts only once injected: a job that finishes before its plan's next server
+or coordinator fault leaves it in `faults_planned_not_reached`.
+
+Run: python -m bench.chaos [--quick] [--seed N] [--rows N] [--faults N]; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ def committed_parts(folder: Path) -> int:
 
 
 def run_under_faults(
-    rng: random.Random, job: Path, plan: list[str], injector: Injector, faults: Counter, deadline: float
+    rng: random.Random, job: Path, plan: list[str], injector: Injector, faults: Counter, deadline: float,
+    not_reached: Counter,
 ) -> tuple[bool, list[str]]:
     """Run (and resume) the job until it finishes. Server and network faults land one after
     another while any run goes on; each run after the first takes the plan's next coordinator
@@ -329,14 +333,14 @@ def run_under_faults(
             kill_at = committed_parts(folder) + rng.randint(1, 3)  # after that many more chunks commit
         process = coordinator(job, *([] if first else ["--resume"]), env=env, log=log)
         first = False
-        next_fault = time.monotonic() + rng.uniform(0.5, 2.0)
+        next_fault = time.monotonic() + rng.uniform(0.2, 1.0)
         while process.poll() is None and time.monotonic() < deadline:
             if kill_at and committed_parts(folder) >= kill_at:
                 process.send_signal(signal.SIGKILL)
                 break
             if server_faults and time.monotonic() >= next_fault:
                 injector.inject(server_faults.pop(0))
-                next_fault = time.monotonic() + rng.uniform(0.3, 2.0)
+                next_fault = time.monotonic() + rng.uniform(0.1, 0.8)
             time.sleep(0.05)
         if process.poll() is None and time.monotonic() >= deadline:  # a hung job is a finding
             process.send_signal(signal.SIGKILL)
@@ -350,6 +354,7 @@ def run_under_faults(
                 damage_a_part(rng, folder, faults)
             continue
         if code == 0:
+            not_reached.update(server_faults + run_faults)  # the job finished first
             return True, []
         return False, [f"{folder.name}: exit {code}: {log.read_text()[-800:]}"]
 
@@ -384,17 +389,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few faults on small jobs (the smoke test, < 2 min)")
     parser.add_argument("--seed", type=int, default=17)
-    parser.add_argument("--rows", type=int, default=None, help="proteins per job (default 160; --quick 24)")
-    parser.add_argument("--faults", type=int, default=None, help="faults per job (default 8; --quick 3)")
+    parser.add_argument("--rows", type=int, default=None, help="proteins per job (default 960; --quick 24)")
+    parser.add_argument("--faults", type=int, default=None, help="faults planned per job (default 10; --quick 3)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed on stderr)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
-    rows = args.rows or (24 if args.quick else 160)
-    per_job = args.faults or (3 if args.quick else 8)
+    # jobs long enough that a quiet machine reaches the plans' server faults before they finish
+    rows = args.rows or (24 if args.quick else 960)
+    per_job = args.faults or (3 if args.quick else 10)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="tf-chaos-"))
     started = time.monotonic()
     faults: Counter = Counter()
+    not_reached: Counter = Counter()
     fleet: list[Backend] = []
     record: dict = {"bench": "chaos", "seed": args.seed, "quick": args.quick, "machine": machine()}
     try:
@@ -433,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
             plan.insert(plan.index("coordinator_kill") + 1, "part_damage")
             job = prepare(work, f"{kind}-chaos", kind, proxied, data)
             before = sum((b.computed() for b in fleet), Counter())
-            finished, seen = run_under_faults(rng, job, plan, injector, faults, time.monotonic() + (100 if args.quick else 900))
+            finished, seen = run_under_faults(
+                rng, job, plan, injector, faults, time.monotonic() + (100 if args.quick else 900), not_reached
+            )
             for backend in fleet:
                 backend.poll()
             computed = sum((b.computed() for b in fleet), Counter()) - before
@@ -453,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
         record.update({
             "faults": dict(sorted(faults.items())),
             "faults_total": sum(faults.values()),
+            "faults_planned_not_reached": dict(sorted(not_reached.items())),
             "runs_finished": sum(r["finished"] for r in results),
             "runs": len(results),
             "outputs_identical": sum(r["identical"] for r in results),
