@@ -120,6 +120,18 @@ def test_an_unknown_context_is_failed_precondition_naming_it(example):
             np.testing.assert_allclose(future.result()["prediction"], expected, atol=1e-5)
 
 
+def local_job(root, name: str, prompt: str) -> object:
+    """An in-context job on its own local server of the model built under `root`."""
+    return write_yaml(root / f"{name}.yaml", {
+        "name": name,
+        "input": {"path": "data/query.h5ad", "tensors": {"query": "X"}},
+        "prompt": {"path": prompt, "tensors": {"prompt": "X"}},
+        "model": {"name": "stack_toy", "local": {"repository": "models", "count": 1}},
+        "output": {"path": f"out/{name}.h5ad", "h5ad_slot": "layers"},
+        "chunking": {"batch_rows": BATCH, "chunk_rows": 32},
+    })
+
+
 def test_a_prompt_with_its_genes_in_another_order_is_aligned_like_the_query(tmp_path):
     """STACK ships a gene list; prompt cells often come from another dataset, with the genes in
     another order and some missing. The prompt is matched to the model's genes by name, as the
@@ -140,15 +152,7 @@ def test_a_prompt_with_its_genes_in_another_order_is_aligned_like_the_query(tmp_
     shuffled = anndata.AnnData(X=np.asarray(prompt.X)[:, kept], obs=prompt.obs, var=prompt.var.iloc[kept])
     shuffled.write_h5ad(tmp_path / "data" / "shuffled_prompt.h5ad")
 
-    spec = write_yaml(tmp_path / "job.yaml", {
-        "name": "shuffled",
-        "input": {"path": "data/query.h5ad", "tensors": {"query": "X"}},
-        "prompt": {"path": "data/shuffled_prompt.h5ad", "tensors": {"prompt": "X"}},
-        "model": {"name": "stack_toy", "local": {"repository": "models", "count": 1}},
-        "output": {"path": "out/shuffled.h5ad", "h5ad_slot": "layers"},
-        "chunking": {"batch_rows": BATCH, "chunk_rows": 32},
-    })
-    done = run_tensorfleet("run", spec)
+    done = run_tensorfleet("run", local_job(tmp_path, "shuffled", "data/shuffled_prompt.h5ad"))
     assert done.returncode == 0, done.stderr
     assert f"prompt run: prompt {tmp_path / 'data' / 'shuffled_prompt.h5ad'}: aligned: {GENES - 2}/{GENES}" in done.stdout, done.stdout
 
@@ -175,14 +179,7 @@ def test_a_prompt_of_the_wrong_width_is_refused_before_any_server_starts(tmp_pat
     prompt = anndata.read_h5ad(tmp_path / "data" / "prompt.h5ad")
     narrow = anndata.AnnData(X=np.asarray(prompt.X)[:, : GENES - 2], obs=prompt.obs, var=prompt.var.iloc[: GENES - 2])
     narrow.write_h5ad(tmp_path / "data" / "narrow.h5ad")
-    spec = write_yaml(tmp_path / "job.yaml", {
-        "name": "narrow",
-        "input": {"path": "data/query.h5ad", "tensors": {"query": "X"}},
-        "prompt": {"path": "data/narrow.h5ad", "tensors": {"prompt": "X"}},
-        "model": {"name": "stack_toy", "local": {"repository": "models", "count": 1}},
-        "output": {"path": "out/narrow.h5ad", "h5ad_slot": "layers"},
-    })
-    done = run_tensorfleet("run", spec)
+    done = run_tensorfleet("run", local_job(tmp_path, "narrow", "data/narrow.h5ad"))
     assert done.returncode == 2, done.stderr
     assert f"field 'X' has rows of [{GENES - 2}]; model 'stack_toy' input 'prompt' takes rows of [{GENES}]" in done.stderr
     assert "Traceback" not in done.stderr
