@@ -560,7 +560,7 @@ def _dispatch(ctx: RunContext, pending: list, counts: dict[str, int]) -> Progres
 
     try:
         asyncio.run(dispatch())
-    except DispatchFatal as error:
+    except (DispatchFatal, InputError) as error:  # InputError: the input refused a read mid-run
         progress.close("failed")
         raise JobFatal(str(error)) from None
     except (OSError, sqlite3.OperationalError) as error:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.coordinator.helpers import run_tensorfleet
+from tests.coordinator.helpers import local_model, run_tensorfleet
 
 from .helpers import snapshot
 
@@ -99,3 +99,23 @@ def test_parquet_whose_lists_decode_far_beyond_their_bytes_is_refused(tmp_path):
                          ({"TENSORFLEET_MAX_ROW_GROUP_BYTES": str(16 << 20)}, ("33554432 bytes", "smaller row groups"))):
         done = run_tensorfleet("run", tmp_path / "job.yaml", env=bound, timeout=120)
         _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "column 'x', row group 0 (8 rows)", *words)
+
+
+def test_parquet_strings_repeated_from_a_dictionary_are_measured_before_they_decode(tmp_path):
+    """Dictionary encoding stores one long string once, however many rows repeat it: a 14 KB
+    file here decodes to 131 MB of strings. Strings are read dictionary-encoded and their
+    decoded size is checked before they are decoded (the bound is lowered to keep the test
+    small). Before, a bound refused mid-run also ended in a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sequence": ["A" * 65536] * 2000}), tmp_path / "in.parquet")
+    assert (tmp_path / "in.parquet").stat().st_size < 64 * 1024
+    spec = {"name": "hostile", "input": {"path": "in.parquet"}, "model": local_model("embed"), "output": {"path": "out.h5"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = run_tensorfleet("run", tmp_path / "job.yaml", env={"TENSORFLEET_MAX_ROW_GROUP_BYTES": str(16 << 20)}, timeout=120)
+    # Read when the first request is built (the plan needs no string): exit 2 then, no output.
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    for words in ("column 'sequence', row group 0 (2000 rows)", "131072000 bytes of strings", "TENSORFLEET_MAX_ROW_GROUP_BYTES"):
+        assert words in done.stderr, done.stderr
+    assert not (tmp_path / "out.h5").exists()

@@ -6,6 +6,7 @@ import bisect
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ...spec import InputSpec
@@ -14,6 +15,10 @@ from .base import FieldInfo, InputError, Reader, register
 
 #: Bytes a decoded value takes, by parquet physical type; strings are measured otherwise.
 _DECODED_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "FIXED_LEN_BYTE_ARRAY": 16}
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_string(kind)
 
 
 def _list_depth_and_value(kind: pa.DataType) -> tuple[int, pa.DataType]:
@@ -59,7 +64,9 @@ class ParquetReader(Reader):
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__(spec)
-        self._file = pq.ParquetFile(spec.path)
+        # String columns stay dictionary-encoded until their decoded size is known (_decoded).
+        schema = pq.read_schema(spec.path)
+        self._file = pq.ParquetFile(spec.path, read_dictionary=[f.name for f in schema if _is_text(f.type)])
         meta = self._file.metadata
         self._offsets = [0]
         for group in range(meta.num_row_groups):
@@ -79,7 +86,8 @@ class ParquetReader(Reader):
     def fields(self) -> dict[str, FieldInfo]:
         out = {}
         for field in self._schema:
-            depth, value_type = _list_depth_and_value(field.type)
+            kind = field.type.value_type if pa.types.is_dictionary(field.type) else field.type  # read_dictionary
+            depth, value_type = _list_depth_and_value(kind)
             if pa.types.is_string(value_type) or pa.types.is_binary(value_type) or pa.types.is_large_string(value_type):
                 out[field.name] = FieldInfo(field.name, np.dtype(object), ())
                 continue
@@ -100,7 +108,7 @@ class ParquetReader(Reader):
                 self._cache.pop(next(iter(self._cache)))
             self._check_group(column, group)
             table = self._file.read_row_group(group, columns=[column])
-            self._cache[key] = _to_numpy(table.column(0), column)
+            self._cache[key] = _to_numpy(self._decoded(table.column(0), column, group), column)
         return self._cache[key]
 
     def _check_group(self, column: str, group: int) -> None:
@@ -122,6 +130,25 @@ class ParquetReader(Reader):
         if decoded > base.MAX_ROW_GROUP_BYTES:
             raise InputError(f"{where} decodes to {decoded} bytes; at most {base.MAX_ROW_GROUP_BYTES} "
                              "(TENSORFLEET_MAX_ROW_GROUP_BYTES): rewrite the file with smaller row groups")
+
+    def _decoded(self, values: pa.ChunkedArray, column: str, group: int) -> pa.ChunkedArray:
+        """A dictionary-encoded string column, decoded once its size is known to be within the
+        bounds: one long string repeated on every row encodes to the size of one."""
+        if not pa.types.is_dictionary(values.type):
+            return values
+        size = 0
+        for chunk in values.chunks:
+            lengths = pc.binary_length(chunk.dictionary).fill_null(0).to_numpy(zero_copy_only=False)
+            indices = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
+            if len(lengths):
+                size += int(np.bincount(indices, minlength=len(lengths)) @ lengths.astype(np.int64))
+        rows = max(len(values), 1)
+        where = f"{self.spec.path}: column '{column}', row group {group} ({len(values)} rows)"
+        if size // rows > base.MAX_ROW_BYTES or size > base.MAX_ROW_GROUP_BYTES:
+            raise InputError(f"{where} decodes to {size} bytes of strings; at most {base.MAX_ROW_BYTES} a row "
+                             f"(TENSORFLEET_MAX_ROW_BYTES) and {base.MAX_ROW_GROUP_BYTES} a row group "
+                             "(TENSORFLEET_MAX_ROW_GROUP_BYTES)")
+        return values.cast(values.type.value_type)
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         if field not in self._schema.names:
