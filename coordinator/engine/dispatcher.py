@@ -65,6 +65,10 @@ class ServerLost(Exception):
     """The stream to a server broke, or the server stalled."""
 
 
+class ServerStalled(ServerLost):
+    """A request went unanswered for policy.request_timeout_s: the server is alive but stuck."""
+
+
 class DispatchFatal(Exception):
     """The job cannot go on (no server for too long, a row failed under on_row_error: fail)."""
 
@@ -154,9 +158,11 @@ class Dispatcher:
         on_lease: Callable[[int, str, float], None] | None = None,
         on_commit: Callable[[CompletedChunk], None] | None = None,
         verified: Mapping[str, float] | None = None,
+        on_stall: Callable[[str], None] | None = None,
     ) -> None:
         """`verified`: address -> time.monotonic() when the fleet check found it serving the
-        model; a server checked that recently opens its first stream without probing again."""
+        model; a server checked that recently opens its first stream without probing again.
+        `on_stall(address)`: a server stalled (a local fleet kills it, to start it afresh)."""
         self.source = source
         self.policy = policy
         self.options = options or ConnectionOptions()
@@ -179,6 +185,7 @@ class Dispatcher:
         self._commits: set[asyncio.Future] = set()
         self._workers: list[asyncio.Task] = []
         self._verified = dict(verified or {})
+        self._on_stall = on_stall
         self._sessions: dict[str, SharedMemorySession] = {}
 
     # --- public ----------------------------------------------------------------------
@@ -281,6 +288,8 @@ class Dispatcher:
                     # InvalidStateError: the stream ended (connection reset) while a request was written
                     server.last_error = str(error) or type(error).__name__
                     log.warning("server %s lost: %s", server.address, server.last_error)
+                    if isinstance(error, ServerStalled) and self._on_stall is not None:
+                        self._on_stall(server.address)  # stuck on a batch: only a new process frees it
                 finally:
                     server.alive = False
                     self._return_leases(server)
@@ -426,7 +435,7 @@ class Dispatcher:
                 if inflight:
                     oldest = min(entry[3] for entry in inflight.values())
                     if time.monotonic() - oldest > self.policy.request_timeout_s:
-                        raise ServerLost(f"no answer for {self.policy.request_timeout_s:.0f}s (stalled)")
+                        raise ServerStalled(f"no answer for {self.policy.request_timeout_s:.0f}s (stalled)")
                 if len(inflight) < self.policy.window and not self._finished.is_set():
                     item = await self._next_request(server, len(inflight))
                     if item is not None:

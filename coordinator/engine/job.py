@@ -540,7 +540,7 @@ def _dispatch(ctx: RunContext, pending: list, counts: dict[str, int]) -> Progres
     dispatcher = Dispatcher(
         servers=ctx.servers, source=source, chunks=pending, commit=commit,
         policy=spec.policy, options=ctx.fleet.connection,
-        on_lease=manifest.note_lease, on_commit=counted, verified=ctx.verified,
+        on_lease=manifest.note_lease, on_commit=counted, verified=ctx.verified, on_stall=ctx.fleet.stalled,
     )
     progress = Progress(
         ctx.job_dir, total_rows=counts["rows"], done_rows=counts["rows_done"], failed_rows=counts["rows_failed"],

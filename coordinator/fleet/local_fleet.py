@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +216,15 @@ class LocalFleet:
             for s in self.servers
         ]
         (self.workdir / "servers.json").write_text(json.dumps(records, indent=1))
+
+    def kill(self, address: str) -> None:
+        """SIGKILL the server at `address` (a stalled one); the supervisor starts it again."""
+        for index, server in enumerate(self.servers):
+            if server.port and server.address == address and server.process.poll() is None:
+                log.warning("local server %d (pid %d, %s) stalled; killing it to start it afresh",
+                            index, server.process.pid, address)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, signal.SIGKILL)
 
     @property
     def restarts(self) -> int:

@@ -144,6 +144,13 @@ class ModelFleet:
             self._live = self._inspect(servers, self.server_wait_s)
         return self._live
 
+    def stalled(self, address: str) -> None:
+        """A server answered nothing for policy.request_timeout_s: a local one is killed so that
+        its supervisor starts it afresh (a model stuck on a batch holds its thread for good);
+        running servers are someone else's to restart."""
+        if self._local is not None:
+            self._local.kill(address)
+
     @property
     def restarts(self) -> int:
         """Times local servers were started again after dying (fleet/local_fleet.py)."""
@@ -153,7 +160,7 @@ class ModelFleet:
         """A line for the run's summary, or "" when no server died."""
         if not self.restarts:
             return ""
-        return (f"local servers died and were started again {self.restarts} time(s) "
+        return (f"local servers died or stalled and were started again {self.restarts} time(s) "
                 f"(model.local.max_restarts {self.model.local.max_restarts}); their logs: {self.workdir}/server-*.log")
 
     def stop(self) -> None:

@@ -211,7 +211,7 @@ def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started
     result = run_tensorfleet("run", job, env={"TF_TEST_CRASH_ON": marker}, timeout=300)
     assert result.returncode == 1, result.stderr
     # 3 losses of the chunk (retries 2), then its 16-row request halved at each death: 16, 8, 4, 2, 1
-    assert "local servers died and were started again 8 time(s)" in result.stdout, result.stdout
+    assert "local servers died or stalled and were started again 8 time(s)" in result.stdout, result.stdout
     folder = tmp_path / "out.h5.tfjob" / "servers"
     log = (folder / "server-0.log").read_text()  # one log, appended
     port = json.loads((folder / "servers.json").read_text())[0]["port"]
@@ -229,5 +229,40 @@ def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started
     alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
     np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
     for entry in json.loads((folder / "servers.json").read_text()):
+        status = Path(f"/proc/{entry['pid']}/status")
+        assert not status.exists() or "zombie" in status.read_text()
+
+
+def test_a_row_that_hangs_its_local_server_fails_alone(tmp_path):
+    """A model stuck on a batch keeps its server alive and its model thread busy for good: each
+    stall (policy.request_timeout_s) now kills the local server, whose supervisor starts it
+    afresh, so the isolated requests after it run on a free server and the row is found."""
+    records = make_fasta(tmp_path / "in.fasta", 24, seed=6)
+    marker = "WHANGHANGW"
+    lines = (tmp_path / "in.fasta").read_text().splitlines()
+    bad_row = 9
+    header = lines.index(f">seq{bad_row} test record {bad_row}")
+    lines[header + 1] = marker + lines[header + 1]
+    (tmp_path / "in.fasta").write_text("\n".join(lines) + "\n")
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 8, "batch_rows": 4},
+        policy={"retries": 1, "request_timeout_s": 2, "server_wait_s": 60},
+    )
+    result = run_tensorfleet("run", job, env={"TF_TEST_HANG_ON": marker}, timeout=300)
+    assert result.returncode == 1, result.stderr
+    # 2 losses of the chunk (retries 1), then its 4-row request halved at each stall: 4, 2, 1
+    assert "local servers died or stalled and were started again 5 time(s)" in result.stdout, result.stdout
+    with h5py.File(tmp_path / "out.h5") as f:
+        ok = f["ok"][:]
+        assert set(np.nonzero(~ok)[0].tolist()) == {bad_row}
+        assert "alone in flight" in f["errors/message"][0].decode()
+        embeddings = f["embedding"][:]
+    from .test_run import load_test_model
+
+    good = [row for row in range(24) if row != bad_row]
+    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
+    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+    for entry in json.loads((tmp_path / "out.h5.tfjob" / "servers" / "servers.json").read_text()):
         status = Path(f"/proc/{entry['pid']}/status")
         assert not status.exists() or "zombie" in status.read_text()

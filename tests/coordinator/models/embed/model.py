@@ -3,7 +3,8 @@
 Env (read at load): TF_TEST_ROW_LOG appends every computed sequence (one line each);
 TF_TEST_DELAY_MS sleeps per batch; a sequence holding '!' fails its whole batch;
 TF_TEST_CRASH_ON=TEXT: a batch with a sequence holding TEXT ends the server process at once, as
-a segfault or the OOM killer would.
+a segfault or the OOM killer would; TF_TEST_HANG_ON=TEXT: such a batch never returns (a stuck
+kernel, a deadlock).
 """
 
 import os
@@ -19,6 +20,7 @@ class Model:
         self.log = os.environ.get("TF_TEST_ROW_LOG")
         self.delay = float(os.environ.get("TF_TEST_DELAY_MS", "0")) / 1000
         self.crash_on = os.environ.get("TF_TEST_CRASH_ON", "").encode()
+        self.hang_on = os.environ.get("TF_TEST_HANG_ON", "").encode()
 
     def predict(self, inputs):
         sequences = [bytes(s) for s in inputs["sequence"]]
@@ -26,6 +28,8 @@ class Model:
             raise ValueError("poison row: sequence holds '!'")
         if self.crash_on and any(self.crash_on in s for s in sequences):
             os._exit(70)
+        while self.hang_on and any(self.hang_on in s for s in sequences):
+            time.sleep(3600)
         counts = np.zeros((len(sequences), 64), dtype=np.float32)
         for row, sequence in enumerate(sequences):
             for i in range(len(sequence) - 1):
