@@ -214,3 +214,35 @@ def test_an_h5ad_to_h5ad_job_refuses_to_rename_or_drop_obs(tmp_path):
         "input": {"path": "a.h5ad", "duplicate_ids": "first"},
         "model": {"name": "genes", "servers": ["127.0.0.1:1"]}, "output": {"path": "b.parquet"},
     })
+
+
+OLD_FILES = sorted((MODELS.parent / "data" / "old_anndata").glob("*.h5ad"))
+
+
+@pytest.mark.parametrize("source", OLD_FILES, ids=[path.stem for path in OLD_FILES])
+def test_files_written_by_anndata_0_6_and_0_7_themselves(tmp_path, servers, source):
+    """Not re-creations: these files were written by anndata 0.6.22 and 0.7.8 (see make.py
+    beside them), with the model's genes in reverse order. Every slot survives; the embedding
+    is the aligned one."""
+    assert len(OLD_FILES) == 6
+    (tmp_path / "cells.h5ad").write_bytes(source.read_bytes())
+    before = read_quietly(source)
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "cells.h5ad"}, model=servers_model(servers),
+        output={"path": "out.h5ad"}, chunking={"chunk_rows": 10, "batch_rows": 4},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    assert "aligned: 20/20 model features found in var_names (100.0%)" in result.stdout
+    after = read_quietly(tmp_path / "out.h5ad")
+    assert list(after.obs_names) == list(before.obs_names)
+    assert list(after.var_names) == list(before.var_names) == MODEL_GENES[::-1]
+    assert after.obs["cell_type"].tolist() == before.obs["cell_type"].tolist()
+    np.testing.assert_array_equal(after.obs["n_counts"], before.obs["n_counts"])
+    np.testing.assert_array_equal(dense(after.X), dense(before.X))
+    np.testing.assert_array_equal(dense(after.raw.X), dense(before.raw.X))
+    np.testing.assert_array_equal(dense(after.layers["counts"]), dense(before.layers["counts"]))
+    np.testing.assert_array_equal(after.obsm["X_pca"], before.obsm["X_pca"])
+    assert after.uns["title"] == "atlas"
+    aligned = dense(before.X)[:, ::-1]  # the file's genes are the model's, reversed
+    np.testing.assert_array_equal(after.obsm["embedding"], genes_model().predict({"expression": aligned})["embedding"])
