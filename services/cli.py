@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             shared_memory_max_bytes=args.shared_memory_max_bytes,
         )
-        asyncio.run(serve(options))
+        return asyncio.run(serve(options))
     except TensorfleetError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ switches per pass instead of <= 10), so the batcher runs on the thread that load
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ class ModelRuntime:
         self._stats: dict[str, ModelStats] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self.draining = False
+        #: Called from a model thread when the device itself failed (the server stops).
+        self.on_device_lost: Callable[[BaseException], None] | None = None
 
     def model_thread(self, name: str) -> ThreadPoolExecutor:
         """The one thread that loads, warms, runs and unloads model `name`."""
@@ -65,6 +68,7 @@ class ModelRuntime:
                 worker=self.model_thread(name),
                 device_stages=entry.backend.last_stages,
                 staging=entry.backend if entry.backend.can_stage() else None,
+                on_device_lost=self.on_device_lost,
             )
             current = self._served[name] = ServedModel(entry, batcher, stats)
         return current

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorfleet.server")
 
+#: Exit status of a server whose device failed (EX_TEMPFAIL): start it again.
+EXIT_DEVICE_LOST = 75
+
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CONTROL_SERVICE = tensorfleet_pb2.DESCRIPTOR.services_by_name["ServerControl"].full_name
 
@@ -116,6 +119,10 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(options.model_repository, options.device, options.models)
         self.runtime = ModelRuntime(self.repository, self.metrics)
+        self.runtime.on_device_lost = self._device_lost
+        #: The process's exit status: 0, or EXIT_DEVICE_LOST once the device failed.
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.shared_memory = SharedMemoryRegistry(options.shared_memory_max_bytes, options.max_message_bytes)
         self.dataplane = DataPlane(self.runtime, self.shared_memory)
         self.health = HealthServicer()
@@ -160,7 +167,25 @@ class ModelServer:
             self.runtime.draining = True
             self._stopping.set()
 
+    def _device_lost(self, error: BaseException) -> None:
+        """From a model thread: the device failed, so every later batch would too. The server
+        stops (health NOT_SERVING at once, in-flight requests answered UNAVAILABLE) and exits
+        with EXIT_DEVICE_LOST, for its supervisor (a local fleet, Kubernetes, systemd) to start
+        it afresh, while clients take its work elsewhere."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_for_device, error)
+
+    def _stop_for_device(self, error: BaseException) -> None:
+        if self.exit_code:
+            return
+        self.exit_code = EXIT_DEVICE_LOST
+        log.error("the device failed (%s: %s); stopping, exit %d, to be started afresh",
+                  type(error).__name__, error, EXIT_DEVICE_LOST)
+        asyncio.ensure_future(self._set_health(False))
+        self.drain()
+
     async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
         check_device_available(self.options.device)
         address = f"{self.options.host}:{self.options.port}"
         credentials = self.credentials
@@ -246,7 +271,9 @@ class ModelServer:
             await asyncio.sleep(0.02)
 
 
-async def serve(options: ServerOptions) -> None:
+async def serve(options: ServerOptions) -> int:
+    """Serve until stopped; the exit status (EXIT_DEVICE_LOST when the device failed)."""
     server = ModelServer(options)
     await server.start()
     await server.run_until_stopped()
+    return server.exit_code

@@ -34,6 +34,24 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
+#: What the frameworks say when the device itself failed, not the batch: the CUDA context is
+#: then unusable for every later batch (an illegal address, a device-side assert, an ECC error,
+#: a GPU fallen off the bus). Out-of-memory errors are not among them: they are the batch's.
+DEVICE_FAILURES = (
+    "cuda error", "cuda_error_", "cublas_status_execution_failed", "cudnn_status_execution_failed",
+    "cudnn_status_internal_error", "device-side assert", "illegal memory access", "unspecified launch failure",
+    "fallen off the bus", "uncorrectable ecc error",
+)
+
+
+def is_device_lost(error: BaseException) -> bool:
+    """True when the error says the device failed: the server should stop and be started afresh."""
+    if is_out_of_memory(error):
+        return False
+    text = str(error).lower()
+    return any(marker in text for marker in DEVICE_FAILURES)
+
+
 @dataclass
 class ModelContext:
     """What a model sees when it loads."""

@@ -36,7 +36,7 @@ from tensorfleet.core.errors import (
     Unavailable,
 )
 
-from ..backends.base import is_out_of_memory
+from ..backends.base import is_device_lost, is_out_of_memory
 from ..repository.model_config import ModelConfig
 from ..statistics import ModelStats
 from ..validation import DecodedRequest
@@ -96,9 +96,11 @@ class DynamicBatcher:
         worker: ThreadPoolExecutor | None = None,
         device_stages: Callable[[], dict[str, int]] | None = None,
         staging: Staging | None = None,
+        on_device_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`worker`: the model's own thread, the one that loaded it (services/model_runtime.py);
-        the batcher then leaves it running when closed. Without one it makes and owns a thread."""
+        the batcher then leaves it running when closed. Without one it makes and owns a thread.
+        `on_device_lost(error)`: called, from the model thread, when the device itself failed."""
         self.config = config
         self.policy = config.batching
         self._predict = predict
@@ -110,6 +112,7 @@ class DynamicBatcher:
         self._owns_worker = worker is None
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
         self._staging = staging
+        self._on_device_lost = on_device_lost
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feed-{config.name}") if staging else None
         self._loop_task: asyncio.Task | None = None
         self._batches: dict[asyncio.Task, _Batch] = {}  # handed to the worker, not yet answered
@@ -341,19 +344,33 @@ class DynamicBatcher:
             if len(requests) == 1:
                 return [error]
         except Exception as error:
+            if is_device_lost(error):  # no row's fault: every request fails over to another server
+                return self._device_lost(requests, error)
             if len(requests) == 1:
                 return [self._model_error(error)]
             log.warning("batch of %d requests for %s failed (%s); retrying one by one",
                         len(requests), self.config.name, error)
         results: list[Outputs | TensorfleetError] = []
-        for request in requests:
+        for index, request in enumerate(requests):
             try:
                 results.extend(self._run_merged([request]))
             except TensorfleetError as error:
                 results.append(error)
             except Exception as error:
+                if is_device_lost(error):
+                    return [*results, *self._device_lost(requests[index:], error)]
                 results.append(self._model_error(error))
         return results
+
+    def _device_lost(self, requests: list[DecodedRequest], error: Exception) -> list[TensorfleetError]:
+        """The device failed: these requests get UNAVAILABLE (a client retries them elsewhere)
+        and the server is told, so that it stops and can be started afresh."""
+        log.error("model %s: the device failed: %s: %s", self.config.name, type(error).__name__, error)
+        if self._on_device_lost is not None:
+            self._on_device_lost(error)
+        message = (f"model '{self.config.name}': the device failed ({type(error).__name__}: {error}); "
+                   "this server is stopping so that it can be started afresh")
+        return [Unavailable(message) for _ in requests]
 
     def _run_merged(self, requests: list[DecodedRequest]) -> list[Outputs]:
         assembly = BatchAssembly(self.config, requests)

@@ -266,3 +266,37 @@ def test_a_row_that_hangs_its_local_server_fails_alone(tmp_path):
     for entry in json.loads((tmp_path / "out.h5.tfjob" / "servers" / "servers.json").read_text()):
         status = Path(f"/proc/{entry['pid']}/status")
         assert not status.exists() or "zombie" in status.read_text()
+
+
+def test_a_local_server_whose_device_fails_exits_and_is_started_again_with_no_row_failed(tmp_path):
+    """A GPU that fails mid-job (simulated: every batch raises CUDA's illegal-address error from
+    then on in that process) used to fail every row sent to it as the rows' fault. Now the server
+    answers UNAVAILABLE and exits; its chunks go back to the queue, the supervisor starts it
+    afresh, and the output holds every row, as a run without the fault would."""
+    records = make_fasta(tmp_path / "in.fasta", 160, seed=8)
+    trigger = tmp_path / "fail-now"
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 16, "batch_rows": 8},
+    )
+    env = {"TF_TEST_DEVICE_FAIL_FILE": str(trigger), "TF_TEST_DELAY_MS": "40"}
+    coordinator = start_tensorfleet("run", job, env=env, log=tmp_path / "coordinator.log")
+    try:
+        wait_for(lambda: chunks_done(tmp_path / "out.h5.tfjob") >= 2, what="two committed chunks")
+        trigger.write_text("")
+        assert coordinator.wait(timeout=240) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    assert not trigger.exists(), "the device never failed: the fault was not injected"
+    output = (tmp_path / "coordinator.log").read_text()
+    assert "local servers died or stalled and were started again 1 time(s)" in output, output[-2000:]
+    server_log = (tmp_path / "out.h5.tfjob" / "servers" / "server-0.log").read_text()
+    assert "the device failed" in server_log and server_log.count("SERVING on port") == 2
+    from .test_run import load_test_model
+
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f["ok"][:].all()
+        embeddings = f["embedding"][:]
+    alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
+    np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)

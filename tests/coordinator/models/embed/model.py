@@ -4,7 +4,9 @@ Env (read at load): TF_TEST_ROW_LOG appends every computed sequence (one line ea
 TF_TEST_DELAY_MS sleeps per batch; a sequence holding '!' fails its whole batch;
 TF_TEST_CRASH_ON=TEXT: a batch with a sequence holding TEXT ends the server process at once, as
 a segfault or the OOM killer would; TF_TEST_HANG_ON=TEXT: such a batch never returns (a stuck
-kernel, a deadlock).
+kernel, a deadlock); TF_TEST_DEVICE_FAIL_FILE=PATH: while PATH exists, the next batch deletes it
+and, from then on in this process, every batch raises CUDA's illegal-address error (a GPU that
+failed: sticky until the process ends).
 """
 
 import os
@@ -21,8 +23,15 @@ class Model:
         self.delay = float(os.environ.get("TF_TEST_DELAY_MS", "0")) / 1000
         self.crash_on = os.environ.get("TF_TEST_CRASH_ON", "").encode()
         self.hang_on = os.environ.get("TF_TEST_HANG_ON", "").encode()
+        self.device_fail_file = os.environ.get("TF_TEST_DEVICE_FAIL_FILE")
+        self.device_failed = False
 
     def predict(self, inputs):
+        if self.device_fail_file and os.path.exists(self.device_fail_file):
+            os.unlink(self.device_fail_file)
+            self.device_failed = True
+        if self.device_failed:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         sequences = [bytes(s) for s in inputs["sequence"]]
         if any(b"!" in s for s in sequences):
             raise ValueError("poison row: sequence holds '!'")
