@@ -106,3 +106,8 @@ def from_rpc_error(error: grpc.RpcError) -> TensorfleetError:
     typed = error_for_code(code, details or str(code))
     typed.__cause__ = error
     return typed
+
+
+#: Said in the UNAVAILABLE message of every request a server answers after its device failed
+#: (services' batcher); a coordinator isolating a row reads it (coordinator/engine/dispatcher.py).
+DEVICE_FAILED = "the device failed"

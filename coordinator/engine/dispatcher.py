@@ -32,7 +32,7 @@ from tensorfleet.client.inference_client import stream_error
 from tensorfleet.client.messages import parse_infer_response
 from tensorfleet.client.shared_memory import Lease, SharedMemorySession, same_host
 from tensorfleet.core import wire
-from tensorfleet.core.errors import TensorfleetError, from_rpc_error
+from tensorfleet.core.errors import DEVICE_FAILED, TensorfleetError, from_rpc_error
 from tensorfleet.protos import inference_pb2_grpc as pb_grpc
 
 from ..spec import PolicySpec
@@ -339,17 +339,22 @@ class Dispatcher:
                 continue
             del inflight[request_id]
             work.inflight -= 1
-            if stop - start > 1:
-                middle = (start + stop) // 2
-                work.pending.appendleft((middle, stop))
-                work.pending.appendleft((start, middle))
-                continue
-            self._row_failure(
-                work, start, stop, "UNAVAILABLE",
-                f"the server died with this row alone in flight, after chunk {work.chunk.index} was lost "
-                f"{work.losses} times; the row crashes or hangs the model",
-            )
-            self._hand_off_if_complete(work, server)
+            self._blame(server, work, start, stop)
+
+    def _blame(self, server: ServerState, work: Work, start: int, stop: int) -> None:
+        """An isolating chunk's request was alone on a server that died, stalled or lost its
+        device under it: halve it, or fail its one row."""
+        if stop - start > 1:
+            middle = (start + stop) // 2
+            work.pending.appendleft((middle, stop))
+            work.pending.appendleft((start, middle))
+            return
+        self._row_failure(
+            work, start, stop, "UNAVAILABLE",
+            f"the server died with this row alone in flight, after chunk {work.chunk.index} was lost "
+            f"{work.losses} times; the row crashes or hangs the model",
+        )
+        self._hand_off_if_complete(work, server)
 
     # --- one stream ------------------------------------------------------------------------
     async def _next_request(self, server: ServerState, busy: int) -> tuple[Work, int, int] | None:
@@ -515,7 +520,10 @@ class Dispatcher:
                 await asyncio.sleep(0.05)
                 return
             if error.code in SERVER_CODES:
-                work.pending.appendleft((start, stop))
+                if work.isolating and DEVICE_FAILED in error.message:  # alone on it: it broke the device
+                    self._blame(server, work, start, stop)
+                else:
+                    work.pending.appendleft((start, stop))
                 raise ServerLost(reply.error_message)
             self._row_failure(work, start, stop, error.code.name, error.message)
         else:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tensorfleet.core.errors import (
+    DEVICE_FAILED,
     InternalError,
     ResourceExhausted,
     TensorfleetError,
@@ -368,7 +369,7 @@ class DynamicBatcher:
         log.error("model %s: the device failed: %s: %s", self.config.name, type(error).__name__, error)
         if self._on_device_lost is not None:
             self._on_device_lost(error)
-        message = (f"model '{self.config.name}': the device failed ({type(error).__name__}: {error}); "
+        message = (f"model '{self.config.name}': {DEVICE_FAILED} ({type(error).__name__}: {error}); "
                    "this server is stopping so that it can be started afresh")
         return [Unavailable(message) for _ in requests]
 

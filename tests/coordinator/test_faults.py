@@ -233,6 +233,37 @@ def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started
         assert not status.exists() or "zombie" in status.read_text()
 
 
+def _with_marker(path: Path, row: int, marker: str) -> None:
+    lines = path.read_text().splitlines()
+    header = lines.index(f">seq{row} test record {row}")
+    lines[header + 1] = marker + lines[header + 1]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_row_that_sets_off_a_device_side_assert_fails_alone(tmp_path):
+    """A row that breaks the device (CUDA's device-side assert: an index out of range) makes its
+    server answer UNAVAILABLE and exit, again at each restart: it is isolated like a row that
+    kills the process, and fails alone."""
+    records = make_fasta(tmp_path / "in.fasta", 32, seed=9)
+    bad_row = 21
+    _with_marker(tmp_path / "in.fasta", bad_row, "WASSERTW")
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 8, "batch_rows": 4}, policy={"retries": 1},
+    )
+    result = run_tensorfleet("run", job, env={"TF_TEST_DEVICE_ASSERT_ON": "WASSERTW"}, timeout=300)
+    assert result.returncode == 1, result.stderr
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert set(np.nonzero(~f["ok"][:])[0].tolist()) == {bad_row}
+        assert "alone in flight" in f["errors/message"][0].decode()
+        embeddings = f["embedding"][:]
+    from .test_run import load_test_model
+
+    good = [row for row in range(32) if row != bad_row]
+    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
+    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+
+
 def test_a_row_that_hangs_its_local_server_fails_alone(tmp_path):
     """A model stuck on a batch keeps its server alive and its model thread busy for good: each
     stall (policy.request_timeout_s) now kills the local server, whose supervisor starts it

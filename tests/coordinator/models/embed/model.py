@@ -6,7 +6,8 @@ TF_TEST_CRASH_ON=TEXT: a batch with a sequence holding TEXT ends the server proc
 a segfault or the OOM killer would; TF_TEST_HANG_ON=TEXT: such a batch never returns (a stuck
 kernel, a deadlock); TF_TEST_DEVICE_FAIL_FILE=PATH: while PATH exists, the next batch deletes it
 and, from then on in this process, every batch raises CUDA's illegal-address error (a GPU that
-failed: sticky until the process ends).
+failed: sticky until the process ends); TF_TEST_DEVICE_ASSERT_ON=TEXT: a batch with a sequence
+holding TEXT fails the device so (a device-side assert set off by a row).
 """
 
 import os
@@ -25,6 +26,7 @@ class Model:
         self.hang_on = os.environ.get("TF_TEST_HANG_ON", "").encode()
         self.device_fail_file = os.environ.get("TF_TEST_DEVICE_FAIL_FILE")
         self.device_failed = False
+        self.assert_on = os.environ.get("TF_TEST_DEVICE_ASSERT_ON", "").encode()
 
     def predict(self, inputs):
         if self.device_fail_file and os.path.exists(self.device_fail_file):
@@ -33,6 +35,9 @@ class Model:
         if self.device_failed:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         sequences = [bytes(s) for s in inputs["sequence"]]
+        if self.assert_on and any(self.assert_on in s for s in sequences):
+            self.device_failed = True
+            raise RuntimeError("CUDA error: device-side assert triggered")
         if any(b"!" in s for s in sequences):
             raise ValueError("poison row: sequence holds '!'")
         if self.crash_on and any(self.crash_on in s for s in sequences):
