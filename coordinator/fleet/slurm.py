@@ -292,15 +292,23 @@ def _script_dir(script: str) -> Path:
 # ------------------------------------------------------------------ helpers the steps run
 
 
+#: Times a serve task starts its server again after it dies while serving (a crash on a row,
+#: a failed device: exit 75); TENSORFLEET_MAX_RESTARTS overrides.
+MAX_RESTARTS = 50
+
+
 def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) -> int:
     """Run one model server on a free port; once it is SERVING, append `host:port` to hostfile.
 
     The server is stopped (SIGTERM: it drains, then exits) when the stop file next to the
     hostfile appears, or when this task gets SIGTERM/SIGINT. The stop file is how the batch
     script ends the servers gracefully: srun answers a signal by killing its tasks outright.
+    A server that dies while serving is started again on the same port (the address in the
+    hostfile stays valid and the coordinator reconnects), up to MAX_RESTARTS times.
     """
     host = host or os.environ.get("TENSORFLEET_SERVER_HOST") or os.environ.get("SLURMD_NODENAME") \
         or socket.gethostname()
+    restarts_left = int(os.environ.get("TENSORFLEET_MAX_RESTARTS", MAX_RESTARTS))
     workdir = Path(tempfile.mkdtemp(prefix="tf-slurm-task-"))
     port_file = workdir / "port"
     # --port 0 last: every task on a node gets a free port whatever the arguments say
@@ -312,25 +320,46 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    stop, serving, stopping = stop_file(hostfile), False, False
+    stop, port, stopping = stop_file(hostfile), None, False
     try:
-        while process.poll() is None:
-            if not serving and (port := read_port_file(port_file)) is not None:
-                serving = True
-                _append_line(hostfile, f"{host}:{port}\n")
-                print(f"tensorfleet: server {host}:{port} is serving", file=sys.stderr, flush=True)
-            if not stopping and stop.exists():
-                stopping = True
-                forward(signal.SIGTERM, None)
-            time.sleep(0.2)
-        if not serving:  # exited before serving: tell wait-healthy now rather than at its timeout
-            _append_line(failed_file(hostfile), f"{host}: server exited with {process.returncode}\n")
-        return process.wait()
+        while True:
+            while process.poll() is None:
+                if port is None and (port := read_port_file(port_file)) is not None:
+                    _append_line(hostfile, f"{host}:{port}\n")
+                    print(f"tensorfleet: server {host}:{port} is serving", file=sys.stderr, flush=True)
+                if not stopping and stop.exists():
+                    stopping = True
+                    forward(signal.SIGTERM, None)
+                time.sleep(0.2)
+            if port is None:  # exited before serving: tell wait-healthy now rather than at its timeout
+                _append_line(failed_file(hostfile), f"{host}: server exited with {process.returncode}\n")
+            if port is None or stopping or stop.exists() or restarts_left <= 0:
+                return process.wait()
+            restarts_left -= 1
+            print(f"tensorfleet: server {host}:{port} exited with {process.returncode}; starting it again on "
+                  f"its port ({restarts_left} restarts left)", file=sys.stderr, flush=True)
+            port_file.unlink(missing_ok=True)
+            process = start_process(server_command(*server_args, "--port", str(port), port_file=port_file), None)
+            if not _came_back(process, port_file):
+                return process.wait()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _came_back(process: subprocess.Popen, port_file: Path, timeout: float = 600.0) -> bool:
+    """Whether a restarted server is serving again (it wrote its port file) before it exits."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if read_port_file(port_file) is not None:
+            return True
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.kill()
+    print(f"tensorfleet: the restarted server did not come back (exit {process.wait()})", file=sys.stderr, flush=True)
+    return False
 
 
 def stop_file(hostfile: Path) -> Path:

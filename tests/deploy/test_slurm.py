@@ -327,3 +327,46 @@ def test_tensorfleet_slurm_runs_a_multi_stage_job(slurm_cluster: SlurmCluster, t
     ours, theirs = pq.read_table(root / "output" / "domass.parquet"), pq.read_table(reference / "output" / "domass.parquet")
     assert ours.column("id").to_pylist() == theirs.column("id").to_pylist()
     assert ours.column("probabilities").to_pylist() == theirs.column("probabilities").to_pylist()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_serve_task_starts_a_dead_server_again_on_its_port(tmp_path: Path) -> None:
+    """A server that dies while serving (a crash on a row, a failed device) is started again on
+    the port the hostfile already names, so the coordinator's address stays good."""
+    import signal as signals
+
+    from tensorfleet.client import InferenceClient
+
+    hostfile = tmp_path / "servers"
+    task = subprocess.Popen(
+        [sys.executable, "-m", "tensorfleet.coordinator.fleet.slurm", "serve-task", "--hostfile", str(hostfile),
+         "--host", "127.0.0.1", "--", "--model-repository", str(MODELS), "--model", "simple", "--host", "127.0.0.1"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    inputs = {"INPUT0": np.ones((2, 16), np.float32), "INPUT1": np.ones((2, 16), np.float32)}
+    try:
+        [address] = slurm.wait_healthy(hostfile, 1, timeout=120, model="simple")
+        [first] = _children(task.pid)
+        os.kill(first, signals.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (_children(task.pid) and _children(task.pid) != [first]):
+            time.sleep(0.1)
+        [second] = _children(task.pid)
+        assert second != first
+        slurm.wait_healthy(hostfile, 1, timeout=120, model="simple")  # the same line answers again
+        with InferenceClient(address) as client:
+            assert np.array_equal(client.infer("simple", inputs)["OUTPUT0"], np.full((2, 16), 2.0, np.float32))
+        assert slurm.read_hostfile(hostfile) == [address]
+        slurm.stop_file(hostfile).touch()
+        assert task.wait(60) == 0
+        assert "starting it again on its port" in task.stderr.read()
+    finally:
+        if task.poll() is None:
+            task.kill()
+            task.wait(10)
