@@ -44,6 +44,8 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the job in the job folder")
     mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
+    mode.add_argument("--retry-failed", action="store_true",
+                      help="continue the job (as --resume) and compute again the chunks holding failed rows")
     run.add_argument("--dry-run", action="store_true", help="print the plan; compute and write nothing")
     run.add_argument("--limit", type=int, help="only the first N rows (a smoke test; separate output and folder)")
     run.add_argument("--servers", help="comma-separated host:port list; replaces every model's servers/local "
@@ -162,7 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, _interrupt)
     options = api.RunOptions(
-        job_dir=args.job_dir, resume=args.resume, restart=args.restart, dry_run=args.dry_run, limit=args.limit,
+        job_dir=args.job_dir, resume=args.resume or args.retry_failed, restart=args.restart, dry_run=args.dry_run,
+        limit=args.limit, retry_failed=args.retry_failed,
         servers=names(args.servers), models=names(args.models),
     )
     from ..workflows.run_command import run_and_report

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class RunOptions:
     progress_stream: TextIO | None = None
     #: models x sources jobs: run only these models (None: all).
     models: list[str] | None = None
+    #: With resume: the committed chunks holding failed rows are computed again.
+    retry_failed: bool = False
 
 
 @dataclass
@@ -378,6 +381,17 @@ def _finished_unchanged(ctx: RunContext, manifest: Manifest) -> bool:
     )
 
 
+def _reopen_failed_chunks(job_dir: Path, manifest: Manifest) -> None:
+    """--retry-failed: chunks committed with failed rows are computed again, whole (a server
+    that was lost, a device that failed, a model since fixed); their rows failed before."""
+    chunks = manifest.chunks_with_failures()
+    if chunks:
+        rows = sum(failed for _, failed in chunks)
+        print(f"{job_dir}: computing again {len(chunks)} chunk(s) holding {rows} failed row(s) (--retry-failed)",
+              file=sys.stderr)
+        manifest.reset_chunks(index for index, _ in chunks)
+
+
 def run_one(ctx: RunContext) -> RunResult:
     """One model over one reader, from plan to merged output (or, for earlier stages, to parts).
 
@@ -392,6 +406,8 @@ def run_one(ctx: RunContext) -> RunResult:
         if manifest is not None:
             _check_inputs(manifest)
             drop_damaged_parts(ctx.job_dir, manifest)  # before deciding what is left to compute
+            if ctx.options.retry_failed:
+                _reopen_failed_chunks(ctx.job_dir, manifest)
             if not _finished_unchanged(ctx, manifest):
                 info = ctx.fleet.info()
                 adapt(ctx, info)

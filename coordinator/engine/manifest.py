@@ -152,6 +152,11 @@ class Manifest:
         rows = self._db.execute("SELECT idx, part, checksum FROM chunks WHERE done = 1 AND part IS NOT NULL")
         return {index: (part, checksum) for index, part, checksum in rows}
 
+    def chunks_with_failures(self) -> list[tuple[int, int]]:
+        """(chunk, failed rows) of every committed chunk with failed rows."""
+        rows = self._db.execute("SELECT idx, failed FROM chunks WHERE done = 1 AND failed > 0 ORDER BY idx")
+        return [(int(index), int(failed)) for index, failed in rows]
+
     def reset_chunks(self, chunks: Iterable[int]) -> None:
         """Mark committed chunks not done (their part is damaged): the next run computes them again."""
         chunks = list(chunks)

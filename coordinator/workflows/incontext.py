@@ -128,6 +128,7 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
             context = _prompt_context(spec.name, run, prompt)
             with open_input(spec.input) as reader:
                 sub_options = RunOptions(job_dir=run_dir, resume=(run_dir / MANIFEST_NAME).is_file(), limit=options.limit,
+                                         retry_failed=options.retry_failed,
                                          progress_stream=options.progress_stream)
                 ctx = RunContext(sub, reader, sub_options, final_output_path(sub, options.limit), run_dir, fleet,
                                  StageHooks(context=context))

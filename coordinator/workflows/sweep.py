@@ -144,7 +144,7 @@ def _run_model(
             sub = _sub_job(spec, model, source, sub_dir)
             sub_options = RunOptions(
                 job_dir=sub_dir, resume=(sub_dir / MANIFEST_NAME).is_file(), limit=options.limit,
-                progress_stream=options.progress_stream,
+                progress_stream=options.progress_stream, retry_failed=options.retry_failed,
             )
             with open_input(sub.input) as reader:
                 try:

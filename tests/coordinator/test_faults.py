@@ -331,3 +331,35 @@ def test_a_local_server_whose_device_fails_exits_and_is_started_again_with_no_ro
         embeddings = f["embedding"][:]
     alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
     np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)
+
+
+def test_retry_failed_computes_again_only_the_chunks_with_failed_rows(tmp_path):
+    """Rows that failed for a passing reason (here: the model failed them while an environment
+    variable was set) are computed again by `run --retry-failed`; the chunks with no failure are
+    not touched, and the output is the one a clean run gives."""
+    records = make_fasta(tmp_path / "in.fasta", 64, seed=10)
+    for row in (5, 40):
+        _with_marker(tmp_path / "in.fasta", row, "WFAILW")
+    records = [(name, ("WFAILW" + seq) if int(name[3:]) in (5, 40) else seq) for name, seq in records]
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+        output={"path": "out.h5"}, chunking={"chunk_rows": 16, "batch_rows": 4},
+    )
+    first = run_tensorfleet("run", job, env={"TF_TEST_FAIL_ON": "WFAILW"})
+    assert first.returncode == 1 and "2 of 64 rows failed" in first.stderr, first.stderr
+    parts = tmp_path / "out.h5.tfjob" / "parts"
+    untouched = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.part")}
+    again = run_tensorfleet("run", job, "--retry-failed", env={"TF_TEST_ROW_LOG": str(tmp_path / "rows.log")})
+    assert again.returncode == 0, again.stderr
+    assert "computing again 2 chunk(s) holding 2 failed row(s)" in again.stderr
+    recomputed = (tmp_path / "rows.log").read_text().splitlines()
+    assert len(recomputed) == 32  # the two 16-row chunks holding the failed rows, no other
+    changed = {name for name, stamp in untouched.items() if (parts / name).stat().st_mtime_ns != stamp}
+    assert changed == {"chunk-0000000.part", "chunk-0000002.part"}
+    from .test_run import load_test_model
+
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f["ok"][:].all() and len(f["errors/row"][:]) == 0
+        embeddings = f["embedding"][:]
+    alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
+    np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)

@@ -7,7 +7,8 @@ a segfault or the OOM killer would; TF_TEST_HANG_ON=TEXT: such a batch never ret
 kernel, a deadlock); TF_TEST_DEVICE_FAIL_FILE=PATH: while PATH exists, the next batch deletes it
 and, from then on in this process, every batch raises CUDA's illegal-address error (a GPU that
 failed: sticky until the process ends); TF_TEST_DEVICE_ASSERT_ON=TEXT: a batch with a sequence
-holding TEXT fails the device so (a device-side assert set off by a row).
+holding TEXT fails the device so (a device-side assert set off by a row); TF_TEST_FAIL_ON=TEXT:
+a batch with a sequence holding TEXT fails (a failure that goes away when the variable does).
 """
 
 import os
@@ -27,6 +28,7 @@ class Model:
         self.device_fail_file = os.environ.get("TF_TEST_DEVICE_FAIL_FILE")
         self.device_failed = False
         self.assert_on = os.environ.get("TF_TEST_DEVICE_ASSERT_ON", "").encode()
+        self.fail_on = os.environ.get("TF_TEST_FAIL_ON", "").encode()
 
     def predict(self, inputs):
         if self.device_fail_file and os.path.exists(self.device_fail_file):
@@ -40,6 +42,8 @@ class Model:
             raise RuntimeError("CUDA error: device-side assert triggered")
         if any(b"!" in s for s in sequences):
             raise ValueError("poison row: sequence holds '!'")
+        if self.fail_on and any(self.fail_on in s for s in sequences):
+            raise ValueError("a passing failure (TF_TEST_FAIL_ON)")
         if self.crash_on and any(self.crash_on in s for s in sequences):
             os._exit(70)
         while self.hang_on and any(self.hang_on in s for s in sequences):
