@@ -381,7 +381,7 @@ def _finished_unchanged(ctx: RunContext, manifest: Manifest) -> bool:
     )
 
 
-def _reopen_failed_chunks(job_dir: Path, manifest: Manifest) -> None:
+def reopen_failed_chunks(job_dir: Path, manifest: Manifest) -> None:
     """--retry-failed: chunks committed with failed rows are computed again, whole (a server
     that was lost, a device that failed, a model since fixed); their rows failed before."""
     chunks = manifest.chunks_with_failures()
@@ -407,7 +407,7 @@ def run_one(ctx: RunContext) -> RunResult:
             _check_inputs(manifest)
             drop_damaged_parts(ctx.job_dir, manifest)  # before deciding what is left to compute
             if ctx.options.retry_failed:
-                _reopen_failed_chunks(ctx.job_dir, manifest)
+                reopen_failed_chunks(ctx.job_dir, manifest)
             if not _finished_unchanged(ctx, manifest):
                 info = ctx.fleet.info()
                 adapt(ctx, info)

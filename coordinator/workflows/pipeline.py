@@ -24,6 +24,7 @@ from ..engine.job import (
     describe_plan,
     final_output_path,
     open_input,
+    reopen_failed_chunks,
     run_one,
 )
 from ..engine.manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
@@ -97,6 +98,8 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
         if manifest is not None:
             try:
                 drop_damaged_parts(stage_dir, manifest)
+                if options.retry_failed:  # here, or a finished earlier stage would be skipped
+                    reopen_failed_chunks(stage_dir, manifest)
             finally:
                 manifest.close()
     failed = threading.Event()

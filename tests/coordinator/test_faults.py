@@ -363,3 +363,33 @@ def test_retry_failed_computes_again_only_the_chunks_with_failed_rows(tmp_path):
         embeddings = f["embedding"][:]
     alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
     np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)
+
+
+def test_retry_failed_in_a_multi_stage_job_computes_the_earlier_stage_first(tmp_path):
+    """The failed row's first-stage chunk is computed again even though that stage had finished,
+    then the second stage's chunk that carried the failure: the table equals a clean run's."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    tables = {}
+    for name, env in (("clean", {}), ("retried", {"TF_TEST_FAIL_ON": "WFAILW"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        make_fasta(folder / "in.fasta", 80, seed=3)
+        _with_marker(folder / "in.fasta", 33, "WFAILW")
+        model = {"local": {"repository": str(MODELS)}}
+        (folder / "job.yaml").write_text(yaml.safe_dump({
+            "name": "two", "input": {"path": "in.fasta"}, "output": {"path": "out.parquet"},
+            "stages": [{"name": "embed", "model": {"name": "embed", **model}, "batch_rows": 8},
+                       {"name": "head", "model": {"name": "head16", **model}, "tensors": {"x": "embedding"}}],
+            "chunking": {"chunk_rows": 16},
+        }))
+        done = run_tensorfleet("run", folder / "job.yaml", env=env)
+        assert done.returncode == (1 if env else 0), done.stderr
+        if env:
+            again = run_tensorfleet("run", folder / "job.yaml", "--retry-failed")
+            assert again.returncode == 0, again.stderr
+            assert "00-embed: computing again 1 chunk(s)" in again.stderr and "01-head: computing again" in again.stderr
+        tables[name] = pq.read_table(folder / "out.parquet").replace_schema_metadata(None)
+    assert all(tables["retried"].column("ok").to_pylist())
+    assert tables["retried"].equals(tables["clean"])
