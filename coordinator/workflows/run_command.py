@@ -22,5 +22,6 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
         return EXIT_FATAL
     print(result.summary())
     if result.rows_failed:
-        print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed", file=sys.stderr)
+        print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed (once their cause is fixed, "
+              f"`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
     return result.exit_code
