@@ -3,6 +3,7 @@
 Kept so that `tensorfleet.client.errors` imports keep working for users."""
 
 from tensorfleet.core.errors import (
+    DEVICE_FAILED,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -21,6 +22,7 @@ from tensorfleet.core.errors import (
 )
 
 __all__ = [
+    "DEVICE_FAILED",
     "AlreadyExists",
     "Cancelled",
     "DeadlineExceeded",
