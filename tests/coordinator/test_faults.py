@@ -26,6 +26,32 @@ from .helpers import (
 )
 
 
+def _with_marker(path: Path, row: int, marker: str) -> None:
+    """Put `marker` at the start of record `row`'s sequence (the test embedder reacts to it)."""
+    lines = path.read_text().splitlines()
+    header = lines.index(f">seq{row} test record {row}")
+    lines[header + 1] = marker + lines[header + 1]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _job_with_a_bad_row(tmp_path: Path, rows: int, seed: int, bad_row: int, marker: str, **options) -> tuple:
+    """(records, job file): FASTA rows, one of them marked for the test embedder, on one local server."""
+    records = make_fasta(tmp_path / "in.fasta", rows, seed=seed)
+    _with_marker(tmp_path / "in.fasta", bad_row, marker)
+    job = write_job(tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+                    output={"path": "out.h5"}, **options)
+    return records, job
+
+
+def _assert_computed_as_in_process(embeddings, records, rows) -> None:
+    """These rows of the output equal the test embedder run in this process on them."""
+    from .test_run import load_test_model
+
+    sequences = np.array([records[row][1].encode() for row in rows], dtype=object)
+    expected = load_test_model("embed").predict({"sequence": sequences})["embedding"]
+    np.testing.assert_allclose(embeddings[rows], expected, rtol=1e-5, atol=1e-6)
+
+
 def read_output(path):
     with h5py.File(path) as f:
         return [v.decode() for v in f["ids"][:]], f["embedding"][:], f["ok"][:]
@@ -196,18 +222,9 @@ def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started
     goes one request at a time, and the request in flight at a death is halved down to the row,
     which alone fails. Before: the first crash left the job with no server (exit 2 after
     server_wait_s), every --resume crashed the same way, and at best the whole chunk failed."""
-    records = make_fasta(tmp_path / "in.fasta", 64, seed=4)
-    marker = "WCRASHCRASHW"
-    lines = (tmp_path / "in.fasta").read_text().splitlines()
-    bad_row = 40
-    header = lines.index(f">seq{bad_row} test record {bad_row}")
-    lines[header + 1] = marker + lines[header + 1]
-    (tmp_path / "in.fasta").write_text("\n".join(lines) + "\n")
-    job = write_job(
-        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
-        output={"path": "out.h5"}, chunking={"chunk_rows": 16, "batch_rows": 16},
-        policy={"retries": 2, "server_wait_s": 60},
-    )
+    marker, bad_row = "WCRASHCRASHW", 40
+    records, job = _job_with_a_bad_row(tmp_path, 64, 4, bad_row, marker, chunking={"chunk_rows": 16, "batch_rows": 16},
+                                       policy={"retries": 2, "server_wait_s": 60})
     result = run_tensorfleet("run", job, env={"TF_TEST_CRASH_ON": marker}, timeout=300)
     assert result.returncode == 1, result.stderr
     # 3 losses of the chunk (retries 2), then its 16-row request halved at each death: 16, 8, 4, 2, 1
@@ -223,63 +240,35 @@ def test_a_row_that_kills_its_server_fails_alone_and_the_local_server_is_started
         assert "died with this row alone in flight" in f["errors/message"][0].decode()
         embeddings = f["embedding"][:]
     assert np.isnan(embeddings[bad_row]).all()
-    from .test_run import load_test_model
-
-    good = [row for row in range(64) if row != bad_row]
-    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
-    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+    _assert_computed_as_in_process(embeddings, records, [row for row in range(64) if row != bad_row])
     for entry in json.loads((folder / "servers.json").read_text()):
         status = Path(f"/proc/{entry['pid']}/status")
         assert not status.exists() or "zombie" in status.read_text()
-
-
-def _with_marker(path: Path, row: int, marker: str) -> None:
-    lines = path.read_text().splitlines()
-    header = lines.index(f">seq{row} test record {row}")
-    lines[header + 1] = marker + lines[header + 1]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def test_a_row_that_sets_off_a_device_side_assert_fails_alone(tmp_path):
     """A row that breaks the device (CUDA's device-side assert: an index out of range) makes its
     server answer UNAVAILABLE and exit, again at each restart: it is isolated like a row that
     kills the process, and fails alone."""
-    records = make_fasta(tmp_path / "in.fasta", 32, seed=9)
     bad_row = 21
-    _with_marker(tmp_path / "in.fasta", bad_row, "WASSERTW")
-    job = write_job(
-        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
-        output={"path": "out.h5"}, chunking={"chunk_rows": 8, "batch_rows": 4}, policy={"retries": 1},
-    )
+    records, job = _job_with_a_bad_row(tmp_path, 32, 9, bad_row, "WASSERTW",
+                                       chunking={"chunk_rows": 8, "batch_rows": 4}, policy={"retries": 1})
     result = run_tensorfleet("run", job, env={"TF_TEST_DEVICE_ASSERT_ON": "WASSERTW"}, timeout=300)
     assert result.returncode == 1, result.stderr
     with h5py.File(tmp_path / "out.h5") as f:
         assert set(np.nonzero(~f["ok"][:])[0].tolist()) == {bad_row}
         assert "alone in flight" in f["errors/message"][0].decode()
         embeddings = f["embedding"][:]
-    from .test_run import load_test_model
-
-    good = [row for row in range(32) if row != bad_row]
-    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
-    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+    _assert_computed_as_in_process(embeddings, records, [row for row in range(32) if row != bad_row])
 
 
 def test_a_row_that_hangs_its_local_server_fails_alone(tmp_path):
     """A model stuck on a batch keeps its server alive and its model thread busy for good: each
     stall (policy.request_timeout_s) now kills the local server, whose supervisor starts it
     afresh, so the isolated requests after it run on a free server and the row is found."""
-    records = make_fasta(tmp_path / "in.fasta", 24, seed=6)
-    marker = "WHANGHANGW"
-    lines = (tmp_path / "in.fasta").read_text().splitlines()
-    bad_row = 9
-    header = lines.index(f">seq{bad_row} test record {bad_row}")
-    lines[header + 1] = marker + lines[header + 1]
-    (tmp_path / "in.fasta").write_text("\n".join(lines) + "\n")
-    job = write_job(
-        tmp_path / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
-        output={"path": "out.h5"}, chunking={"chunk_rows": 8, "batch_rows": 4},
-        policy={"retries": 1, "request_timeout_s": 2, "server_wait_s": 60},
-    )
+    marker, bad_row = "WHANGHANGW", 9
+    records, job = _job_with_a_bad_row(tmp_path, 24, 6, bad_row, marker, chunking={"chunk_rows": 8, "batch_rows": 4},
+                                       policy={"retries": 1, "request_timeout_s": 2, "server_wait_s": 60})
     result = run_tensorfleet("run", job, env={"TF_TEST_HANG_ON": marker}, timeout=300)
     assert result.returncode == 1, result.stderr
     # 2 losses of the chunk (retries 1), then its 4-row request halved at each stall: 4, 2, 1
@@ -289,11 +278,7 @@ def test_a_row_that_hangs_its_local_server_fails_alone(tmp_path):
         assert set(np.nonzero(~ok)[0].tolist()) == {bad_row}
         assert "alone in flight" in f["errors/message"][0].decode()
         embeddings = f["embedding"][:]
-    from .test_run import load_test_model
-
-    good = [row for row in range(24) if row != bad_row]
-    alone = load_test_model("embed").predict({"sequence": np.array([records[r][1].encode() for r in good], dtype=object)})
-    np.testing.assert_allclose(embeddings[good], alone["embedding"], rtol=1e-5, atol=1e-6)
+    _assert_computed_as_in_process(embeddings, records, [row for row in range(24) if row != bad_row])
     for entry in json.loads((tmp_path / "out.h5.tfjob" / "servers" / "servers.json").read_text()):
         status = Path(f"/proc/{entry['pid']}/status")
         assert not status.exists() or "zombie" in status.read_text()
@@ -324,13 +309,10 @@ def test_a_local_server_whose_device_fails_exits_and_is_started_again_with_no_ro
     assert "local servers died or stalled and were started again 1 time(s)" in output, output[-2000:]
     server_log = (tmp_path / "out.h5.tfjob" / "servers" / "server-0.log").read_text()
     assert "the device failed" in server_log and server_log.count("SERVING on port") == 2
-    from .test_run import load_test_model
-
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["ok"][:].all()
         embeddings = f["embedding"][:]
-    alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
-    np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)
+    _assert_computed_as_in_process(embeddings, records, list(range(len(records))))
 
 
 def test_retry_failed_computes_again_only_the_chunks_with_failed_rows(tmp_path):
@@ -356,13 +338,10 @@ def test_retry_failed_computes_again_only_the_chunks_with_failed_rows(tmp_path):
     assert len(recomputed) == 32  # the two 16-row chunks holding the failed rows, no other
     changed = {name for name, stamp in untouched.items() if (parts / name).stat().st_mtime_ns != stamp}
     assert changed == {"chunk-0000000.part", "chunk-0000002.part"}
-    from .test_run import load_test_model
-
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["ok"][:].all() and len(f["errors/row"][:]) == 0
         embeddings = f["embedding"][:]
-    alone = load_test_model("embed").predict({"sequence": np.array([r[1].encode() for r in records], dtype=object)})
-    np.testing.assert_allclose(embeddings, alone["embedding"], rtol=1e-5, atol=1e-6)
+    _assert_computed_as_in_process(embeddings, records, list(range(len(records))))
 
 
 def test_retry_failed_in_a_multi_stage_job_computes_the_earlier_stage_first(tmp_path):

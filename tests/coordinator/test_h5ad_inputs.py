@@ -44,6 +44,18 @@ def read_quietly(path) -> anndata.AnnData:
         return anndata.read_h5ad(path)
 
 
+def run_aligned(tmp_path, servers, *, chunk_rows: int, batch_rows: int) -> anndata.AnnData:
+    """`tensorfleet run` over tmp_path/cells.h5ad into out.h5ad: every gene found; the output."""
+    job = write_job(
+        tmp_path / "job.yaml", input={"path": "cells.h5ad"}, model=servers_model(servers),
+        output={"path": "out.h5ad"}, chunking={"chunk_rows": chunk_rows, "batch_rows": batch_rows},
+    )
+    result = run_tensorfleet("run", job)
+    assert result.returncode == 0, result.stderr
+    assert "aligned: 20/20 model features found in var_names (100.0%)" in result.stdout
+    return read_quietly(tmp_path / "out.h5ad")
+
+
 WRITERS = {
     "pre-0.7 dense": lambda path, x, genes: write_pre_0_7(path, x, genes),
     "pre-0.7 csr": lambda path, x, genes: write_pre_0_7(path, x, genes, sparse=True),
@@ -59,14 +71,7 @@ def test_a_job_over_any_encoding_keeps_every_slot_and_adds_the_embedding(tmp_pat
     source = tmp_path / "cells.h5ad"
     WRITERS[encoding](source, x, MODEL_GENES)
     before = read_quietly(source)
-    job = write_job(
-        tmp_path / "job.yaml", input={"path": "cells.h5ad"}, model=servers_model(servers),
-        output={"path": "out.h5ad"}, chunking={"chunk_rows": 16, "batch_rows": 8},
-    )
-    result = run_tensorfleet("run", job)
-    assert result.returncode == 0, result.stderr
-    assert "aligned: 20/20 model features found in var_names (100.0%)" in result.stdout
-    after = anndata.read_h5ad(tmp_path / "out.h5ad")
+    after = run_aligned(tmp_path, servers, chunk_rows=16, batch_rows=8)
     assert list(after.obs_names) == list(before.obs_names)
     assert list(after.var_names) == list(before.var_names)
     assert after.obs["cell_type"].tolist() == before.obs["cell_type"].tolist()
@@ -227,14 +232,7 @@ def test_files_written_by_anndata_0_6_and_0_7_themselves(tmp_path, servers, sour
     assert len(OLD_FILES) == 6
     (tmp_path / "cells.h5ad").write_bytes(source.read_bytes())
     before = read_quietly(source)
-    job = write_job(
-        tmp_path / "job.yaml", input={"path": "cells.h5ad"}, model=servers_model(servers),
-        output={"path": "out.h5ad"}, chunking={"chunk_rows": 10, "batch_rows": 4},
-    )
-    result = run_tensorfleet("run", job)
-    assert result.returncode == 0, result.stderr
-    assert "aligned: 20/20 model features found in var_names (100.0%)" in result.stdout
-    after = read_quietly(tmp_path / "out.h5ad")
+    after = run_aligned(tmp_path, servers, chunk_rows=10, batch_rows=4)
     assert list(after.obs_names) == list(before.obs_names)
     assert list(after.var_names) == list(before.var_names) == MODEL_GENES[::-1]
     assert after.obs["cell_type"].tolist() == before.obs["cell_type"].tolist()
