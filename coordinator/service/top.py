@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -86,11 +88,15 @@ def _server_token(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def _live(session: TopSession, interval: float, as_json: bool) -> int:
+    """Refresh until Ctrl-C (SIGINT). The signal only sets a flag: raised as KeyboardInterrupt
+    inside a gRPC call it could leave the channel unable to close, and the process hung."""
     screen = sys.stdout.isatty() and not as_json
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     if screen:
         sys.stdout.write(ALT_SCREEN_ON)
     try:
-        while True:
+        while not stop.is_set():
             snapshot = session.refresh()
             if as_json:
                 print(json.dumps(asdict(snapshot)), flush=True)
@@ -101,10 +107,12 @@ def _live(session: TopSession, interval: float, as_json: bool) -> int:
                 sys.stdout.flush()
             else:
                 print(render(snapshot, interval) + "\n", flush=True)
-            time.sleep(interval)
-    except KeyboardInterrupt:
+            stop.wait(interval)
+        return EXIT_OK
+    except BrokenPipeError:  # the reader went away (`top --json | head`)
         return EXIT_OK
     finally:
+        signal.signal(signal.SIGINT, previous)
         if screen:
             sys.stdout.write(ALT_SCREEN_OFF)
             sys.stdout.flush()
