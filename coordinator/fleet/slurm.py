@@ -27,7 +27,13 @@ import time
 from pathlib import Path
 
 from tensorfleet.core.auth import token_from
-from tensorfleet.core.process import read_port_file, server_command, start_process
+from tensorfleet.core.process import (
+    ProcessStartError,
+    read_port_file,
+    server_command,
+    start_process,
+    wait_for_port_file,
+)
 
 EXIT_OK, EXIT_FATAL = 0, 2
 
@@ -295,6 +301,7 @@ def _script_dir(script: str) -> Path:
 #: Times a serve task starts its server again after it dies while serving (a crash on a row,
 #: a failed device: exit 75); TENSORFLEET_MAX_RESTARTS overrides.
 MAX_RESTARTS = 50
+RESTART_TIMEOUT_S = 600.0
 
 
 def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) -> int:
@@ -340,26 +347,17 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
                   f"its port ({restarts_left} restarts left)", file=sys.stderr, flush=True)
             port_file.unlink(missing_ok=True)
             process = start_process(server_command(*server_args, "--port", str(port), port_file=port_file), None)
-            if not _came_back(process, port_file):
+            try:
+                wait_for_port_file(process, port_file, RESTART_TIMEOUT_S, what="restarted server")
+            except ProcessStartError as error:  # it died again while loading, or hangs there
+                print(f"tensorfleet: {error}", file=sys.stderr, flush=True)
+                process.kill()
                 return process.wait()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _came_back(process: subprocess.Popen, port_file: Path, timeout: float = 600.0) -> bool:
-    """Whether a restarted server is serving again (it wrote its port file) before it exits."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if read_port_file(port_file) is not None:
-            return True
-        time.sleep(0.2)
-    if process.poll() is None:
-        process.kill()
-    print(f"tensorfleet: the restarted server did not come back (exit {process.wait()})", file=sys.stderr, flush=True)
-    return False
 
 
 def stop_file(hostfile: Path) -> Path:

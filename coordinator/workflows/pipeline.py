@@ -138,7 +138,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                 planning_input = open_input(spec.input)
                 planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
-                job_dir=dirs[index], resume=resume, limit=options.limit, retry_failed=options.retry_failed,
+                job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
             ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)

@@ -95,7 +95,7 @@ def test_parquet_whose_lists_decode_far_beyond_their_bytes_is_refused(tmp_path):
             "model": {"name": "embed", "servers": ["127.0.0.1:1"]}, "output": {"path": "out.h5"},
             "policy": {"server_wait_s": 1}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    for bound, words in (({"TENSORFLEET_MAX_ROW_BYTES": str(1 << 20)}, ("4194304 bytes a row", "TENSORFLEET_MAX_ROW_BYTES")),
+    for bound, words in (({"TENSORFLEET_MAX_ROW_BYTES": str(1 << 20)}, ("decodes to 33554432 bytes, 4194304 a row", "TENSORFLEET_MAX_ROW_BYTES")),
                          ({"TENSORFLEET_MAX_ROW_GROUP_BYTES": str(16 << 20)}, ("33554432 bytes", "smaller row groups"))):
         done = run_tensorfleet("run", tmp_path / "job.yaml", env=bound, timeout=120)
         _assert_clean_refusal(tmp_path, done.returncode, done.stderr, "column 'x', row group 0 (8 rows)", *words)

@@ -122,14 +122,7 @@ class ParquetReader(Reader):
             if chunk.path_in_schema == column or chunk.path_in_schema.startswith(f"{column}."):
                 width = _DECODED_BYTES.get(chunk.physical_type)
                 decoded += chunk.num_values * width if width else chunk.total_uncompressed_size
-        where = f"{self.spec.path}: column '{column}', row group {group} ({meta.num_rows} rows)"
-        per_row = decoded // max(meta.num_rows, 1)
-        if per_row > base.MAX_ROW_BYTES:
-            raise InputError(f"{where} decodes to {per_row} bytes a row; at most {base.MAX_ROW_BYTES} "
-                             "(TENSORFLEET_MAX_ROW_BYTES)")
-        if decoded > base.MAX_ROW_GROUP_BYTES:
-            raise InputError(f"{where} decodes to {decoded} bytes; at most {base.MAX_ROW_GROUP_BYTES} "
-                             "(TENSORFLEET_MAX_ROW_GROUP_BYTES): rewrite the file with smaller row groups")
+        self._check_size(column, group, meta.num_rows, decoded, "")
 
     def _decoded(self, values: pa.ChunkedArray, column: str, group: int) -> pa.ChunkedArray:
         """A dictionary-encoded string column, decoded once its size is known to be within the
@@ -142,13 +135,18 @@ class ParquetReader(Reader):
             indices = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
             if len(lengths):
                 size += int(np.bincount(indices, minlength=len(lengths)) @ lengths.astype(np.int64))
-        rows = max(len(values), 1)
-        where = f"{self.spec.path}: column '{column}', row group {group} ({len(values)} rows)"
-        if size // rows > base.MAX_ROW_BYTES or size > base.MAX_ROW_GROUP_BYTES:
-            raise InputError(f"{where} decodes to {size} bytes of strings; at most {base.MAX_ROW_BYTES} a row "
-                             f"(TENSORFLEET_MAX_ROW_BYTES) and {base.MAX_ROW_GROUP_BYTES} a row group "
-                             "(TENSORFLEET_MAX_ROW_GROUP_BYTES)")
+        self._check_size(column, group, len(values), size, " of strings")
         return values.cast(values.type.value_type)
+
+    def _check_size(self, column: str, group: int, rows: int, decoded: int, what: str) -> None:
+        """InputError when a row group's column decodes to more than the bounds allow."""
+        where = f"{self.spec.path}: column '{column}', row group {group} ({rows} rows) decodes to {decoded} bytes{what}"
+        per_row = decoded // max(rows, 1)
+        if per_row > base.MAX_ROW_BYTES:
+            raise InputError(f"{where}, {per_row} a row; at most {base.MAX_ROW_BYTES} a row (TENSORFLEET_MAX_ROW_BYTES)")
+        if decoded > base.MAX_ROW_GROUP_BYTES:
+            raise InputError(f"{where}; at most {base.MAX_ROW_GROUP_BYTES} (TENSORFLEET_MAX_ROW_GROUP_BYTES): "
+                             "rewrite the file with smaller row groups")
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         if field not in self._schema.names:
