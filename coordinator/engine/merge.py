@@ -168,6 +168,8 @@ def merge(
                     full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
                     if column.dtype.kind == "f":
                         full[~ok] = np.nan
+                    elif column.dtype.hasobject:  # BYTES: a failed row holds b"", not the integer 0
+                        full[...] = b""
                     full[ok] = values
                     arrays[column.name] = full
                     del values
