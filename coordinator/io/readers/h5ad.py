@@ -13,6 +13,12 @@ matrix:
   matrix `12 x nnz / CSC_BLOCK_BYTES` times (more often when chunks are larger than a block).
   For large CSC files convert once: `adata.X = adata.X.tocsr()`.
 obs, var and the small metadata are read with `anndata.io.read_elem`.
+
+The file is someone else's: when it is opened every object in it is checked to keep its bytes
+in the file (safety.check_tree: no external links, external storage or virtual datasets; the
+.h5ad writer copies the whole input), and each sparse matrix's arrays are checked against each
+other; each block of a sparse matrix is read and checked by safety.read_sparse_block before
+scipy sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from anndata.io import read_elem, sparse_dataset
 from ...spec import InputSpec
 from .base import FieldInfo, InputError, Reader, register
 from .hdf5 import as_str_array
+from .safety import SparseLayout, check_tree, read_sparse_block, sparse_layout
 
 CSC_BLOCK_BYTES = 256 << 20
 _CSC_COLUMNS = 2048
@@ -89,10 +96,16 @@ class H5adReader(Reader):
         if "obs" not in self._file:
             self._file.close()
             raise InputError(f"{spec.path} has no obs; is it an .h5ad file?")
+        try:
+            check_tree(self._file, spec.path)
+        except InputError:
+            self._file.close()
+            raise
         self._names = _Names(self._file["obs"])
         #: field -> (h5py item, compound field name for pre-0.7 obsm)
         self._items: dict[str, tuple[h5py.HLObject, str | None]] = {}
         self._fields: dict[str, FieldInfo] = {}
+        self._sparse: dict[str, SparseLayout] = {}
         self._csc_block: tuple[str, int, int, object] | None = None
         candidates = {"X": "X", "raw/X": "raw/X" if "raw/X" in self._file else "raw.X"}
         for group in ("layers", "obsm"):
@@ -117,6 +130,7 @@ class H5adReader(Reader):
         elif _sparse_format(item):
             matrix = sparse_dataset(item)
             info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
+            self._sparse[name] = sparse_layout(item, _sparse_format(item), matrix.shape, self.spec.path)
         else:
             return  # a data frame or mapping in obsm: nothing a model can take
         self._items[name] = (item, member)
@@ -139,18 +153,18 @@ class H5adReader(Reader):
             return item[start:stop]
         if _sparse_format(item) == "csc":
             return self._csc_rows(field, item, start, stop)
-        return np.asarray(sparse_dataset(item)[start:stop].toarray())
+        return np.asarray(read_sparse_block(self._sparse[field], start, stop).toarray())
 
     def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> np.ndarray:
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
-            matrix = sparse_dataset(item)
-            rows, columns = matrix.shape
-            per_row = max(int(item["indptr"][-1]) / max(rows, 1), 1.0)
+            layout = self._sparse[field]
+            rows, columns = layout.shape
+            per_row = max(layout.nnz / max(rows, 1), 1.0)
             size = max(stop - start, int(CSC_BLOCK_BYTES / (12 * per_row)))
             lo, hi = start, min(rows, start + size)
             pieces = [
-                matrix[:, c : min(c + _CSC_COLUMNS, columns)][lo:hi].tocsr()
+                read_sparse_block(layout, c, min(c + _CSC_COLUMNS, columns))[lo:hi].tocsr()
                 for c in range(0, columns, _CSC_COLUMNS)
             ]
             combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
