@@ -17,13 +17,16 @@ matrix's index arrays are trusted by scipy's C code (an index past the row segfa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import scipy.sparse
 
 from . import base
 from .base import InputError
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 #: Soft links followed in a row before a path is called circular.
 _MAX_LINK_HOPS = 32
@@ -205,6 +208,8 @@ def read_sparse_block(layout: SparseLayout, lo: int, hi: int, max_bytes: int | N
         axis = "columns" if layout.kind == "csr" else "rows"
         raise InputError(f"{layout.where}: sparse matrix '{layout.group.name}' has index {int(indices[bad])} at entry "
                          f"{start + bad}, outside its {layout.minor} {axis}")
+    import scipy.sparse  # here: an HDF5 job, which imports this module, needs no scipy
+
     count = hi - lo
     shape = (count, layout.minor) if layout.kind == "csr" else (layout.minor, count)
     matrix = scipy.sparse.csr_matrix if layout.kind == "csr" else scipy.sparse.csc_matrix
