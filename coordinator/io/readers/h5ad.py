@@ -5,9 +5,10 @@ Any encoding anndata reads: today's (encoding-type attributes), 0.7's, and the o
 dataset, sparse groups marked `h5sparse_format`). Rows are read by range, never the whole
 matrix:
 - dense: an h5py slice of the dataset;
-- CSR: `anndata.io.sparse_dataset(group)[start:stop]`, which reads only those rows' entries;
+- CSR: `safety.read_sparse_block` of rows [start, stop), which reads (and checks) only those
+  rows' `indptr` and entries (anndata's `sparse_dataset` gives the shape and dtype);
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
-  one pass over the columns (in column blocks, through the same sparse dataset) turns a
+  one pass over the columns (in column blocks, each read and checked the same way) turns a
   block of rows into CSR, kept for the reads that follow. Each block reads the whole matrix
   once; a block holds about `CSC_BLOCK_BYTES` of entries (12 bytes each), so a job reads the
   matrix `12 x nnz / CSC_BLOCK_BYTES` times (more often when chunks are larger than a block).
