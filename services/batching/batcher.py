@@ -208,17 +208,21 @@ class DynamicBatcher:
                 return
 
     def _full_batch_waiting(self) -> bool:
-        """The oldest request with the others it may merge with fill a batch (rows or tokens)."""
+        """The batch the oldest request would start now is full: nothing more can join it.
+
+        That is: it reached max_batch_size rows, or a waiting request it may merge with was left
+        out (rows or tokens would overflow: that one goes in the next batch), or under a token
+        budget not even one more row fits (a row is padded to the batch's longest, so it adds
+        at least that many tokens). Waiting longer could not make such a batch bigger, so it
+        goes at once: to an idle device without max_queue_delay_ms, or behind the running one."""
         oldest = self._queue[0]
         if oldest.request.exclusive or not self.config.batched:
             return True
-        enough = min(max([self.config.max_batch_size, *self.policy.preferred_batch_sizes]),
-                     self.config.max_batch_size)
-        mergeable = [p.request for p in self._queue if self._mergeable(oldest.request, p.request)]
-        if sum(r.rows for r in mergeable) >= enough:
+        _, rows, longest, left_out = self._select(self.config.max_batch_size)
+        if rows >= self.config.max_batch_size or left_out:
             return True
         budget = self.policy.token_budget
-        return bool(budget) and sum(r.rows * self._bucket(r) for r in mergeable) >= budget
+        return bool(budget) and (rows + 1) * longest > budget
 
     @staticmethod
     def _mergeable(oldest: DecodedRequest, other: DecodedRequest) -> bool:
@@ -241,30 +245,45 @@ class DynamicBatcher:
         return -(-request.length // width) * width
 
     def _take_batch(self) -> list[_Pending]:
-        oldest = self._queue.popleft()
+        oldest = self._queue[0]
         if oldest.request.exclusive or not self.config.batched:
-            return [oldest]
+            return [self._queue.popleft()]
+        chosen = self._select()[0]
+        if len(chosen) == 1:
+            return [self._queue.popleft()]
+        taken = {id(p) for p in chosen}
+        self._queue = deque(p for p in self._queue if id(p) not in taken)
+        return chosen
+
+    def _select(self, limit: int | None = None) -> tuple[list[_Pending], int, int, bool]:
+        """The batch the oldest request would start now, without taking it from the queue:
+        (its requests, rows, padded length, whether a mergeable request was left out).
+        Rows stop at `limit`, by default max_batch_size or a preferred size (`_row_limit`)."""
+        oldest = self._queue[0]
         chosen = [oldest]
         rows, longest = oldest.request.rows, self._bucket(oldest.request)
-        candidates = [p for p in self._queue if self._mergeable(oldest.request, p.request)]
+        candidates = [p for p in list(self._queue)[1:] if self._mergeable(oldest.request, p.request)]
         if self.policy.token_budget:
             # group by length: nearest length bucket first, then arrival order
             candidates.sort(key=lambda p: abs(self._bucket(p.request) - longest))
-        limit = self._row_limit(oldest.request.rows + sum(p.request.rows for p in candidates))
-        for pending in candidates:
+        if limit is None:
+            limit = self._row_limit(oldest.request.rows + sum(p.request.rows for p in candidates))
+        left_out = False
+        for index, pending in enumerate(candidates):
             if rows + pending.request.rows > limit:
+                left_out = True
                 continue
             padded = max(longest, self._bucket(pending.request))
             if self.policy.token_budget and (rows + pending.request.rows) * padded > self.policy.token_budget:
+                left_out = True
                 continue
             chosen.append(pending)
             rows += pending.request.rows
             longest = padded
             if rows == limit:
+                left_out = left_out or index + 1 < len(candidates)
                 break
-        taken = {id(p) for p in chosen[1:]}
-        self._queue = deque(p for p in self._queue if id(p) not in taken)
-        return chosen
+        return chosen, rows, longest, left_out
 
     def _row_limit(self, available: int) -> int:
         """max_batch_size, or the largest preferred size the waiting rows can fill."""
