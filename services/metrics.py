@@ -32,6 +32,7 @@ class ServerMetrics:
             "tensorfleet_device_memory_bytes", "Device memory", ["device", "kind"], registry=r
         )
         self.queue_depth = Gauge("tensorfleet_queue_depth", "Requests waiting", ["model"], registry=r)
+        self._ok: dict[str, Counter] = {}  # requests{model, outcome="ok"} per model
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics over HTTP; returns the bound port (0 picks a free one)."""
@@ -39,15 +40,24 @@ class ServerMetrics:
         return server.server_port
 
     def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
-        def observe(rows: int, queue_seconds: float, compute_seconds: float) -> None:
-            self.rows.labels(model).inc(rows)
-            self.batch_size.labels(model).observe(rows)
-            self.queue_seconds.labels(model).observe(queue_seconds)
-            self.compute_seconds.labels(model).observe(compute_seconds)
+        # the labelled children once per model, not a labels() lookup (lock, tuple, dict) per batch
+        rows, batch_size = self.rows.labels(model), self.batch_size.labels(model)
+        queue_seconds, compute_seconds = self.queue_seconds.labels(model), self.compute_seconds.labels(model)
+
+        def observe(rows_in_batch: int, queued: float, computed: float) -> None:
+            rows.inc(rows_in_batch)
+            batch_size.observe(rows_in_batch)
+            queue_seconds.observe(queued)
+            compute_seconds.observe(computed)
 
         return observe
 
     def request_done(self, model: str, code: str | None) -> None:
-        self.requests.labels(model, "ok" if code is None else "error").inc()
-        if code is not None:
-            self.errors.labels(model, code).inc()
+        if code is None:  # the common case: one cached child per model
+            ok = self._ok.get(model)
+            if ok is None:
+                ok = self._ok[model] = self.requests.labels(model, "ok")
+            ok.inc()
+            return
+        self.requests.labels(model, "error").inc()
+        self.errors.labels(model, code).inc()

@@ -79,7 +79,7 @@ class _Pending:
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     pending: list[_Pending]
     work: Future | None = None  # the model thread's item, once handed over
@@ -116,7 +116,7 @@ class DynamicBatcher:
         self._on_device_lost = on_device_lost
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feed-{config.name}") if staging else None
         self._loop_task: asyncio.Task | None = None
-        self._batches: dict[asyncio.Task, _Batch] = {}  # handed to the worker, not yet answered
+        self._batches: list[_Batch] = []  # handed to the worker, not yet answered
         self._closed = False
         self.in_flight = 0
 
@@ -140,18 +140,18 @@ class DynamicBatcher:
         if self._owns_worker:
             self._worker.shutdown(wait=False, cancel_futures=True)
         else:  # the thread stays the model's: cancel only this batcher's batches still waiting on it
-            for batch in self._batches.values():
+            for batch in self._batches:
                 if batch.work is not None:
                     batch.work.cancel()
         if self._feeder is not None:
             self._feeder.shutdown(wait=False, cancel_futures=True)
         # a batch still waiting behind the running one will never run: answer its callers
-        for task, batch in list(self._batches.items()):
+        for batch in list(self._batches):
             if batch.work is not None and batch.work.cancelled():
                 for pending in batch.pending:
                     if not pending.future.done():
                         pending.future.set_exception(Unavailable(f"model '{self.config.name}' was unloaded"))
-                task.cancel()
+                self._batches.remove(batch)
 
     async def submit(self, request: DecodedRequest) -> Outputs:
         """Queue one validated request and wait for its own outputs."""
@@ -208,17 +208,21 @@ class DynamicBatcher:
                 return
 
     def _full_batch_waiting(self) -> bool:
-        """The oldest request with the others it may merge with fill a batch (rows or tokens)."""
+        """The batch the oldest request would start now is full: nothing more can join it.
+
+        That is: it reached max_batch_size rows, or a waiting request it may merge with was left
+        out (rows or tokens would overflow: that one goes in the next batch), or under a token
+        budget not even one more row fits (a row is padded to the batch's longest, so it adds
+        at least that many tokens). Waiting longer could not make such a batch bigger, so it
+        goes at once: to an idle device without max_queue_delay_ms, or behind the running one."""
         oldest = self._queue[0]
         if oldest.request.exclusive or not self.config.batched:
             return True
-        enough = min(max([self.config.max_batch_size, *self.policy.preferred_batch_sizes]),
-                     self.config.max_batch_size)
-        mergeable = [p.request for p in self._queue if self._mergeable(oldest.request, p.request)]
-        if sum(r.rows for r in mergeable) >= enough:
+        _, rows, longest, left_out = self._select(self.config.max_batch_size)
+        if rows >= self.config.max_batch_size or left_out:
             return True
         budget = self.policy.token_budget
-        return bool(budget) and sum(r.rows * self._bucket(r) for r in mergeable) >= budget
+        return bool(budget) and (rows + 1) * longest > budget
 
     @staticmethod
     def _mergeable(oldest: DecodedRequest, other: DecodedRequest) -> bool:
@@ -227,44 +231,58 @@ class DynamicBatcher:
         return not other.exclusive and other.context == oldest.context and other.parameters == oldest.parameters
 
     def _start(self, pending: list[_Pending]) -> None:
+        """Hand a batch to the model thread; its answers come back in one loop callback."""
+        pending = [p for p in pending if not p.future.cancelled()]
+        if not pending:
+            return
         batch = _Batch(pending)
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
-        self._batches[task] = batch
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._batches.pop(task, None)
-        self._wake.set()
+        self._batches.append(batch)
+        self._hand_over(batch, [p.request for p in pending])
 
     def _bucket(self, request: DecodedRequest) -> int:
         width = self.policy.length_bucket
         return -(-request.length // width) * width
 
     def _take_batch(self) -> list[_Pending]:
-        oldest = self._queue.popleft()
+        oldest = self._queue[0]
         if oldest.request.exclusive or not self.config.batched:
-            return [oldest]
+            return [self._queue.popleft()]
+        chosen = self._select()[0]
+        if len(chosen) == 1:
+            return [self._queue.popleft()]
+        taken = {id(p) for p in chosen}
+        self._queue = deque(p for p in self._queue if id(p) not in taken)
+        return chosen
+
+    def _select(self, limit: int | None = None) -> tuple[list[_Pending], int, int, bool]:
+        """The batch the oldest request would start now, without taking it from the queue:
+        (its requests, rows, padded length, whether a mergeable request was left out).
+        Rows stop at `limit`, by default max_batch_size or a preferred size (`_row_limit`)."""
+        oldest = self._queue[0]
         chosen = [oldest]
         rows, longest = oldest.request.rows, self._bucket(oldest.request)
-        candidates = [p for p in self._queue if self._mergeable(oldest.request, p.request)]
+        candidates = [p for p in list(self._queue)[1:] if self._mergeable(oldest.request, p.request)]
         if self.policy.token_budget:
             # group by length: nearest length bucket first, then arrival order
             candidates.sort(key=lambda p: abs(self._bucket(p.request) - longest))
-        limit = self._row_limit(oldest.request.rows + sum(p.request.rows for p in candidates))
-        for pending in candidates:
+        if limit is None:
+            limit = self._row_limit(oldest.request.rows + sum(p.request.rows for p in candidates))
+        left_out = False
+        for index, pending in enumerate(candidates):
             if rows + pending.request.rows > limit:
+                left_out = True
                 continue
             padded = max(longest, self._bucket(pending.request))
             if self.policy.token_budget and (rows + pending.request.rows) * padded > self.policy.token_budget:
+                left_out = True
                 continue
             chosen.append(pending)
             rows += pending.request.rows
             longest = padded
             if rows == limit:
+                left_out = left_out or index + 1 < len(candidates)
                 break
-        taken = {id(p) for p in chosen[1:]}
-        self._queue = deque(p for p in self._queue if id(p) not in taken)
-        return chosen
+        return chosen, rows, longest, left_out
 
     def _row_limit(self, available: int) -> int:
         """max_batch_size, or the largest preferred size the waiting rows can fill."""
@@ -274,37 +292,13 @@ class DynamicBatcher:
             return fillable[-1]
         return self.config.max_batch_size
 
-    async def _execute(self, batch: _Batch) -> None:
-        pending = [p for p in batch.pending if not p.future.cancelled()]
-        if not pending:
-            return
-        try:
-            results, started = await self._on_worker(batch, [p.request for p in pending])
-        except Exception as error:  # the worker returns errors per request; this is a bug guard
-            log.exception("batch for model %s failed outside the model", self.config.name)
-            results = [InternalError(f"model '{self.config.name}': {type(error).__name__}: {error}")] * len(pending)
-            started = time.monotonic_ns()
-        done = time.monotonic_ns()
-        queue_ns = [max(started - p.enqueued_ns, 0) for p in pending]
-        rows = sum(p.request.rows for p in pending)
-        if self._on_batch:
-            self._on_batch(rows, sum(queue_ns) / len(pending) / 1e9, (done - started) / 1e9)
-        for item, result, waited in zip(pending, results, queue_ns, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                self.stats.record_request(True, done - item.enqueued_ns, waited)
-                item.future.set_result(result)
+    def _hand_over(self, batch: _Batch, requests: list[DecodedRequest]) -> None:
+        """`_run_batch` on the model thread, then `_deliver` on the loop: one wake-up per batch.
 
-    def _on_worker(self, batch: _Batch, requests: list[DecodedRequest]) -> asyncio.Future:
-        """`_run_batch` on the model thread; (outcome, start time) set on a plain asyncio future.
-
-        Half the event-loop CPU of `run_in_executor`'s chained futures, paid on every batch.
-        The start time is taken on the thread: a batch may wait there behind the one running."""
+        No task and no future per batch (a task to await the worker cost two loop steps and a
+        future chain on every batch). The start time is taken on the thread: a batch may wait
+        there behind the one running."""
         loop = asyncio.get_running_loop()
-        outcome = loop.create_future()
         # merge and copy now, while the model thread may still be computing the batch before
         # (a batch with request parameters runs unstaged: predict_staged takes none)
         staged = self._feeder is not None and not requests[0].parameters
@@ -313,13 +307,35 @@ class DynamicBatcher:
         def run() -> None:
             started = time.monotonic_ns()
             try:
-                result, error = (self._run_batch(requests, prepared), started), None
-            except Exception as caught:  # handed to the loop, where _execute reports it
-                result, error = None, caught
-            loop.call_soon_threadsafe(_settle, outcome, result, error)
+                results: list[Outputs | TensorfleetError] | Exception = self._run_batch(requests, prepared)
+            except Exception as caught:  # handed to the loop, where _deliver reports it
+                results = caught
+            loop.call_soon_threadsafe(self._deliver, batch, results, started)
 
         batch.work = self._worker.submit(run)
-        return outcome
+
+    def _deliver(self, batch: _Batch, results: list[Outputs | TensorfleetError] | Exception, started: int) -> None:
+        """On the loop: answer every request of a finished batch, in this one callback."""
+        if batch in self._batches:
+            self._batches.remove(batch)
+        self._wake.set()
+        pending = batch.pending
+        if isinstance(results, Exception):  # the worker returns errors per request; this is a bug guard
+            log.error("batch for model %s failed outside the model", self.config.name, exc_info=results)
+            results = [InternalError(f"model '{self.config.name}': {type(results).__name__}: {results}")] * len(pending)
+        done = time.monotonic_ns()
+        queue_ns = [max(started - p.enqueued_ns, 0) for p in pending]
+        if self._on_batch:
+            rows = sum(p.request.rows for p in pending)
+            self._on_batch(rows, sum(queue_ns) / len(pending) / 1e9, (done - started) / 1e9)
+        for item, result, waited in zip(pending, results, queue_ns, strict=True):
+            if item.future.done():  # cancelled while the batch ran, or answered by close()
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                self.stats.record_request(True, done - item.enqueued_ns, waited)
+                item.future.set_result(result)
 
     # --- on the feeder thread -------------------------------------------------------
     def _prepare(self, requests: list[DecodedRequest]) -> _Prepared:
@@ -450,15 +466,6 @@ class DynamicBatcher:
     def _model_error(self, error: Exception) -> TensorfleetError:
         log.warning("model %s raised %s: %s", self.config.name, type(error).__name__, error)
         return InternalError(f"model '{self.config.name}' failed: {type(error).__name__}: {error}")
-
-
-def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.done():  # cancelled while the batch ran (the batcher was closed)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _join(first: np.ndarray, second: np.ndarray) -> np.ndarray:

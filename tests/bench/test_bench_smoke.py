@@ -21,6 +21,7 @@ EXPECTED = {
     "scale": {"single_server_rows_per_s", "levels", "busy_2", "throughput_ratio_2", "cpu_s_per_chunk_2"},
     "rest": {"ratio_rest_over_grpc", "grpc_ms_per_request", "rest_ms_per_request"},
     "model_thread": {"ratio", "loader_thread_seq_per_s", "other_thread_seq_per_s"},
+    "server_passes": {"variants", "ratio_glibc-default", "threads"},
     "warm_start": {"runs", "first_result_s_median", "first_result_s_min", "cli_help_s"},
     "end_to_end": {
         "inprocess_seq_per_s",
