@@ -154,11 +154,10 @@ class ModelServer:
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        # Health is open (no token), so it names no model: a model's readiness is ModelReady, behind the
+        # token, as on Triton, whose grpc.health.v1 knows only the server (issue 28 #12).
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, status)
-        for entry in self.repository.entries():
-            ready = serving and entry.state is ModelState.READY
-            await self.health.set(entry.name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def drain(self) -> None:
         """Stop accepting work; in-flight requests finish; then the process exits."""

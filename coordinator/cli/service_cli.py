@@ -153,7 +153,12 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
+    from tensorfleet.core.auth import (
+        OPERATOR_SERVERS_ENV,
+        SERVER_TOKEN_FILE_ENV,
+        TokenFileError,
+        token_from,
+    )
     from tensorfleet.core.errors import TensorfleetError
     from tensorfleet.core.exposure import ExposureError
 
@@ -170,6 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
         server_token = token_from(args.server_token, args.server_token_file, use_env=False)
         if args.server_token_file:  # the jobs' engines read it there (never from a job's spec)
             os.environ[SERVER_TOKEN_FILE_ENV] = str(args.server_token_file.resolve())
+            os.environ[OPERATOR_SERVERS_ENV] = args.servers  # ...and send it only to these (model_fleet.py)
         policy = JobPolicy(
             model_roots=args.model_root, data_roots=args.data_root or [Path.cwd()],
             output_roots=args.output_root or [Path.cwd()], url_prefixes=args.allow_url_prefix,

@@ -105,8 +105,13 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             await context.abort(_CODES[error.kind], str(error))
 
     async def SubmitJob(self, request, context):
+        try:  # off the event loop: health and other rpcs go on while a large spec parses
+            parsed = await asyncio.to_thread(self.manager.parse_text, request.spec)
+        except JobRequestError as error:
+            await context.abort(_CODES[error.kind], str(error))
         record = await self._call(
-            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None
+            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None,
+            parsed,
         )
         return self._job(record)
 
@@ -163,7 +168,8 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             for server in self.manager.progress(record).get("servers") or []:
                 address = server["address"]
                 sources.setdefault(address, []).append(record.id)
-                tokens.setdefault(address, self.options.server_token)
+                # an address only a job named gets no token: the job's submitter may own it (issue 28 #1)
+                tokens.setdefault(address, None)
                 job_rows[address] = job_rows.get(address, 0) + int(server.get("rows") or 0)
         entries = await asyncio.gather(*(self._probe(address, tokens[address]) for address in sources))
         for entry in entries:

@@ -24,8 +24,9 @@ import yaml
 from ..io.objectstore import is_url
 from ..spec import SpecError
 from ..spec.kinds import AnyJob, paths_of
-from ..spec.safe_yaml import SpecTooLarge, load_yaml
+from ..spec.safe_yaml import MAX_SPEC_BYTES, SpecMalformed, SpecTooLarge, load_yaml
 from ..workflows.api import RunOptions, locations, parse
+from ..workflows.run_command import EXIT_CRASH
 from . import job_process
 from .job_policy import JobPolicy, PolicyError
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
@@ -75,13 +76,23 @@ class JobManager:
         self._stopping = False
 
     # --- requests --------------------------------------------------------------------
-    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None) -> JobRecord:
+    @staticmethod
+    def parse_text(text: str) -> Any:
+        """A submitted spec's text as data, within safe_yaml's limits. Touches no state: the service
+        runs it in a worker thread, so a slow parse never holds the event loop (issue 28 #7)."""
         try:
-            raw = load_yaml(text, "spec")
+            return load_yaml(text, "spec")
         except SpecTooLarge as error:
             raise JobRequestError("too_large", str(error)) from None
+        except SpecMalformed as error:
+            raise JobRequestError("invalid", str(error)) from None
         except yaml.YAMLError as error:
             raise JobRequestError("invalid", f"the spec is neither YAML nor JSON: {error}") from None
+
+    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None,
+               parsed: Any = None) -> JobRecord:
+        """`parsed`: the spec already parsed by parse_text (the service does it off its event loop)."""
+        raw = self.parse_text(text) if parsed is None else parsed
         base = Path(base_dir or os.getcwd())
         if not base.is_absolute():
             raise JobRequestError("invalid", f"base_dir '{base_dir}' must be an absolute path")
@@ -97,11 +108,15 @@ class JobManager:
         if queued >= self.max_queued:
             raise JobRequestError("exhausted", f"{queued} jobs are queued, the most this coordinator takes "
                                   "(--max-queued-jobs); submit again when some have run")
+        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        if len(spec_text.encode()) > MAX_SPEC_BYTES:  # the engine reads this file under the same limit
+            raise JobRequestError("too_large", f"the spec, resolved with its defaults, is {len(spec_text.encode())} "
+                                  f"bytes; job specs are limited to {MAX_SPEC_BYTES} (TENSORFLEET_MAX_SPEC_BYTES): "
+                                  "split the job")
         job_id = self.store.new_id(spec.name)
         folder = self.state_dir / "jobs" / job_id
         folder.mkdir(parents=True)
         spec_path = folder / "job.yaml"
-        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         spec_path.write_text(spec_text)
         output, job_dir = locations(spec, RunOptions(limit=limit))
         if any(is_url(path) for _, path in paths_of(spec)):
@@ -250,8 +265,11 @@ class JobManager:
         resume = f"resume with `tensorfleet resume {job_id}`"
         if returncode == EXIT_OK:
             self._finish(record, SUCCEEDED, "", returncode)
-        elif returncode == EXIT_ROWS_FAILED:
-            self._finish(record, SUCCEEDED, job_process.rows_failed_message(text) or "some rows failed", returncode)
+        elif returncode == EXIT_ROWS_FAILED and job_process.rows_failed_message(text):
+            self._finish(record, SUCCEEDED, job_process.rows_failed_message(text), returncode)
+        elif returncode in (EXIT_ROWS_FAILED, EXIT_CRASH) and not attempt.cancel and not attempt.timed_out:
+            # exit 1 without the engine's "rows failed" line is Python's own status for a crash
+            self._finish(record, FAILED, job_process.crash_message(text, returncode), EXIT_CRASH)
         elif attempt.cancel:
             self._finish(record, CANCELLED, f"cancelled by request; {kept}; {resume}", returncode)
         elif attempt.timed_out:

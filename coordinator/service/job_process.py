@@ -78,6 +78,22 @@ def extract_error(log_text: str, returncode: int | None) -> str:
     return cause + (f"; its log ends:\n{tail}" if tail else "")
 
 
+def crash_message(log_text: str, returncode: int) -> str:
+    """An engine that crashed: its traceback's last line (the engine's crash line, else Python's own)."""
+    from ..workflows.run_command import CRASH_MARK
+
+    lines = log_text.strip().splitlines()
+    for line in reversed(lines):
+        if line.startswith(CRASH_MARK):
+            return "the job crashed: " + line.removeprefix(CRASH_MARK)
+    for index in range(len(lines) - 1, -1, -1):  # Python's own traceback: its last unindented line
+        if lines[index].startswith("Traceback (most recent call last)"):
+            tail = [line for line in lines[index + 1:] if line and not line.startswith(" ")]
+            if tail:
+                return f"the job crashed (exit {returncode}): {tail[-1]}"
+    return extract_error(log_text, returncode)
+
+
 def rows_failed_message(log_text: str) -> str:
     for line in reversed(log_text.splitlines()):
         if line.startswith("tensorfleet: ") and "rows failed" in line:
