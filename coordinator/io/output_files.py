@@ -73,14 +73,20 @@ def _open_no_follow(real: Path) -> int:
 class OutputFolder:
     """One output folder, held open: write through `at(name)`, place files with `replace`."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, create: bool = True) -> None:
         self.path = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         roots = output_roots()
         if roots is None:
             self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         else:
             self.fd = _open_no_follow(check_within_roots(folder, "output folder", roots))
+
+    @classmethod
+    def existing(cls, folder: Path) -> OutputFolder:
+        """An existing folder, opened the same way, never created."""
+        return cls(folder, create=False)
 
     def __enter__(self) -> OutputFolder:
         return self
@@ -155,3 +161,18 @@ class OutputFolder:
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+
+def replace_refusal(path: Path) -> str:
+    """Why `path` may not be written as an output ('' when it may): for an early answer (at submit, at
+    plan). The check that counts is OutputFolder.check_replaceable, when the file is placed."""
+    if not path.parent.is_dir():
+        return ""
+    try:
+        with OutputFolder.existing(path.parent) as folder:
+            folder.check_replaceable(path.name)
+    except JobFatal as error:
+        return str(error)
+    except OSError:
+        return ""
+    return ""

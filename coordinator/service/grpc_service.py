@@ -105,13 +105,14 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             await context.abort(_CODES[error.kind], str(error))
 
     async def SubmitJob(self, request, context):
-        try:  # off the event loop: health and other rpcs go on while a large spec parses
-            parsed = await asyncio.to_thread(self.manager.parse_text, request.spec)
+        try:  # off the event loop: health and other rpcs go on while a large spec is parsed and checked
+            prepared = await asyncio.to_thread(self.manager.prepare, request.spec, request.base_dir,
+                                               request.timeout_s, request.limit or None)
         except JobRequestError as error:
             await context.abort(_CODES[error.kind], str(error))
         record = await self._call(
             context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None,
-            parsed,
+            prepared,
         )
         return self._job(record)
 

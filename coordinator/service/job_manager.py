@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..io.objectstore import is_url
+from ..io.output_files import replace_refusal
 from ..spec import SpecError
 from ..spec.kinds import AnyJob, paths_of
 from ..spec.safe_yaml import MAX_SPEC_BYTES, SpecMalformed, SpecTooLarge, load_yaml
@@ -42,6 +44,15 @@ class JobRequestError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind  # "invalid", "not_found", "precondition", "denied", "exhausted"
+
+
+@dataclass
+class PreparedJob:
+    """A submission that passed every check (JobManager.prepare), not yet recorded."""
+
+    spec: AnyJob
+    #: The resolved spec as the engine will read it (job.yaml).
+    text: str
 
 
 @dataclass
@@ -89,30 +100,42 @@ class JobManager:
         except yaml.YAMLError as error:
             raise JobRequestError("invalid", f"the spec is neither YAML nor JSON: {error}") from None
 
-    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None,
-               parsed: Any = None) -> JobRecord:
-        """`parsed`: the spec already parsed by parse_text (the service does it off its event loop)."""
-        raw = self.parse_text(text) if parsed is None else parsed
+    def prepare(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None) -> PreparedJob:
+        """Everything a submission is checked for that needs no state: parsed, validated, the policy,
+        the output file and the resolved size. Thread-safe: the service runs it in a worker thread,
+        so a large or hostile spec never holds the event loop (issue 28 #7)."""
+        raw = self.parse_text(text)
         base = Path(base_dir or os.getcwd())
         if not base.is_absolute():
             raise JobRequestError("invalid", f"base_dir '{base_dir}' must be an absolute path")
         spec = self.accept(raw, base)
         if timeout_s < 0:
             raise JobRequestError("invalid", "timeout_s must be >= 0")
+        dump = spec.model_dump(mode="json")
         if self.policy is not None:
             try:
-                self.policy.check(spec.model_dump(mode="json"))
+                self.policy.check(dump)
             except PolicyError as error:
                 raise JobRequestError("denied", f"job refused: {error}") from None
+        # the engine reads the resolved spec under the same limit: refuse now what it would refuse then
+        size = len(json.dumps(dump, separators=(",", ":")))
+        spec_text = yaml.safe_dump(dump, sort_keys=False) if size <= MAX_SPEC_BYTES else ""
+        size = max(size, len(spec_text.encode()))
+        if size > MAX_SPEC_BYTES:
+            raise JobRequestError("too_large", f"the spec, resolved with its defaults, is over {size} bytes; job "
+                                  f"specs are limited to {MAX_SPEC_BYTES} (TENSORFLEET_MAX_SPEC_BYTES): split the job")
+        self._check_output(spec, limit)
+        return PreparedJob(spec, spec_text)
+
+    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None,
+               prepared: PreparedJob | None = None) -> JobRecord:
+        """`prepared`: the submission already checked by `prepare` (the service does it off its event loop)."""
+        prepared = prepared or self.prepare(text, base_dir, timeout_s, limit)
+        spec, spec_text = prepared.spec, prepared.text
         queued = len(self.store.list({QUEUED}))
         if queued >= self.max_queued:
             raise JobRequestError("exhausted", f"{queued} jobs are queued, the most this coordinator takes "
                                   "(--max-queued-jobs); submit again when some have run")
-        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-        if len(spec_text.encode()) > MAX_SPEC_BYTES:  # the engine reads this file under the same limit
-            raise JobRequestError("too_large", f"the spec, resolved with its defaults, is {len(spec_text.encode())} "
-                                  f"bytes; job specs are limited to {MAX_SPEC_BYTES} (TENSORFLEET_MAX_SPEC_BYTES): "
-                                  "split the job")
         job_id = self.store.new_id(spec.name)
         folder = self.state_dir / "jobs" / job_id
         folder.mkdir(parents=True)
@@ -131,6 +154,17 @@ class JobManager:
         self.store.add(record)
         self._event(job_id, "state", QUEUED, f"submitted; job folder {record.job_dir}")
         return record
+
+    @staticmethod
+    def _check_output(spec: AnyJob, limit: int | None) -> None:
+        """Refuse at once an output file that exists and that tensorfleet did not write, e.g. one naming
+        coordinator.sqlite or a user's file (issue 28 #4); the engine checks again when it places it."""
+        output = locations(spec, RunOptions(limit=limit))[0]
+        if is_url(output) or Path(output).is_dir():  # a sweep's output is a folder of sheets
+            return
+        refusal = replace_refusal(Path(output))
+        if refusal:
+            raise JobRequestError("denied", f"job refused: {refusal}")
 
     def accept(self, raw: object, base: Path) -> AnyJob:
         """The one check a submitted spec passes: a job of any kind, validated, paths resolved against `base`."""
@@ -230,7 +264,7 @@ class JobManager:
     def _start(self, record: JobRecord) -> None:
         log_path = self._log_path(record.id)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path)
+        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path, self.policy)
         now = time.time()
         self.attempts[record.id] = _Attempt(process, offset, time.monotonic())
         self.store.update(

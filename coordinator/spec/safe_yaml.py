@@ -12,6 +12,7 @@ names a key twice is refused naming the key: YAML says keys are unique, PyYAML k
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -64,12 +65,51 @@ def load_yaml(text: str | bytes, source: str = "spec", max_bytes: int | None = N
     if size > limit:
         raise SpecTooLarge(f"{source}: {size} bytes; job specs are limited to {limit} bytes "
                            "(TENSORFLEET_MAX_SPEC_BYTES)")
+    if text.lstrip()[:1] in ("{", b"{"):  # JSON (what the SDK sends): a C parser, no pure-Python scanner
+        data = _load_json(text, source)
+        if data is not _NOT_JSON:
+            _count_nodes(data, source)
+            return data
     _check_events(text, source)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except SpecMalformed as error:
         raise SpecMalformed(f"{source}: {error}") from None
     _count_nodes(data, source)
+    return data
+
+
+_NOT_JSON = object()
+
+
+def _load_json(text: str | bytes, source: str) -> Any:
+    """A JSON spec with the same rules (unique keys, MAX_DEPTH); _NOT_JSON when it is YAML after all."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        data: dict = {}
+        for key, value in pairs:
+            if key in data:
+                raise SpecMalformed(f"{source}: duplicate key '{key}'; each key may appear once")
+            data[key] = value
+        return data
+
+    try:
+        data = json.loads(text, object_pairs_hook=unique)
+    except RecursionError:
+        raise SpecMalformed(f"{source}: lists and mappings nested over {MAX_DEPTH} deep; job specs need "
+                            "far fewer") from None
+    except ValueError as error:
+        if isinstance(error, SpecMalformed):
+            raise
+        return _NOT_JSON
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise SpecMalformed(f"{source}: lists and mappings nested over {MAX_DEPTH} deep; job specs need "
+                                    "far fewer")
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
     return data
 
 
