@@ -172,6 +172,8 @@ class JobManager:
             return parse(raw, "spec", base)
         except SpecError as error:
             raise JobRequestError("invalid", str(error)) from None
+        except ValueError as error:  # e.g. a NUL byte in a path, met while resolving it
+            raise JobRequestError("invalid", f"spec: {error}") from None
 
     def get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
