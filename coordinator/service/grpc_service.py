@@ -25,6 +25,7 @@ from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.malformed import MalformedRequestInterceptor
 from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
@@ -227,6 +228,7 @@ class CoordinatorService:
         if options.token or options.read_token:
             self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
             interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
+        interceptors.append(MalformedRequestInterceptor())  # bad bytes: INVALID_ARGUMENT (core/malformed.py)
         self.grpc = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
             options=server_options(options.max_message_bytes),
