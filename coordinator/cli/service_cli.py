@@ -20,6 +20,7 @@ from ..service.client_options import DEFAULT_COORDINATOR, connection_args, conne
 
 MAX_MESSAGE_MB = int(os.environ.get("TENSORFLEET_MAX_MESSAGE_MB", "512"))
 EXIT_OK, EXIT_FATAL = 0, 2
+EXIT_CRASH = 3  # a job's engine crashed (workflows/run_command.py)
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +139,8 @@ def job_dict(job) -> dict:
 def exit_code_of(job) -> int:
     from tensorfleet.client.coordinator_client import job_state
 
-    return job.exit_code if job_state(job) == "SUCCEEDED" else EXIT_FATAL
+    crashed = job_state(job) == "FAILED" and job.exit_code == EXIT_CRASH  # the engine's own crash code
+    return job.exit_code if job_state(job) == "SUCCEEDED" or crashed else EXIT_FATAL
 
 
 def _describe(job) -> str:
