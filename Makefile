@@ -8,7 +8,7 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser perf-analyzer mlserver-venv demo test test-all lint protos bench chaos soak clean gpu-wheels gpu-rehearse
+.PHONY: install models browser perf-analyzer mlserver-venv demo test test-all lint protos bench chaos soak probe clean gpu-wheels gpu-rehearse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,10 @@ gpu-rehearse: gpu-wheels
 # Reliability, not speed (docs/reliability.md): faults survived, load held. Both print one JSON line.
 chaos: models
 	$(BIN)/python -m bench.chaos
+
+# Security (docs/security.md): the attack table replayed against live processes; one JSON line.
+probe: install
+	$(BIN)/python -m bench.probe
 
 soak: install
 	$(BIN)/python -m bench.soak --minutes 10

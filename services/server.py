@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from tensorfleet.core import wire
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.malformed import MalformedRequestInterceptor
 from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
@@ -132,7 +133,8 @@ class ModelServer:
                        insecure=options.insecure, what="model server")
         self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
         self.http: HttpFrontEnd | None = None
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        # innermost: a request that does not parse is INVALID_ARGUMENT (core/malformed.py), not UNKNOWN
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), MalformedRequestInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
             interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
         self.grpc = grpc.aio.server(
@@ -154,11 +156,10 @@ class ModelServer:
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        # Health is open (no token), so it names no model: a model's readiness is ModelReady, behind the
+        # token, as on Triton, whose grpc.health.v1 knows only the server (issue 28 #12).
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, status)
-        for entry in self.repository.entries():
-            ready = serving and entry.state is ModelState.READY
-            await self.health.set(entry.name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def drain(self) -> None:
         """Stop accepting work; in-flight requests finish; then the process exits."""

@@ -20,6 +20,7 @@ from ..service.client_options import DEFAULT_COORDINATOR, connection_args, conne
 
 MAX_MESSAGE_MB = int(os.environ.get("TENSORFLEET_MAX_MESSAGE_MB", "512"))
 EXIT_OK, EXIT_FATAL = 0, 2
+EXIT_CRASH = 3  # a job's engine crashed (workflows/run_command.py)
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +139,8 @@ def job_dict(job) -> dict:
 def exit_code_of(job) -> int:
     from tensorfleet.client.coordinator_client import job_state
 
-    return job.exit_code if job_state(job) == "SUCCEEDED" else EXIT_FATAL
+    crashed = job_state(job) == "FAILED" and job.exit_code == EXIT_CRASH  # the engine's own crash code
+    return job.exit_code if job_state(job) == "SUCCEEDED" or crashed else EXIT_FATAL
 
 
 def _describe(job) -> str:
@@ -153,7 +155,12 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
+    from tensorfleet.core.auth import (
+        OPERATOR_SERVERS_ENV,
+        SERVER_TOKEN_FILE_ENV,
+        TokenFileError,
+        token_from,
+    )
     from tensorfleet.core.errors import TensorfleetError
     from tensorfleet.core.exposure import ExposureError
 
@@ -170,6 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
         server_token = token_from(args.server_token, args.server_token_file, use_env=False)
         if args.server_token_file:  # the jobs' engines read it there (never from a job's spec)
             os.environ[SERVER_TOKEN_FILE_ENV] = str(args.server_token_file.resolve())
+            os.environ[OPERATOR_SERVERS_ENV] = args.servers  # ...and send it only to these (model_fleet.py)
         policy = JobPolicy(
             model_roots=args.model_root, data_roots=args.data_root or [Path.cwd()],
             output_roots=args.output_root or [Path.cwd()], url_prefixes=args.allow_url_prefix,

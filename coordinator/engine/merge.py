@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..io.crashpoints import crash_point
+from ..io.output_files import OutputFolder
 from ..io.part_store import open_part
-from ..io.parts import fsync_dir
 from ..io.writers import Column, Ragged, WriteContext, open_writer
 from ..io.writers.base import writer_class
 from ..spec import InputSpec, OutputSpec
@@ -135,8 +135,20 @@ def merge(
     errors = manifest.errors()
     columns = [*_columns(job_dir, manifest, chunks, output, declared_outputs), *input_columns]
     from_input = {column.name for column in input_columns}
-    temp = temp_path_for(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
+    # the folder is checked and held open now: everything below writes through it (output_files.py)
+    with OutputFolder(final_path.parent) as folder:
+        folder.check_replaceable(final_path.name)  # before any work: never replace a file we did not write
+        return _merge_into(folder, job_dir, manifest, chunks, rows, ids_digest, output, input_spec, provenance, limit,
+                           final_path, errors, columns, from_input, input_values)
+
+
+def _merge_into(
+    folder: OutputFolder, job_dir: Path, manifest: Manifest, chunks: list[Chunk], rows: int, ids_digest: str,
+    output: OutputSpec, input_spec: InputSpec, provenance: dict[str, Any], limit: int | None, final_path: Path,
+    errors: list, columns: list[Column], from_input: set[str],
+    input_values: Callable[[int, int], dict[str, np.ndarray]] | None,
+) -> MergeResult:
+    temp = folder.at(temp_path_for(final_path).name)
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()
     context = WriteContext(
@@ -193,12 +205,12 @@ def merge(
     finals = []
     for side in side_files:
         target = final_path.with_name(side.name.replace(temp.stem, final_path.stem, 1).lstrip("."))
-        os.replace(side, target)
+        folder.replace(side.name, target.name)
         finals.append(target)
     kind = writer_class(output.format)
     for stale in getattr(kind, "side_files", lambda _: [])(final_path):
         if stale not in finals:
-            stale.unlink(missing_ok=True)
-    os.replace(temp, final_path)
-    fsync_dir(final_path.parent)
+            folder.unlink_owned(stale.name)
+    folder.replace(temp.name, final_path.name)
+    folder.fsync()
     return MergeResult(final_path, rows, len(errors), columns, finals)

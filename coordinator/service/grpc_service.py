@@ -25,6 +25,7 @@ from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.malformed import MalformedRequestInterceptor
 from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.core.tls import server_credentials
@@ -105,8 +106,14 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             await context.abort(_CODES[error.kind], str(error))
 
     async def SubmitJob(self, request, context):
+        try:  # off the event loop: health and other rpcs go on while a large spec is parsed and checked
+            prepared = await asyncio.to_thread(self.manager.prepare, request.spec, request.base_dir,
+                                               request.timeout_s, request.limit or None)
+        except JobRequestError as error:
+            await context.abort(_CODES[error.kind], str(error))
         record = await self._call(
-            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None
+            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None,
+            prepared,
         )
         return self._job(record)
 
@@ -163,7 +170,8 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             for server in self.manager.progress(record).get("servers") or []:
                 address = server["address"]
                 sources.setdefault(address, []).append(record.id)
-                tokens.setdefault(address, self.options.server_token)
+                # an address only a job named gets no token: the job's submitter may own it (issue 28 #1)
+                tokens.setdefault(address, None)
                 job_rows[address] = job_rows.get(address, 0) + int(server.get("rows") or 0)
         entries = await asyncio.gather(*(self._probe(address, tokens[address]) for address in sources))
         for entry in entries:
@@ -220,6 +228,7 @@ class CoordinatorService:
         if options.token or options.read_token:
             self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
             interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
+        interceptors.append(MalformedRequestInterceptor())  # bad bytes: INVALID_ARGUMENT (core/malformed.py)
         self.grpc = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
             options=server_options(options.max_message_bytes),

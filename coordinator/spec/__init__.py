@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .safe_yaml import SpecTooLarge, load_yaml
+from .safe_yaml import SpecMalformed, SpecTooLarge, load_yaml
 
 InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy", "csv", "tsv"]
 OutputFormat = Literal["hdf5", "parquet", "h5ad", "csv", "tsv"]
@@ -361,7 +361,7 @@ def read_job_file(path: Path) -> Any:
         return load_yaml(path.read_bytes(), str(path))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
-    except SpecTooLarge as error:
+    except (SpecTooLarge, SpecMalformed) as error:
         raise SpecError(str(error)) from None
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 from . import api
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
+EXIT_CRASH = 3  # an unhandled exception (a bug, or an input nothing checked): never "some rows failed"
+#: The line a crash ends with; the service reports what follows it (job_process.crash_message).
+CRASH_MARK = "tensorfleet: crashed: "
 
 
 def run_and_report(job: Path | str, options: api.RunOptions) -> int:
-    """Run a job file of any kind through the engine and print its summary; the exit code (0, 1 or 2)."""
+    """Run a job file of any kind through the engine and print its summary; the exit code (0, 1, 2 or 3).
+
+    An unhandled exception would leave Python's own exit status 1, the code of failed rows; it is
+    caught here and ends with EXIT_CRASH and its traceback's last line instead (issue 28 #9)."""
     try:
         result = api.run(api.load(job), options)
     except api.JobFatal as error:
@@ -20,6 +27,12 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
     except KeyboardInterrupt:
         print("tensorfleet: interrupted; committed chunks are kept: run again with --resume", file=sys.stderr)
         return EXIT_FATAL
+    except Exception as error:  # noqa: BLE001 - reported as a crash, with its traceback
+        traceback.print_exc()
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        print(f"{CRASH_MARK}{last} (committed chunks are kept; this is a bug or an input nothing checked: "
+              "please report it)", file=sys.stderr)
+        return EXIT_CRASH
     print(result.summary())
     if result.rows_failed:
         print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed (once their cause is fixed, "

@@ -35,6 +35,7 @@ from ..engine.job import (
 from ..engine.manifest import MANIFEST_NAME
 from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
+from ..io.output_files import OutputFolder
 from ..spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
 from ..spec.kinds import SourceSpec, SweepModelSpec, SweepSpec
 
@@ -184,12 +185,13 @@ def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Pat
         provenance[f"{name}s"] = list(dict.fromkeys(values))
     metadata[b"tensorfleet"] = json.dumps(provenance, sort_keys=True).encode()
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).replace_schema_metadata(metadata)
-    sheet.parent.mkdir(parents=True, exist_ok=True)
-    temp = sheet.with_name(f".{sheet.name}.partial")
-    pq.write_table(table, temp)
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, sheet)
+    with OutputFolder(sheet.parent) as folder:  # checked and held open; never replaces a file we did not write
+        folder.check_replaceable(sheet.name)
+        temp = folder.at(f".{sheet.name}.partial")
+        pq.write_table(table, temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        folder.replace(temp.name, sheet.name)
 
 
 def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOptions, job_dir: Path) -> RunResult:
