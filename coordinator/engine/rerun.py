@@ -149,8 +149,10 @@ def check_same_job(job_dir: Path, identity: JobIdentity) -> None:
 @contextlib.contextmanager
 def rerun_guard(job_dir: Path, spec: Any, restart: bool) -> Iterator[None]:
     """Around one run of a job (not a dry run): refuse a folder that holds a changed job, record
-    the job's identity as soon as its folder exists, and leave no folder behind a run that
-    stopped before planning anything (as before, a failed plan leaves nothing to clean up)."""
+    the job's identity as soon as its folder exists (so a run killed at any point left it), and
+    leave no folder behind a run that stopped before planning anything (as before, a failed
+    plan leaves nothing to clean up). A --restart is recorded once it succeeded; one killed
+    midway leaves a folder without job.json, continued as a folder from before job.json."""
     identity = job_identity(spec, stored_identity(job_dir))
     created = False
     if not restart:
@@ -161,11 +163,13 @@ def rerun_guard(job_dir: Path, spec: Any, restart: bool) -> Iterator[None]:
         write_identity(job_dir, identity)
     try:
         yield
-    finally:
+    except BaseException:
+        # A --restart that failed is not recorded: it may have been refused before removing the
+        # old folder (another coordinator at work on it), whose job.json must then stay.
         if created and not holds_work(job_dir):
             shutil.rmtree(job_dir, ignore_errors=True)
-        else:  # after --restart (which removed the old folder), or refreshing the inputs' stat
-            write_identity(job_dir, identity)
+        raise
+    write_identity(job_dir, identity)  # after --restart (which removed the old folder), or the inputs' new stat
 
 
 def write_identity(job_dir: Path, identity: JobIdentity) -> None:
