@@ -175,3 +175,20 @@ def test_a_folder_from_before_job_json_is_continued(tmp_path):
     continued = run_tensorfleet("run", job)
     assert continued.returncode == 0, continued.stderr
     assert rows_computed(continued.stdout) < total and (top / IDENTITY_NAME).is_file()
+
+
+def test_a_changed_stage_or_source_is_named_by_its_name(tmp_path):
+    """Lists of stages, models and sources are compared item by item, each named."""
+    multi_stage(tmp_path)
+    spec = load_job(tmp_path / "job.yaml")
+    before = job_identity(spec).to_json()
+    stages = [spec.stages[0], spec.stages[1].model_copy(update={
+        "model": spec.stages[1].model.model_copy(update={"parameters": {"steps": 4}})})]
+    changed = job_identity(spec.model_copy(update={"stages": stages}))
+    assert differences(before, changed) == ["stages[head].model.parameters.steps 3 -> 4"]
+    sweep(tmp_path)
+    spec = load_job(tmp_path / "job.yaml")
+    before = job_identity(spec).to_json()
+    sources = [spec.sources[0], spec.sources[1].model_copy(update={"path": str(tmp_path / "a.fasta")})]
+    assert differences(before, job_identity(spec.model_copy(update={"sources": sources}))) == [
+        f"sources[b].path {str(tmp_path / 'b.fasta')!r} -> {str(tmp_path / 'a.fasta')!r}"]
