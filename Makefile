@@ -74,7 +74,7 @@ protos: install
 	$(BIN)/python -m tensorfleet.protos.generate
 
 # Each prints one JSON line with its ratio against a baseline measured in the same run.
-BENCHES := serve_overhead coordinator end_to_end transport rest batching scale warm_start
+BENCHES := serve_overhead coordinator end_to_end transport rest batching scale warm_start rerun
 bench: models
 	for name in $(BENCHES); do $(BIN)/python -m bench.$$name || exit 1; done
 

@@ -42,7 +42,8 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     run.add_argument("job", type=Path, help="job file (YAML); see `tensorfleet schema`")
     run.add_argument("--job-dir", type=Path, help="checkpoint folder (default: job_dir in the spec, else <output>.tfjob)")
     mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the job in the job folder")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the job in the job folder (what no flag does; kept for old scripts)")
     mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
     mode.add_argument("--retry-failed", action="store_true",
                       help="continue the job (as --resume) and compute again the chunks holding failed rows")

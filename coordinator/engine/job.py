@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from tensorfleet.core.version import __version__ as tensorfleet_version
-
 from ..fleet.discovery import Discovery
 from ..fleet.model_fleet import ModelFleet
 from ..fleet.model_info import ModelInfo
@@ -43,6 +41,7 @@ from .dispatcher import CompletedChunk, Dispatcher, DispatchFatal
 from .manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
 from .planner import Plan, PlanError, fingerprint, make_plan
 from .progress import Progress, write_json_atomic
+from .provenance import output_provenance
 from .source import FieldMappingError, RequestSource, resolve_fields
 
 if TYPE_CHECKING:
@@ -95,6 +94,13 @@ class RunResult:
     def rows_per_second(self) -> float:
         return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
 
+    def speed_line(self, where: str = "") -> str:
+        """What this run computed; a re-run of a finished job says so instead of `0 rows in 0.0s`."""
+        if not self.rows_computed:
+            return "nothing computed: every chunk was already done (--restart computes them again)"
+        return (f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
+                + where)
+
     def summary(self) -> str:
         if self.output is None:
             return self.plan_text
@@ -103,8 +109,7 @@ class RunResult:
             f"output: {self.output}",
             f"rows: {self.rows} ({self.rows - self.rows_failed} ok, {self.rows_failed} failed)",
             f"outputs: {dims}",
-            f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
-            f" on {len(self.servers)} server(s)",
+            self.speed_line(f" on {len(self.servers)} server(s)"),
             f"job folder: {self.job_dir}",
         ]
         lines += [f"uploaded: {url}" for url in self.uploaded]
@@ -269,6 +274,8 @@ class StageHooks:
     #: (context id, tensors): a prompt put once per stream; or a function of the model's
     #: description that makes it (a prompt aligned to the model's genes), called once by adapt().
     context: tuple[str, dict[str, np.ndarray]] | Callable[[ModelInfo, InputReport], tuple[str, dict[str, np.ndarray]]] | None = None
+    #: More provenance for the merged output (a multi-stage job's earlier stages), asked at the merge.
+    provenance: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -497,17 +504,7 @@ def _execute(ctx: RunContext) -> RunResult:
         )
     if progress is not None:
         progress.tick("merging", force=True)
-    provenance = {
-        "tensorfleet_version": tensorfleet_version,
-        **(manifest.meta("model") or (ctx.info.provenance() if ctx.info else {})),
-        "spec_sha256": manifest.meta("spec_sha256", spec.digest()),
-        "job_name": spec.name,
-        "servers": manifest.servers(),
-        "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
-        "batch_rows": manifest.plan_settings().get("batch_rows"),
-        "token_budget": manifest.plan_settings().get("token_budget"),
-        **(manifest.meta("input_report") or {}),
-    }
+    provenance = output_provenance(spec, manifest, ctx.info, ctx.hooks.provenance)
     adapt(ctx, ctx.info or ctx.fleet.info())  # the merge copies input columns from the reader the job read
     reader = ctx.reader
     declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}

@@ -196,6 +196,9 @@ def _combine(output: Path, results: list[tuple[str, RunResult]], spec: InContext
         for key in ("tensorfleet_ok", "tensorfleet_error"):
             if key in other.obs:
                 adata.obs[f"{key}_{run}"] = other.obs[key].values
+        # the control run's own provenance (its prompt, that prompt's alignment), beside the prompt run's
+        adata.uns.setdefault("tensorfleet", {})[f"provenance_{run}"] = dict(
+            other.uns.get("tensorfleet", {}).get("provenance", {}))
     with OutputFolder(output.parent) as folder:
         folder.check_replaceable(output.name)
         temp = folder.at(f".{output.stem}.partial{output.suffix}")

@@ -28,6 +28,7 @@ from ..engine.job import (
     run_one,
 )
 from ..engine.manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
+from ..engine.provenance import run_facts
 from ..engine.status import MARKER_NAME, open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..io.joblock import JobLocked
@@ -119,10 +120,11 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             sub = _stage_job(spec, index, dirs[index])
             last = index == len(spec.stages) - 1
             resume = (dirs[index] / MANIFEST_NAME).is_file()
-            if resume and not last and _finished(dirs[index]):
+            finished = resume and _finished(dirs[index])
+            if finished and not last:
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
-            hooks = StageHooks(merge_output=last)
+            hooks = StageHooks(merge_output=last, provenance=(lambda: _stages_provenance(spec, dirs)) if last else None)
             if index == 0:
                 reader = open_input(spec.input)
             else:
@@ -135,8 +137,9 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                         named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
                 reader = StagesReader(spec.input, previous, named) if named else previous
                 hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
-                planning_input = open_input(spec.input)
-                planning = _declared_reader(spec, index, planning_input, fleets)
+                if not finished:  # a finished last stage plans nothing (no model asked, no server reached)
+                    planning_input = open_input(spec.input)
+                    planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
                 progress_stream=options.progress_stream if last else _Quiet(),
@@ -191,6 +194,22 @@ def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: lis
 
     named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
     return StagesReader(spec.input, declared(index - 1), named)
+
+
+def _stages_provenance(spec: PipelineSpec, dirs: list[Path]) -> dict:
+    """Every stage's model, parameters and input facts, for the output's provenance: the last
+    stage's model alone does not say how the output was made."""
+    stages = []
+    for stage, stage_dir in zip(spec.stages, dirs, strict=True):
+        manifest = Manifest.open_existing(stage_dir)
+        facts = {}
+        if manifest is not None:
+            try:
+                facts = run_facts(manifest)
+            finally:
+                manifest.close()
+        stages.append({"stage": stage.name, **facts})
+    return {"stages": stages}
 
 
 def _finished(stage_dir: Path) -> bool:

@@ -25,7 +25,8 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
         print(f"tensorfleet: error: {error}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
-        print("tensorfleet: interrupted; committed chunks are kept: run again with --resume", file=sys.stderr)
+        print("tensorfleet: interrupted; committed chunks are kept: run the same command again to continue",
+              file=sys.stderr)
         return EXIT_FATAL
     except Exception as error:  # noqa: BLE001 - reported as a crash, with its traceback
         traceback.print_exc()

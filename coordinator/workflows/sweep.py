@@ -173,9 +173,12 @@ def _column_names(parts: list[tuple[str, Path | None]], model: str) -> list[str]
 def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Path | None]) -> None:
     """Stack parquet files under leading key columns (one value per file); atomic."""
     tables = []
+    parts = []  # each (model, source) file's own provenance: models differ in build and parameters
     for index, path in enumerate(paths):
         assert path is not None
         table = pq.read_table(path)
+        parts.append({**{name: values[index] for name, values in keys},
+                      **json.loads((table.schema.metadata or {}).get(b"tensorfleet", b"{}"))})
         for position, (name, values) in enumerate(keys):
             table = table.add_column(position, name, pa.array([values[index]] * table.num_rows, pa.string()))
         tables.append(table)
@@ -183,6 +186,7 @@ def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Pat
     provenance = json.loads(metadata.get(b"tensorfleet", b"{}"))
     for name, values in keys:
         provenance[f"{name}s"] = list(dict.fromkeys(values))
+    provenance["parts"] = parts
     metadata[b"tensorfleet"] = json.dumps(provenance, sort_keys=True).encode()
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).replace_schema_metadata(metadata)
     with OutputFolder(sheet.parent) as folder:  # checked and held open; never replaces a file we did not write
@@ -224,6 +228,6 @@ class SweepResult(RunResult):
         return "\n".join([
             *(f"sheet: {path}" for path in self.sheets),
             f"rows: {self.rows} ({self.rows - self.rows_failed} ok, {self.rows_failed} failed) over all models",
-            f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s",
+            self.speed_line(),
             f"job folder: {self.job_dir}",
         ])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tensorfleet.core.extras import EXTRAS, missing_module_message
+
 from ...spec import InputSpec
 
 
@@ -162,4 +164,9 @@ def check_declared_sizes(path: str, rows: int, fields: dict[str, FieldInfo]) -> 
 def _load(fmt: str | None) -> None:
     module = MODULES.get(fmt or "")
     if module and fmt not in _REGISTRY:
-        importlib.import_module(f"{__package__}.{module}")
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] not in EXTRAS:
+                raise
+            raise InputError(missing_module_message(error, f"reading {fmt} input")) from None
