@@ -139,6 +139,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._waiting: str | None = None  # "head" or "body": the client owes us that
         self._head_started = False  # bytes of a request head arrived while waiting for one
+        self._last_data = 0.0  # loop time of the last body bytes
 
     # --- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -164,7 +165,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport is None:
             return
         if self._waiting == "body":
-            self._wait_for("body", self.body_timeout)  # a byte arrived: the body clock starts again
+            self._last_data = self.loop.time()  # the body clock starts again (checked when the timer fires)
         elif self._waiting == "head":
             self._head_started = True
         super().data_received(data)
@@ -192,6 +193,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._waiting = what
         self._head_started = False
+        self._last_data = self.loop.time()
         self._timer = self.loop.call_later(seconds, self._timed_out)
 
     def _disarm(self) -> None:
@@ -203,9 +205,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         what, self._timer = self._waiting, None
         if what is None or self.transport is None or self.transport.is_closing():
             return
-        if what == "body" and self.flow is not None and self.flow.read_paused:
-            self._wait_for("body", self.body_timeout)  # we stopped reading, not the client
-            return
+        if what == "body":
+            now = self.loop.time()
+            if self.flow is not None and self.flow.read_paused:
+                self._last_data = now  # we stopped reading, not the client
+            remaining = self._last_data + self.body_timeout - now
+            if remaining > 0:  # bytes came since the timer was set: wait the rest
+                self._timer = self.loop.call_later(remaining, self._timed_out)
+                return
         limit = self.header_timeout if what == "head" else self.body_timeout
         self._waiting = None
         if self.cycle is not None and not self.cycle.response_complete:
