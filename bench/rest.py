@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,16 +181,16 @@ def tritonclient_rows(args: argparse.Namespace, grpc_address: str, rest_address:
 
 
 def perf_analyzer_rows(args: argparse.Namespace, grpc_address: str, rest_address: str, tmp: Path) -> dict:
-    """perf_analyzer at concurrency 1 both ways, per case: inferences/s and p50/p90 latency (ms)."""
+    """perf_analyzer at concurrency 1 both ways, per case: p50 latency (ms) and inferences/s, the
+    median of `--rounds` runs a side, the runs taking turns (http, grpc, http, ...)."""
     if not PERF_ANALYZER.exists():
         return {"skipped": f"perf_analyzer is not installed at {PERF_ANALYZER} (make perf-analyzer)"}
     libs = glob.glob(str(PERF_ANALYZER.parents[1] / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib"))
     env = {**os.environ, "LD_LIBRARY_PATH": ":".join([*libs, os.environ.get("LD_LIBRARY_PATH", "")])}
-    rows: dict = {}
+    runs: dict = {}
     for label, model, elements in SEQUENTIAL_CASES:
-        row: dict = {}
-        for protocol, address in (("http", rest_address), ("grpc", grpc_address)):
-            report = tmp / f"perf-{model}-{elements}-{protocol}.csv"
+        for run, (protocol, address) in enumerate([("http", rest_address), ("grpc", grpc_address)] * args.rounds):
+            report = tmp / f"perf-{model}-{elements}-{protocol}-{run}.csv"
             shape = [] if model == "simple" else ["--shape", f"x:{elements}"]
             done = subprocess.run(
                 [str(PERF_ANALYZER), "-m", model, "-u", address, "-i", protocol, *shape,
@@ -201,9 +202,13 @@ def perf_analyzer_rows(args: argparse.Namespace, grpc_address: str, rest_address
             if done.returncode != 0:
                 raise RuntimeError(f"perf_analyzer -i {protocol} on {model}: {(done.stdout + done.stderr)[-3000:]}")
             found = next(csv.DictReader(report.open()))
-            row[protocol] = {"infer_per_s": round(float(found["Inferences/Second"]), 1),
-                             "p50_ms": round(float(found["p50 latency"]) / 1000, 3),
-                             "p90_ms": round(float(found["p90 latency"]) / 1000, 3)}
+            runs.setdefault(label, {}).setdefault(protocol, []).append(
+                (float(found["p50 latency"]) / 1000, float(found["Inferences/Second"])))
+    rows: dict = {}
+    for label, sides in runs.items():  # the median run of each side (runs alternate http, grpc)
+        row: dict = {side: {"p50_ms": round(statistics.median(p50 for p50, _ in found), 3),
+                            "infer_per_s": round(statistics.median(rate for _, rate in found), 1),
+                            "runs": len(found)} for side, found in sides.items()}
         row["ratio_http_over_grpc_p50"] = round(row["http"]["p50_ms"] / row["grpc"]["p50_ms"], 3)
         rows[label] = row
     return rows

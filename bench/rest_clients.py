@@ -2,9 +2,10 @@
 
 Run by `python -m bench.rest --sequential` as a process of its own: tritonclient.grpc and
 tensorfleet both register a protobuf package named `inference`, so they cannot share one. Per
-case (a model and a tensor size) and round, `--requests` calls of tritonclient.http (binary
-tensor data, one keep-alive connection, the client's defaults otherwise) then as many of
-tritonclient.grpc; every reply is checked. Prints one JSON object: per case and protocol the
+case (a model and a tensor size), `--rounds` x `--requests` calls of tritonclient.http (binary
+tensor data, one keep-alive connection, the client's defaults otherwise) and as many of
+tritonclient.grpc, taking turns call by call (so that a burst of load on a shared machine
+falls on both); every reply is checked. Prints one JSON object: per case and protocol the
 median, p90 and mean milliseconds of a call.
 
     python bench/rest_clients.py --http 127.0.0.1:P --grpc 127.0.0.1:Q --case simple:16 --case identity_fp32:16
@@ -78,12 +79,11 @@ def main() -> int:
         for call in calls.values():  # warm both paths, and check them
             for _ in range(5):
                 call()
-        for _ in range(args.rounds):
+        for _ in range(args.rounds * args.requests):  # call by call in turn: both sides see the same load
             for side, call in calls.items():
-                for _ in range(args.requests):
-                    started = time.perf_counter()
-                    call()
-                    laps[side].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                call()
+                laps[side].append(time.perf_counter() - started)
         rows = {side: summary(seconds) for side, seconds in laps.items()}
         rows["ratio_http_over_grpc_median"] = round(rows["http"]["median_ms"] / rows["grpc"]["median_ms"], 3)
         results[case] = rows
