@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -33,11 +33,6 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("tensorfleet_queue_depth", "Requests waiting", ["model"], registry=r)
         self._ok: dict[str, Counter] = {}  # requests{model, outcome="ok"} per model
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics over HTTP; returns the bound port (0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
 
     def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
         # the labelled children once per model, not a labels() lookup (lock, tuple, dict) per batch

@@ -38,6 +38,7 @@ from .shared_memory import DEFAULT_MAX_BYTES, SWEEP_INTERVAL_S, SharedMemoryRegi
 
 if TYPE_CHECKING:
     from .frontends.http_app import HttpFrontEnd
+    from .frontends.metrics_app import MetricsFrontEnd
 
 log = logging.getLogger("tensorfleet.server")
 
@@ -94,6 +95,8 @@ class ServerOptions:
     metrics_port: int | None = None
     http_port: int | None = None  # REST (OIP HTTP) beside gRPC, same host, auth and TLS
     http_port_file: Path | None = None
+    #: Host names the HTTP faces accept besides loopback, IPs and --host (only checked with no token).
+    http_allow_hosts: list[str] = field(default_factory=list)
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -133,6 +136,7 @@ class ModelServer:
                        insecure=options.insecure, what="model server")
         self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
         self.http: HttpFrontEnd | None = None
+        self.metrics_http: MetricsFrontEnd | None = None
         # innermost: a request that does not parse is INVALID_ARGUMENT (core/malformed.py), not UNKNOWN
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), MalformedRequestInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
@@ -198,12 +202,15 @@ class ModelServer:
             raise RuntimeError(f"could not bind {address}")
         await self._set_health(False)
         await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
-        if self.options.http_port is not None:
-            try:
+        try:
+            if self.options.http_port is not None:
                 await self._start_http()
-            except BaseException:
-                await self.grpc.stop(None)
-                raise
+            if self.options.metrics_port is not None:
+                await self._start_metrics()
+        except BaseException:
+            await self._stop_http()
+            await self.grpc.stop(None)
+            raise
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await self.runtime.load_all()
@@ -212,9 +219,6 @@ class ModelServer:
                 self.runtime.served(entry.name).batcher.start()
             else:
                 log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
-        if self.options.metrics_port is not None:
-            port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
-            log.info("Prometheus metrics on port %d", port)
         await self._set_health(True)
         if self.options.port_file:
             write_port_file(self.options.port_file, self.port)
@@ -232,11 +236,34 @@ class ModelServer:
         auth = TokenAuth({SUBMIT: options.token}) if options.token else None  # as on gRPC: one role
         app = build_app(self.dataplane, auth, self.metrics.registry, max_body_bytes=options.max_message_bytes)
         self.http = HttpFrontEnd(app, options.host, options.http_port or 0, tls_cert=options.tls_cert,
-                                 tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds)
+                                 tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds,
+                                 browser_guard=not options.token, allow_hosts=options.http_allow_hosts)
         port = await self.http.start()
         log.info("REST (Open Inference Protocol HTTP) on %s:%d", options.host, port)
         if options.http_port_file:
             write_port_file(options.http_port_file, port)
+
+    async def _start_metrics(self) -> None:
+        from .frontends.metrics_app import (  # uvicorn only when asked for
+            MetricsFrontEnd,
+            build_metrics_app,
+        )
+
+        options = self.options
+        auth = TokenAuth({SUBMIT: options.token}) if options.token else None
+        self.metrics_http = MetricsFrontEnd(
+            build_metrics_app(self.metrics.registry, auth), options.host, options.metrics_port or 0,
+            tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            shutdown_seconds=options.drain_seconds, browser_guard=not options.token,
+            allow_hosts=options.http_allow_hosts,
+        )
+        port = await self.metrics_http.start()
+        log.info("Prometheus metrics on port %d", port)  # same token and TLS as gRPC
+
+    async def _stop_http(self) -> None:
+        for front in (self.http, self.metrics_http):
+            if front is not None:
+                await front.stop()
 
     async def run_until_stopped(self, *, signals: bool = True) -> None:
         """Serve until drain() (SIGTERM/SIGINT when `signals`), then stop: in-flight requests
@@ -253,8 +280,7 @@ class ModelServer:
         # Waits for in-flight rpcs (streams included) up to the grace period.
         await self._wait_for_in_flight(self.options.drain_seconds)
         await self.grpc.stop(grace=self.options.drain_seconds)
-        if self.http is not None:
-            await self.http.stop()
+        await self._stop_http()
         await self.runtime.close()
         self.shared_memory.close()
         log.info("stopped")

@@ -75,6 +75,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                        help="serve a read-only web dashboard (jobs, progress chart, failed rows, servers) on this "
                             "port, same host, tokens and TLS; 0 picks a free one")
     serve.add_argument("--http-port-file", type=Path, help="write the dashboard's bound port here")
+    serve.add_argument("--http-allow-host", action="append", dest="http_allow_hosts", default=[],
+                       help="with no token, the dashboard answers only Host names that are loopback names, IP "
+                       "addresses or --host: add one (repeatable; '*' for any; also $TENSORFLEET_HTTP_ALLOW_HOSTS)")
     serve.add_argument("--tls-cert", type=Path)
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--tls-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
@@ -189,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
             keep_finished=max(0, args.keep_finished),
             servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
-            http_port=args.http_port, http_port_file=args.http_port_file,
+            http_port=args.http_port, http_port_file=args.http_port_file, http_allow_hosts=args.http_allow_hosts,
         )
         asyncio.run(serve(options))
     except (TokenFileError, ExposureError, ValueError, TensorfleetError) as error:

@@ -85,6 +85,8 @@ class ServiceOptions:
     #: The read-only web dashboard (dashboard.py) on this port, same host, token and TLS.
     http_port: int | None = None
     http_port_file: Path | None = None
+    #: Host names the dashboard accepts besides loopback, IPs and --host (only checked with no token).
+    http_allow_hosts: list[str] = field(default_factory=list)
 
 
 class CoordinatorServicer(tf_grpc.CoordinatorServicer):
@@ -280,6 +282,7 @@ class CoordinatorService:
         self.dashboard = DashboardServer(
             build_app(self.dashboard_data, self.auth), options.host, options.http_port or 0,
             tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            browser_guard=not (options.token or options.read_token), allow_hosts=options.http_allow_hosts,
         )
         port = await self.dashboard.start()
         log.info("dashboard on http%s://%s:%d/", "s" if options.tls_cert else "", options.host, port)
