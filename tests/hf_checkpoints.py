@@ -118,12 +118,20 @@ def load_reference(folder: Path, cls: str = "AutoModel"):
 
 
 def reference_embed(model, tokenizer, texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
-    """mean (real non-special tokens), cls, last and per-token states of `texts` padded together."""
+    """mean (real non-special tokens), cls, last and per-token states of `texts` padded together.
+
+    One intra-op thread, as the servers in the tests run (`--threads 1`): a CPU kernel may
+    split its sums differently with more threads, and bitwise comparisons need the same split."""
     encoded = tokenizer(texts, padding=True, return_special_tokens_mask=True, return_tensors="pt",
                         truncation=max_length is not None, max_length=max_length)
     real = ((encoded["attention_mask"] == 1) & (encoded["special_tokens_mask"] == 0)).float()
-    with torch.inference_mode():
-        hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
+    finally:
+        torch.set_num_threads(threads)
     mean = (hidden * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True)
     last = encoded["attention_mask"].sum(dim=1) - 1
     per_token = [hidden[row, real[row].bool()].numpy() for row in range(len(texts))]

@@ -19,6 +19,7 @@ other backend and names the extra when a model asks for this one.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,9 @@ POOLED = ("mean", "cls", "last")
 RAGGED = ("per_token", "hidden_states")
 KNOWN_OUTPUTS = (*POOLED, *RAGGED, "length")
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: The server loads its models in parallel threads; transformers' lazy module is not safe to
+#: import from two at once (one thread sees a half-made module: "no attribute AutoModel").
+_IMPORT_LOCK = threading.Lock()
 #: A tokenizer's model_max_length above this is transformers' "no limit" placeholder.
 _NO_LIMIT = 1_000_000
 
@@ -61,6 +65,10 @@ class TransformersBackend(Backend):
 
     # --- load ---------------------------------------------------------------------------
     def load(self) -> None:
+        with _IMPORT_LOCK:
+            self._load()
+
+    def _load(self) -> None:
         config = self.context.config
         settings = config.transformers
         if settings is None:
