@@ -195,6 +195,9 @@ class ModelSpec(Strict):
     @classmethod
     def _parameter_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         reserved = sorted(name for name in value if name.startswith("tensorfleet.") or not name)
+        if "trust_remote_code" in value:
+            raise ValueError("parameters.trust_remote_code: a job cannot allow a checkpoint's own code; the "
+                             "operator sets transformers.trust_remote_code in the model's config.yaml")
         if reserved:
             raise ValueError(f"parameters {reserved}: names starting with 'tensorfleet.' are the coordinator's own")
         return value
