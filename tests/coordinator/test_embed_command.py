@@ -132,3 +132,29 @@ def test_embed_names_what_is_wrong(checkpoint, tmp_path):
     bad = run_tensorfleet("embed", "lab/never-downloaded", tmp_path / "in.fasta", "-o", tmp_path / "o.h5",
                           env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
     assert bad.returncode == 2 and "not in the local Hugging Face cache" in bad.stderr
+
+
+def test_embed_files_through_submit_wait_to_a_coordinator_service(checkpoint, tmp_path):
+    """The operator keeps the written model repository under --model-root; the job file goes to
+    `tensorfleet submit --wait` unchanged and its output equals transformers in-process."""
+    from tests.security.helpers import spawned
+
+    root, folder, model, tokenizer = checkpoint
+    for name in ("data", "out"):
+        (tmp_path / name).mkdir()
+    records = make_fasta(tmp_path / "data" / "in.fasta", 10, seed=8)
+    out = tmp_path / "out" / "emb.h5"
+    files = tmp_path / "embed-files"
+    written = run_tensorfleet("embed", folder, tmp_path / "data" / "in.fasta", "-o", out, "--gpus", "0",
+                              "--threads", "1", "--files-dir", files, "--write-only")
+    assert written.returncode == 0, written.stderr
+    assert written.stdout.strip() == str(files / "job.yaml") and not out.exists()
+    args = ["coordinator", "serve", "--state-dir", tmp_path / "state", "--data-root", tmp_path / "data",
+            "--output-root", tmp_path / "out", "--model-root", files / "models"]
+    with spawned(args, tmp_path / "coordinator") as service:
+        done = run_tensorfleet("submit", files / "job.yaml", "--wait", "--coordinator", service.address)
+    assert done.returncode == 0, done.stderr + done.stdout
+    with h5py.File(out) as f:
+        assert [v.decode() for v in f["ids"][:]] == [key for key, _ in records]
+        np.testing.assert_allclose(f["mean"][:], _alone(model, tokenizer, [s for _, s in records])["mean"],
+                                   rtol=0, atol=TOLERANCE)
