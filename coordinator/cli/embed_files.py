@@ -87,6 +87,14 @@ def model_name(request: EmbedRequest, folder: Path) -> str:
     return name[:100]
 
 
+def _tokenizer_class(folder: Path) -> str:
+    path = folder / "tokenizer_config.json"
+    try:
+        return str(json.loads(path.read_text()).get("tokenizer_class", "")) if path.is_file() else ""
+    except (OSError, ValueError):
+        return ""
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -129,6 +137,8 @@ def write_model_repository(request: EmbedRequest, folder: Path, repository: Path
     if request.max_length:
         section["max_length"] = request.max_length
     section["over_length"] = request.over_length
+    if _tokenizer_class(folder) == "EsmTokenizer":
+        section["case"] = "upper"  # ESM's vocabulary is upper-case residues; FASTA files may be lower
     section["checksums"] = {
         p.name: _sha256(p) for p in sorted(folder.iterdir())
         if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES)

@@ -219,6 +219,9 @@ class TransformersBackend(Backend):
             kept = [np.flatnonzero(~np.isin(tokens, self.special_ids)) for tokens in rows]
         else:
             texts = [_text(item, name, index) for index, item in enumerate(np.asarray(column, dtype=object).reshape(-1))]
+            case = self.context.config.transformers.case
+            if case != "keep":
+                texts = [text.upper() if case == "upper" else text.lower() for text in texts]
             encoded = self.tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True)
             rows = [np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]]
             masks = [np.asarray(mask, dtype=bool) for mask in encoded["special_tokens_mask"]]

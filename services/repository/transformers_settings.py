@@ -32,6 +32,9 @@ class TransformersSettings(BaseModel):
     #: operator's own model repository, never from a job or a request (see docs/security.md).
     trust_remote_code: bool = False
     task: Literal["embed"] = "embed"
+    #: Change each text's case before tokenizing: ESM's vocabulary holds upper-case residues
+    #: only (a lower-case protein would be one <unk>), k-mer vocabularies are often upper too.
+    case: Literal["keep", "upper", "lower"] = "keep"
     #: Which hidden state the outputs come from: -1 the last layer, 0 the embeddings, N layer N.
     layer: int = -1
     #: With an output named `hidden_states`: per-token states of this layer (same numbering).
