@@ -87,6 +87,15 @@ def model_name(request: EmbedRequest, folder: Path) -> str:
     return name[:100]
 
 
+def _characters_per_row(folder: Path, max_tokens: int | None) -> int | None:
+    """For a tokenizer of one token per character (ESM's), the characters a row may have: the
+    token limit less <cls> and <eos>. None for others (their token counts are not the text's)."""
+    if _tokenizer_class(folder) != "EsmTokenizer":
+        return None
+    limit = max_tokens or json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    return int(limit) - 2 if isinstance(limit, int) and limit > 2 else None
+
+
 def _tokenizer_class(folder: Path) -> str:
     path = folder / "tokenizer_config.json"
     try:
@@ -143,6 +152,10 @@ def write_model_repository(request: EmbedRequest, folder: Path, repository: Path
         p.name: _sha256(p) for p in sorted(folder.iterdir())
         if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES)
     }
+    sequence: dict[str, Any] = {"name": "sequence", "datatype": "BYTES", "shape": []}
+    residues = _characters_per_row(folder, request.max_length)
+    if residues:  # one token per character: the job's input.over_length applies before sending
+        sequence["max_length"] = residues
     outputs = [{"name": pool, "datatype": "FP32", "shape": [width]} for pool in request.pools]
     if request.per_token:
         outputs += [{"name": "per_token", "datatype": "FP32", "shape": [-1, width], "ragged": True},
@@ -154,7 +167,7 @@ def write_model_repository(request: EmbedRequest, folder: Path, repository: Path
         "max_batch_size": request.max_batch_size,
         "transformers": section,
         "precision": request.precision,
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
+        "inputs": [sequence],
         "outputs": outputs,
         "batching": {"max_queue_delay_ms": 2, "token_budget": request.token_budget, "length_bucket": 32},
     }
@@ -179,7 +192,7 @@ def job_document(request: EmbedRequest, name: str, outputs: list[str]) -> dict[s
         if request.threads:
             local["args"] = ["--threads", str(request.threads)]
         model["local"] = local
-    source: dict[str, Any] = {"path": str(request.input.resolve())}
+    source: dict[str, Any] = {"path": str(request.input.resolve()), "over_length": request.over_length}
     if request.column:
         source["tensors"] = {"sequence": request.column}
     if request.ids:

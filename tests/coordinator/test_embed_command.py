@@ -158,3 +158,20 @@ def test_embed_files_through_submit_wait_to_a_coordinator_service(checkpoint, tm
         assert [v.decode() for v in f["ids"][:]] == [key for key, _ in records]
         np.testing.assert_allclose(f["mean"][:], _alone(model, tokenizer, [s for _, s in records])["mean"],
                                    rtol=0, atol=TOLERANCE)
+
+
+def test_embed_applies_the_over_length_policy_of_the_job(checkpoint, tmp_path):
+    """ESM's tokenizer is one token per residue, so embed declares max_length in residues (the
+    token limit less <cls>/<eos>) and the job's over_length decides: error fails that row alone."""
+    _, folder, model, tokenizer = checkpoint
+    (tmp_path / "in.fasta").write_text(">short\nMKTAYIAK\n>long\n" + "M" * 30 + "\n>also\nACDEF\n")
+    out = tmp_path / "o.h5"
+    done = run_tensorfleet("embed", folder, tmp_path / "in.fasta", "-o", out, "--gpus", "0", "--threads", "1",
+                           "--max-length", "12", "--over-length", "error")
+    assert done.returncode == 1, done.stderr  # some rows failed: the long one
+    with h5py.File(out) as f:
+        ok, mean = f["ok"][:], f["mean"][:]
+        message = f["errors"]["message"][0].decode()
+    assert ok.tolist() == [True, False, True] and "at most 10 (input.over_length: error)" in message
+    want = _alone(model, tokenizer, ["MKTAYIAK", "ACDEF"])["mean"]
+    np.testing.assert_allclose(mean[[0, 2]], want, rtol=0, atol=TOLERANCE)
