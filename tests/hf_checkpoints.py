@@ -132,6 +132,7 @@ def reference_embed(model, tokenizer, texts: list[str], max_length: int | None =
             hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
     finally:
         torch.set_num_threads(threads)
+    hidden = hidden.float()
     mean = (hidden * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True)
     last = encoded["attention_mask"].sum(dim=1) - 1
     per_token = [hidden[row, real[row].bool()].numpy() for row in range(len(texts))]

@@ -53,7 +53,9 @@ def served(tmp_path_factory):
     model_folder(repo, "bert", {"path": "../../ck/bert"}, OUTPUTS)  # relative to the model folder
     model_folder(repo, "rob", {"path": "lab/dna-roberta", "revision": "v1"}, OUTPUTS)
     model_folder(repo, "esm_budget", {"path": str(checkpoints["esm"]), "layer": 1}, ["mean", "per_token", "length"],
-                 batching={"token_budget": 40, "length_bucket": 8, "pad_to_bucket": True})
+                 batching={"token_budget": 40, "length_bucket": 8, "pad_to_bucket": True, "warmup_shapes": [[2, 16]]},
+                 warmup=[{"sequence": "MKTAYIAK"}])
+    model_folder(repo, "esm_bf16", {"path": str(checkpoints["esm"])}, ["mean"], precision="bf16")
     model_folder(repo, "esm_strict", {"path": str(checkpoints["esm"]), "max_length": 12, "over_length": "error"},
                  ["mean"])
     # other weights, same config: a fingerprint that differs
@@ -114,6 +116,21 @@ def test_token_budget_sub_batches_and_a_chosen_layer_match_rows_run_alone(served
         np.testing.assert_allclose(got["mean"][row], states.mean(axis=0), rtol=0, atol=TOLERANCE)
         assert got["length"][row] == len(states)
         np.testing.assert_allclose(got["per_token"][row][: len(states)], states, rtol=0, atol=TOLERANCE)
+
+
+def test_bf16_precision_loads_the_weights_in_bf16_and_answers_fp32(served):
+    """Tolerance 1e-2: bf16 keeps 8 bits of mantissa; the server and transformers in-process, both
+    in bf16, may still round differently where the batch is padded differently."""
+    _, checkpoints, client, _, _ = served
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(str(checkpoints["esm"]), dtype=torch.bfloat16).eval()
+    _, tokenizer = load_reference(checkpoints["esm"])
+    want = reference_embed(model, tokenizer, ROWS["esm"])["mean"].astype(np.float32)
+    got = client.infer("esm_bf16", {"sequence": ROWS["esm"]})["mean"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2)
 
 
 def test_repo_id_resolves_in_the_hub_cache_at_its_pinned_revision(served):
