@@ -122,6 +122,12 @@ class TransformersBackend(Backend):
             self.tokenizer = None
             spec = self.context.config.inputs[0]
             self.pad_id = int(spec.pad_value)
+            # which ids are special ([CLS], [SEP], <s>...): the checkpoint's tokenizer knows, when it has one
+            try:
+                shipped = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                specials |= set(shipped.all_special_ids) - {shipped.unk_token_id}
+            except (OSError, ValueError):
+                log.info("%s: no tokenizer in %s; special ids from the model config only", self.what, folder)
         else:
             source = folder if settings.tokenizer is None else resolve_tokenizer(self.context.model_dir, settings)
             try:
