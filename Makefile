@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned (torch==2.13.0, a CPU build from local disk); see pyproject extras.
-	$(BIN)/python -m pip install -q -e ".[torch,tensorflow,io,dev]"
+	$(BIN)/python -m pip install -q -e ".[torch,tensorflow,io,hf,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -75,6 +75,9 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
         from .service_cli import add_subcommands as add_service_commands
 
         add_service_commands(sub)
+        from .embed_cli import add_subcommand as add_embed
+
+        add_embed(sub)
     apply_environment(parser)
     return parser
 

@@ -166,16 +166,29 @@ class ModelFleet:
                 local = self.model.local
                 self._local = LocalFleet(
                     Path(local.repository), self.model.name, local.count, local.device, self.workdir, local.args,
-                    max_restarts=local.max_restarts,
+                    max_restarts=local.max_restarts, python=local.python, launcher=local.launcher,
                 )
                 try:
                     servers = self._local.start(local.startup_timeout_s)
                 except LocalFleetError as error:
                     raise self._fatal(str(error)) from None
+                self._check_protocol(servers, self._local.environment())
             else:
                 servers = self._addresses()
             self._live = self._inspect(servers, self.server_wait_s)
         return self._live
+
+    def _check_protocol(self, servers: list[str], environment: str) -> None:
+        """Local servers may run from another environment with another tensorfleet: a server
+        whose protocol version differs stops the job now (exit 2), both versions named."""
+        from .protocol_check import ProtocolMismatch, check_protocol
+
+        for address in servers:
+            try:
+                check_protocol(address, self.connection, where=environment)
+            except ProtocolMismatch as error:
+                self.stop()
+                raise self._fatal(str(error)) from None
 
     def stalled(self, address: str) -> None:
         """A server answered nothing for policy.request_timeout_s: a local one is killed so that

@@ -69,6 +69,10 @@ class JobPolicy:
                     "name running servers in model.servers instead"
                 )
             check_server_args(where + ".args", (value or {}).get("args") or [])
+            for chooser in ("python", "launcher"):
+                if (value or {}).get(chooser):
+                    raise PolicyError(f"{where}.{chooser}: a submitted job cannot choose the program that runs its "
+                                      "servers; the coordinator starts them with its own interpreter")
         elif key == "token" and value and not self.allow_inline_tokens:
             raise PolicyError(f"{where}: a submitted job carries no secrets; the coordinator passes its "
                               "--server-token-file to the servers")

@@ -20,6 +20,7 @@ BACKENDS: dict[str, str] = {
     "tensorflow_graph": "tf_graph:GraphCheckpointBackend",
     "torch_export": "torch_export:TorchExportBackend",
     "torchscript": "torchscript:TorchScriptBackend",
+    "transformers": "transformers_embed:TransformersBackend",
 }
 
 

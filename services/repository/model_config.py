@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tensorfleet.core.codec import DATATYPES
 from tensorfleet.core.errors import InvalidArgument
 
+from .transformers_settings import TransformersSettings
+
 CONFIG_FILENAME = "config.yaml"
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -114,6 +116,8 @@ class ModelConfig(_Strict):
     #: For backend torchscript / torch_export: which artifact holds the program.
     model_file: str | None = None
     python: PythonClass = Field(default_factory=PythonClass)
+    #: For backend transformers: the checkpoint and what the embed task returns.
+    transformers: TransformersSettings | None = None
     #: Free-form settings handed to the backend (e.g. max_length for a tokenizer).
     parameters: dict[str, Any] = Field(default_factory=dict)
     #: Example inputs (one row each, name -> nested list / strings) run before SERVING.
