@@ -5,7 +5,12 @@ Any encoding anndata reads: today's (encoding-type attributes), 0.7's, and the o
 dataset, sparse groups marked `h5sparse_format`). Rows are read by range, never the whole
 matrix:
 - dense: an h5py slice of the dataset;
-- CSR: `anndata.io.sparse_dataset(group)[start:stop]`, which reads only those rows' entries;
+- CSR: the group's `indptr`, `indices` and `data` h5py datasets, opened once and kept for the
+  life of the reader: a block of rows is three contiguous reads (its offsets, then its entries),
+  with no per-read library construction (anndata's `sparse_dataset` is built once, at open, for
+  the shape and dtype). `read_block` keeps the rows sparse (a `scipy.sparse.csr_matrix`), so
+  the request source holds a chunk's rows at their stored size and densifies per request only
+  for models that take dense rows;
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
   one pass over the columns (in column blocks, through the same sparse dataset) turns a
   block of rows into CSR, kept for the reads that follow. Each block reads the whole matrix
@@ -94,6 +99,10 @@ class H5adReader(Reader):
         self._items: dict[str, tuple[h5py.HLObject, str | None]] = {}
         self._fields: dict[str, FieldInfo] = {}
         self._csc_block: tuple[str, int, int, object] | None = None
+        #: CSR fields: (indptr, indices, data) h5py datasets and the matrix shape, opened once.
+        self._csr: dict[str, tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset, tuple[int, int]]] = {}
+        #: Estimated bytes a row takes in a block, per field (sparse: its mean stored entries).
+        self._row_bytes: dict[str, float] = {}
         candidates = {"X": "X", "raw/X": "raw/X" if "raw/X" in self._file else "raw.X"}
         for group in ("layers", "obsm"):
             item = self._file.get(group)
@@ -117,6 +126,11 @@ class H5adReader(Reader):
         elif _sparse_format(item):
             matrix = sparse_dataset(item)
             info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
+            rows = max(int(matrix.shape[0]), 1)
+            stored = int(item["indptr"][-1]) if len(item["indptr"]) else 0
+            self._row_bytes[name] = max(stored / rows, 1.0) * (info.dtype.itemsize + item["indices"].dtype.itemsize)
+            if _sparse_format(item) == "csr":
+                self._csr[name] = (item["indptr"], item["indices"], item["data"], tuple(matrix.shape))
         else:
             return  # a data frame or mapping in obsm: nothing a model can take
         self._items[name] = (item, member)
@@ -130,6 +144,11 @@ class H5adReader(Reader):
         return self._fields
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        block = self.read_block(field, start, stop)
+        return np.asarray(block.toarray()) if scipy.sparse.issparse(block) else block
+
+    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        """Rows [start, stop) as stored: dense fields as arrays, sparse ones as CSR (never densified)."""
         if field not in self._fields:
             raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
         item, member = self._items[field]
@@ -137,11 +156,29 @@ class H5adReader(Reader):
             return item.fields([member])[start:stop][member]
         if isinstance(item, h5py.Dataset):
             return item[start:stop]
-        if _sparse_format(item) == "csc":
-            return self._csc_rows(field, item, start, stop)
-        return np.asarray(sparse_dataset(item)[start:stop].toarray())
+        if field in self._csr:
+            return self._csr_rows(field, start, stop)
+        return self._csc_rows(field, item, start, stop)
 
-    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> np.ndarray:
+    def row_bytes(self, field: str) -> float:
+        return self._row_bytes.get(field) or super().row_bytes(field)
+
+    def _csr_rows(self, field: str, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """One block of a CSR matrix: its row offsets, then its entries, read in one piece each."""
+        indptr, indices, data, (rows, columns) = self._csr[field]
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        offsets = np.asarray(indptr[start : stop + 1], dtype=np.int64) if stop > start else np.zeros(1, np.int64)
+        first, last = int(offsets[0]), int(offsets[-1])
+        if last < first or (len(offsets) > 1 and (np.diff(offsets) < 0).any()):
+            raise InputError(f"{self.spec.path}: field '{field}' has decreasing row offsets (indptr) in rows {start}:{stop}")
+        values = data[first:last]
+        columns_of = indices[first:last]
+        if len(columns_of) and (int(columns_of.min()) < 0 or int(columns_of.max()) >= columns):
+            raise InputError(f"{self.spec.path}: field '{field}' has column indices outside 0..{columns - 1} "
+                             f"in rows {start}:{stop}")
+        return scipy.sparse.csr_matrix((values, columns_of, offsets - first), shape=(stop - start, columns))
+
+    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> scipy.sparse.csr_matrix:
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
             matrix = sparse_dataset(item)
@@ -156,7 +193,7 @@ class H5adReader(Reader):
             combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
             block = self._csc_block = (field, lo, hi, combined)
         _, lo, _, combined = block
-        return np.asarray(combined[start - lo : stop - lo].toarray())
+        return combined[start - lo : stop - lo]
 
     def feature_names(self, field: str, column: str | None = None) -> np.ndarray | None:
         """Names of `field`'s columns (var names, raw/X: raw var names, or a var column); None for obsm."""
