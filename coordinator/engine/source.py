@@ -127,8 +127,6 @@ class RequestSource:
         self.sparse: set[str] = set()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._block_rows: int | None = None
-        #: Block reads done (a test counts them: one per chunk, not one per request).
-        self.block_reads = 0
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.inputs_at(slice(start, stop))
@@ -173,7 +171,6 @@ class RequestSource:
         if stop - start > window:
             start, stop = lo, min(stop, max(hi, lo + window))
         values = {name: self.reader.read_block(field, start, stop) for name, field in self.fields.items()}
-        self.block_reads += 1
         block = self._blocks[(start, stop)] = _Block(start, stop, values)
         while len(self._blocks) > MAX_BLOCKS:
             self._blocks.popitem(last=False)

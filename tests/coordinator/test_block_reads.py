@@ -18,8 +18,8 @@ import scipy.sparse
 from tensorfleet.coordinator.engine import source as source_module
 from tensorfleet.coordinator.engine.planner import make_plan
 from tensorfleet.coordinator.engine.source import RequestSource
-from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.io.readers import h5ad as h5ad_module
+from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec
 from tensorfleet.core.sparse import INDICES_SUFFIX, INDPTR_SUFFIX
 
