@@ -141,7 +141,7 @@ def decode_request(
         if tensor.name in inputs:
             raise InvalidArgument(f"input '{tensor.name}' is given more than once")
         if spec.sparse and tensor.name + INDPTR_SUFFIX in companions.values():
-            inputs[tensor.name] = _decode_csr(request, raw, index, spec, config, companions)
+            inputs[tensor.name] = _decode_csr(request, raw, spec, config)
             continue
         array = _decode_input(tensor, raw[index] if raw else None, spec, config)
         inputs[tensor.name] = array
@@ -181,8 +181,7 @@ def _sparse_companions(request: pb.ModelInferRequest, config: ModelConfig) -> di
 
 
 def _decode_csr(
-    request: pb.ModelInferRequest, raw: Sequence[bytes | memoryview] | None, index: int, spec: TensorSpec,
-    config: ModelConfig, companions: dict[str, str],
+    request: pb.ModelInferRequest, raw: Sequence[bytes | memoryview] | None, spec: TensorSpec, config: ModelConfig,
 ) -> Any:
     """A CSR input's three tensors, checked (core/sparse.py), as a scipy.sparse.csr_matrix."""
     import scipy.sparse
