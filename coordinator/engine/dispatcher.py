@@ -449,7 +449,8 @@ class Dispatcher:
                         request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
                         try:
                             request = await loop.run_in_executor(
-                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
+                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop),
+                                (work.chunk.start, work.chunk.stop),
                             )
                         except RowsRejected as rejected:
                             self._reject(server, work, start, stop, rejected.errors)
@@ -596,6 +597,7 @@ class Dispatcher:
             errors.append(RowError(row, row_id, code, f"{self.source.describe_row(row, row_id)}: {message}"))
         done = CompletedChunk(chunk, work.ids, ok, outputs, errors, server.address)
         work.results.clear()
+        self._reader.submit(self.source.release, chunk.start, chunk.stop)  # its rows are not read again
         future = asyncio.get_running_loop().run_in_executor(self._writer, self._commit, done)
         self._commits.add(future)
         future.add_done_callback(lambda f: self._committed(f, done))

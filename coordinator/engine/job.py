@@ -543,6 +543,7 @@ def _dispatch(ctx: RunContext, pending: list, counts: dict[str, int]) -> Progres
     source.context = ctx.hooks.context
     source.outputs = _stored_outputs(spec, info)
     source.parameters = dict(spec.model.parameters)
+    source.sparse = {name for name in ctx.fields if name in info.sparse_inputs}
     progress: Progress | None = None
 
     def counted(item: CompletedChunk) -> None:

@@ -54,6 +54,7 @@ def config_model_info(model: ModelSpec) -> ModelInfo:
         precision=config.get("precision", "fp32"),
         token_budget=int((config.get("batching") or {}).get("token_budget", 0)),
         max_lengths={t["name"]: int(t["max_length"]) for t in config.get("inputs", []) if t.get("max_length")},
+        sparse_inputs={t["name"] for t in config.get("inputs", []) if t.get("sparse") == "csr"},
         **_local_features(path.parent, config),
     )
 

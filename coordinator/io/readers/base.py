@@ -10,6 +10,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,20 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one field; BYTES fields as object arrays of bytes."""
+
+    def read_block(self, field: str, start: int, stop: int) -> Any:
+        """Rows [start, stop) of one field as the request source keeps them between requests
+        (engine/source.py reads each chunk's rows once, in one block, and slices requests from
+        it): a numpy array, or a `scipy.sparse.csr_matrix` for rows stored sparse (h5ad), kept
+        sparse. Readers that can seek read only these rows."""
+        return self.read(field, start, stop)
+
+    def row_bytes(self, field: str) -> float:
+        """About how many bytes one row of `field` takes in a block: sizes the source's blocks."""
+        info = self.fields()[field]
+        if info.is_bytes:
+            return 256.0
+        return float(info.dtype.itemsize * (int(np.prod(info.row_shape)) if info.row_shape else 1))
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         """Row ids as an object array of str; row numbers where the input has none."""

@@ -37,6 +37,7 @@ class FastaReader(Reader):
         self._lengths = array("q")  # residues per record, terminal '*' excluded
         self._lines = array("q")  # line number of each header
         self._internal_stop: set[int] = set()  # rows with a '*' before their end
+        self._last: tuple[int, int, list[tuple[bytes, bytes]]] | None = None
         self._file = Unpacked(self.path)
         try:
             self._index()
@@ -101,8 +102,18 @@ class FastaReader(Reader):
         return {"sequence": FieldInfo("sequence", np.dtype(object), ())}
 
     def _records(self, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+        """(header, sequence) of rows [start, stop): one read from the first record's offset
+        to the last one's end. The last span read is kept, so a chunk's ids (read at its lease)
+        and its sequences (read once for all its requests) cost one parse."""
         if start >= stop:
             return []
+        if self._last is not None and self._last[0] == start and self._last[1] == stop:
+            return self._last[2]
+        records = self._parse(start, stop)
+        self._last = (start, stop, records)
+        return records
+
+    def _parse(self, start: int, stop: int) -> list[tuple[bytes, bytes]]:
         block = self._file.read(self._starts[start], self._ends[stop - 1] - self._starts[start])
         records = []
         for text in block.split(b"\n>"):
@@ -127,6 +138,10 @@ class FastaReader(Reader):
 
     def lengths(self, field: str, start: int, stop: int) -> np.ndarray:
         return np.frombuffer(self._lengths, dtype=np.int64)[start:stop].copy()
+
+    def row_bytes(self, field: str) -> float:
+        rows = max(len(self._lengths), 1)
+        return float(sum(self._lengths)) / rows + 64.0
 
     def where(self, row: int) -> str:
         return f"record {row + 1} (line {self._lines[row]})"

@@ -5,8 +5,12 @@ Any encoding anndata reads: today's (encoding-type attributes), 0.7's, and the o
 dataset, sparse groups marked `h5sparse_format`). Rows are read by range, never the whole
 matrix:
 - dense: an h5py slice of the dataset;
-- CSR: `safety.read_sparse_block` of rows [start, stop), which reads (and checks) only those
-  rows' `indptr` and entries (anndata's `sparse_dataset` gives the shape and dtype);
+- CSR: `safety.read_sparse_block` of rows [start, stop): one block of rows is its offsets, then
+  its entries, each read in one piece and checked (offsets monotone, indices within the columns)
+  before scipy sees them; anndata's `sparse_dataset` is built once, at open, for the shape and
+  dtype, never per read. `read_block` keeps the rows sparse (a `scipy.sparse.csr_matrix`), so
+  the request source holds a chunk's rows at their stored size and densifies per request only
+  for models that take dense rows;
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
   one pass over the columns (in column blocks, each read and checked the same way) turns a
   block of rows into CSR, kept for the reads that follow. Each block reads the whole matrix
@@ -108,6 +112,8 @@ class H5adReader(Reader):
         self._fields: dict[str, FieldInfo] = {}
         self._sparse: dict[str, SparseLayout] = {}
         self._csc_block: tuple[str, int, int, object] | None = None
+        #: Estimated bytes a row takes in a block, per field (sparse: its mean stored entries).
+        self._row_bytes: dict[str, float] = {}
         candidates = {"X": "X", "raw/X": "raw/X" if "raw/X" in self._file else "raw.X"}
         for group in ("layers", "obsm"):
             item = self._file.get(group)
@@ -131,7 +137,10 @@ class H5adReader(Reader):
         elif _sparse_format(item):
             matrix = sparse_dataset(item)
             info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
-            self._sparse[name] = sparse_layout(item, _sparse_format(item), matrix.shape, self.spec.path)
+            layout = sparse_layout(item, _sparse_format(item), matrix.shape, self.spec.path)
+            self._sparse[name] = layout
+            rows = max(int(matrix.shape[0]), 1)
+            self._row_bytes[name] = max(layout.nnz / rows, 1.0) * (info.dtype.itemsize + item["indices"].dtype.itemsize)
         else:
             return  # a data frame or mapping in obsm: nothing a model can take
         self._items[name] = (item, member)
@@ -145,6 +154,11 @@ class H5adReader(Reader):
         return self._fields
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        block = self.read_block(field, start, stop)
+        return np.asarray(block.toarray()) if scipy.sparse.issparse(block) else block
+
+    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        """Rows [start, stop) as stored: dense fields as arrays, sparse ones as CSR (never densified)."""
         if field not in self._fields:
             raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
         item, member = self._items[field]
@@ -152,11 +166,21 @@ class H5adReader(Reader):
             return item.fields([member])[start:stop][member]
         if isinstance(item, h5py.Dataset):
             return item[start:stop]
-        if _sparse_format(item) == "csc":
-            return self._csc_rows(field, item, start, stop)
-        return np.asarray(read_sparse_block(self._sparse[field], start, stop).toarray())
+        if self._sparse[field].kind == "csr":
+            return self._csr_rows(field, start, stop)
+        return self._csc_rows(field, item, start, stop)
 
-    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> np.ndarray:
+    def row_bytes(self, field: str) -> float:
+        return self._row_bytes.get(field) or super().row_bytes(field)
+
+    def _csr_rows(self, field: str, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """One block of a CSR matrix, read and checked by `safety.read_sparse_block`."""
+        layout = self._sparse[field]
+        rows = layout.shape[0]
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        return read_sparse_block(layout, start, max(start, stop))
+
+    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> scipy.sparse.csr_matrix:
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
             layout = self._sparse[field]
@@ -171,7 +195,7 @@ class H5adReader(Reader):
             combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
             block = self._csc_block = (field, lo, hi, combined)
         _, lo, _, combined = block
-        return np.asarray(combined[start - lo : stop - lo].toarray())
+        return combined[start - lo : stop - lo]
 
     def feature_names(self, field: str, column: str | None = None) -> np.ndarray | None:
         """Names of `field`'s columns (var names, raw/X: raw var names, or a var column); None for obsm."""
