@@ -15,9 +15,9 @@ Each case ends as one of
 - crashed: a process died (it is restarted for the cases after it);
 - hung: a process did not answer health within 1 s after the case, or the case ran past its limit.
 
-Prints one JSON line: counts, seconds, load, and `failing` (id, outcome, why, owner) for every
-case that did not end as expected; `--cases` adds every case's result. Cases for findings fixed
-on other branches (owner named) fail until those branches are merged: the line says so.
+Prints one JSON line: counts, seconds, load, and `failing` (id, outcome, why) for every case
+that did not end as expected; `--cases` adds every case's result. A case may name an `owner`
+(work in progress elsewhere that it waits for); today none does, so every failure is unexpected.
 
     python -m bench.probe                  # the whole table (>= 150 cases, under 5 minutes)
     python -m bench.probe --quick          # a few cases of every family (the test's subset)

@@ -436,10 +436,10 @@ def header_cases() -> list[Case]:
     cases += [
         Case("headers/deep-json-body", "headers", lambda p: raw_http(
             p, request(f"Content-Length: {len(deep)}\r\nContent-Type: application/json\r\n", deep)),
-             finding="#28.12", owner="h-rest (REST 500 on deep JSON)"),
+             finding="#28.12"),
         Case("headers/huge-integer-in-shape", "headers", lambda p: raw_http(
             p, request(f"Content-Length: {len(huge)}\r\nContent-Type: application/json\r\n", huge)),
-             finding="#28.12", owner="h-rest (REST 500 on huge integers)"),
+             finding="#28.12"),
     ]
     return cases
 
@@ -478,10 +478,10 @@ def bind_cases() -> list[Case]:
         cases.append(Case(f"tokens/token-file-{name}", "tokens", weak, finding="#28.12", limit_s=60))
 
     def metrics_in_use(probe: Probe) -> Result:
-        return refused_start([*model, "--metrics-port", str(probe.open.http_port)], "--metrics-port")(probe)
+        return refused_start([*model, "--metrics-port", str(probe.open.http_port)],
+                             "cannot listen for metrics")(probe)
 
-    cases.append(Case("binds/metrics-port-in-use", "binds", metrics_in_use, finding="#28.12", limit_s=90,
-                      owner="h-rest (--metrics-port in use: a traceback)"))
+    cases.append(Case("binds/metrics-port-in-use", "binds", metrics_in_use, finding="#28.12", limit_s=90))
     return cases
 
 
@@ -784,16 +784,13 @@ def file_cases() -> list[Case]:
         return run_job(probe, vec8_job(probe, "npy", path, "npy"))
 
     return [
-        Case("files/hdf5-external-storage-etc-passwd", "files", external, finding="#28.2", limit_s=90,
-             owner="h-sec-data (HDF5 external storage)"),
-        Case("files/hdf5-virtual-dataset-outside-root", "files", virtual, finding="#28.2", limit_s=90,
-             owner="h-sec-data (HDF5 virtual datasets)"),
+        Case("files/hdf5-external-storage-etc-passwd", "files", external, finding="#28.2", limit_s=90),
+        Case("files/hdf5-virtual-dataset-outside-root", "files", virtual, finding="#28.2", limit_s=90),
         Case("files/h5ad-csr-indices-out-of-bounds", "files", lambda p: sparse(p, "csr-indices", [10**6, 1], [0, 1, 2]),
-             finding="#28.3", limit_s=90, owner="h-sec-data (sparse validation)"),
+             finding="#28.3", limit_s=90),
         Case("files/h5ad-csr-negative-indptr", "files", lambda p: sparse(p, "csr-indptr", [0, 1], [0, -5, 2]),
-             finding="#28.3", limit_s=90, owner="h-sec-data (sparse validation)"),
-        Case("files/fasta-record-over-max-row-bytes", "files", long_fasta, finding="#28.8", limit_s=90,
-             owner="h-sec-data (FASTA rows unbounded)"),
+             finding="#28.3", limit_s=90),
+        Case("files/fasta-record-over-max-row-bytes", "files", long_fasta, finding="#28.8", limit_s=90),
         Case("files/hdf5-10p12-rows-crash", "files", huge_rows, finding="#28.9", limit_s=90, quick=True),
         Case("files/hdf5-rows-of-10p9-floats", "files", wide_rows, limit_s=90),
         Case("files/npy-header-10p18-elements", "files", npy_header, limit_s=90),
@@ -845,13 +842,10 @@ def late_cases() -> list[Case]:
             server.stop()
 
     return [
-        Case("rest/foreign-host-header", "rest", foreign_host, finding="#28.11", owner="h-rest (Host header check)"),
-        Case("rest/cross-site-unload", "rest", cross_site_unload, finding="#28.11",
-             owner="h-rest (cross-origin state changes)"),
-        Case("rest/metrics-port-without-token", "rest", metrics_without_token, finding="#28.12", limit_s=90,
-             owner="h-rest (--metrics-port token)"),
-        Case("rest/half-request-held", "rest", half_request, finding="#28.10", limit_s=90,
-             owner="h-rest (REST header/body timeouts)"),
+        Case("rest/foreign-host-header", "rest", foreign_host, finding="#28.11"),
+        Case("rest/cross-site-unload", "rest", cross_site_unload, finding="#28.11"),
+        Case("rest/metrics-port-without-token", "rest", metrics_without_token, finding="#28.12", limit_s=90),
+        Case("rest/half-request-held", "rest", half_request, finding="#28.10", limit_s=90),
     ]
 
 
