@@ -32,8 +32,8 @@ from tensorfleet.core.process import (
     read_port_file,
     server_command,
     start_process,
-    wait_for_port_file,
 )
+from tensorfleet.core.supervisor import RestartOnPort
 
 EXIT_OK, EXIT_FATAL = 0, 2
 
@@ -315,11 +315,14 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
     """
     host = host or os.environ.get("TENSORFLEET_SERVER_HOST") or os.environ.get("SLURMD_NODENAME") \
         or socket.gethostname()
-    restarts_left = int(os.environ.get("TENSORFLEET_MAX_RESTARTS", MAX_RESTARTS))
     workdir = Path(tempfile.mkdtemp(prefix="tf-slurm-task-"))
     port_file = workdir / "port"
+    keeper = RestartOnPort(
+        lambda port: server_command(*server_args, "--port", str(port), port_file=port_file), port_file, None,
+        int(os.environ.get("TENSORFLEET_MAX_RESTARTS", MAX_RESTARTS)), RESTART_TIMEOUT_S,
+    )
     # --port 0 last: every task on a node gets a free port whatever the arguments say
-    process = start_process(server_command(*server_args, "--port", "0", port_file=port_file), None)
+    process = start_process(keeper.command_on_port(0), None)
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -327,28 +330,28 @@ def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    stop, port, stopping = stop_file(hostfile), None, False
+    stop, stopping = stop_file(hostfile), False
     try:
         while True:
             while process.poll() is None:
-                if port is None and (port := read_port_file(port_file)) is not None:
+                if keeper.port is None and (port := read_port_file(port_file)) is not None:
+                    keeper.port = port
                     _append_line(hostfile, f"{host}:{port}\n")
                     print(f"tensorfleet: server {host}:{port} is serving", file=sys.stderr, flush=True)
                 if not stopping and stop.exists():
                     stopping = True
                     forward(signal.SIGTERM, None)
                 time.sleep(0.2)
-            if port is None:  # exited before serving: tell wait-healthy now rather than at its timeout
+            if keeper.port is None:  # exited before serving: tell wait-healthy now rather than at its timeout
                 _append_line(failed_file(hostfile), f"{host}: server exited with {process.returncode}\n")
-            if port is None or stopping or stop.exists() or restarts_left <= 0:
+            if keeper.port is None or stopping or stop.exists() or keeper.spent:
                 return process.wait()
-            restarts_left -= 1
-            print(f"tensorfleet: server {host}:{port} exited with {process.returncode}; starting it again on "
-                  f"its port ({restarts_left} restarts left)", file=sys.stderr, flush=True)
-            port_file.unlink(missing_ok=True)
-            process = start_process(server_command(*server_args, "--port", str(port), port_file=port_file), None)
+            keeper.count()
+            print(f"tensorfleet: server {host}:{keeper.port} exited with {process.returncode}; starting it again on "
+                  f"its port ({keeper.left} restarts left)", file=sys.stderr, flush=True)
+            process = keeper.relaunch()
             try:
-                wait_for_port_file(process, port_file, RESTART_TIMEOUT_S, what="restarted server")
+                keeper.wait_serving(process)
             except ProcessStartError as error:  # it died again while loading, or hangs there
                 print(f"tensorfleet: {error}", file=sys.stderr, flush=True)
                 process.kill()
