@@ -14,6 +14,7 @@ from google.protobuf import message_factory
 
 from tensorfleet.core import wire
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
+from tensorfleet.core.exit_codes import EXIT_DEVICE_LOST
 from tensorfleet.core.exposure import DEFAULT_HOST
 from tensorfleet.core.grpc_server import GrpcServer, stop_on_signals
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorfleet.server")
 
-#: Exit status of a server whose device failed (EX_TEMPFAIL): start it again.
-EXIT_DEVICE_LOST = 75
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CONTROL_SERVICE = tensorfleet_pb2.DESCRIPTOR.services_by_name["ServerControl"].full_name

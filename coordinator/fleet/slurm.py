@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from tensorfleet.core.auth import token_from
+from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
 from tensorfleet.core.process import (
     ProcessStartError,
     read_port_file,
@@ -34,8 +35,6 @@ from tensorfleet.core.process import (
     start_process,
 )
 from tensorfleet.core.supervisor import RestartOnPort
-
-EXIT_OK, EXIT_FATAL = 0, 2
 
 
 class SlurmError(Exception):

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from tensorfleet.core.exit_codes import EXIT_OK, EXIT_ROWS_FAILED
+
 from ..io.objectstore import is_url
 from ..spec import SpecError
 from ..spec.kinds import AnyJob, paths_of
@@ -32,7 +34,6 @@ from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobR
 
 log = logging.getLogger("tensorfleet.coordinator.service")
 
-EXIT_OK, EXIT_ROWS_FAILED = 0, 1
 
 
 class JobRequestError(Exception):

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-EXIT_OK, EXIT_FATAL = 0, 2
+from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
+
 PROBE_TIMEOUT_S = 3.0
 CLEAR = "\x1b[H\x1b[2J"
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import api
+from tensorfleet.core.exit_codes import EXIT_FATAL
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
+from . import api
 
 
 def run_and_report(job: Path | str, options: api.RunOptions) -> int:
