@@ -16,7 +16,7 @@ from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.core.parameters import parameter_value
 from tensorfleet.protos import inference_pb2 as pb
 
-from .repository.model_config import ModelConfig, TensorSpec
+from .model_config import ModelConfig, TensorSpec
 
 EXCLUSIVE_PARAMETER = "tensorfleet.exclusive"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
 
-from ..repository.model_config import ModelConfig, TensorSpec
+from ..model_config import ModelConfig, TensorSpec
 
 INSTALL_HINT = "tensorflow is not installed: pip install tensorfleet[tensorflow]"
 

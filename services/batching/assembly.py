@@ -15,7 +15,7 @@ import numpy as np
 from tensorfleet.core.codec import NUMPY_DTYPES, float32_to_bf16_words
 from tensorfleet.core.errors import InternalError
 
-from ..repository.model_config import ModelConfig, TensorSpec
+from ..model_config import ModelConfig, TensorSpec
 from ..validation import DecodedRequest
 
 

@@ -38,7 +38,7 @@ from tensorfleet.core.errors import (
 )
 
 from ..backends.base import is_device_lost, is_out_of_memory
-from ..repository.model_config import ModelConfig
+from ..model_config import ModelConfig
 from ..statistics import ModelStats
 from ..validation import DecodedRequest
 from .assembly import BatchAssembly
