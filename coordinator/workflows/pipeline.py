@@ -90,18 +90,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
         return dry_run_pipeline(spec, options, output, job_dir)
     _prepare(job_dir, options, spec, output)
     dirs = stage_dirs(job_dir, spec)
-    for stage_dir in dirs:  # before any stage reads another's parts
-        try:
-            manifest = Manifest.open_existing(stage_dir, lock=True)
-        except JobLocked as error:
-            raise JobFatal(str(error)) from None
-        if manifest is not None:
-            try:
-                drop_damaged_parts(stage_dir, manifest)
-                if options.retry_failed:  # here, or a finished earlier stage would be skipped
-                    reopen_failed_chunks(stage_dir, manifest)
-            finally:
-                manifest.close()
+    _repair_stages(dirs, options)  # before any stage reads another's parts
     failed = threading.Event()
     results: list[RunResult | None] = [None] * len(spec.stages)
     errors: list[BaseException | None] = [None] * len(spec.stages)
@@ -122,7 +111,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             if resume and not last and _finished(dirs[index]):
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
-            hooks = StageHooks(merge_output=last)
+            wrap_commit = None
             if index == 0:
                 reader = open_input(spec.input)
             else:
@@ -134,13 +123,14 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                     else:
                         named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
                 reader = StagesReader(spec.input, previous, named) if named else previous
-                hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
+                wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
                 planning_input = open_input(spec.input)
                 planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
+            hooks = StageHooks(merge_output=last, wrap_commit=wrap_commit)
             ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
             results[index] = run_one(ctx)
         except InputError as error:
@@ -167,16 +157,37 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     except BaseException:
         failed.set()
         raise
-    for index, error in enumerate(errors):
-        if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
-            if isinstance(error, JobFatal):
-                raise JobFatal(f"stage {spec.stages[index].name}: {error}")
-            raise error
+    _raise_first_cause(spec, errors)
     final = results[-1]
     assert final is not None
     final.seconds = time.monotonic() - started
     final.job_dir = job_dir
     return final
+
+
+def _repair_stages(dirs: list[Path], options: RunOptions) -> None:
+    """Each stage's damaged parts dropped and (--retry-failed) its failed chunks reopened."""
+    for stage_dir in dirs:
+        try:
+            manifest = Manifest.open_existing(stage_dir, lock=True)
+        except JobLocked as error:
+            raise JobFatal(str(error)) from None
+        if manifest is not None:
+            try:
+                drop_damaged_parts(stage_dir, manifest)
+                if options.retry_failed:  # here, or a finished earlier stage would be skipped
+                    reopen_failed_chunks(stage_dir, manifest)
+            finally:
+                manifest.close()
+
+
+def _raise_first_cause(spec: PipelineSpec, errors: list[BaseException | None]) -> None:
+    """A stage's error, unless it only stopped because the stage before it failed."""
+    for index, error in enumerate(errors):
+        if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
+            if isinstance(error, JobFatal):
+                raise JobFatal(f"stage {spec.stages[index].name}: {error}")
+            raise error
 
 
 def _position(spec: PipelineSpec, name: str) -> int:
