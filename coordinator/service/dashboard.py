@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException
 from tensorfleet.core.auth import READ, TokenAuth, check_token
 
 from ..engine.manifest import Manifest
+from .gpus import Nvml, gpu_of
 from .job_manager import JobManager, JobRequestError
-from .top import Nvml, gpu_of, job_row, server_row
+from .top import job_row, server_row
 
 
 class ServiceView(Protocol):
