@@ -8,13 +8,13 @@ MODELS := examples/models/protein_embedder/encoder.pt
 EPISTASIS := examples/epistasis/models/embed_tiny/encoder.pt
 PYTEST_WORKERS ?= auto
 
-.PHONY: install models browser perf-analyzer mlserver-venv demo test test-all lint protos bench chaos soak clean gpu-wheels gpu-rehearse
+.PHONY: install models browser perf-analyzer mlserver-venv demo test test-all lint protos bench chaos soak probe clean gpu-wheels gpu-rehearse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned (torch==2.13.0, a CPU build from local disk); see pyproject extras.
-	$(BIN)/python -m pip install -q -e ".[torch,tensorflow,io,dev]"
+	$(BIN)/python -m pip install -q -e ".[torch,tensorflow,io,hf,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -74,7 +74,7 @@ protos: install
 	$(BIN)/python -m tensorfleet.protos.generate
 
 # Each prints one JSON line with its ratio against a baseline measured in the same run.
-BENCHES := serve_overhead coordinator end_to_end transport rest batching scale warm_start
+BENCHES := serve_overhead coordinator end_to_end transport rest batching scale warm_start rerun
 bench: models
 	for name in $(BENCHES); do $(BIN)/python -m bench.$$name || exit 1; done
 
@@ -90,6 +90,10 @@ gpu-rehearse: gpu-wheels
 # Reliability, not speed (docs/reliability.md): faults survived, load held. Both print one JSON line.
 chaos: models
 	$(BIN)/python -m bench.chaos
+
+# Security (docs/security.md): the attack table replayed against live processes; one JSON line.
+probe: install
+	$(BIN)/python -m bench.probe
 
 soak: install
 	$(BIN)/python -m bench.soak --minutes 10

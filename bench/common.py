@@ -71,14 +71,39 @@ def protein_sequences(count: int, fasta: Path = DEMO_FASTA) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def server_process(repository: Path, *args: str, threads: int) -> Iterator[ServerProcess]:
-    """One server on loopback; always stopped by pid (SIGTERM, then SIGKILL) at the end."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def server_process(
+    repository: Path, *args: str, threads: int, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """One server on loopback; always stopped by pid (SIGTERM, then SIGKILL) at the end.
+    `env` is added to its environment."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
     server = launch_server(repository, *args, "--threads", str(threads), env=env, timeout=600)
     try:
         yield server
     finally:
         server.stop(signal.SIGTERM, timeout=15)
+
+
+#: A server pass is slow when its busiest thread blocked more often than this per batch
+#: (bench/server_passes.py says why: 1-5 is normal, the single malloc arena made 150-400).
+SLOW_SWITCHES_PER_BATCH = 20.0
+
+
+def thread_counters(pid: int) -> dict[int, tuple[int, int]]:
+    """{thread id: (voluntary context switches, CPU clock ticks)} of every thread of `pid`."""
+    counters = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            counters[int(task.name)] = (switches, int(fields[11]) + int(fields[12]))  # utime + stime
+    return counters
+
+
+def busiest_switches(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> int:
+    """The most voluntary context switches one thread made between two `thread_counters`."""
+    return max((after[tid][0] - before.get(tid, (0, 0))[0] for tid in after), default=0)
 
 
 class Stopwatch:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-budget", type=int, default=8192, help="rows x longest per request")
     parser.add_argument("--chunk-rows", type=int, default=256, help="rows per chunk (as in the demo job)")
     parser.add_argument("--window", type=int, default=4, help="requests in flight (tensorfleet)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, both sides (default: this machine's cores, as a user's server runs)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--median", type=float, default=0.0,
                         help="instead of --fasta: --sequences synthetic proteins with this median length")

@@ -18,24 +18,39 @@ server. Prints one JSON line: `ratio_rest_over_grpc` is REST's wall time over gR
 
     python -m bench.rest                    # 1 MB, 200 requests a side, 3 rounds
     python -m bench.rest --mb 16 --requests 50
+
+`--sequential` (issue 30) measures what a client nobody here wrote sees, one request in flight:
+Triton's tritonclient.http against tritonclient.grpc (bench/rest_clients.py, in a process of
+its own), and Triton's perf_analyzer `-i http` against `-i grpc` at concurrency 1 (from
+`.venv-perf`, `make perf-analyzer`; skipped, saying so, without it), on the `simple` test
+model and on the identity model at 64 B, 4 KB and 1 MB. `ratio_http_over_grpc_median` per row
+(target: <= 2; it was 24 while every REST response waited 44 ms for a delayed ACK).
+
+    python -m bench.rest --sequential       # 200 calls a side, 3 rounds, per case
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import datetime
+import glob
 import http.client
 import json
 import os
+import shutil
 import socket
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import emit, machine, server_process
+from bench.common import REPO_ROOT, emit, machine, server_process
 from bench.fleet import prepare_repository
 
 MB = 1024 * 1024
@@ -48,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mb", type=int, default=1, help="tensor size in MB")
     parser.add_argument("--requests", type=int, default=200, help="requests per side and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sequential", action="store_true",
+                        help="tritonclient and perf_analyzer, HTTP vs gRPC, one request in flight, 64 B to 1 MB")
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -146,8 +163,86 @@ def measure(args: argparse.Namespace, grpc_address: str, rest_address: str, serv
     }
 
 
+#: (label, model, FP32 elements per input) of the sequential rows.
+SEQUENTIAL_CASES = [("simple", "simple", 16), ("64 B", MODEL, 16), ("4 KB", MODEL, 1024), ("1 MB", MODEL, MB // 4)]
+PERF_ANALYZER = Path(os.environ.get("TENSORFLEET_PERF_ANALYZER", REPO_ROOT / ".venv-perf" / "bin" / "perf_analyzer"))
+
+
+def tritonclient_rows(args: argparse.Namespace, grpc_address: str, rest_address: str) -> dict:
+    command = [sys.executable, str(REPO_ROOT / "bench" / "rest_clients.py"), "--http", rest_address,
+               "--grpc", grpc_address, "--requests", str(args.requests), "--rounds", str(args.rounds)]
+    for _label, model, elements in SEQUENTIAL_CASES:
+        command += ["--case", f"{model}:{elements}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/rest_clients.py failed:\n{done.stderr[-3000:]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {label: found[f"{model}:{elements}"] for label, model, elements in SEQUENTIAL_CASES}
+
+
+def perf_analyzer_rows(args: argparse.Namespace, grpc_address: str, rest_address: str, tmp: Path) -> dict:
+    """perf_analyzer at concurrency 1 both ways, per case: p50 latency (ms) and inferences/s, the
+    median of `--rounds` runs a side, the runs taking turns (http, grpc, http, ...)."""
+    if not PERF_ANALYZER.exists():
+        return {"skipped": f"perf_analyzer is not installed at {PERF_ANALYZER} (make perf-analyzer)"}
+    libs = glob.glob(str(PERF_ANALYZER.parents[1] / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib"))
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join([*libs, os.environ.get("LD_LIBRARY_PATH", "")])}
+    runs: dict = {}
+    for label, model, elements in SEQUENTIAL_CASES:
+        for run, (protocol, address) in enumerate([("http", rest_address), ("grpc", grpc_address)] * args.rounds):
+            report = tmp / f"perf-{model}-{elements}-{protocol}-{run}.csv"
+            shape = [] if model == "simple" else ["--shape", f"x:{elements}"]
+            done = subprocess.run(
+                [str(PERF_ANALYZER), "-m", model, "-u", address, "-i", protocol, *shape,
+                 "--concurrency-range", "1", "--measurement-mode", "count_windows",
+                 "--measurement-request-count", str(max(20, args.requests)), "--max-trials", "3",
+                 "--stability-percentage", "100000", "-f", str(report)],  # load must not fail the run
+                capture_output=True, text=True, timeout=600, env=env, check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"perf_analyzer -i {protocol} on {model}: {(done.stdout + done.stderr)[-3000:]}")
+            found = next(csv.DictReader(report.open()))
+            runs.setdefault(label, {}).setdefault(protocol, []).append(
+                (float(found["p50 latency"]) / 1000, float(found["Inferences/Second"])))
+    rows: dict = {}
+    for label, sides in runs.items():  # the median run of each side (runs alternate http, grpc)
+        row: dict = {side: {"p50_ms": round(statistics.median(p50 for p50, _ in found), 3),
+                            "infer_per_s": round(statistics.median(rate for _, rate in found), 1),
+                            "runs": len(found)} for side, found in sides.items()}
+        row["ratio_http_over_grpc_p50"] = round(row["http"]["p50_ms"] / row["grpc"]["p50_ms"], 3)
+        rows[label] = row
+    return rows
+
+
+def sequential(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="tf-bench-rest-seq-") as tmp:
+        repository = prepare_repository(Path(tmp) / "models", {MODEL: None})
+        shutil.copytree(REPO_ROOT / "tests" / "models" / "simple", repository / "simple")
+        port_file = Path(tmp) / "http-port"
+        with server_process(
+            repository, "--model", MODEL, "--model", "simple", "--log-level", "WARNING",
+            "--http-port", "0", "--http-port-file", str(port_file), threads=1,
+        ) as server:  # fmt: skip
+            rest_address = f"127.0.0.1:{port_file.read_text().strip()}"
+            clients = tritonclient_rows(args, server.address, rest_address)
+            perf = perf_analyzer_rows(args, server.address, rest_address, Path(tmp))
+    emit({
+        "bench": "rest-sequential",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "load": os.getloadavg()[0],
+        "calls_per_side_and_round": args.requests,
+        "rounds": args.rounds,
+        "tritonclient": clients,
+        "perf_analyzer": perf,
+    })  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sequential:
+        return sequential(args)
     elements = args.mb * MB // 4
     batched = {  # a batch dimension, so each request goes through the dynamic batcher
         "max_batch_size": 8,

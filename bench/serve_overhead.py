@@ -5,7 +5,8 @@
 (b) served: one `python -m tensorfleet.services` subprocess on loopback, driven with the
     SDK's `InferenceClient.stream(window=W)`, one request per batch of B sequences.
 
-Both sides get the same torch thread count (`--threads`) and the same batches, in the same
+Both sides get the same torch thread count (`--threads`, by default this machine's cores:
+what a user's CPU server runs with) and the same batches, in the same
 order (sorted by length unless --no-sort, as a careful hand-written loop would). With the
 default --batch 64 (the model's max_batch_size) the server cannot merge requests, so both
 sides run identical batches and the difference is the cost of serving alone. The sides
@@ -40,6 +41,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,14 +54,17 @@ from bench.batch_file import write_batches
 from bench.common import (
     DEMO_FASTA,
     REPO_ROOT,
+    SLOW_SWITCHES_PER_BATCH,
     Stopwatch,
     build_protein_repository,
+    busiest_switches,
     emit,
     like_a_server_process,
     machine,
     protein_sequences,
     server_process,
     stage_breakdown,
+    thread_counters,
 )
 
 MODEL = "protein_embedder"
@@ -81,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the very batches the in-process loop runs)",
     )
     parser.add_argument("--window", type=int, default=4, help="requests in flight on the stream")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, both sides (default: this machine's cores, as a user's server runs)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fasta", type=Path, default=DEMO_FASTA)
     parser.add_argument(
@@ -228,6 +234,8 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
             if name not in ("inprocess", "served"):
                 paths[name](Stopwatch())  # a whole pass: their warm-up and the generator's
         clocks = {name: Stopwatch() for name in paths}
+        # tensorfleet's passes: the busiest server thread's voluntary context switches per batch
+        switches: dict[str, list[float]] = {name: [] for name in ("served", "tritonclient") if name in paths}
         diffs = dict.fromkeys(paths, 0.0)
         names = list(paths)
         for round_number in range(args.rounds):
@@ -236,7 +244,12 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
             start = (round_number // 2) % len(names)
             order = names[start:] + names[:start]
             order = order[::-1] if round_number % 2 else order
-            results = {name: paths[name](clocks[name]) for name in order}
+            results = {}
+            for name in order:
+                before = thread_counters(server.pid) if name in switches else None
+                results[name] = paths[name](clocks[name])
+                if before is not None:
+                    switches[name].append(busiest_switches(before, thread_counters(server.pid)) / len(batches))
             local = results.pop("inprocess")
             served_batches = results.pop("served")
             diffs["served"] = max(diffs["served"], largest_difference(local, served_batches))
@@ -277,6 +290,10 @@ def measure(args: argparse.Namespace, repository: Path) -> dict:
         "server_mean_batch_rows": round(mean_batch, 2) if mean_batch else None,
         "max_abs_diff": diff,
         "server_stage_mean_ms": stage_breakdown(inference),
+        # a pass is slow when the server's busiest thread blocked > SLOW_SWITCHES_PER_BATCH
+        # times per batch (bench/server_passes.py: the single malloc arena's bistability)
+        "slow_passes": sum(value > SLOW_SWITCHES_PER_BATCH for values in switches.values() for value in values),
+        "busiest_switches_per_batch": {name: [round(v, 1) for v in values] for name, values in switches.items()},
     }
     if not args.mlserver:
         return record

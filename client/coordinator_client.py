@@ -28,11 +28,19 @@ def job_state(job: tf.Job) -> str:
     return tf.JobState.Name(job.state)
 
 
+def _names_a_file(text: str) -> bool:
+    """Whether one line of text is a job file's path (a long JSON spec is not: no OSError for it)."""
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _submit_request(spec: JobSpecSource, base_dir: str | Path | None, timeout_s: float, limit: int | None) -> tf.SubmitJobRequest:
     """A path sends the file's text with its folder as base_dir (relative paths stay relative to it)."""
     if isinstance(spec, dict):
         text = json.dumps(spec)
-    elif isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and Path(spec).is_file()):
+    elif isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and _names_a_file(spec)):
         path = Path(spec).resolve()
         text = path.read_text()
         base_dir = base_dir or path.parent

@@ -9,7 +9,9 @@ Tokens are compared in constant time. Health stays open: probes carry no token.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +24,12 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 TOKEN_FILE_ENV = "TENSORFLEET_TOKEN_FILE"
 #: The model servers' token for an engine (`tensorfleet run`, the service's jobs) whose spec has none.
 SERVER_TOKEN_FILE_ENV = "TENSORFLEET_SERVER_TOKEN_FILE"
+#: Set by the coordinator service for its jobs' engines: the `--servers` entries its operator named
+#: (comma-separated, may be empty). When set, the server token goes only to those servers (issue 28 #1).
+OPERATOR_SERVERS_ENV = "TENSORFLEET_OPERATOR_SERVERS"
 MAX_TOKEN_BYTES = 4096
+#: Shortest token a token file may hold: a one-character token is guessed in a few tries (issue 28 #12).
+MIN_TOKEN_CHARS = 12
 DENIED = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
 
 
@@ -42,7 +49,28 @@ def read_token_file(path: str | Path) -> str:
     token = data.decode(errors="strict").strip()
     if not token or any(c.isspace() for c in token):
         raise TokenFileError(f"token file {path}: want one token (no spaces) on one line")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise TokenFileError(f"token file {path}: a {len(token)}-character token is too easy to guess; use at least "
+                             f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    _check_mode(path)
     return token
+
+
+def _check_mode(path: Path) -> None:
+    """Refuse a token file others may write (anyone could put their own token in); warn, loudly, when
+    others may read it. Not refused: Kubernetes mounts Secrets 0644 unless told `defaultMode`, and a
+    read-only file owned by root is still a secret on a single-user host."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TokenFileError(f"token file {path}: writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                             f"chmod 600 {path}")
+    if mode & stat.S_IROTH:
+        logging.getLogger("tensorfleet.auth").warning(
+            "token file %s is readable by every user of this host (mode %04o): chmod 600 %s", path,
+            stat.S_IMODE(mode), path)
 
 
 def token_from(token: str | None, token_file: str | Path | None, use_env: bool = True) -> str | None:

@@ -136,28 +136,35 @@ def deserialize_bytes(raw: bytes | memoryview, count: int, name: str) -> np.ndar
             f"input '{name}': {count} BYTES elements need at least {count * 4} bytes of length "
             f"prefixes, the buffer has {len(raw)}"
         )
-    out = np.empty(count, dtype=object)
-    view = memoryview(raw)
+    # one copy of the buffer, then slices of it: each element is bytes, and a slice of bytes
+    # is one allocation where bytes(memoryview slice) is two (this runs on the event loop)
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    size = len(data)
+    items: list[bytes] = []
+    unpack = _LENGTH_PREFIX.unpack_from
     offset = 0
     for index in range(count):
-        if offset + 4 > len(view):
+        if offset + 4 > size:
             raise InvalidArgument(
                 f"input '{name}': BYTES buffer ends after {index} of {count} elements "
                 f"(no 4-byte length prefix at offset {offset})"
             )
-        (length,) = _LENGTH_PREFIX.unpack_from(view, offset)
+        (length,) = unpack(data, offset)
         offset += 4
-        if offset + length > len(view):
+        end = offset + length
+        if end > size:
             raise InvalidArgument(
                 f"input '{name}': BYTES element {index} declares {length} bytes but only "
-                f"{len(view) - offset} remain"
+                f"{size - offset} remain"
             )
-        out[index] = bytes(view[offset : offset + length])
-        offset += length
-    if offset != len(view):
+        items.append(data[offset:end])
+        offset = end
+    if offset != size:
         raise InvalidArgument(
-            f"input '{name}': BYTES buffer has {len(view) - offset} bytes after its {count} elements"
+            f"input '{name}': BYTES buffer has {size - offset} bytes after its {count} elements"
         )
+    out = np.empty(count, dtype=object)
+    out[:] = items
     return out
 
 

@@ -13,4 +13,12 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+#: The revision of what a coordinator and a server of tensorfleet expect of each other beyond
+#: the Open Inference Protocol (request parameters, ragged outputs, shared memory, contexts).
+#: A server names it in ServerMetadata's extensions as PROTOCOL_EXTENSION + N; a coordinator
+#: refuses, at start-up, a server whose revision differs (one started from another environment).
+#: Raise it with any change that an older peer would misread.
+PROTOCOL_VERSION = 1
+PROTOCOL_EXTENSION = "tensorfleet_protocol_v"
+
+__all__ = ["PROTOCOL_EXTENSION", "PROTOCOL_VERSION", "__version__"]

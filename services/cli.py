@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "same host, token and TLS as gRPC; 0 picks a free one")
     parser.add_argument("--http-port-file", type=Path, default=None,
                         help="write the bound REST port here once it listens (before --port-file)")
+    parser.add_argument("--http-allow-host", action="append", dest="http_allow_hosts", default=[],
+                        help="with no token, the HTTP faces answer only Host names that are loopback names, IP "
+                        "addresses or --host: add one (repeatable; '*' for any; also $TENSORFLEET_HTTP_ALLOW_HOSTS)")
     parser.add_argument("--token", default=env("TENSORFLEET_TOKEN"),
                         help="require 'authorization: Bearer <token>' on every rpc but health "
                         "(visible in ps: prefer --token-file)")
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             http_port=args.http_port,
             http_port_file=args.http_port_file,
+            http_allow_hosts=args.http_allow_hosts,
             token=token,
             insecure=args.insecure,
             max_message_bytes=args.max_message_mb * 1024 * 1024,

@@ -18,7 +18,7 @@ import numpy as np
 
 from tensorfleet.core import wire
 from tensorfleet.core.errors import TensorfleetError, Unavailable
-from tensorfleet.core.version import __version__
+from tensorfleet.core.version import PROTOCOL_EXTENSION, PROTOCOL_VERSION, __version__
 from tensorfleet.protos import inference_pb2 as pb
 
 from .contexts import ContextStore, context_ids, decode_context
@@ -33,6 +33,7 @@ SERVER_NAME = "tensorfleet"
 EXTENSIONS = [
     "model_repository", "statistics", "model_configuration", "binary_tensor_data",
     "tensorfleet_exclusive_batch", "tensorfleet_context", "system_shared_memory",
+    f"{PROTOCOL_EXTENSION}{PROTOCOL_VERSION}",
 ]
 
 #: Our backend names -> the platform names Triton clients know.

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tensorfleet.core.extras import install_hint
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PACKAGES = ["tensorfleet", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "numpy",
             "pydantic", "PyYAML", "prometheus-client", "torch", "tensorflow", "tensorflow-cpu"]
@@ -73,7 +75,8 @@ def check_packages() -> list[Check]:
             continue
         if version is None:
             required = package.lower() in pins or package == "tensorfleet"
-            detail = "not installed" + ("" if required else " (needed by the torchscript/torch_export backends)")
+            detail = "not installed" + ("" if required else f" (needed by the torchscript/torch_export backends: "
+                                                            f"{install_hint('torch')})")
             checks.append(Check(FAIL if required else WARN, f"package {package}", detail))
             continue
         specifier = pins.get(package.lower(), "")
@@ -115,7 +118,7 @@ def check_accelerators(device: str) -> list[Check]:
         import torch
     except ImportError:
         status = FAIL if device.startswith("cuda") else WARN
-        return [*checks, Check(status, "cuda", "torch is not installed")]
+        return [*checks, Check(status, "cuda", f"torch is not installed: {install_hint('torch')}")]
     build = torch.version.cuda
     if not torch.cuda.is_available():
         why = f"torch {torch.__version__} is a CPU build" if build is None else \
@@ -147,7 +150,7 @@ def check_nvml() -> Check:
         import pynvml
     except ImportError:
         return Check(WARN, "nvml", "nvidia-ml-py is not installed: `tensorfleet top` shows no GPU use or "
-                                   "memory; pip install 'tensorfleet[gpu]'")
+                                   f"memory; {install_hint('pynvml')}")
     try:
         pynvml.nvmlInit()
         try:
@@ -187,7 +190,7 @@ def check_repository(root: Path, device: str, load: bool = False) -> list[Check]
             continue
         problems = []
         if config.backend in TORCH_BACKENDS and not has_torch:
-            problems.append(f"backend {config.backend} needs torch, which is not installed")
+            problems.append(f"backend {config.backend} needs torch, which is not installed: {install_hint('torch')}")
         if config.backend == "python" and not (folder / config.python.module).is_file():
             problems.append(f"python backend module {config.python.module} is missing")
         if config.backend in TORCH_BACKENDS:

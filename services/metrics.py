@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -32,22 +32,27 @@ class ServerMetrics:
             "tensorfleet_device_memory_bytes", "Device memory", ["device", "kind"], registry=r
         )
         self.queue_depth = Gauge("tensorfleet_queue_depth", "Requests waiting", ["model"], registry=r)
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics over HTTP; returns the bound port (0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        self._ok: dict[str, Counter] = {}  # requests{model, outcome="ok"} per model
 
     def batch_observer(self, model: str) -> Callable[[int, float, float], None]:
-        def observe(rows: int, queue_seconds: float, compute_seconds: float) -> None:
-            self.rows.labels(model).inc(rows)
-            self.batch_size.labels(model).observe(rows)
-            self.queue_seconds.labels(model).observe(queue_seconds)
-            self.compute_seconds.labels(model).observe(compute_seconds)
+        # the labelled children once per model, not a labels() lookup (lock, tuple, dict) per batch
+        rows, batch_size = self.rows.labels(model), self.batch_size.labels(model)
+        queue_seconds, compute_seconds = self.queue_seconds.labels(model), self.compute_seconds.labels(model)
+
+        def observe(rows_in_batch: int, queued: float, computed: float) -> None:
+            rows.inc(rows_in_batch)
+            batch_size.observe(rows_in_batch)
+            queue_seconds.observe(queued)
+            compute_seconds.observe(computed)
 
         return observe
 
     def request_done(self, model: str, code: str | None) -> None:
-        self.requests.labels(model, "ok" if code is None else "error").inc()
-        if code is not None:
-            self.errors.labels(model, code).inc()
+        if code is None:  # the common case: one cached child per model
+            ok = self._ok.get(model)
+            if ok is None:
+                ok = self._ok[model] = self.requests.labels(model, "ok")
+            ok.inc()
+            return
+        self.requests.labels(model, "error").inc()
+        self.errors.labels(model, code).inc()

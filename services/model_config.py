@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tensorfleet.core.codec import DATATYPES
 from tensorfleet.core.errors import InvalidArgument
 
+from .repository.transformers_settings import TransformersSettings
+
 CONFIG_FILENAME = "config.yaml"
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -39,6 +41,10 @@ class TensorSpec(_Strict):
     #: clients in ModelConfig.parameters as `max_length.<input>`; the coordinator applies a
     #: job's input.over_length policy to it. The server does not enforce it: the model does.
     max_length: int | None = Field(default=None, ge=1)
+    #: `csr`: the input's rows travel as CSR (values, column indices, row offsets: three tensors,
+    #: core/sparse.py, docs/protocol.md) and the model gets a `scipy.sparse.csr_matrix`
+    #: (python backend) or a `torch.sparse_csr_tensor` (torch backends). Rows of shape [columns].
+    sparse: Literal["csr"] | None = None
 
     @field_validator("datatype")
     @classmethod
@@ -58,6 +64,10 @@ class TensorSpec(_Strict):
     def _ragged_needs_variable_dim(self) -> TensorSpec:
         if self.ragged and -1 not in self.shape and self.datatype != "BYTES":
             raise ValueError(f"tensor '{self.name}' is ragged but has no variable (-1) dimension")
+        if self.sparse and (len(self.shape) != 1 or self.shape[0] < 1 or self.ragged
+                            or self.datatype in ("BYTES", "BF16", "BOOL")):
+            raise ValueError(f"tensor '{self.name}': sparse: csr takes numeric rows of one fixed dimension "
+                             f"(shape [columns]), not {self.datatype} {self.shape}")
         return self
 
 
@@ -114,6 +124,8 @@ class ModelConfig(_Strict):
     #: For backend torchscript / torch_export: which artifact holds the program.
     model_file: str | None = None
     python: PythonClass = Field(default_factory=PythonClass)
+    #: For backend transformers: the checkpoint and what the embed task returns.
+    transformers: TransformersSettings | None = None
     #: Free-form settings handed to the backend (e.g. max_length for a tokenizer).
     parameters: dict[str, Any] = Field(default_factory=dict)
     #: Example inputs (one row each, name -> nested list / strings) run before SERVING.

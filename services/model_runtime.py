@@ -49,7 +49,10 @@ class ModelRuntime:
         return thread
 
     def stats(self, name: str) -> ModelStats:
-        return self._stats.setdefault(name, ModelStats())
+        stats = self._stats.get(name)  # called per request: no ModelStats built to be thrown away
+        if stats is None:
+            stats = self._stats[name] = ModelStats()
+        return stats
 
     def served(self, name: str, version: str = "") -> ServedModel:
         """The batcher of a READY model (NotFound / FailedPrecondition otherwise)."""

@@ -17,6 +17,7 @@ from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exit_codes import EXIT_DEVICE_LOST
 from tensorfleet.core.exposure import DEFAULT_HOST
 from tensorfleet.core.grpc_server import GrpcServer, stop_on_signals
+from tensorfleet.core.malformed import MalformedRequestInterceptor
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
@@ -33,6 +34,7 @@ from .shared_memory import DEFAULT_MAX_BYTES, SWEEP_INTERVAL_S, SharedMemoryRegi
 
 if TYPE_CHECKING:
     from .frontends.http_app import HttpFrontEnd
+    from .frontends.metrics_app import MetricsFrontEnd
 
 log = logging.getLogger("tensorfleet.server")
 
@@ -87,6 +89,8 @@ class ServerOptions:
     metrics_port: int | None = None
     http_port: int | None = None  # REST (OIP HTTP) beside gRPC, same host, auth and TLS
     http_port_file: Path | None = None
+    #: Host names the HTTP faces accept besides loopback, IPs and --host (only checked with no token).
+    http_allow_hosts: list[str] = field(default_factory=list)
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -122,7 +126,9 @@ class ModelServer:
         self._stopping = asyncio.Event()
         self.port = 0
         self.http: HttpFrontEnd | None = None
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        self.metrics_http: MetricsFrontEnd | None = None
+        # innermost: a request that does not parse is INVALID_ARGUMENT (core/malformed.py), not UNKNOWN
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), MalformedRequestInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
             interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
         self.listener = GrpcServer(
@@ -144,10 +150,9 @@ class ModelServer:
         self.listener.add_health_and_reflection()
 
     async def _set_health(self, serving: bool) -> None:
+        # Health is open (no token), so it names no model: a model's readiness is ModelReady, behind the
+        # token, as on Triton, whose grpc.health.v1 knows only the server (issue 28 #12).
         await self.listener.set_health(("", INFERENCE_SERVICE), serving)
-        for entry in self.repository.entries():
-            ready = serving and entry.state is ModelState.READY
-            await self.listener.set_health((entry.name,), ready)
 
     def drain(self) -> None:
         """Stop accepting work; in-flight requests finish; then the process exits."""
@@ -180,9 +185,9 @@ class ModelServer:
         self.port = self.listener.bind()
         await self._set_health(False)
         await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
-        if self.options.http_port is not None:
-            port = await self.listener.start_side_server(self._start_http, self.options.http_port_file)
-            log.info("REST (Open Inference Protocol HTTP) on %s:%d", self.options.host, port)
+        if self.options.http_port is not None or self.options.metrics_port is not None:
+            port_file = self.options.http_port_file if self.options.http_port is not None else None
+            await self.listener.start_side_server(self._start_faces, port_file)
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await self.runtime.load_all()
@@ -191,9 +196,6 @@ class ModelServer:
                 self.runtime.served(entry.name).batcher.start()
             else:
                 log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
-        if self.options.metrics_port is not None:
-            port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
-            log.info("Prometheus metrics on port %d", port)
         await self._set_health(True)
         self.listener.write_port_file(self.options.port_file)
         log.info("SERVING on port %d with %d model(s) ready", self.port,
@@ -210,8 +212,47 @@ class ModelServer:
         auth = TokenAuth({SUBMIT: options.token}) if options.token else None  # as on gRPC: one role
         app = build_app(self.dataplane, auth, self.metrics.registry, max_body_bytes=options.max_message_bytes)
         self.http = HttpFrontEnd(app, options.host, options.http_port or 0, tls_cert=options.tls_cert,
-                                 tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds)
-        return await self.http.start()
+                                 tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds,
+                                 browser_guard=not options.token, allow_hosts=options.http_allow_hosts)
+        port = await self.http.start()
+        log.info("REST (Open Inference Protocol HTTP) on %s:%d", options.host, port)
+        return port
+
+    async def _start_faces(self) -> int:
+        """The HTTP faces asked for (REST, Prometheus metrics), after gRPC; if one fails, those
+        started are stopped (and GrpcServer.start_side_server stops gRPC). The REST port (0: none)."""
+        port = 0
+        try:
+            if self.options.http_port is not None:
+                port = await self._start_http()
+            if self.options.metrics_port is not None:
+                await self._start_metrics()
+        except BaseException:
+            await self._stop_http()
+            raise
+        return port
+
+    async def _start_metrics(self) -> None:
+        from .frontends.metrics_app import (  # uvicorn only when asked for
+            MetricsFrontEnd,
+            build_metrics_app,
+        )
+
+        options = self.options
+        auth = TokenAuth({SUBMIT: options.token}) if options.token else None
+        self.metrics_http = MetricsFrontEnd(
+            build_metrics_app(self.metrics.registry, auth), options.host, options.metrics_port or 0,
+            tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            shutdown_seconds=options.drain_seconds, browser_guard=not options.token,
+            allow_hosts=options.http_allow_hosts,
+        )
+        port = await self.metrics_http.start()
+        log.info("Prometheus metrics on port %d", port)  # same token and TLS as gRPC
+
+    async def _stop_http(self) -> None:
+        for front in (self.http, self.metrics_http):
+            if front is not None:
+                await front.stop()
 
     async def run_until_stopped(self, *, signals: bool = True) -> None:
         """Serve until drain() (SIGTERM/SIGINT when `signals`), then stop: in-flight requests
@@ -226,8 +267,7 @@ class ModelServer:
         # Waits for in-flight rpcs (streams included) up to the grace period.
         await self._wait_for_in_flight(self.options.drain_seconds)
         await self.grpc.stop(grace=self.options.drain_seconds)
-        if self.http is not None:
-            await self.http.stop()
+        await self._stop_http()
         await self.runtime.close()
         self.shared_memory.close()
         log.info("stopped")

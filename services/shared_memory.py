@@ -12,6 +12,11 @@ symlink followed); every registered byte counts against `max_bytes`; a region wh
 was unlinked, or whose tensorfleet client process is gone, is dropped at the next sweep
 (each register and status call). Reads copy out of the region, so a client that rewrites or
 unregisters a region while its request runs never changes a batch already formed.
+
+Regions are read and written with pread/pwrite on the object's descriptor, never through a
+mapping: a client may truncate its object at any moment, and touching a mapping past the new
+end raises SIGBUS, which kills the whole server. pread returns short instead, pwrite cannot
+fault, and the size is checked (fstat) on each use, so a truncated region gets a clean error.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import mmap
 import os
 import stat
 import urllib.parse
@@ -66,16 +70,43 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    memory: mmap.mmap
     fd: int
     #: Its key names a live SDK process that maps it (checked at register): swept when that process is gone.
     tracked: bool = False
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self.memory.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+    def check_size(self, tensor: str) -> None:
+        """The object still holds the registered window (a client may have truncated it since)."""
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as error:
+            raise FailedPrecondition(f"tensor '{tensor}': shared memory region '{self.name}': {error.strerror}") from None
+        if size < self.offset + self.byte_size:
+            raise FailedPrecondition(
+                f"tensor '{tensor}': shared memory region '{self.name}' (key '{self.key}') was truncated to {size} "
+                f"bytes after it was registered with {self.offset + self.byte_size}; register it again"
+            )
+
+    def read(self, tensor: str, start: int, size: int) -> bytes:
+        """A copy of [start, start + size) of the object (pread: a truncated object reads short, no SIGBUS)."""
+        self.check_size(tensor)
+        data = os.pread(self.fd, size, start) if size else b""
+        if len(data) != size:
+            raise FailedPrecondition(
+                f"tensor '{tensor}': shared memory region '{self.name}' (key '{self.key}') holds only "
+                f"{max(len(data), 0) + start - self.offset} of its registered bytes (truncated?); register it again"
+            )
+        return data
+
+    def write(self, tensor: str, start: int, data: memoryview) -> None:
+        """Write `data` at `start` (pwrite: never faults, even on an object truncated meanwhile)."""
+        self.check_size(tensor)
+        written = 0
+        while written < data.nbytes:
+            written += os.pwrite(self.fd, data[written:], start + written)
 
     def unlinked(self) -> bool:
         try:
@@ -134,11 +165,10 @@ class SharedMemoryRegistry:
                     f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end of "
                     f"key '{key}' ({info.st_size} bytes)"
                 )
-            memory = mmap.mmap(fd, offset + byte_size)
         except BaseException:
             os.close(fd)
             raise
-        self._regions[name] = Region(name, key, offset, byte_size, memory, fd, _mapped_by_owner(key, path))
+        self._regions[name] = Region(name, key, offset, byte_size, fd, _mapped_by_owner(key, path))
         log.info("shared memory region %s registered: key %s, %d bytes from %d", name, key, byte_size, offset)
 
     def status(self, name: str = "", peer: str = "local") -> list[Region]:
@@ -209,7 +239,7 @@ class SharedMemoryRegistry:
                         f"input '{tensor.name}': {tensor.datatype} shape {list(tensor.shape)} needs {expected} bytes, "
                         f"shared memory region '{region.name}' window has {size}"
                     )
-                buffers.append(region.memory[start : start + size])  # a copy: the client may reuse it
+                buffers.append(region.read(tensor.name, start, size))  # a copy: the client may reuse it
             else:
                 buffers.append(next(sent, None))
         if next(sent, None) is not None:
@@ -254,7 +284,7 @@ class SharedMemoryRegistry:
                     f"output '{tensor.name}': {data.nbytes} bytes do not fit its {size}-byte window of "
                     f"shared memory region '{region.name}'"
                 )
-            region.memory[start : start + data.nbytes] = data
+            region.write(tensor.name, start, data)
             response.raw[index] = b""
             _copy_parameter(parameters, tensor.parameters, REGION_PARAMETER)
             _copy_parameter(parameters, tensor.parameters, OFFSET_PARAMETER)

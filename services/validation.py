@@ -14,6 +14,7 @@ import numpy as np
 from tensorfleet.core.codec import decode_contents, decode_raw, element_count
 from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.core.parameters import parameter_value
+from tensorfleet.core.sparse import INDICES_SUFFIX, INDPTR_SUFFIX, check_csr
 from tensorfleet.protos import inference_pb2 as pb
 
 from .model_config import ModelConfig, TensorSpec
@@ -129,13 +130,19 @@ def decode_request(
         )
     inputs: dict[str, np.ndarray] = {}
     length = 0
+    companions = _sparse_companions(request, config)
     for index, tensor in enumerate(request.inputs):
+        if tensor.name in companions:
+            continue  # a CSR input's indices or offsets: decoded with its values
         spec = config.input(tensor.name)
         if spec is None:
             known = [s.name for s in config.inputs]
             raise InvalidArgument(f"unknown input '{tensor.name}' for model '{config.name}'; it takes {known}")
         if tensor.name in inputs:
             raise InvalidArgument(f"input '{tensor.name}' is given more than once")
+        if spec.sparse and tensor.name + INDPTR_SUFFIX in companions.values():
+            inputs[tensor.name] = _decode_csr(request, raw, spec, config)
+            continue
         array = _decode_input(tensor, raw[index] if raw else None, spec, config)
         inputs[tensor.name] = array
         length = max(length, _length(spec, array, config.batched))
@@ -152,6 +159,62 @@ def decode_request(
         inputs=inputs, rows=rows, length=length, exclusive=_exclusive(request), requested_outputs=requested,
         parameters=model_parameters(request) if request.parameters else {},
     )
+
+
+def _sparse_companions(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, str]:
+    """Companion tensor name -> itself, for the indices and offsets of CSR inputs in this request."""
+    sparse = [spec.name for spec in config.inputs if spec.sparse]
+    if not sparse:
+        return {}
+    names = {tensor.name for tensor in request.inputs}
+    out = {}
+    for name in sparse:
+        parts = [name + INDICES_SUFFIX, name + INDPTR_SUFFIX]
+        present = [part for part in parts if part in names]
+        if present and (len(present) != 2 or name not in names):
+            raise InvalidArgument(
+                f"input '{name}' takes CSR rows as three tensors: '{name}' (values), '{parts[0]}', '{parts[1]}'; "
+                f"the request has {sorted(n for n in names if n == name or n in parts)}"
+            )
+        out.update({part: part for part in present})
+    return out
+
+
+def _decode_csr(
+    request: pb.ModelInferRequest, raw: Sequence[bytes | memoryview] | None, spec: TensorSpec, config: ModelConfig,
+) -> Any:
+    """A CSR input's three tensors, checked (core/sparse.py), as a scipy.sparse.csr_matrix."""
+    import scipy.sparse
+
+    position = {tensor.name: i for i, tensor in enumerate(request.inputs)}
+    arrays = {}
+    for name, datatype in ((spec.name, spec.datatype), (spec.name + INDICES_SUFFIX, None),
+                           (spec.name + INDPTR_SUFFIX, None)):
+        tensor = request.inputs[position[name]]
+        if datatype is None and tensor.datatype not in ("INT32", "INT64"):
+            raise InvalidArgument(f"input '{name}': datatype {tensor.datatype or '(empty)'}; INT32 or INT64 expected")
+        if datatype is not None and tensor.datatype != datatype:
+            raise InvalidArgument(
+                f"input '{name}': datatype {tensor.datatype or '(empty)'}, model '{config.name}' expects {datatype}"
+            )
+        shape = list(tensor.shape)
+        if len(shape) != 1 or shape[0] < 0:
+            raise InvalidArgument(f"input '{name}': shape {shape}; CSR tensors are one-dimensional")
+        buffer = raw[position[name]] if raw else None
+        if buffer is not None:
+            arrays[name] = decode_raw(name, tensor.datatype, shape, buffer)
+        else:
+            arrays[name] = decode_contents(name, tensor.datatype, shape, tensor.contents)
+    values, indices, indptr = arrays.values()
+    columns = spec.shape[0]
+    rows = check_csr(spec.name, values, indices, indptr, columns)
+    if rows == 0:
+        raise InvalidArgument(f"input '{spec.name}': no rows; send at least one row")
+    if config.batched and rows > config.max_batch_size:
+        raise InvalidArgument(
+            f"input '{spec.name}': {rows} rows is over model '{config.name}' max_batch_size {config.max_batch_size}"
+        )
+    return scipy.sparse.csr_matrix((values, indices, indptr), shape=(rows, columns))
 
 
 def _rows(inputs: dict[str, np.ndarray], config: ModelConfig) -> int:

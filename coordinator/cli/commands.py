@@ -27,7 +27,8 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("job", type=Path, help="job file (YAML); see `tensorfleet schema`")
     run.add_argument("--job-dir", type=Path, help="checkpoint folder (default: job_dir in the spec, else <output>.tfjob)")
     mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the job in the job folder")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the job in the job folder (what no flag does; kept for old scripts)")
     mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
     mode.add_argument("--retry-failed", action="store_true",
                       help="continue the job (as --resume) and compute again the chunks holding failed rows")
@@ -72,6 +73,12 @@ def add_top(sub: argparse._SubParsersAction) -> None:
     add_subcommand(sub)
 
 
+def add_embed(sub: argparse._SubParsersAction) -> None:
+    from .embed_cli import add_subcommand
+
+    add_subcommand(sub)
+
+
 def _service_cli(name: str) -> Adder:
     def add(sub: argparse._SubParsersAction) -> None:
         from . import service_cli
@@ -107,6 +114,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", add_serve, core=True),
     Command("doctor", add_doctor, core=True),
     Command("infer", _service_cli("infer")),
+    Command("embed", add_embed),
 )
 
 #: A command line starting with one of these builds the parser of the `core` rows alone.

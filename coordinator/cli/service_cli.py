@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL, EXIT_OK
 
 from ..service.client_options import DEFAULT_COORDINATOR, connection_args, connection_options
 
@@ -75,6 +75,9 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
                        help="serve a read-only web dashboard (jobs, progress chart, failed rows, servers) on this "
                             "port, same host, tokens and TLS; 0 picks a free one")
     serve.add_argument("--http-port-file", type=Path, help="write the dashboard's bound port here")
+    serve.add_argument("--http-allow-host", action="append", dest="http_allow_hosts", default=[],
+                       help="with no token, the dashboard answers only Host names that are loopback names, IP "
+                       "addresses or --host: add one (repeatable; '*' for any; also $TENSORFLEET_HTTP_ALLOW_HOSTS)")
     serve.add_argument("--tls-cert", type=Path)
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--tls-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
@@ -156,7 +159,8 @@ def job_dict(job) -> dict:
 def exit_code_of(job) -> int:
     from tensorfleet.client.coordinator_client import job_state
 
-    return job.exit_code if job_state(job) == "SUCCEEDED" else EXIT_FATAL
+    crashed = job_state(job) == "FAILED" and job.exit_code == EXIT_CRASH  # the engine's own crash code
+    return job.exit_code if job_state(job) == "SUCCEEDED" or crashed else EXIT_FATAL
 
 
 def _describe(job) -> str:
@@ -171,7 +175,12 @@ def _describe(job) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, TokenFileError, token_from
+    from tensorfleet.core.auth import (
+        OPERATOR_SERVERS_ENV,
+        SERVER_TOKEN_FILE_ENV,
+        TokenFileError,
+        token_from,
+    )
     from tensorfleet.core.errors import TensorfleetError
     from tensorfleet.core.exposure import ExposureError
 
@@ -188,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
         server_token = token_from(args.server_token, args.server_token_file, use_env=False)
         if args.server_token_file:  # the jobs' engines read it there (never from a job's spec)
             os.environ[SERVER_TOKEN_FILE_ENV] = str(args.server_token_file.resolve())
+            os.environ[OPERATOR_SERVERS_ENV] = args.servers  # ...and send it only to these (model_fleet.py)
         policy = JobPolicy(
             model_roots=args.model_root, data_roots=args.data_root or [Path.cwd()],
             output_roots=args.output_root or [Path.cwd()], url_prefixes=args.allow_url_prefix,
@@ -199,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_jobs=max(1, args.max_jobs),
             keep_finished=max(0, args.keep_finished),
             servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
-            http_port=args.http_port, http_port_file=args.http_port_file,
+            http_port=args.http_port, http_port_file=args.http_port_file, http_allow_hosts=args.http_allow_hosts,
         )
         asyncio.run(serve(options))
     except (TokenFileError, ExposureError, ValueError, TensorfleetError) as error:

@@ -56,6 +56,7 @@ def _send(ctx: RunContext, manifest: Manifest, serving: Serving, pending: list[C
     source.context = serving.adapted.context
     source.outputs = stored_outputs(spec, info)
     source.parameters = dict(spec.model.parameters)
+    source.sparse = {name for name in fields if name in info.sparse_inputs}
     progress: Progress | None = None
 
     def counted(item: CompletedChunk) -> None:

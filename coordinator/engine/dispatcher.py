@@ -229,13 +229,6 @@ class Dispatcher(LeaseBook, ServerStreams):
                     return work, start, stop
         return None
 
-
-
-
-
-
-
-
     # --- hand-off to the writer thread ------------------------------------------------------
     def _hand_off(self, work: Work, server: ServerState) -> None:
         work.handed_off = True
@@ -259,6 +252,7 @@ class Dispatcher(LeaseBook, ServerStreams):
             errors.append(RowError(row, row_id, code, f"{self.source.describe_row(row, row_id)}: {message}"))
         done = CompletedChunk(chunk, work.ids, ok, outputs, errors, server.address)
         work.results.clear()
+        self._reader.submit(self.source.release, chunk.start, chunk.stop)  # its rows are not read again
         future = asyncio.get_running_loop().run_in_executor(self._writer, self._commit, done)
         self._commits.add(future)
         future.add_done_callback(lambda f: self._committed(f, done))

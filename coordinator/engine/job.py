@@ -196,7 +196,7 @@ def execute(ctx: RunContext, manifest: Manifest, planned: Planned, serving: Serv
         return noted(ctx, adapted, unchanged)
     if dispatched.progress is not None:
         dispatched.progress.tick("merging", force=True)
-    made = provenance(ctx, manifest, serving.info.provenance() if serving else {})
+    made = provenance(ctx, manifest, serving.info if serving else None)
     adapted = adapted or adapt_run(ctx, ctx.fleet.info())  # the merge copies input columns from its reader
     return noted(ctx, adapted, merge_output(ctx, manifest, adapted, made, dispatched, servers))
 

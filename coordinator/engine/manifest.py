@@ -20,6 +20,9 @@ from ..io.row_error import RowError
 from .planner import Chunk, InputFingerprint, Plan
 
 MANIFEST_NAME = "manifest.sqlite"
+#: Lease notes wait in memory at most this long before they are written on their own; a
+#: chunk's commit writes the waiting ones in its transaction (one manifest write per chunk).
+LEASE_FLUSH_S = 5.0
 SCHEMA_VERSION = 2  # 2: chunks.row_order (length-sorted requests)
 
 _SCHEMA = """
@@ -49,6 +52,9 @@ class Manifest:
     def __init__(self, path: Path, lock: bool = False) -> None:
         self.path = path
         self._lock = JobLock(path.parent) if lock else None
+        #: Lease notes not written yet: (chunk, server, at), see note_lease.
+        self._leases: list[tuple[int, str, float]] = []
+        self._leases_flushed = time.monotonic()
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self.journal_mode = journal_mode_for(path.parent)
@@ -69,6 +75,10 @@ class Manifest:
         return cls(path, lock=lock) if path.is_file() else None
 
     def close(self) -> None:
+        try:
+            self.flush_leases()
+        except sqlite3.Error:
+            pass  # statistics only: never what keeps a finished job from closing
         self._db.close()
         if self._lock is not None:
             self._lock.release()
@@ -134,6 +144,7 @@ class Manifest:
         False if it already was."""
         errors = list(errors)
         with self._transaction():
+            self._write_leases()
             cursor = self._db.execute(
                 "UPDATE chunks SET done = 1, part = ?, failed = ?, server = ?, committed_at = ?, checksum = ?"
                 " WHERE idx = ? AND done = 0",
@@ -193,11 +204,32 @@ class Manifest:
         return [row[0] for row in self._db.execute("SELECT address FROM servers ORDER BY address")]
 
     def note_lease(self, chunk: int, server: str, at: float | None = None) -> None:
-        """`at`: when the chunk was leased (the caller may write this later, off its loop)."""
-        self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (chunk, server, time.time() if at is None else at))
+        """`at`: when the chunk was leased (the caller may write this later, off its loop).
+
+        Kept in memory and written with the next chunk commit, or on its own after
+        LEASE_FLUSH_S, or at close: a synchronous SQLite write per lease cost more than the
+        rows it leased. Leases are statistics (lease_counts); which chunks are done, and so
+        exactly-once, rests on commit_chunk alone, so notes lost in a crash lose no rows."""
+        self._leases.append((chunk, server, time.time() if at is None else at))
+        if time.monotonic() - self._leases_flushed > LEASE_FLUSH_S:
+            self.flush_leases()
+
+    def flush_leases(self) -> None:
+        """Write the lease notes still in memory."""
+        if self._leases:
+            with self._transaction():
+                self._write_leases()
+        self._leases_flushed = time.monotonic()
+
+    def _write_leases(self) -> None:
+        if self._leases:
+            self._db.executemany("INSERT INTO leases VALUES (?, ?, ?)", self._leases)
+            self._leases = []
+        self._leases_flushed = time.monotonic()
 
     def lease_counts(self) -> dict[int, int]:
         """How often each chunk was handed to a server, over every run of this job."""
+        self.flush_leases()
         return dict(self._db.execute("SELECT chunk, COUNT(*) FROM leases GROUP BY chunk").fetchall())
 
     def _transaction(self) -> _Transaction:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..io.crashpoints import crash_point
+from ..io.output_files import OutputFolder
 from ..io.part_store import open_part
-from ..io.parts import fsync_dir
 from ..io.writers import Column, Ragged, WriteContext, open_writer
 from ..io.writers.base import writer_class
 from ..spec import InputSpec, OutputSpec
@@ -126,7 +126,7 @@ class MergeInputs:
 def _chunk_arrays(
     part: Any, chunk: Chunk, ok: np.ndarray, columns: list[Column], from_input: set[str], inputs: MergeInputs
 ) -> dict[str, Any]:
-    """One chunk's stored columns: the model's outputs for its ok rows (NaN or zero elsewhere),
+    """One chunk's stored columns: the model's outputs for its ok rows (NaN, zero or b"" elsewhere),
     ragged ones packed, and the input view's columns."""
     arrays = inputs.input_values(chunk.start, chunk.stop) if inputs.input_values and from_input else {}
     for column in columns:
@@ -140,37 +140,39 @@ def _chunk_arrays(
         full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
         if column.dtype.kind == "f":
             full[~ok] = np.nan
+        elif column.dtype.hasobject:  # BYTES: a failed row holds b"", not the integer 0
+            full[...] = b""
         full[ok] = values
         arrays[column.name] = full
         del values
     return arrays
 
 
-def _place(temp: Path, side_files: list[Path], final_path: Path, output: OutputSpec) -> list[Path]:
-    """fsync, then rename the side files and the output to their final names; the side files."""
+def _place(folder: OutputFolder, temp: Path, side_files: list[Path], final_path: Path,
+           output: OutputSpec) -> list[Path]:
+    """fsync, then rename the side files and the output to their final names (through the folder
+    held open, output_files.py); the side files."""
     for path in [temp, *side_files]:
         with open(path, "rb+") as handle:
             os.fsync(handle.fileno())
     finals = []
     for side in side_files:
         target = final_path.with_name(side.name.replace(temp.stem, final_path.stem, 1).lstrip("."))
-        os.replace(side, target)
+        folder.replace(side.name, target.name)
         finals.append(target)
     kind = writer_class(output.format)
     for stale in getattr(kind, "side_files", lambda _: [])(final_path):
         if stale not in finals:
-            stale.unlink(missing_ok=True)
-    os.replace(temp, final_path)
-    fsync_dir(final_path.parent)
+            folder.unlink_owned(stale.name)
+    folder.replace(temp.name, final_path.name)
+    folder.fsync()
     return finals
 
 
 def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
     """The committed parts of `manifest`'s plan, in input order, into inputs.final_path."""
-    job_dir, output, final_path = inputs.job_dir, inputs.output, inputs.final_path
     chunks = manifest.chunks()
     rows = manifest.counts()["rows"]
-    ids_digest = manifest.plan_settings()["ids_digest"]
     declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
     done = manifest.done_chunks()
     missing = [chunk.index for chunk in chunks if chunk.index not in done]
@@ -179,15 +181,23 @@ def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
     covered = sum(chunk.rows for chunk in chunks)
     if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
         raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
+    columns = [*_columns(inputs.job_dir, manifest, chunks, inputs.output, declared), *inputs.input_columns]
+    # the folder is checked and held open now: everything below writes through it (output_files.py)
+    with OutputFolder(inputs.final_path.parent) as folder:
+        folder.check_replaceable(inputs.final_path.name)  # before any work: never replace a file we did not write
+        return _merge_into(folder, manifest, inputs, chunks, rows, columns)
+
+
+def _merge_into(folder: OutputFolder, manifest: Manifest, inputs: MergeInputs, chunks: list[Chunk], rows: int,
+                columns: list[Column]) -> MergeResult:
+    job_dir, final_path = inputs.job_dir, inputs.final_path
     errors = manifest.errors()
-    columns = [*_columns(job_dir, manifest, chunks, output, declared), *inputs.input_columns]
     from_input = {column.name for column in inputs.input_columns}
-    temp = temp_path_for(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.at(temp_path_for(final_path).name)
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()
     context = WriteContext(
-        spec=output, input=inputs.input_spec, temp_path=temp, columns=columns, rows=rows,
+        spec=inputs.output, input=inputs.input_spec, temp_path=temp, columns=columns, rows=rows,
         provenance={**inputs.provenance, "rows": rows, "rows_failed": len(errors)}, errors=errors, limit=inputs.limit,
     )
     writer = open_writer(context)
@@ -209,7 +219,7 @@ def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
                 writer.write(chunk.start, ids, arrays, ok, error)
                 del arrays, ok
                 crash_point("merge")
-        if digest.hexdigest() != ids_digest:
+        if digest.hexdigest() != manifest.plan_settings()["ids_digest"]:
             raise MergeError("the ids in the parts differ from the input's ids; rerun with --restart")
         side_files = writer.finish()
     except BaseException:
@@ -217,5 +227,5 @@ def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
-    finals = _place(temp, side_files, final_path, output)
+    finals = _place(folder, temp, side_files, final_path, inputs.output)
     return MergeResult(final_path, rows, len(errors), columns, finals)

@@ -8,29 +8,19 @@ import sqlite3
 
 import numpy as np
 
-from tensorfleet.core.version import __version__ as tensorfleet_version
-
+from ..fleet.model_info import ModelInfo
 from ..io.filesystems import is_disk_full
 from ..io.objectstore import ObjectStoreError
 from ..spec.errors import JobFatal
 from .job_dir import close_progress, disk_full, file_stat, same_file
 from .manifest import Manifest
+from .provenance import output_provenance
 from .run_types import Adapted, Dispatched, RunContext, RunResult
 
 
-def provenance(ctx: RunContext, manifest: Manifest, model: dict) -> dict:
-    """What the output records about how it was made (the model's build, inputs, batching)."""
-    return {
-        "tensorfleet_version": tensorfleet_version,
-        **(manifest.meta("model") or model),
-        "spec_sha256": manifest.meta("spec_sha256", ctx.spec.digest()),
-        "job_name": ctx.spec.name,
-        "servers": manifest.servers(),
-        "inputs": [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in manifest.inputs()],
-        "batch_rows": manifest.plan_settings().get("batch_rows"),
-        "token_budget": manifest.plan_settings().get("token_budget"),
-        **(manifest.meta("input_report") or {}),
-    }
+def provenance(ctx: RunContext, manifest: Manifest, info: ModelInfo | None) -> dict:
+    """What the output records about how it was made (engine/provenance.py), with the workflow's own."""
+    return output_provenance(ctx.spec, manifest, info, ctx.hooks.provenance)
 
 
 def unchanged_output(ctx: RunContext, manifest: Manifest, dispatched: Dispatched) -> RunResult | None:

@@ -157,7 +157,7 @@ class Plan:
             f"rows: {self.rows}" + (f" (limited to the first {self.limit})" if self.limit else ""),
             f"requests: {requests} (at most {self.batch_rows} rows"
             + (f", {self.token_budget} tokens" if self.token_budget else "") + " each)",
-            f"chunks: {len(self.chunks)} (about {self.chunk_rows} rows each, one part file each)",
+            f"chunks: {chunk_sizes(self.chunks, self.chunk_rows)}",
             "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(self.fields.items())),
         ]
         lines += [f"input: {item.path} ({item.size} bytes, sha256 {item.sha256[:16]}...)" for item in self.inputs]
@@ -165,6 +165,25 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def chunk_sizes(chunks: list[Chunk], chunk_rows: int) -> str:
+    """The chunks as they were cut, e.g. `3 (128 rows each, the last 44; one part file each)`.
+
+    Chunks keep whole requests, so they are rarely chunk_rows long: 64-row chunks of 128-row
+    requests are 128 rows each; the text says what the plan holds, not what was asked."""
+    sizes = [chunk.rows for chunk in chunks]
+    if not sizes:
+        return "0"
+    first, last = sizes[0], sizes[-1]
+    if len(set(sizes)) == 1:
+        text = f"{first} rows" + (" each" if len(sizes) > 1 else "")
+    elif len(set(sizes[:-1])) == 1:
+        text = f"{first} rows each, the last {last}"
+    else:
+        text = f"{min(sizes)} to {max(sizes)} rows, {sum(sizes) / len(sizes):.0f} on average"
+    asked = "" if max(sizes) <= chunk_rows or len(sizes) == 1 else f"; chunk_rows {chunk_rows} rounded up to whole requests"
+    return f"{len(sizes)} ({text}{asked}; one part file each)"
 
 
 def fingerprint(path: Path | str) -> InputFingerprint:

@@ -69,10 +69,20 @@ class Progress:
         self.done += rows
         self.failed += failed
 
-    def rate(self) -> float:
-        """Rows per second over the last ~10 s (this run only)."""
+    def rate(self) -> float | None:
+        """Rows per second over the last ~10 s (this run only); None until this run has
+        committed a row, since a rate from answered but uncommitted rows alone (or from none)
+        says nothing a person can plan by. Once rows are done, the run's average stands in
+        when the window saw no new answers (the end of a run)."""
+        committed = self.done - self.resumed_from
+        if committed <= 0:
+            return None
         (t0, r0), (t1, r1) = self._samples[0], self._samples[-1]
-        return (r1 - r0) / (t1 - t0) if t1 > t0 else 0.0
+        windowed = (r1 - r0) / (t1 - t0) if t1 > t0 else 0.0
+        if windowed > 0:
+            return windowed
+        elapsed = time.time() - self.started
+        return committed / elapsed if elapsed > 0 else None
 
     def line(self, state: str) -> ProgressLine:
         rate = self.rate()
@@ -83,7 +93,7 @@ class Progress:
             total=self.total,
             failed=self.failed,
             rows_per_second=rate,
-            eta_seconds=(self.total - self.done) / rate if rate > 0 else None,
+            eta_seconds=(self.total - self.done) / rate if rate else None,
             servers_alive=sum(1 for s in servers if s.get("alive")),
             servers=len(servers),
         )
@@ -98,8 +108,8 @@ class Progress:
             "rows": self.total,
             "rows_done": self.done,
             "rows_failed": self.failed,
-            "rows_per_second": round(rate, 2),
-            "eta_seconds": round((self.total - self.done) / rate, 1) if rate > 0 else None,
+            "rows_per_second": round(rate or 0.0, 2),
+            "eta_seconds": round((self.total - self.done) / rate, 1) if rate else None,
             "servers": servers,
             "servers_alive": sum(1 for s in servers if s.get("alive")),
             "started": self.started,

@@ -30,7 +30,8 @@ class ProgressLine:
     done: int
     total: int
     failed: int
-    rows_per_second: float
+    #: None until rows are done: no rate (and no ETA) is shown before there is one to show.
+    rows_per_second: float | None
     eta_seconds: float | None
     servers_alive: int
     servers: int
@@ -43,10 +44,16 @@ class ProgressLine:
 def plain_line(line: ProgressLine) -> str:
     """The line written where no terminal is attached (log files, CI, pipes): one per report."""
     return (
-        f"progress: {line.state} {line.done}/{line.total} rows ({line.fraction:.1%}) "
-        f"{line.rows_per_second:.1f} rows/s ETA {format_duration(line.eta_seconds)} "
+        f"progress: {line.state} {line.done}/{line.total} rows ({line.fraction:.1%}) {rate_text(line)}"
         f"servers {line.servers_alive}/{line.servers} failed {line.failed}"
     )
+
+
+def rate_text(line: ProgressLine) -> str:
+    """`12.3 rows/s ETA 0:42 ` once rows are done; nothing before."""
+    if line.rows_per_second is None:
+        return ""
+    return f"{line.rows_per_second:.1f} rows/s ETA {format_duration(line.eta_seconds)} "
 
 
 class ProgressView(Protocol):
@@ -95,8 +102,7 @@ class RichView:
             BarColumn(bar_width=None, table_column=Column(ratio=1)),
             TaskProgressColumn(),
             TextColumn(
-                "{task.fields[rate]:.1f} rows/s  ETA {task.fields[eta]}  "
-                "servers {task.fields[alive]}/{task.fields[servers]}  failed {task.fields[failed]}",
+                "{task.fields[rate]}servers {task.fields[alive]}/{task.fields[servers]}  failed {task.fields[failed]}",
                 table_column=Column(no_wrap=True, overflow="ellipsis"),
             ),
             console=Console(file=stream),
@@ -109,8 +115,8 @@ class RichView:
     def show(self, line: ProgressLine) -> None:
         fields = {
             "state": line.state,
-            "rate": line.rows_per_second,
-            "eta": format_duration(line.eta_seconds),
+            "rate": "" if line.rows_per_second is None
+            else f"{line.rows_per_second:.1f} rows/s  ETA {format_duration(line.eta_seconds)}  ",
             "alive": line.servers_alive,
             "servers": line.servers,
             "failed": line.failed,

@@ -70,6 +70,13 @@ class RunResult:
     def rows_per_second(self) -> float:
         return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
 
+    def speed_line(self, where: str = "") -> str:
+        """What this run computed; a re-run of a finished job says so instead of `0 rows in 0.0s`."""
+        if not self.rows_computed:
+            return "nothing computed: every chunk was already done (--restart computes them again)"
+        return (f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
+                + where)
+
     def summary(self) -> str:
         if self.output is None:
             return self.plan_text
@@ -78,8 +85,7 @@ class RunResult:
             f"output: {self.output}",
             f"rows: {self.rows} ({self.rows - self.rows_failed} ok, {self.rows_failed} failed)",
             f"outputs: {dims}",
-            f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
-            f" on {len(self.servers)} server(s)",
+            self.speed_line(f" on {len(self.servers)} server(s)"),
             f"job folder: {self.job_dir}",
         ]
         lines += [f"uploaded: {url}" for url in self.uploaded]
@@ -108,6 +114,8 @@ class StageHooks:
     #: A prompt put once per stream; or a function of the model's description that makes it (a
     #: prompt aligned to the model's genes), called once by the settings phase (Adapted.context).
     context: Context | Callable[[ModelInfo, InputReport], Context] | None = None
+    #: More provenance for the merged output (a multi-stage job's earlier stages), asked at the merge.
+    provenance: Callable[[], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,8 @@ class ServerStreams:
                         request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
                         try:
                             request = await loop.run_in_executor(
-                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop)
+                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop),
+                                (work.chunk.start, work.chunk.stop),
                             )
                         except RowsRejected as rejected:
                             self._reject(server, work, start, stop, rejected.errors)

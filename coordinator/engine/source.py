@@ -2,14 +2,27 @@
 
 Every request carries `tensorfleet.exclusive = true`, so the server runs its rows as one
 batch on their own and the numbers never depend on what else was in flight.
+
+Rows are read once per chunk, in one block per field (`Reader.read_block`), and every request
+of the chunk is sliced from that block in memory, whatever the order of its rows (a chunk
+sorted by length picks rows all over its span): a request costs its own rows, never a re-read
+of the span they sit in. A block covers the whole chunk when it fits `BLOCK_BYTES` per field,
+else a window of rows from the first one a request needs; at most `MAX_BLOCKS` are kept (the
+chunks being computed), and the dispatcher drops a chunk's blocks once the chunk is complete.
+Rows stored sparse stay sparse in the block; they are densified per request, or sent as CSR
+(three tensors, docs/protocol.md) to a model input that declares `sparse: csr`.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
 from tensorfleet.client.messages import build_wire_request
 from tensorfleet.core.codec import NUMPY_DTYPES
+from tensorfleet.core.sparse import as_csr, csr_tensors
 from tensorfleet.core.wire import InferRequest
 
 from ..io.readers import FieldInfo, Reader
@@ -17,6 +30,25 @@ from ..io.readers import FieldInfo, Reader
 EXCLUSIVE = "tensorfleet.exclusive"
 CONTEXT = "tensorfleet.context"
 CONTEXT_PUT = "tensorfleet.context_put"
+
+#: Bytes of one field a block may hold (estimated from Reader.row_bytes) before it is cut
+#: into windows; a chunk is read whole when it fits.
+BLOCK_BYTES = 64 << 20
+#: Blocks kept at once: the chunks in flight across servers (more only costs re-reads).
+MAX_BLOCKS = 8
+
+
+def _is_sparse(values: Any) -> bool:
+    return hasattr(values, "tocsr") and hasattr(values, "indptr")
+
+
+class _Block:
+    """Rows [start, stop) of every mapped field, as the reader returned them."""
+
+    __slots__ = ("start", "stop", "values")
+
+    def __init__(self, start: int, stop: int, values: dict[str, Any]) -> None:
+        self.start, self.stop, self.values = start, stop, values
 
 
 class RowsRejected(Exception):
@@ -91,27 +123,70 @@ class RequestSource:
         self.outputs: list[str] | None = None
         #: The job's model.parameters: OIP request parameters on every request.
         self.parameters: dict[str, str | int | float | bool] = {}
+        #: Model inputs that take CSR rows (`sparse: csr`): sent as three tensors (core/sparse.py).
+        self.sparse: set[str] = set()
+        self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
+        self._block_rows: int | None = None
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.inputs_at(slice(start, stop))
 
-    def inputs_at(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
-        """The mapped fields of these rows: a range, or row indices (read as their span, then picked)."""
+    def inputs_at(self, rows: slice | np.ndarray, span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """The mapped fields of these rows (a range, or row indices), sliced from the block that
+        holds them; `span`: the chunk's rows [start, stop), which the block is read for."""
         if isinstance(rows, slice):
-            start, stop, pick = rows.start, rows.stop, None
+            lo, hi = rows.start, rows.stop
         else:
-            start, stop = int(rows.min()), int(rows.max()) + 1
-            pick = rows - start
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+        block = self._block(lo, hi, span or (lo, hi))
+        if isinstance(rows, slice):
+            pick: slice | np.ndarray = slice(lo - block.start, hi - block.start)
+        else:
+            pick = rows - block.start
         out = {}
-        for name, field in self.fields.items():
-            values = self.reader.read(field, start, stop)
-            if pick is not None:
-                values = values[pick]
+        for name in self.fields:
+            values = block.values[name][pick]
             datatype = self.datatypes[name]
+            if name in self.sparse:
+                out.update(csr_tensors(name, as_csr(values), NUMPY_DTYPES[datatype]))
+                continue
+            if _is_sparse(values):
+                values = values.toarray()
             if datatype != "BYTES":
                 values = np.ascontiguousarray(values, dtype=NUMPY_DTYPES[datatype])
             out[name] = values
         return out
+
+    def _block(self, lo: int, hi: int, span: tuple[int, int]) -> _Block:
+        """The kept block holding rows [lo, hi), else one read now: the whole span when it fits
+        BLOCK_BYTES, else a window from `lo`."""
+        for key, block in reversed(self._blocks.items()):
+            if block.start <= lo and hi <= block.stop:
+                self._blocks.move_to_end(key)
+                return block
+        start, stop = span
+        if not (start <= lo and hi <= stop):
+            start, stop = lo, hi
+        window = self._window_rows()
+        if stop - start > window:
+            start, stop = lo, min(stop, max(hi, lo + window))
+        values = {name: self.reader.read_block(field, start, stop) for name, field in self.fields.items()}
+        block = self._blocks[(start, stop)] = _Block(start, stop, values)
+        while len(self._blocks) > MAX_BLOCKS:
+            self._blocks.popitem(last=False)
+        return block
+
+    def _window_rows(self) -> int:
+        if self._block_rows is None:
+            widest = max((self.reader.row_bytes(field) for field in self.fields.values()), default=1.0)
+            self._block_rows = max(1, int(BLOCK_BYTES / max(widest, 1.0)))
+        return self._block_rows
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the blocks of rows [start, stop) (a committed chunk): they are not read again.
+        Call from the thread that builds requests."""
+        for key in [key for key in self._blocks if start <= key[0] and key[1] <= stop]:
+            del self._blocks[key]
 
     def rejected(self, rows: slice | np.ndarray) -> dict[int, str]:
         """Offsets within `rows` of the rows the reader refuses, and why."""
@@ -125,8 +200,10 @@ class RequestSource:
         """Where a row is, for its error message: its position in the file and its id."""
         return f"{self.reader.where(row)}, id '{row_id}'"
 
-    def request(self, request_id: str, rows: slice | np.ndarray) -> InferRequest:
-        """The request for these rows; RowsRejected when the reader refuses some of them."""
+    def request(
+        self, request_id: str, rows: slice | np.ndarray, span: tuple[int, int] | None = None
+    ) -> InferRequest:
+        """The request for these rows (of the chunk `span`); RowsRejected when the reader refuses some."""
         refused = self.rejected(rows)
         if refused:
             raise RowsRejected(refused)
@@ -134,7 +211,7 @@ class RequestSource:
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]
         return build_wire_request(
-            self.model, self.inputs_at(rows), request_id=request_id, parameters=parameters,
+            self.model, self.inputs_at(rows, span), request_id=request_id, parameters=parameters,
             version=self.version, outputs=self.outputs,
         )
 

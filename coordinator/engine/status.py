@@ -116,7 +116,7 @@ def format_status(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     state = report["state"]
     rows, done = report.get("rows", 0), report.get("rows_done", 0)
-    lines.append(f"state: {state}" + (" (the coordinator is gone; continue with `tensorfleet run JOB --resume`)"
+    lines.append(f"state: {state}" + (" (the coordinator is gone; run the same `tensorfleet run JOB` again to continue)"
                                       if state == "stopped" else ""))
     lines.append(f"rows: {done}/{rows} done ({done / rows:.1%})" if rows else "rows: 0")
     if "chunks" in report:

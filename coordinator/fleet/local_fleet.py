@@ -124,7 +124,7 @@ class LocalFleet:
 
     def __init__(
         self, repository: Path, model: str, count: int | str, device: str, workdir: Path, args: list[str],
-        max_restarts: int = 0,
+        max_restarts: int = 0, python: str | None = None, launcher: list[str] | None = None,
     ) -> None:
         self.repository = repository
         self.model = model
@@ -133,6 +133,9 @@ class LocalFleet:
         self.workdir = workdir
         self.args = args
         self.max_restarts = max_restarts
+        #: Another environment for the servers: its interpreter, and/or a wrapper command.
+        self.python = python
+        self.launcher = list(launcher or [])
         self.servers: list[LocalServer] = []
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -156,11 +159,11 @@ class LocalFleet:
             port_file = self.workdir / f"server-{index}.port"
             log_path = self.workdir / f"server-{index}.log"
             port_file.unlink(missing_ok=True)
-            command = server_command(
+            command = self._command(server_command(
                 "--model-repository", str(self.repository), "--model", self.model, "--host", "127.0.0.1",
                 "--device", device_for(self.device, index), *self.args, port_file=port_file,
-            )  # fmt: skip
-            process = start_process(command, log_path, new_session=True, tie_to_parent=True)
+            ))  # fmt: skip
+            process = self._start(command, log_path)
             self.servers.append(LocalServer(process, port_file, log_path, command=command))
         self._write_pids()
         started = [(server.process, server.port_file, server.log_path) for server in self.servers]
@@ -182,6 +185,25 @@ class LocalFleet:
             )
             self._supervisor.start()
         return [server.address for server in self.servers]
+
+    def _command(self, command: list[str]) -> list[str]:
+        """The server command in the model's own environment: `local.python` for the interpreter,
+        `local.launcher` before it (a container or `conda run`)."""
+        if self.python:
+            command = [self.python, *command[1:]]
+        return [*self.launcher, *command]
+
+    def environment(self) -> str:
+        """How the servers' environment differs from the coordinator's ('' when it does not)."""
+        parts = [f"python {self.python}"] if self.python else []
+        parts += [f"launcher {' '.join(self.launcher)}"] if self.launcher else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def _start(self, command: list[str], log_path: Path, append: bool = False) -> subprocess.Popen:
+        """A `python -m` server is tied to this process (it dies with it); one under a launcher is
+        its own session, stopped by its process group like the others."""
+        tie = not self.launcher
+        return start_process(command, log_path, new_session=True, tie_to_parent=tie, append=append)
 
     # --- supervision -----------------------------------------------------------------
     def _supervise(self, timeout: float) -> None:
@@ -215,7 +237,7 @@ class LocalFleet:
         with self._lock:
             if self._stopping.is_set():
                 return
-            server.process = server.keeper.relaunch(new_session=True, tie_to_parent=True, append=True)
+            server.process = server.keeper.relaunch(new_session=True, tie_to_parent=not self.launcher, append=True)  # as _start
             self._write_pids()
         try:
             server.keeper.wait_serving(server.process)

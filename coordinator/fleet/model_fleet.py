@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from tensorfleet.client import ConnectionOptions
-from tensorfleet.core.auth import SERVER_TOKEN_FILE_ENV, token_from
+from tensorfleet.core.auth import OPERATOR_SERVERS_ENV, SERVER_TOKEN_FILE_ENV, token_from
 
 from ..spec import ModelSpec
 from ..spec.errors import JobFatal
@@ -54,6 +54,7 @@ def config_model_info(model: ModelSpec) -> ModelInfo:
         precision=config.get("precision", "fp32"),
         token_budget=int((config.get("batching") or {}).get("token_budget", 0)),
         max_lengths={t["name"]: int(t["max_length"]) for t in config.get("inputs", []) if t.get("max_length")},
+        sparse_inputs={t["name"] for t in config.get("inputs", []) if t.get("sparse") == "csr"},
         **_local_features(path.parent, config),
     )
 
@@ -66,6 +67,29 @@ def _local_features(model_dir: Path, config: dict) -> dict:
     names = [line.strip() for line in (model_dir / declared["file"]).read_text().splitlines() if line.strip()]
     inputs = [t["name"] for t in config.get("inputs", [])]
     return {"features": names, "features_input": declared.get("input") or (inputs[0] if len(inputs) == 1 else "")}
+
+
+def operator_named(model: ModelSpec) -> bool:
+    """Whether every server the job names is one the coordinator's operator named (`--servers`).
+
+    A submitted job could name a listener of its submitter's: the operator's server token must
+    never reach it (issue 28 #1). An entry is the operator's when it is one of their `--servers`
+    entries as written, or an address those entries expand to now; a job's own `dns:` or
+    `hostfile:` entry is not, since whoever writes the name or the file picks the addresses.
+    Outside the service (no $TENSORFLEET_OPERATOR_SERVERS) a person runs their own job: True.
+    Servers a job starts itself (`model.local`) require no token: False.
+    """
+    named = os.environ.get(OPERATOR_SERVERS_ENV)
+    if named is None:
+        return True
+    if model.local is not None:
+        return False
+    entries = [entry.strip() for entry in named.split(",") if entry.strip()]
+    try:
+        addresses = set(expand(entries))
+    except DiscoveryError:
+        addresses = set()
+    return bool(model.servers) and all(entry in entries or entry in addresses for entry in model.servers)
 
 
 class ModelFleet:
@@ -85,9 +109,14 @@ class ModelFleet:
 
     @property
     def connection(self) -> ConnectionOptions:
-        """The servers' token: the spec's, else the file in $TENSORFLEET_SERVER_TOKEN_FILE (the service's)."""
+        """The servers' token: the spec's, else the file in $TENSORFLEET_SERVER_TOKEN_FILE (the service's),
+        which goes only to servers the service's operator named (`operator_named`)."""
+        if self.model.token:
+            return ConnectionOptions(token=self.model.token)
         server_token_file = os.environ.get(SERVER_TOKEN_FILE_ENV)
-        return ConnectionOptions(token=self.model.token or token_from(None, server_token_file, use_env=False))
+        if not server_token_file or not operator_named(self.model):
+            return ConnectionOptions()
+        return ConnectionOptions(token=token_from(None, server_token_file, use_env=False))
 
     @property
     def started(self) -> bool:
@@ -118,10 +147,15 @@ class ModelFleet:
         return servers
 
     def _inspect(self, servers: list[str], wait_s: float) -> tuple[list[str], ModelInfo, dict[str, float]]:
+        connection = self.connection
         try:
-            info, ready = asyncio.run(inspect_fleet(servers, self.model.name, self.model.version, self.connection, wait_s))
+            info, ready = asyncio.run(inspect_fleet(servers, self.model.name, self.model.version, connection, wait_s))
         except FleetError as error:
-            raise self._fatal(str(error)) from None
+            withheld = ""
+            if connection.token is None and os.environ.get(SERVER_TOKEN_FILE_ENV) and not operator_named(self.model):
+                withheld = (" (the coordinator sends its --server-token-file only to servers its operator named in "
+                            "--servers; these are not among them)")
+            raise self._fatal(f"{error}{withheld}") from None
         return servers, info, dict.fromkeys(ready, time.monotonic())
 
     def start(self) -> tuple[list[str], ModelInfo, dict[str, float]]:
@@ -133,16 +167,29 @@ class ModelFleet:
                 local = self.model.local
                 self._local = LocalFleet(
                     Path(local.repository), self.model.name, local.count, local.device, self.workdir, local.args,
-                    max_restarts=local.max_restarts,
+                    max_restarts=local.max_restarts, python=local.python, launcher=local.launcher,
                 )
                 try:
                     servers = self._local.start(local.startup_timeout_s)
                 except LocalFleetError as error:
                     raise self._fatal(str(error)) from None
+                self._check_protocol(servers, self._local.environment())
             else:
                 servers = self._addresses()
             self._live = self._inspect(servers, self.server_wait_s)
         return self._live
+
+    def _check_protocol(self, servers: list[str], environment: str) -> None:
+        """Local servers may run from another environment with another tensorfleet: a server
+        whose protocol version differs stops the job now (exit 2), both versions named."""
+        from .protocol_check import ProtocolMismatch, check_protocol
+
+        for address in servers:
+            try:
+                check_protocol(address, self.connection, where=environment)
+            except ProtocolMismatch as error:
+                self.stop()
+                raise self._fatal(str(error)) from None
 
     def stalled(self, address: str) -> None:
         """A server answered nothing for policy.request_timeout_s: a local one is killed so that

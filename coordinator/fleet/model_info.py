@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from tensorfleet.client import AsyncInferenceClient, ConnectionOptions
 from tensorfleet.core.errors import DeadlineExceeded, NotFound, TensorfleetError, Unavailable
+from tensorfleet.core.sparse import PARAMETER_PREFIX as SPARSE_PARAMETER
 from tensorfleet.protos import model_config_pb2 as mc
 
 
@@ -35,6 +36,8 @@ class ModelInfo:
     features_input: str = ""
     #: input -> longest row it takes, for inputs that declare one.
     max_lengths: dict[str, int] = field(default_factory=dict)
+    #: Inputs that take their rows as CSR (`sparse: csr`): sent as three tensors (core/sparse.py).
+    sparse_inputs: set[str] = field(default_factory=set)
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -81,6 +84,10 @@ async def describe_model(address: str, model: str, version: str, options: Connec
             max_lengths={
                 key.removeprefix("max_length."): int(value)
                 for key, value in params.items() if key.startswith("max_length.") and value.isdigit()
+            },
+            sparse_inputs={
+                key.removeprefix(SPARSE_PARAMETER) for key, value in params.items()
+                if key.startswith(SPARSE_PARAMETER) and value == "csr"
             },
         )
 

@@ -251,7 +251,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--startup-timeout", type=float, default=None,
                         help="seconds the servers may take to load models (default: the job's)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="pass --resume to tensorfleet run")
+    mode.add_argument("--resume", action="store_true", help="continue the job (what tensorfleet run does with no flag; kept for old scripts)")
     mode.add_argument("--restart", action="store_true", help="pass --restart to tensorfleet run")
     parser.add_argument("--python", default=sys.executable, help="python that runs the steps")
     parser.add_argument("--container", type=Path, default=env("TENSORFLEET_CONTAINER"),

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tensorfleet.core.extras import URL_MODULES, install_hint
+
 STAGE_DIR = "objects"
 
 
@@ -33,12 +35,23 @@ def is_url(path: str) -> bool:
 def filesystem(url: str) -> tuple[Any, str]:
     try:
         import fsspec
-    except ImportError:  # pragma: no cover - fsspec ships with the coordinator's dependencies
-        raise ObjectStoreError(f"{url}: object storage needs fsspec (pip install fsspec s3fs)") from None
+    except ImportError:  # pragma: no cover - fsspec ships with the io extra
+        raise ObjectStoreError(f"{url}: object storage needs fsspec, which is not installed: "
+                               f"{install_hint('fsspec')}") from None
     try:
         return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as error:
-        raise ObjectStoreError(f"{url}: {error} (for s3:// install s3fs, for gs:// gcsfs)") from None
+    except ImportError as error:
+        raise ObjectStoreError(f"{url}: {scheme_hint(url, error)}") from None
+    except ValueError as error:
+        raise ObjectStoreError(f"{url}: {error}") from None
+
+
+def scheme_hint(url: str, error: ImportError) -> str:
+    """Why a URL's filesystem could not load, and the extra that brings it (s3:// -> s3fs: [s3])."""
+    module = URL_MODULES.get(url.partition("://")[0].lower()) or error.name
+    if not module:
+        return str(error)
+    return f"{url.partition('://')[0]}:// URLs need {module}, which is not installed: {install_hint(module)}"
 
 
 def _version(info: dict) -> str:

@@ -2,7 +2,9 @@
 
 Layout: magic, 8-byte header length, JSON header (arrays with dtype/shape/offset, a blake2b
 digest of the payload), then 64-byte-aligned raw little-endian buffers. String arrays
-(ids) are stored as UTF-8 bytes plus int64 offsets.
+(ids) are stored as UTF-8 bytes plus int64 offsets; BYTES outputs (object arrays of bytes, any
+shape) the same way, as their raw bytes plus offsets, with their shape in the header. An
+object array is never written as its buffer: that would be the values' addresses in memory.
 """
 
 from __future__ import annotations
@@ -38,12 +40,25 @@ def _encode_strings(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
+def _encode_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A BYTES array (object array of bytes, or str) in row-major order: its bytes and int64 offsets."""
+    encoded = [v.encode() if isinstance(v, str) else bytes(v) for v in values.reshape(-1)]
+    offsets = np.zeros(len(encoded) + 1, dtype="<i8")
+    np.cumsum([len(v) for v in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
 def encode_part(arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -> list[memoryview | bytes]:
     """The part file's bytes as pieces (header, padding, raw buffers), to write in order."""
     flat: dict[str, np.ndarray] = {}
+    byte_shapes: dict[str, list[int]] = {}
     for name, values in strings.items():
         flat[f"{name}.utf8"], flat[f"{name}.offsets"] = _encode_strings(values)
     for name, values in arrays.items():
+        if values.dtype.hasobject:
+            flat[f"{name}.bytes"], flat[f"{name}.bytes_offsets"] = _encode_bytes(values)
+            byte_shapes[name] = list(values.shape)
+            continue
         flat[name] = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
     entries, offset = [], 0
     digest = hashlib.blake2b(digest_size=16)
@@ -54,7 +69,7 @@ def encode_part(arrays: dict[str, np.ndarray], strings: dict[str, np.ndarray]) -
     for values in flat.values():
         digest.update(memoryview(values).cast("B"))
     header = json.dumps(
-        {"arrays": entries, "strings": sorted(strings), "digest": digest.hexdigest(), "size": offset}
+        {"arrays": entries, "strings": sorted(strings), "bytes": byte_shapes, "digest": digest.hexdigest(), "size": offset}
     ).encode()
     start = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
     pieces: list[memoryview | bytes] = [MAGIC + len(header).to_bytes(8, "little") + header]
@@ -130,6 +145,11 @@ class Part:
         if len(self._map) < self._start + self.header["size"]:
             raise CorruptPart(f"{path} is truncated")
         self._entries = {entry["name"]: entry for entry in self.header["arrays"]}
+        #: BYTES arrays: name -> shape (stored as NAME.bytes and NAME.bytes_offsets)
+        self._bytes: dict[str, list[int]] = self.header.get("bytes", {})
+        if any(np.dtype(entry["dtype"]).hasobject for entry in self.header["arrays"]):
+            raise CorruptPart(f"{path} holds an object array written as memory addresses (a BYTES output from "
+                              "before parts stored bytes); rerun the job with --restart")
         if verify:
             digest = hashlib.blake2b(digest_size=16)
             for entry in self.header["arrays"]:
@@ -147,13 +167,30 @@ class Part:
     @property
     def names(self) -> list[str]:
         strings = set(self.header["strings"])
-        return [
-            entry["name"] for entry in self.header["arrays"]
-            if entry["name"].rsplit(".", 1)[0] not in strings
-        ]
+        out = []
+        for entry in self.header["arrays"]:
+            name = entry["name"]
+            base, _, suffix = name.rpartition(".")
+            if base in self._bytes and suffix in ("bytes", "bytes_offsets"):
+                if suffix == "bytes":
+                    out.append(base)
+            elif base not in strings:
+                out.append(name)
+        return out
 
     def array(self, name: str) -> np.ndarray:
-        return self._raw(self._entries[name])
+        """A stored array: a view into the file, or for a BYTES array a new object array of bytes."""
+        if name not in self._bytes:
+            return self._raw(self._entries[name])
+        data = self._raw(self._entries[f"{name}.bytes"]).tobytes()
+        offsets = self._raw(self._entries[f"{name}.bytes_offsets"])
+        shape = tuple(self._bytes[name])
+        count = int(np.prod(shape)) if shape else 1
+        if len(offsets) != count + 1:
+            raise CorruptPart(f"{self.path}: BYTES array '{name}' has {len(offsets) - 1} values for shape {shape}")
+        out = np.empty(count, dtype=object)
+        out[:] = [data[offsets[i] : offsets[i + 1]] for i in range(count)]
+        return out.reshape(shape)
 
     def strings(self, name: str) -> np.ndarray:
         data = self._raw(self._entries[f"{name}.utf8"]).tobytes()

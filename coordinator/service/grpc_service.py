@@ -22,6 +22,7 @@ from tensorfleet.client.channel import aio_channel
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
 from tensorfleet.core.exposure import DEFAULT_HOST
 from tensorfleet.core.grpc_server import GrpcServer, stop_on_signals
+from tensorfleet.core.malformed import MalformedRequestInterceptor
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
@@ -79,6 +80,8 @@ class ServiceOptions:
     #: The read-only web dashboard (dashboard.py) on this port, same host, token and TLS.
     http_port: int | None = None
     http_port_file: Path | None = None
+    #: Host names the dashboard accepts besides loopback, IPs and --host (only checked with no token).
+    http_allow_hosts: list[str] = field(default_factory=list)
 
 
 class CoordinatorServicer(tf_grpc.CoordinatorServicer):
@@ -100,8 +103,14 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             await context.abort(_CODES[error.kind], str(error))
 
     async def SubmitJob(self, request, context):
+        try:  # off the event loop: health and other rpcs go on while a large spec is parsed and checked
+            prepared = await asyncio.to_thread(self.manager.prepare, request.spec, request.base_dir,
+                                               request.timeout_s, request.limit or None)
+        except JobRequestError as error:
+            await context.abort(_CODES[error.kind], str(error))
         record = await self._call(
-            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None
+            context, self.manager.submit, request.spec, request.base_dir, request.timeout_s, request.limit or None,
+            prepared,
         )
         return self._job(record)
 
@@ -158,7 +167,8 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
             for server in self.manager.progress(record).get("servers") or []:
                 address = server["address"]
                 sources.setdefault(address, []).append(record.id)
-                tokens.setdefault(address, self.options.server_token)
+                # an address only a job named gets no token: the job's submitter may own it (issue 28 #1)
+                tokens.setdefault(address, None)
                 job_rows[address] = job_rows.get(address, 0) + int(server.get("rows") or 0)
         entries = await asyncio.gather(*(self._probe(address, tokens[address]) for address in sources))
         for entry in entries:
@@ -204,6 +214,7 @@ class CoordinatorService:
         if options.token or options.read_token:
             self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
             interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
+        interceptors.append(MalformedRequestInterceptor())  # bad bytes: INVALID_ARGUMENT (core/malformed.py)
         self.listener = GrpcServer(
             what="coordinator", host=options.host, port=options.port, services=[COORDINATOR_SERVICE],
             authenticated=bool(options.token or options.read_token), insecure=options.insecure,
@@ -253,6 +264,7 @@ class CoordinatorService:
         self.dashboard = DashboardServer(
             build_app(self.dashboard_data, self.auth), options.host, options.http_port or 0,
             tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            browser_guard=not (options.token or options.read_token), allow_hosts=options.http_allow_hosts,
         )
         return await self.dashboard.start()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -21,12 +22,13 @@ from typing import Any
 
 import yaml
 
-from tensorfleet.core.exit_codes import EXIT_OK, EXIT_ROWS_FAILED
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_OK, EXIT_ROWS_FAILED
 
 from ..io.objectstore import is_url
+from ..io.output_files import replace_refusal
 from ..spec import SpecError
 from ..spec.kinds import AnyJob, paths_of
-from ..spec.safe_yaml import SpecTooLarge, load_yaml
+from ..spec.safe_yaml import MAX_SPEC_BYTES, SpecMalformed, SpecTooLarge, load_yaml
 from ..workflows.api import RunOptions, locations, parse
 from . import job_process
 from .job_policy import JobPolicy, PolicyError
@@ -42,6 +44,15 @@ class JobRequestError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind  # "invalid", "not_found", "precondition", "denied", "exhausted"
+
+
+@dataclass
+class PreparedJob:
+    """A submission that passed every check (JobManager.prepare), not yet recorded."""
+
+    spec: AnyJob
+    #: The resolved spec as the engine will read it (job.yaml).
+    text: str
 
 
 @dataclass
@@ -76,24 +87,51 @@ class JobManager:
         self._stopping = False
 
     # --- requests --------------------------------------------------------------------
-    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None) -> JobRecord:
+    @staticmethod
+    def parse_text(text: str) -> Any:
+        """A submitted spec's text as data, within safe_yaml's limits. Touches no state: the service
+        runs it in a worker thread, so a slow parse never holds the event loop (issue 28 #7)."""
         try:
-            raw = load_yaml(text, "spec")
+            return load_yaml(text, "spec")
         except SpecTooLarge as error:
             raise JobRequestError("too_large", str(error)) from None
+        except SpecMalformed as error:
+            raise JobRequestError("invalid", str(error)) from None
         except yaml.YAMLError as error:
             raise JobRequestError("invalid", f"the spec is neither YAML nor JSON: {error}") from None
+
+    def prepare(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None) -> PreparedJob:
+        """Everything a submission is checked for that needs no state: parsed, validated, the policy,
+        the output file and the resolved size. Thread-safe: the service runs it in a worker thread,
+        so a large or hostile spec never holds the event loop (issue 28 #7)."""
+        raw = self.parse_text(text)
         base = Path(base_dir or os.getcwd())
         if not base.is_absolute():
             raise JobRequestError("invalid", f"base_dir '{base_dir}' must be an absolute path")
         spec = self.accept(raw, base)
         if timeout_s < 0:
             raise JobRequestError("invalid", "timeout_s must be >= 0")
+        dump = spec.model_dump(mode="json")
         if self.policy is not None:
             try:
-                self.policy.check(spec.model_dump(mode="json"))
+                self.policy.check(dump)
             except PolicyError as error:
                 raise JobRequestError("denied", f"job refused: {error}") from None
+        # the engine reads the resolved spec under the same limit: refuse now what it would refuse then
+        size = len(json.dumps(dump, separators=(",", ":")))
+        spec_text = yaml.safe_dump(dump, sort_keys=False) if size <= MAX_SPEC_BYTES else ""
+        size = max(size, len(spec_text.encode()))
+        if size > MAX_SPEC_BYTES:
+            raise JobRequestError("too_large", f"the spec, resolved with its defaults, is over {size} bytes; job "
+                                  f"specs are limited to {MAX_SPEC_BYTES} (TENSORFLEET_MAX_SPEC_BYTES): split the job")
+        self._check_output(spec, limit)
+        return PreparedJob(spec, spec_text)
+
+    def submit(self, text: str, base_dir: str = "", timeout_s: float = 0.0, limit: int | None = None,
+               prepared: PreparedJob | None = None) -> JobRecord:
+        """`prepared`: the submission already checked by `prepare` (the service does it off its event loop)."""
+        prepared = prepared or self.prepare(text, base_dir, timeout_s, limit)
+        spec, spec_text = prepared.spec, prepared.text
         queued = len(self.store.list({QUEUED}))
         if queued >= self.max_queued:
             raise JobRequestError("exhausted", f"{queued} jobs are queued, the most this coordinator takes "
@@ -102,7 +140,6 @@ class JobManager:
         folder = self.state_dir / "jobs" / job_id
         folder.mkdir(parents=True)
         spec_path = folder / "job.yaml"
-        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         spec_path.write_text(spec_text)
         output, job_dir = locations(spec, RunOptions(limit=limit))
         if any(is_url(path) for _, path in paths_of(spec)):
@@ -118,12 +155,25 @@ class JobManager:
         self._event(job_id, "state", QUEUED, f"submitted; job folder {record.job_dir}")
         return record
 
+    @staticmethod
+    def _check_output(spec: AnyJob, limit: int | None) -> None:
+        """Refuse at once an output file that exists and that tensorfleet did not write, e.g. one naming
+        coordinator.sqlite or a user's file (issue 28 #4); the engine checks again when it places it."""
+        output = locations(spec, RunOptions(limit=limit))[0]
+        if is_url(output) or Path(output).is_dir():  # a sweep's output is a folder of sheets
+            return
+        refusal = replace_refusal(Path(output))
+        if refusal:
+            raise JobRequestError("denied", f"job refused: {refusal}")
+
     def accept(self, raw: object, base: Path) -> AnyJob:
         """The one check a submitted spec passes: a job of any kind, validated, paths resolved against `base`."""
         try:
             return parse(raw, "spec", base)
         except SpecError as error:
             raise JobRequestError("invalid", str(error)) from None
+        except ValueError as error:  # e.g. a NUL byte in a path, met while resolving it
+            raise JobRequestError("invalid", f"spec: {error}") from None
 
     def get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
@@ -216,7 +266,7 @@ class JobManager:
     def _start(self, record: JobRecord) -> None:
         log_path = self._log_path(record.id)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path)
+        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path, self.policy)
         now = time.time()
         self.attempts[record.id] = _Attempt(process, offset, time.monotonic())
         self.store.update(
@@ -251,8 +301,11 @@ class JobManager:
         resume = f"resume with `tensorfleet resume {job_id}`"
         if returncode == EXIT_OK:
             self._finish(record, SUCCEEDED, "", returncode)
-        elif returncode == EXIT_ROWS_FAILED:
-            self._finish(record, SUCCEEDED, job_process.rows_failed_message(text) or "some rows failed", returncode)
+        elif returncode == EXIT_ROWS_FAILED and job_process.rows_failed_message(text):
+            self._finish(record, SUCCEEDED, job_process.rows_failed_message(text), returncode)
+        elif returncode in (EXIT_ROWS_FAILED, EXIT_CRASH) and not attempt.cancel and not attempt.timed_out:
+            # exit 1 without the engine's "rows failed" line is Python's own status for a crash
+            self._finish(record, FAILED, job_process.crash_message(text, returncode), EXIT_CRASH)
         elif attempt.cancel:
             self._finish(record, CANCELLED, f"cancelled by request; {kept}; {resume}", returncode)
         elif attempt.timed_out:

@@ -69,6 +69,10 @@ class JobPolicy:
                     "name running servers in model.servers instead"
                 )
             check_server_args(where + ".args", (value or {}).get("args") or [])
+            for chooser in ("python", "launcher"):
+                if (value or {}).get(chooser):
+                    raise PolicyError(f"{where}.{chooser}: a submitted job cannot choose the program that runs its "
+                                      "servers; the coordinator starts them with its own interpreter")
         elif key == "token" and value and not self.allow_inline_tokens:
             raise PolicyError(f"{where}: a submitted job carries no secrets; the coordinator passes its "
                               "--server-token-file to the servers")
@@ -90,7 +94,10 @@ class JobPolicy:
         if "\0" in value:
             raise PolicyError(f"{where}: a NUL byte in a path")
         if "://" in value and not value.startswith("file://"):
-            if not any(value.startswith(prefix) for prefix in self.url_prefixes):
+            scheme, _, rest = value.partition("://")
+            if any(segment in (".", "..") for segment in rest.split("/")):
+                raise PolicyError(f"{where}: '{value}' has '.' or '..' segments; name object-store URLs plainly")
+            if not any(_under_prefix(value, prefix) for prefix in self.url_prefixes):
                 allowed = ", ".join(self.url_prefixes) or "none (see --allow-url-prefix)"
                 raise PolicyError(f"{where}: '{value}' is outside the object-store prefixes this coordinator "
                                   f"allows: {allowed}")
@@ -105,6 +112,11 @@ class JobPolicy:
             shown = ", ".join(str(r) for r in roots) or f"none (the coordinator was started without {flag})"
             raise PolicyError(f"{where}: '{value}' (resolved: {real}) is outside the folders this coordinator "
                               f"allows ({flag}: {shown})")
+
+
+def _under_prefix(url: str, prefix: str) -> bool:
+    """`url` is `prefix` or below it, on a segment boundary (`s3://b/a` covers `s3://b/a/x`, not `s3://b/ab`)."""
+    return url == prefix or url.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
 def check_server_args(where: str, args: list[str]) -> None:

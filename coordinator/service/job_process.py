@@ -22,11 +22,16 @@ from tensorfleet.core.process import die_with_parent
 from ..engine.manifest import MANIFEST_NAME
 from ..engine.progress import read_status
 from ..engine.status import MARKER_NAME
+from ..io.output_files import OUTPUT_ROOTS_ENV
+from ..spec.safe_yaml import load_yaml
+from .job_policy import JobPolicy, PolicyError
 
 ERROR_MARK = "tensorfleet: error: "
 
 
 PARENT_ENV = "TENSORFLEET_SERVICE_PID"
+#: The service's JobPolicy as JSON, for the engine's check at start (`recheck`).
+POLICY_ENV = "TENSORFLEET_JOB_POLICY"
 
 
 def engine_command(spec_path: str, job_dir: str, limit: int | None) -> list[str]:
@@ -34,8 +39,13 @@ def engine_command(spec_path: str, job_dir: str, limit: int | None) -> list[str]
     return command + (["--limit", str(limit)] if limit else [])
 
 
-def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path) -> subprocess.Popen:
+def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path,
+          policy: JobPolicy | None = None) -> subprocess.Popen:
     """Start the engine; it dies with the service (PDEATHSIG), so a restart never finds two.
+
+    With a `policy`, the engine checks the job against it again when it starts (the job may have
+    waited in the queue while a folder was swapped for a symlink) and places its output only
+    inside the output roots, opened without following symlinks (issue 28 #5).
 
     No preexec_fn: running Python between fork and exec in a process with gRPC threads aborts
     the child. The engine sets its own parent-death signal instead (see `main` below).
@@ -44,8 +54,37 @@ def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path) -> su
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             engine_command(spec_path, job_dir, limit), stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()), **policy_env(policy)},
+            start_new_session=True,
         )
+
+
+def policy_env(policy: JobPolicy | None) -> dict[str, str]:
+    """The environment that hands an engine the service's job policy (read back by `recheck`)."""
+    if policy is None:
+        return {}
+    return {
+        POLICY_ENV: json.dumps({
+            "model_roots": [str(r) for r in policy.model_roots], "data_roots": [str(r) for r in policy.data_roots],
+            "output_roots": [str(r) for r in policy.output_roots], "url_prefixes": list(policy.url_prefixes),
+        }),
+        OUTPUT_ROOTS_ENV: os.pathsep.join(str(r) for r in policy.output_roots),
+    }
+
+
+def recheck(spec_path: Path, job_dir: Path) -> str:
+    """At the engine's start: the job's paths resolved and checked again against the service's policy
+    (a folder may have become a symlink while the job was queued). '' when allowed, else why not."""
+    settings = os.environ.get(POLICY_ENV)
+    if not settings:
+        return ""
+    policy = JobPolicy(**json.loads(settings))
+    try:
+        policy.check(load_yaml(spec_path.read_bytes(), str(spec_path)))
+        policy.check({"job_dir": str(job_dir)})
+    except PolicyError as error:
+        return f"job refused when it started (its paths changed since it was submitted): {error}"
+    return ""
 
 
 def stop(pid: int) -> None:
@@ -76,6 +115,22 @@ def extract_error(log_text: str, returncode: int | None) -> str:
         cause = f"the job process exited with {returncode}"
     tail = "\n".join(log_text.strip().splitlines()[-8:])
     return cause + (f"; its log ends:\n{tail}" if tail else "")
+
+
+def crash_message(log_text: str, returncode: int) -> str:
+    """An engine that crashed: its traceback's last line (the engine's crash line, else Python's own)."""
+    from ..workflows.run_command import CRASH_MARK
+
+    lines = log_text.strip().splitlines()
+    for line in reversed(lines):
+        if line.startswith(CRASH_MARK):
+            return "the job crashed: " + line.removeprefix(CRASH_MARK)
+    for index in range(len(lines) - 1, -1, -1):  # Python's own traceback: its last unindented line
+        if lines[index].startswith("Traceback (most recent call last)"):
+            tail = [line for line in lines[index + 1:] if line and not line.startswith(" ")]
+            if tail:
+                return f"the job crashed (exit {returncode}): {tail[-1]}"
+    return extract_error(log_text, returncode)
 
 
 def rows_failed_message(log_text: str) -> str:
@@ -150,6 +205,10 @@ def run_engine(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     signals.signal(signals.SIGTERM, interrupt)
+    refused = recheck(args.job, args.job_dir)
+    if refused:
+        print(f"{ERROR_MARK}{refused}", file=sys.stderr)
+        return 2
     return run_and_report(args.job, RunOptions(job_dir=args.job_dir, resume=args.resume, limit=args.limit))
 
 

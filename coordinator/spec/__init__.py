@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .safe_yaml import SpecTooLarge, load_yaml
+from .safe_yaml import SpecMalformed, SpecTooLarge, load_yaml
 
 InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy", "csv", "tsv"]
 OutputFormat = Literal["hdf5", "parquet", "h5ad", "csv", "tsv"]
@@ -130,6 +130,17 @@ class LocalFleetSpec(Strict):
         "is visible, else cpu).",
     )
     args: list[str] = Field(default_factory=list, description="Extra server command-line arguments.")
+    python: str | None = Field(
+        default=None, min_length=1,
+        description="The interpreter that runs the servers (a venv's or conda env's bin/python holding "
+        "tensorfleet's server and this model's own dependencies); unset: the coordinator's own.",
+    )
+    launcher: list[str] = Field(
+        default_factory=list,
+        description="A prefix for the server command, e.g. [apptainer, exec, --nv, image.sif] or "
+        "[conda, run, -n, env]: the servers then run `python -m tensorfleet.services ...` (or `local.python`) "
+        "inside it. The coordinator checks each server's protocol version once it is up.",
+    )
     startup_timeout_s: float = Field(default=300.0, gt=0)
     max_restarts: int = Field(
         default=50, ge=0, le=1000,
@@ -184,6 +195,9 @@ class ModelSpec(Strict):
     @classmethod
     def _parameter_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         reserved = sorted(name for name in value if name.startswith("tensorfleet.") or not name)
+        if "trust_remote_code" in value:
+            raise ValueError("parameters.trust_remote_code: a job cannot allow a checkpoint's own code; the "
+                             "operator sets transformers.trust_remote_code in the model's config.yaml")
         if reserved:
             raise ValueError(f"parameters {reserved}: names starting with 'tensorfleet.' are the coordinator's own")
         return value
@@ -293,6 +307,9 @@ def resolve_model(model: dict[str, Any], base: Path) -> None:
     ]
     if model.get("local"):
         model["local"]["repository"] = absolute(base, model["local"]["repository"])
+        python = model["local"].get("python")
+        if python and ("/" in python or python.startswith(".")):  # a path, not a name on PATH
+            model["local"]["python"] = str(Path(base, python).absolute())
 
 
 class JobSpec(Strict):
@@ -361,7 +378,7 @@ def read_job_file(path: Path) -> Any:
         return load_yaml(path.read_bytes(), str(path))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
-    except SpecTooLarge as error:
+    except (SpecTooLarge, SpecMalformed) as error:
         raise SpecError(str(error)) from None
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.job import RunOptions, RunResult, default_job_dir, final_output_path
+from ..engine.rerun import rerun_guard
 from ..io.objectstore import ObjectStoreError, RemoteOutput, is_url, stage_dir, stage_input, upload
 from ..spec import InputSpec, SpecError
 from ..spec.errors import JobFatal
@@ -78,7 +79,13 @@ def run(spec: AnyJob, options: RunOptions) -> RunResult:
     if options.models and not isinstance(spec, SweepSpec):
         raise JobFatal(f"--models picks models of a models x sources job; this job is {kind_of(spec)}")
     spec, remote = _localize(spec, options)
-    result = _runner(spec)(spec, options)
+    if options.dry_run:
+        result = _runner(spec)(spec, options)
+    else:
+        # the same job in its folder is continued with no flag (docs/coordinator.md, "Re-running a job")
+        job_dir = locations(spec, options)[1]
+        with rerun_guard(job_dir, spec, options.restart):
+            result = _runner(spec)(spec, replace(options, resume=not options.restart))
     if remote is not None and result.output is not None:
         try:
             result.uploaded = remote(result)

@@ -11,7 +11,6 @@ Each run is an ordinary checkpointed run in `<job dir>/<run>/`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ..engine.manifest import MANIFEST_NAME
 from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..fleet.model_info import ModelInfo
+from ..io.output_files import OutputFolder
 from ..spec import InputSpec, JobSpec
 from ..spec.kinds import InContextSpec
 
@@ -178,7 +178,10 @@ def _combine(output: Path, results: list[tuple[str, RunResult]], spec: InContext
     if output.suffix != ".h5ad":
         if len(results) > 1:
             raise JobFatal("a synthetic control is written into .h5ad output only; set output.path to a .h5ad file")
-        shutil.copyfile(first, output)
+        with OutputFolder(output.parent) as folder:  # checked and held open; never replaces a file we did not write
+            folder.check_replaceable(output.name)
+            shutil.copyfile(first, folder.at(f".{output.name}.partial"))
+            folder.replace(f".{output.name}.partial", output.name)
         return
     adata = anndata.read_h5ad(first)
     slot = spec.output.h5ad_slot
@@ -193,7 +196,11 @@ def _combine(output: Path, results: list[tuple[str, RunResult]], spec: InContext
         for key in ("tensorfleet_ok", "tensorfleet_error"):
             if key in other.obs:
                 adata.obs[f"{key}_{run}"] = other.obs[key].values
-    temp = output.with_name(f".{output.stem}.partial{output.suffix}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(temp)
-    os.replace(temp, output)
+        # the control run's own provenance (its prompt, that prompt's alignment), beside the prompt run's
+        adata.uns.setdefault("tensorfleet", {})[f"provenance_{run}"] = dict(
+            other.uns.get("tensorfleet", {}).get("provenance", {}))
+    with OutputFolder(output.parent) as folder:
+        folder.check_replaceable(output.name)
+        temp = folder.at(f".{output.stem}.partial{output.suffix}")
+        adata.write_h5ad(temp)
+        folder.replace(temp.name, output.name)

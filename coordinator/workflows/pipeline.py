@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.job import (
@@ -28,6 +29,7 @@ from ..engine.job import (
     run_one,
 )
 from ..engine.manifest import MANIFEST_NAME, Manifest, drop_damaged_parts
+from ..engine.provenance import run_facts
 from ..engine.status import MARKER_NAME, open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..io.joblock import JobLocked
@@ -96,8 +98,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     errors: list[BaseException | None] = [None] * len(spec.stages)
     started = time.monotonic()
 
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
-              for i, stage in enumerate(spec.stages)]
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
 
     def stage_run(index: int) -> None:
         reader: Reader | None = None
@@ -108,7 +109,8 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             sub = _stage_job(spec, index, dirs[index])
             last = index == len(spec.stages) - 1
             resume = (dirs[index] / MANIFEST_NAME).is_file()
-            if resume and not last and _finished(dirs[index]):
+            finished = resume and _finished(dirs[index])
+            if finished and not last:
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
             wrap_commit = None
@@ -124,14 +126,15 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                         named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
                 reader = StagesReader(spec.input, previous, named) if named else previous
                 wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
-                planning_input = open_input(spec.input)
-                planning = _declared_reader(spec, index, planning_input, fleets)
+                if not finished:  # a finished last stage plans nothing (no model asked, no server reached)
+                    planning_input = open_input(spec.input)
+                    planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
-            hooks = StageHooks(merge_output=last, wrap_commit=wrap_commit)
-            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
+            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet,
+                             _stage_hooks(spec, dirs, last, wrap_commit), plan_reader=planning)
             results[index] = run_one(ctx)
         except InputError as error:
             errors[index] = JobFatal(str(error))
@@ -204,6 +207,29 @@ def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: lis
     return StagesReader(spec.input, declared(index - 1), named)
 
 
+def _stage_hooks(spec: PipelineSpec, dirs: list[Path], last: bool, wrap_commit: Callable | None) -> StageHooks:
+    """Only the last stage merges, with every stage's provenance; a later stage carries the earlier
+    stages' failed rows along (wrap_commit)."""
+    provenance = (lambda: _stages_provenance(spec, dirs)) if last else None
+    return StageHooks(merge_output=last, wrap_commit=wrap_commit, provenance=provenance)
+
+
+def _stages_provenance(spec: PipelineSpec, dirs: list[Path]) -> dict:
+    """Every stage's model, parameters and input facts, for the output's provenance: the last
+    stage's model alone does not say how the output was made."""
+    stages = []
+    for stage, stage_dir in zip(spec.stages, dirs, strict=True):
+        manifest = Manifest.open_existing(stage_dir)
+        facts = {}
+        if manifest is not None:
+            try:
+                facts = run_facts(manifest)
+            finally:
+                manifest.close()
+        stages.append({"stage": stage.name, **facts})
+    return {"stages": stages}
+
+
 def _finished(stage_dir: Path) -> bool:
     manifest = Manifest.open_existing(stage_dir)
     if manifest is None:
@@ -221,8 +247,7 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
              f"pipeline: {len(spec.stages)} stages, run side by side"]
     dirs = stage_dirs(job_dir, spec)
     rows = 0
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
-              for i, stage in enumerate(spec.stages)]
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
     with open_input(spec.input) as source:
         for index, stage in enumerate(spec.stages):
             fleet = fleets[index]

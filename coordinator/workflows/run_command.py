@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
-from tensorfleet.core.exit_codes import EXIT_FATAL
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL
 
 from . import api
 
+#: The line a crash ends with; the service reports what follows it (job_process.crash_message).
+CRASH_MARK = "tensorfleet: crashed: "
+
 
 def run_and_report(job: Path | str, options: api.RunOptions) -> int:
-    """Run a job file of any kind through the engine and print its summary; the exit code (0, 1 or 2)."""
+    """Run a job file of any kind through the engine and print its summary; the exit code (0, 1, 2 or 3).
+
+    An unhandled exception would leave Python's own exit status 1, the code of failed rows; it is
+    caught here and ends with EXIT_CRASH and its traceback's last line instead (issue 28 #9)."""
     try:
         result = api.run(api.load(job), options)
     except api.JobFatal as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
-        print("tensorfleet: interrupted; committed chunks are kept: run again with --resume", file=sys.stderr)
+        print("tensorfleet: interrupted; committed chunks are kept: run the same command again to continue",
+              file=sys.stderr)
         return EXIT_FATAL
+    except Exception as error:  # noqa: BLE001 - reported as a crash, with its traceback
+        traceback.print_exc()
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        print(f"{CRASH_MARK}{last} (committed chunks are kept; this is a bug or an input nothing checked: "
+              "please report it)", file=sys.stderr)
+        return EXIT_CRASH
     print(result.summary())
     if result.rows_failed:
         print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed (once their cause is fixed, "

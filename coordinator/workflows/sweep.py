@@ -35,6 +35,7 @@ from ..engine.job import (
 from ..engine.manifest import MANIFEST_NAME
 from ..engine.status import open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
+from ..io.output_files import OutputFolder
 from ..spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
 from ..spec.kinds import SourceSpec, SweepModelSpec, SweepSpec
 
@@ -172,9 +173,12 @@ def _column_names(parts: list[tuple[str, Path | None]], model: str) -> list[str]
 def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Path | None]) -> None:
     """Stack parquet files under leading key columns (one value per file); atomic."""
     tables = []
+    parts = []  # each (model, source) file's own provenance: models differ in build and parameters
     for index, path in enumerate(paths):
         assert path is not None
         table = pq.read_table(path)
+        parts.append({**{name: values[index] for name, values in keys},
+                      **json.loads((table.schema.metadata or {}).get(b"tensorfleet", b"{}"))})
         for position, (name, values) in enumerate(keys):
             table = table.add_column(position, name, pa.array([values[index]] * table.num_rows, pa.string()))
         tables.append(table)
@@ -182,14 +186,16 @@ def _write_sheet(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Pat
     provenance = json.loads(metadata.get(b"tensorfleet", b"{}"))
     for name, values in keys:
         provenance[f"{name}s"] = list(dict.fromkeys(values))
+    provenance["parts"] = parts
     metadata[b"tensorfleet"] = json.dumps(provenance, sort_keys=True).encode()
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]).replace_schema_metadata(metadata)
-    sheet.parent.mkdir(parents=True, exist_ok=True)
-    temp = sheet.with_name(f".{sheet.name}.partial")
-    pq.write_table(table, temp)
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, sheet)
+    with OutputFolder(sheet.parent) as folder:  # checked and held open; never replaces a file we did not write
+        folder.check_replaceable(sheet.name)
+        temp = folder.at(f".{sheet.name}.partial")
+        pq.write_table(table, temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        folder.replace(temp.name, sheet.name)
 
 
 def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOptions, job_dir: Path) -> RunResult:
@@ -222,6 +228,6 @@ class SweepResult(RunResult):
         return "\n".join([
             *(f"sheet: {path}" for path in self.sheets),
             f"rows: {self.rows} ({self.rows - self.rows_failed} ok, {self.rows_failed} failed) over all models",
-            f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s",
+            self.speed_line(),
             f"job folder: {self.job_dir}",
         ])

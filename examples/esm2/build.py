@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, help="override the shape's head count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-hf", type=Path, help="local Hugging Face ESM-2 checkpoint folder")
+    parser.add_argument(
+        "--backend", choices=["python", "transformers"], default="python",
+        help="python: the hand-written encoder (esm2.py; measured faster, see docs/performance.md); "
+        "transformers: serve the --from-hf folder itself through backend transformers (no code copied)",
+    )
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--max-length", type=int, default=MAX_RESIDUES)
     parser.add_argument("--over-length", choices=["truncate", "error"], default="truncate")
@@ -53,7 +58,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def build_transformers(args: argparse.Namespace) -> Path:
+    """A model folder serving the --from-hf checkpoint through backend `transformers`: the
+    same outputs as the hand-written encoder (mean, per_residue, length), no code of ours."""
+    if not args.from_hf:
+        raise SystemExit("--backend transformers serves a checkpoint folder: give --from-hf DIR")
+    folder = args.from_hf.resolve()
+    hf = json.loads((folder / "config.json").read_text())
+    dim = int(hf["hidden_size"])
+    target = args.out / args.name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    doc = {
+        "name": args.name,
+        "backend": "transformers",
+        "version": "1",
+        "description": f"ESM-2 encoder from {folder.name} ({hf['num_hidden_layers']} layers x {dim}) through "
+        "transformers.",
+        "max_batch_size": args.max_batch_size,
+        "transformers": {
+            "path": str(folder), "class": "EsmModel", "max_length": args.max_length + 2, "case": "upper",
+            "over_length": args.over_length,
+            "checksums": {name: file_sha256(folder / name) for name in ["config.json", *weights]},
+        },
+        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
+        "outputs": [
+            {"name": "mean", "datatype": "FP32", "shape": [dim]},
+            {"name": "per_token", "datatype": args.per_residue_dtype, "shape": [-1, dim], "ragged": True},
+            {"name": "length", "datatype": "INT32", "shape": []},
+        ],
+        "batching": {
+            "max_queue_delay_ms": 2, "preferred_batch_sizes": [b for b in (16, 32, 64) if b <= args.max_batch_size],
+            "max_queue_size": 1024, "token_budget": args.token_budget, "length_bucket": 32,
+        },
+        "precision": args.precision,
+    }
+    header = "# Written by examples/esm2/build.py --backend transformers.\n"
+    (target / "config.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    return target
+
+
 def build(args: argparse.Namespace) -> Path:
+    if args.backend == "transformers":
+        return build_transformers(args)
     if args.from_hf:
         model = load_hf_checkpoint(args.from_hf)
         source = f"weights from the Hugging Face checkpoint {args.from_hf.name}"

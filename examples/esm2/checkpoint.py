@@ -111,6 +111,8 @@ def hf_to_esm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, unknown = {}, []
     for key, value in state.items():
         name = key.removeprefix("esm.")
+        # transformers 5 writes some LayerNorms' weight and bias under their old names
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
         if _DROPPED.search(name):
             continue
         if name == "embeddings.word_embeddings.weight":

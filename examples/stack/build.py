@@ -34,7 +34,7 @@ def build_model(repository: Path, genes: int, seed: int = 7) -> Path:
         "description": f"in-context cell predictor stand-in ({genes} genes, seed {seed})",
         "max_batch_size": 64,
         "inputs": [
-            {"name": "query", "datatype": "FP32", "shape": [genes]},
+            {"name": "query", "datatype": "FP32", "shape": [genes], "sparse": "csr"},
             {"name": "prompt", "datatype": "FP32", "shape": [genes], "optional": True},
         ],
         "outputs": [{"name": "prediction", "datatype": "FP32", "shape": [genes]}],

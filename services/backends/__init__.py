@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from tensorfleet.core.errors import InvalidArgument
+from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
+from tensorfleet.core.extras import EXTRAS, missing_module_message
 
 from .base import Backend, ModelContext
 
@@ -19,13 +20,20 @@ BACKENDS: dict[str, str] = {
     "tensorflow_graph": "tf_graph:GraphCheckpointBackend",
     "torch_export": "torch_export:TorchExportBackend",
     "torchscript": "torchscript:TorchScriptBackend",
+    "transformers": "transformers_embed:TransformersBackend",
 }
 
 
 def backend_class(name: str) -> type[Backend]:
     """The Backend subclass for a backend name, its module imported now; KeyError if unknown."""
     module, _, attribute = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+    try:
+        loaded = importlib.import_module(f"{__name__}.{module}")
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in EXTRAS:
+            raise
+        raise FailedPrecondition(missing_module_message(error, f"the {name} backend")) from None
+    return getattr(loaded, attribute)
 
 
 def create_backend(context: ModelContext) -> Backend:

@@ -110,6 +110,11 @@ class Backend(abc.ABC):
         Read on the model thread right after predict returns."""
         return {}
 
+    def fingerprint(self) -> str:
+        """A digest of what the model loaded from outside its model folder (a Hugging Face
+        checkpoint's config and weights); '' when everything is among the declared artifacts."""
+        return ""
+
     def unload(self) -> None:
         """Release device memory."""
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tensorfleet.core.errors import InvalidArgument
+from tensorfleet.core.sparse import as_csr
 
 from .base import Backend, ModelContext
 
@@ -25,6 +26,7 @@ class PythonModelBackend(Backend):
         self.model: object | None = None
         self.takes_outputs = False
         self.takes_parameters = False
+        self.sparse_inputs = [spec.name for spec in context.config.inputs if spec.sparse]
 
     def load(self) -> None:
         spec_cfg = self.context.config.python
@@ -66,6 +68,9 @@ class PythonModelBackend(Backend):
             extra["outputs"] = outputs
         if self.takes_parameters:
             extra["parameters"] = dict(parameters or {})
+        for name in self.sparse_inputs:  # `sparse: csr` inputs: a scipy.sparse.csr_matrix, always
+            if name in inputs:
+                inputs = {**inputs, name: as_csr(inputs[name])}
         return self.model.predict(inputs, **extra)  # type: ignore[union-attr]
 
     def can_stage(self) -> bool:

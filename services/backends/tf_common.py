@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
+from tensorfleet.core.extras import install_hint
 
 from ..model_config import ModelConfig, TensorSpec
 
-INSTALL_HINT = "tensorflow is not installed: pip install tensorfleet[tensorflow]"
+INSTALL_HINT = f"tensorflow is not installed: {install_hint('tensorflow')}"
 
 _lock = threading.Lock()
 

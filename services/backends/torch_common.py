@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tensorfleet.core.errors import InternalError
+from tensorfleet.core.sparse import as_csr
 
 from .base import Backend
 
@@ -60,13 +61,26 @@ class TorchProgramBackend(Backend):
             tensor = tensor.to(dtype)
         return tensor
 
+    def _argument(self, spec: Any, value: Any) -> Any:
+        """One input as the program takes it: a dense tensor, or for a `sparse: csr` input a
+        torch.sparse_csr_tensor (row offsets, column indices, values; each copied like a dense one)."""
+        if not spec.sparse:
+            return self._to_device(value)
+        matrix = as_csr(value)
+        return self._torch().sparse_csr_tensor(
+            self._to_device(np.asarray(matrix.indptr, dtype=np.int64)),
+            self._to_device(np.asarray(matrix.indices, dtype=np.int64)),
+            self._to_device(np.asarray(matrix.data)),
+            size=matrix.shape,
+        )
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: frozenset[str] | None = None,
         parameters: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         torch = self._torch()
         clock = StageClock(torch, self.device)
-        args = [self._to_device(inputs[spec.name]) for spec in self.context.config.inputs]
+        args = [self._argument(spec, inputs[spec.name]) for spec in self.context.config.inputs]
         clock.mark("h2d")
         return self._run(args, clock, outputs)
 
@@ -94,7 +108,7 @@ class TorchProgramBackend(Backend):
             start, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             with torch.cuda.stream(self._copy_stream):
                 start.record()
-                args = [self._to_device(inputs[spec.name]) for spec in self.context.config.inputs]
+                args = [self._argument(spec, inputs[spec.name]) for spec in self.context.config.inputs]
                 done.record()
         return _Staged(args, start, done)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from tensorfleet.core.codec import NUMPY_DTYPES, float32_to_bf16_words
 from tensorfleet.core.errors import InternalError
+from tensorfleet.core.sparse import as_csr
 
 from ..model_config import ModelConfig, TensorSpec
 from ..validation import DecodedRequest
@@ -39,6 +41,14 @@ def _pad(array: np.ndarray, axis: int, target: int, value: float) -> np.ndarray:
     widths = [(0, 0)] * array.ndim
     widths[axis] = (0, missing)
     return np.pad(array, widths, constant_values=value)
+
+
+def stack_csr(arrays: Sequence[Any]) -> Any:
+    import scipy.sparse
+
+    if len(arrays) == 1:
+        return as_csr(arrays[0])
+    return scipy.sparse.vstack([as_csr(a) for a in arrays], format="csr")
 
 
 class BatchAssembly:
@@ -75,6 +85,9 @@ class BatchAssembly:
                 continue
             if len(arrays) != len(self.requests):
                 raise InternalError(f"optional input '{spec.name}' is set in only some requests")
+            if spec.sparse:  # CSR rows (or dense ones a client sent): stacked as CSR
+                merged[spec.name] = stack_csr(arrays)
+                continue
             if spec.ragged and spec.datatype != "BYTES":
                 axis = _ragged_axis(spec)
                 longest = -(-max(a.shape[axis] for a in arrays) // bucket) * bucket

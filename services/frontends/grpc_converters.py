@@ -11,6 +11,7 @@ import numpy as np
 from tensorfleet.core import wire
 from tensorfleet.core.codec import serialize_bytes
 from tensorfleet.core.errors import TensorfleetError
+from tensorfleet.core.sparse import PARAMETER_PREFIX as SPARSE_PARAMETER
 from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import model_config_pb2 as mc
 
@@ -62,7 +63,7 @@ def model_metadata_message(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
 def model_config_message(details: ModelDetails) -> mc.ModelConfig:
     """The subset of Triton's ModelConfig that clients read. Our own facts go in `parameters`:
     precision, version, artifact_sha256, token_budget; `max_length.<input>` for inputs that
-    declare one; `features` (names joined by newlines) and `features_input` for a model
+    declare one; `sparse.<input>` = `csr` for inputs that take CSR rows; `features` (names joined by newlines) and `features_input` for a model
     that declares its feature list."""
     config, device = details.config, details.device
     message = mc.ModelConfig(
@@ -97,6 +98,7 @@ def model_config_message(details: ModelDetails) -> mc.ModelConfig:
         "token_budget": str(config.batching.token_budget),
     }
     extra.update({f"max_length.{spec.name}": str(spec.max_length) for spec in config.inputs if spec.max_length})
+    extra.update({f"{SPARSE_PARAMETER}{spec.name}": spec.sparse for spec in config.inputs if spec.sparse})
     if config.features is not None and details.features:
         extra.update({"features": "\n".join(details.features), "features_input": config.features.input or ""})
     for key, value in extra.items():

@@ -110,6 +110,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[wire.InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wire.StreamResponse]:
         """Many requests in flight; each reply as soon as it is ready; errors per request."""
+        # unbounded (the in-flight limit bounds it): put_nowait, no coroutine per reply
         replies: asyncio.Queue[wire.StreamResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
@@ -122,13 +123,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as error:  # a bug must not end the stream for everyone
                 log.exception("stream request %s failed", message.id)
                 reply = convert.stream_error_reply(message, InternalError(f"{type(error).__name__}: {error}"))
-            await replies.put(reply)
+            replies.put_nowait(reply)
 
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
                     if len(tasks) >= self.max_stream_in_flight:
-                        await replies.put(convert.stream_error_reply(wire.InferRequest.of(request).message, ResourceExhausted(
+                        replies.put_nowait(convert.stream_error_reply(wire.InferRequest.of(request).message, ResourceExhausted(
                             f"{len(tasks)} requests already in flight on this stream, the most the server takes "
                             "(--max-stream-in-flight); wait for replies before sending more")))
                         continue
@@ -138,7 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if tasks:
                     await asyncio.gather(*tasks)
             finally:
-                await replies.put(None)
+                replies.put_nowait(None)
 
         reader = asyncio.ensure_future(read_all())
         try:

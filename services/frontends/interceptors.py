@@ -76,8 +76,17 @@ def _guarded(behaviour: Callable, guard: Guard | None) -> Callable:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """TensorfleetError -> its status code and message; anything else -> INTERNAL, logged."""
 
+    def __init__(self) -> None:
+        #: method -> (the handler, its wrapped form): wrapped once, not on every call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap(handler, lambda behaviour: _guarded(behaviour, None))
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, lambda behaviour: _guarded(behaviour, None))
+        self._wrapped[handler_call_details.method] = (handler, wrapped)  # only methods a service has
+        return wrapped

@@ -33,11 +33,20 @@ BINARY_SIZE = "binary_data_size"
 _SCALARS = (bool, int, float, str)
 
 
+#: Integers in a request become int64 (shapes, parameters): anything wider is refused as such.
+_INT64 = range(-(2**63), 2**63)
+
+
 def _json(data: bytes | memoryview, what: str) -> Any:
+    """Parsed JSON; bad, too deeply nested or over-long numbers are InvalidArgument, never a 500 (issue 28.12)."""
     try:
         return json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidArgument(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{what} is nested too deeply to be a request (JSON arrays/objects)") from None
+    except ValueError as error:  # an integer of over 4,300 digits (int_max_str_digits)
+        raise InvalidArgument(f"{what} holds a number too long to read: {error}") from None
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -50,7 +59,9 @@ def _parameters(value: Any, what: str) -> dict[str, bool | int | float | str]:
     params = _object(value if value is not None else {}, f"{what} 'parameters'")
     for key, item in params.items():
         if not isinstance(item, _SCALARS):
-            raise InvalidArgument(f"{what} parameter '{key}' must be a bool, number or string, got {item!r}")
+            raise InvalidArgument(f"{what} parameter '{key}' must be a bool, number or string, got {item!r:.200}")
+        if isinstance(item, int) and item not in _INT64:
+            raise InvalidArgument(f"{what} parameter '{key}' is out of the int64 range")
     return params
 
 
@@ -79,7 +90,7 @@ def _json_buffer(name: str, datatype: str, shape: list[int], data: Any) -> wire.
             raise InvalidArgument(f"input '{name}': shape {shape} needs {count} elements in 'data', got {flat.size}")
         for item in flat:
             if not isinstance(item, str):
-                raise InvalidArgument(f"input '{name}': BYTES 'data' must be strings, got {item!r}")
+                raise InvalidArgument(f"input '{name}': BYTES 'data' must be strings, got {item!r:.200}")
         return serialize_bytes(flat)
     if datatype not in NUMPY_DTYPES:
         raise InvalidArgument(f"input '{name}': {datatype} travels as binary data only ('{BINARY_SIZE}')")
@@ -97,7 +108,9 @@ def _json_buffer(name: str, datatype: str, shape: list[int], data: Any) -> wire.
 
 def _shape(name: str, value: Any) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers, got {value!r}")
+        raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers, got {value!r:.200}")
+    if not all(d in _INT64 for d in value):
+        raise InvalidArgument(f"input '{name}': 'shape' has a dimension out of the int64 range")
     return value
 
 

@@ -158,6 +158,8 @@ class ModelRepository:
                 )
                 backend = create_backend(context)
                 backend.load()
+                if backend.fingerprint():  # a checkpoint outside the folder: its config + weights too
+                    checksum = hashlib.sha256(f"{checksum}\n{backend.fingerprint()}\n".encode()).hexdigest()
                 backend.warmup()
                 for example in config.warmup:
                     backend.predict(example_inputs(config, example))

@@ -21,6 +21,7 @@ EXPECTED = {
     "scale": {"single_server_rows_per_s", "levels", "busy_2", "throughput_ratio_2", "cpu_s_per_chunk_2"},
     "rest": {"ratio_rest_over_grpc", "grpc_ms_per_request", "rest_ms_per_request"},
     "model_thread": {"ratio", "loader_thread_seq_per_s", "other_thread_seq_per_s"},
+    "server_passes": {"variants", "ratio_glibc-default", "threads"},
     "warm_start": {"runs", "first_result_s_median", "first_result_s_min", "cli_help_s"},
     "end_to_end": {
         "inprocess_seq_per_s",
@@ -74,3 +75,20 @@ def test_help_runs() -> None:
             text=True,
         )
         assert result.returncode == 0 and "--quick" in result.stdout, result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_rest_sequential_rows_cover_both_clients_and_sizes() -> None:
+    """`bench.rest --sequential` (issue 30): tritonclient.http vs .grpc and perf_analyzer both ways,
+    on `simple` and at 64 B, 4 KB, 1 MB; every reply was checked by the bench itself."""
+    result = subprocess.run([sys.executable, "-m", "bench.rest", "--sequential", "--quick"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["bench"] == "rest-sequential"
+    assert set(record["tritonclient"]) == {"simple", "64 B", "4 KB", "1 MB"}
+    for row in record["tritonclient"].values():
+        assert row["http"]["calls"] == row["grpc"]["calls"] > 0
+        assert row["ratio_http_over_grpc_median"] > 0
+    perf = record["perf_analyzer"]
+    assert "skipped" in perf or all(row["ratio_http_over_grpc_p50"] > 0 for row in perf.values()), perf

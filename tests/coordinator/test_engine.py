@@ -152,8 +152,8 @@ def test_model_parameters_travel_with_every_request_and_reach_the_model(tmp_path
     changed = yaml.safe_load(job.read_text())
     changed["model"]["parameters"]["scale"] = 3
     job.write_text(yaml.safe_dump(changed))
-    refused = run_tensorfleet("run", job, "--resume")
-    assert refused.returncode == 2 and "model_parameters" in refused.stderr, refused.stderr
+    refused = run_tensorfleet("run", job)
+    assert refused.returncode == 2 and "model.parameters.scale 2.5 -> 3" in refused.stderr, refused.stderr
     bad = write_job(tmp_path / "bad.yaml", input={"path": "in.h5", "tensors": {"x": "x"}},
                     model={**local_model("scaled"), "parameters": {"tensorfleet.context": "x"}}, output={"path": "b.h5"})
     refused = run_tensorfleet("run", bad)

@@ -43,3 +43,19 @@ def test_h5ad_example_job_writes_obsm_and_keeps_obs(tmp_path):
     embedding = out.obsm["X_cell_embedder"]
     assert embedding.shape == (300, 32)
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+    # The model declares sparse: csr: rows went over as CSR; the same CSR rows in-process, in the
+    # job's 128-row requests, give the same bits.
+    import importlib.util
+    from types import SimpleNamespace
+
+    from tensorfleet.services.model_config import load_config
+
+    folder = JOBS / "models" / "cell_embedder"
+    loaded = importlib.util.spec_from_file_location("example_cell_embedder", folder / "model.py")
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    model = module.Model()
+    model.load(SimpleNamespace(config=load_config(folder)))
+    counts = source.X.tocsr()
+    expected = np.concatenate([model.predict({"counts": counts[a : a + 128]})["embedding"] for a in range(0, 300, 128)])
+    assert np.array_equal(embedding.view(np.uint32), expected.view(np.uint32))

@@ -126,8 +126,14 @@ def test_a_server_side_row_error_names_the_record_and_id(tmp_path, servers):
     assert errors["message"][0].startswith("record 7 (line 13), id 'bad_one': ")
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("how", ["gzip", "bgzip"])
-def test_compressed_rows_read_in_any_order_from_access_points(tmp_path, monkeypatch, how):
+def test_compressed_rows_read_in_any_order_from_access_points(tmp_path, monkeypatch, how, pieces):
+    """`pieces`: decompress calls return at most 61 bytes and lines come in pieces of at most
+    7 bytes (the bounds that keep a gzip bomb or one 12 GiB line out of memory, issue #28)."""
+    if pieces:
+        monkeypatch.setattr(unpack, "OUT_BLOCK", 61)
+        monkeypatch.setattr(unpack, "LINE_PIECE", 7)
     monkeypatch.setattr(unpack, "SPACING", 1 << 12)
     monkeypatch.setattr(unpack, "MEMBER_SPACING", 1 << 11)
     monkeypatch.setattr(unpack, "CACHE", 1 << 11)

@@ -23,7 +23,8 @@ import time
 import pyte
 import pytest
 
-from tensorfleet.coordinator.engine.progress_view import PlainView, ProgressLine
+from tensorfleet.coordinator.engine.progress import Progress
+from tensorfleet.coordinator.engine.progress_view import PlainView, ProgressLine, plain_line
 from tests.serving import running_server
 
 from .helpers import MODELS, REPO_ROOT, make_fasta, run_tensorfleet, tensorfleet_command, write_job
@@ -129,8 +130,8 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path, slow_servers):
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
     pattern = re.compile(
-        r"progress: (running|merging|done) (\d+)/(\d+) rows \(\d+\.\d%\) \d+\.\d rows/s "
-        r"ETA (\d+:\d\d|--:--) servers (\d+)/2 failed (\d+)"
+        r"progress: (running|merging|done) (\d+)/(\d+) rows \(\d+\.\d%\) (?:\d+\.\d rows/s "
+        r"ETA (\d+:\d\d|--:--) )?servers (\d+)/2 failed (\d+)"
     )
     assert lines and all(pattern.fullmatch(line) for line in lines), result.stderr
     last = pattern.fullmatch(lines[-1])
@@ -164,3 +165,22 @@ def test_the_closing_line_is_written_once_when_the_last_tick_just_wrote_it():
     assert out.getvalue().splitlines() == [
         "progress: running 100/100 rows (100.0%) 12.5 rows/s ETA 0:03 servers 2/3 failed 1",
     ]
+
+
+def test_a_rate_is_shown_only_once_this_run_has_done_rows(tmp_path):
+    """Issue 29: the first lines once said `running 0/2000 rows (0.0%) 29.4 rows/s`: rows answered
+    but not yet committed, or none at all, made a rate. A resumed run's earlier rows make none either."""
+    answered = [0]
+    progress = Progress(tmp_path, total_rows=2000, done_rows=400, failed_rows=0, servers=lambda: [],
+                        output="out.h5", stream=io.StringIO(), computed=lambda: answered[0])
+    for count in (0, 64, 128):  # answers arrive, no chunk committed yet
+        answered[0] = count
+        progress._samples.append((time.monotonic() + count, count))
+        line = progress.line("running")
+        assert line.rows_per_second is None and line.eta_seconds is None
+        assert plain_line(line) == "progress: running 400/2000 rows (20.0%) servers 0/0 failed 0"
+    progress.add(64, 0)
+    line = progress.line("running")
+    assert line.rows_per_second is not None and line.rows_per_second > 0 and line.eta_seconds is not None
+    assert " rows/s ETA " in plain_line(line), plain_line(line)
+    assert progress.snapshot("running")["rows_per_second"] > 0

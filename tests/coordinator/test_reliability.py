@@ -209,7 +209,7 @@ def test_a_worker_that_dies_of_an_unexpected_error_fails_the_job_instead_of_hang
         def ids(self, start, stop):
             return [f"seq{i}" for i in range(start, stop)]
 
-        def request(self, request_id, rows):
+        def request(self, request_id, rows, span=None):
             raise CorruptPart("parts/chunk-0000000.part is truncated")
 
     dispatcher = Dispatcher(
@@ -338,14 +338,14 @@ def test_a_stream_reset_while_a_request_is_written_loses_the_server_not_the_job(
     built = 0
 
     class ResetWhileBuilding(RequestSource):
-        def request(self, request_id, rows):
+        def request(self, request_id, rows, span=None):
             nonlocal built
             built += 1
             if built == 2:  # the first stream has one request written; the next is being built
                 assert proxy.reset() >= 1, "the stream's connection was not open"
                 reset_done.set()
                 assert stream_ended.wait(20), "the stream never saw the reset"
-            return super().request(request_id, rows)
+            return super().request(request_id, rows, span)
 
     async def watch_receivers() -> None:
         """Sets stream_ended once the first stream's receiver task has finished (the call is done)."""

@@ -157,6 +157,30 @@ def test_manifest_commits_a_chunk_once_with_its_errors(tmp_path):
     assert reopened.counts()["rows_failed"] == 1
 
 
+def test_lease_notes_are_written_with_the_next_commit_not_one_write_each(tmp_path):
+    import sqlite3
+
+    make_fasta(tmp_path / "m.fasta", 20)
+    with open_reader(InputSpec(path=str(tmp_path / "m.fasta"))) as reader:
+        plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=4, chunk_rows=8)
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    manifest.record_plan(plan)
+    other = sqlite3.connect(tmp_path / "manifest.sqlite")  # what a crash would leave on disk
+    written = lambda: other.execute("SELECT chunk, server FROM leases ORDER BY chunk, server").fetchall()  # noqa: E731
+    for chunk in (0, 1, 2):
+        manifest.note_lease(chunk, "s:1")
+    manifest.note_lease(1, "s:2")
+    assert written() == []  # in memory: no synchronous write per lease
+    assert manifest.commit_chunk(0, "parts/0", [], "s:1")
+    assert written() == [(0, "s:1"), (1, "s:1"), (1, "s:2"), (2, "s:1")]  # in the commit's transaction
+    manifest.note_lease(2, "s:2")
+    assert manifest.lease_counts() == {0: 1, 1: 2, 2: 2}
+    manifest.note_lease(0, "s:3")
+    manifest.close()  # the rest at close
+    assert written()[0] == (0, "s:1") and len(written()) == 6
+    other.close()
+
+
 def test_a_server_the_fleet_check_just_saw_skips_only_its_first_probe():
     import time
 

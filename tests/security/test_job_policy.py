@@ -92,6 +92,13 @@ CASES = [
         "repository": "{w}/models", "args": ["--model-repository", "{w}/evil"]}}, PermissionDenied, "--model-repository"),
     ("local-args-listen-wide", {"model__servers": None, "model__local": {
         "repository": "{w}/models", "args": ["--host=0.0.0.0", "--insecure"]}}, PermissionDenied, "--host"),
+    ("local-python-chosen", {"model__servers": None, "model__local": {
+        "repository": "{w}/models", "python": "{w}/outside/python"}}, PermissionDenied, "local.python"),
+    ("local-launcher-chosen", {"model__servers": None, "model__local": {
+        "repository": "{w}/models", "launcher": ["sh", "-c", "touch {w}/outside/pwned"]}}, PermissionDenied,
+     "local.launcher"),
+    ("job-asks-trust-remote-code", {"model__parameters": {"trust_remote_code": True}}, InvalidArgument,
+     "transformers.trust_remote_code"),
     ("inline-server-token", {"model__token": "leaky"}, PermissionDenied, "--server-token-file"),
     ("object-store-outside-prefix", {"output__path": "s3://other-bucket/x.h5"}, PermissionDenied, "s3://allowed-bucket/jobs/"),
     ("parts-outside-prefix", {"output__parts": "s3://other-bucket/parts"}, PermissionDenied, "object-store prefixes"),

@@ -39,7 +39,7 @@ def fleet(tmp_path_factory):
     with spawned(["serve", "--model-repository", MODELS, "--model", "embed", "--token-file", files["server"]],
                  root / "server") as server, spawned(
         ["coordinator", "serve", "--state-dir", root / "state", "--token-file", files["submit"],
-         "--read-token-file", files["read"], "--server-token-file", files["server"],
+         "--read-token-file", files["read"], "--server-token-file", files["server"], "--servers", server.address,
          "--data-root", root / "work", "--output-root", root / "work"], root / "coordinator") as coordinator:
         yield {"root": root, "files": files, "server": server, "coordinator": coordinator}
 

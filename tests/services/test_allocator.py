@@ -40,3 +40,19 @@ def test_tuned_allocator_keeps_large_blocks_mapped_across_batches():
     assert default["faults"] > 8 * pages
     # tuned: the heap keeps the block; later batches reuse pages that are already mapped
     assert tuned["faults"] < pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc-only")
+def test_single_arena_is_the_tuning_plus_one_arena_and_keeps_large_blocks_mapped():
+    single = probe("single-arena")
+    assert single["tuned"] is True
+    assert single["faults"] < (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc-only")
+def test_an_unknown_setting_is_named_and_the_tuning_applies():
+    env = {**os.environ, "TENSORFLEET_MALLOC": "arena-of-one"}
+    code = "import logging; logging.basicConfig(); from tensorfleet.services.allocator import tune_allocator; print(tune_allocator())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "True"
+    assert "TENSORFLEET_MALLOC=arena-of-one is not one of tuned, single-arena, default" in result.stderr

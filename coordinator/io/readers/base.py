@@ -10,8 +10,11 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from tensorfleet.core.extras import EXTRAS, missing_module_message
 
 from ...spec import InputSpec
 
@@ -53,6 +56,20 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one field; BYTES fields as object arrays of bytes."""
+
+    def read_block(self, field: str, start: int, stop: int) -> Any:
+        """Rows [start, stop) of one field as the request source keeps them between requests
+        (engine/source.py reads each chunk's rows once, in one block, and slices requests from
+        it): a numpy array, or a `scipy.sparse.csr_matrix` for rows stored sparse (h5ad), kept
+        sparse. Readers that can seek read only these rows."""
+        return self.read(field, start, stop)
+
+    def row_bytes(self, field: str) -> float:
+        """About how many bytes one row of `field` takes in a block: sizes the source's blocks."""
+        info = self.fields()[field]
+        if info.is_bytes:
+            return 256.0
+        return float(info.dtype.itemsize * (int(np.prod(info.row_shape)) if info.row_shape else 1))
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         """Row ids as an object array of str; row numbers where the input has none."""
@@ -162,4 +179,9 @@ def check_declared_sizes(path: str, rows: int, fields: dict[str, FieldInfo]) -> 
 def _load(fmt: str | None) -> None:
     module = MODULES.get(fmt or "")
     if module and fmt not in _REGISTRY:
-        importlib.import_module(f"{__package__}.{module}")
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] not in EXTRAS:
+                raise
+            raise InputError(missing_module_message(error, f"reading {fmt} input")) from None

@@ -5,7 +5,8 @@ one vector per row. The file is read once, streaming, into a temporary parquet f
 groups of one CSV block each) that the rows are then read from by range, so memory stays at
 one block whatever the file's size; the temporary file goes when the reader closes. Column
 types are inferred from the first block; a later value that does not fit is a clear error.
-Plain or gzip-compressed files are read alike.
+Plain or gzip-compressed files are read alike. A row longer than a block (4 MiB) is an error
+(pyarrow's "straddling object"), so no cell grows past that.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from ...spec import InputSpec
 from .base import FieldInfo, InputError, Reader, register
 from .parquet import ParquetReader
+from .unpack import is_gzip
 
 _BLOCK_BYTES = 4 << 20
 
@@ -31,7 +33,7 @@ def delimiter_of(spec_format: str | None, delimiter: str | None) -> str:
 
 
 def _copy_to_parquet(source: Path, target: Path, delimiter: str) -> None:
-    compression = "gzip" if source.read_bytes()[:2] == b"\x1f\x8b" else None
+    compression = "gzip" if is_gzip(source) else None  # two bytes read, not the file
     stream = pa.input_stream(str(source), compression=compression)
     try:
         reader = pacsv.open_csv(

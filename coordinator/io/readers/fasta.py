@@ -5,6 +5,9 @@
 - Wrapped lines, blank lines and CRLF line ends are joined away.
 - One terminal `*` (a stop codon, as translated sequences end) is removed. A `*` elsewhere
   in the sequence makes the row fail with its record number, line and id; it is not sent.
+- Memory stays bounded whatever the file holds: lines are scanned in pieces of at most
+  `unpack.LINE_PIECE` bytes, and a record (header, line ends included) over
+  `TENSORFLEET_MAX_ROW_BYTES` stops the scan with an error naming it, before it is read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...spec import InputSpec
+from . import base
 from .base import FieldInfo, InputError, Reader, register
 from .unpack import Unpacked
 
@@ -33,6 +37,7 @@ class FastaReader(Reader):
         self._lengths = array("q")  # residues per record, terminal '*' excluded
         self._lines = array("q")  # line number of each header
         self._internal_stop: set[int] = set()  # rows with a '*' before their end
+        self._last: tuple[int, int, list[tuple[bytes, bytes]]] | None = None
         self._file = Unpacked(self.path)
         try:
             self._index()
@@ -46,7 +51,6 @@ class FastaReader(Reader):
         length = -1
         stars = 0
         last = b""
-        number = 0
 
         def end_record() -> None:
             ends_with_stop = last.endswith(b"*")
@@ -55,15 +59,22 @@ class FastaReader(Reader):
             self._ends.append(offset)
             self._lengths.append(length - (1 if ends_with_stop else 0))
 
-        for number, line in enumerate(self._file.lines(), 1):  # noqa: B007 (number is used after the loop)
-            if line.startswith(b">"):
-                if length >= 0:
-                    end_record()
-                self._starts.append(offset)
-                self._lines.append(number)
-                length, stars, last = 0, 0, b""
-            else:
-                residues = line.strip()
+        number = 0  # the line `piece` belongs to
+        at_line_start = True
+        in_header = False
+        limit = base.MAX_ROW_BYTES
+        for piece in self._file.lines():  # a long line comes in pieces; only its last ends with b"\n"
+            if at_line_start:
+                number += 1
+                in_header = piece.startswith(b">")
+                if in_header:
+                    if length >= 0:
+                        end_record()
+                    self._starts.append(offset)
+                    self._lines.append(number)
+                    length, stars, last = 0, 0, b""
+            if not in_header:
+                residues = piece.strip()
                 if residues:
                     if length < 0:
                         raise InputError(
@@ -72,7 +83,14 @@ class FastaReader(Reader):
                     length += len(residues)
                     stars += residues.count(b"*")
                     last = residues
-            offset += len(line)
+            offset += len(piece)
+            at_line_start = piece.endswith(b"\n")
+            if self._starts and offset - self._starts[-1] > limit:
+                row = len(self._starts) - 1
+                raise InputError(
+                    f"{self.path}: record {row + 1} (line {self._lines[row]}) is over {limit} bytes "
+                    f"(at line {number}); at most {limit} a record (TENSORFLEET_MAX_ROW_BYTES)"
+                )
         if length >= 0:
             end_record()
 
@@ -84,8 +102,18 @@ class FastaReader(Reader):
         return {"sequence": FieldInfo("sequence", np.dtype(object), ())}
 
     def _records(self, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+        """(header, sequence) of rows [start, stop): one read from the first record's offset
+        to the last one's end. The last span read is kept, so a chunk's ids (read at its lease)
+        and its sequences (read once for all its requests) cost one parse."""
         if start >= stop:
             return []
+        if self._last is not None and self._last[0] == start and self._last[1] == stop:
+            return self._last[2]
+        records = self._parse(start, stop)
+        self._last = (start, stop, records)
+        return records
+
+    def _parse(self, start: int, stop: int) -> list[tuple[bytes, bytes]]:
         block = self._file.read(self._starts[start], self._ends[stop - 1] - self._starts[start])
         records = []
         for text in block.split(b"\n>"):
@@ -110,6 +138,10 @@ class FastaReader(Reader):
 
     def lengths(self, field: str, start: int, stop: int) -> np.ndarray:
         return np.frombuffer(self._lengths, dtype=np.int64)[start:stop].copy()
+
+    def row_bytes(self, field: str) -> float:
+        rows = max(len(self._lengths), 1)
+        return float(sum(self._lengths)) / rows + 64.0
 
     def where(self, row: int) -> str:
         return f"record {row + 1} (line {self._lines[row]})"

@@ -5,14 +5,25 @@ Any encoding anndata reads: today's (encoding-type attributes), 0.7's, and the o
 dataset, sparse groups marked `h5sparse_format`). Rows are read by range, never the whole
 matrix:
 - dense: an h5py slice of the dataset;
-- CSR: `anndata.io.sparse_dataset(group)[start:stop]`, which reads only those rows' entries;
+- CSR: `safety.read_sparse_block` of rows [start, stop): one block of rows is its offsets, then
+  its entries, each read in one piece and checked (offsets monotone, indices within the columns)
+  before scipy sees them; anndata's `sparse_dataset` is built once, at open, for the shape and
+  dtype, never per read. `read_block` keeps the rows sparse (a `scipy.sparse.csr_matrix`), so
+  the request source holds a chunk's rows at their stored size and densifies per request only
+  for models that take dense rows;
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
-  one pass over the columns (in column blocks, through the same sparse dataset) turns a
+  one pass over the columns (in column blocks, each read and checked the same way) turns a
   block of rows into CSR, kept for the reads that follow. Each block reads the whole matrix
   once; a block holds about `CSC_BLOCK_BYTES` of entries (12 bytes each), so a job reads the
   matrix `12 x nnz / CSC_BLOCK_BYTES` times (more often when chunks are larger than a block).
   For large CSC files convert once: `adata.X = adata.X.tocsr()`.
 obs, var and the small metadata are read with `anndata.io.read_elem`.
+
+The file is someone else's: when it is opened every object in it is checked to keep its bytes
+in the file (safety.check_tree: no external links, external storage or virtual datasets; the
+.h5ad writer copies the whole input), and each sparse matrix's arrays are checked against each
+other; each block of a sparse matrix is read and checked by safety.read_sparse_block before
+scipy sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from anndata.io import read_elem, sparse_dataset
 from ...spec import InputSpec
 from .base import FieldInfo, InputError, Reader, register
 from .hdf5 import as_str_array
+from .safety import SparseLayout, check_tree, read_sparse_block, sparse_layout
 
 CSC_BLOCK_BYTES = 256 << 20
 _CSC_COLUMNS = 2048
@@ -89,11 +101,19 @@ class H5adReader(Reader):
         if "obs" not in self._file:
             self._file.close()
             raise InputError(f"{spec.path} has no obs; is it an .h5ad file?")
+        try:
+            check_tree(self._file, spec.path)
+        except InputError:
+            self._file.close()
+            raise
         self._names = _Names(self._file["obs"])
         #: field -> (h5py item, compound field name for pre-0.7 obsm)
         self._items: dict[str, tuple[h5py.HLObject, str | None]] = {}
         self._fields: dict[str, FieldInfo] = {}
+        self._sparse: dict[str, SparseLayout] = {}
         self._csc_block: tuple[str, int, int, object] | None = None
+        #: Estimated bytes a row takes in a block, per field (sparse: its mean stored entries).
+        self._row_bytes: dict[str, float] = {}
         candidates = {"X": "X", "raw/X": "raw/X" if "raw/X" in self._file else "raw.X"}
         for group in ("layers", "obsm"):
             item = self._file.get(group)
@@ -117,6 +137,10 @@ class H5adReader(Reader):
         elif _sparse_format(item):
             matrix = sparse_dataset(item)
             info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
+            layout = sparse_layout(item, _sparse_format(item), matrix.shape, self.spec.path)
+            self._sparse[name] = layout
+            rows = max(int(matrix.shape[0]), 1)
+            self._row_bytes[name] = max(layout.nnz / rows, 1.0) * (info.dtype.itemsize + item["indices"].dtype.itemsize)
         else:
             return  # a data frame or mapping in obsm: nothing a model can take
         self._items[name] = (item, member)
@@ -130,6 +154,11 @@ class H5adReader(Reader):
         return self._fields
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        block = self.read_block(field, start, stop)
+        return np.asarray(block.toarray()) if scipy.sparse.issparse(block) else block
+
+    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        """Rows [start, stop) as stored: dense fields as arrays, sparse ones as CSR (never densified)."""
         if field not in self._fields:
             raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
         item, member = self._items[field]
@@ -137,26 +166,36 @@ class H5adReader(Reader):
             return item.fields([member])[start:stop][member]
         if isinstance(item, h5py.Dataset):
             return item[start:stop]
-        if _sparse_format(item) == "csc":
-            return self._csc_rows(field, item, start, stop)
-        return np.asarray(sparse_dataset(item)[start:stop].toarray())
+        if self._sparse[field].kind == "csr":
+            return self._csr_rows(field, start, stop)
+        return self._csc_rows(field, item, start, stop)
 
-    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> np.ndarray:
+    def row_bytes(self, field: str) -> float:
+        return self._row_bytes.get(field) or super().row_bytes(field)
+
+    def _csr_rows(self, field: str, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """One block of a CSR matrix, read and checked by `safety.read_sparse_block`."""
+        layout = self._sparse[field]
+        rows = layout.shape[0]
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        return read_sparse_block(layout, start, max(start, stop))
+
+    def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> scipy.sparse.csr_matrix:
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
-            matrix = sparse_dataset(item)
-            rows, columns = matrix.shape
-            per_row = max(int(item["indptr"][-1]) / max(rows, 1), 1.0)
+            layout = self._sparse[field]
+            rows, columns = layout.shape
+            per_row = max(layout.nnz / max(rows, 1), 1.0)
             size = max(stop - start, int(CSC_BLOCK_BYTES / (12 * per_row)))
             lo, hi = start, min(rows, start + size)
             pieces = [
-                matrix[:, c : min(c + _CSC_COLUMNS, columns)][lo:hi].tocsr()
+                read_sparse_block(layout, c, min(c + _CSC_COLUMNS, columns))[lo:hi].tocsr()
                 for c in range(0, columns, _CSC_COLUMNS)
             ]
             combined = scipy.sparse.hstack(pieces, format="csr") if pieces else scipy.sparse.csr_matrix((hi - lo, 0))
             block = self._csc_block = (field, lo, hi, combined)
         _, lo, _, combined = block
-        return np.asarray(combined[start - lo : stop - lo].toarray())
+        return combined[start - lo : stop - lo]
 
     def feature_names(self, field: str, column: str | None = None) -> np.ndarray | None:
         """Names of `field`'s columns (var names, raw/X: raw var names, or a var column); None for obsm."""

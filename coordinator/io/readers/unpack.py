@@ -25,6 +25,10 @@ SPACING = 4 << 20
 MEMBER_SPACING = 256 << 10
 CACHE = 8 << 20
 _BLOCK = 256 << 10
+#: The most uncompressed bytes one decompress call returns (a gzip bomb inflates by pieces).
+OUT_BLOCK = 1 << 20
+#: The longest piece of a line `lines()` yields at once.
+LINE_PIECE = 1 << 20
 _GZIP_WBITS = 31  # gzip header and trailer, raw deflate inside
 
 
@@ -57,10 +61,11 @@ class Unpacked:
         self._points, self._states = [], []
         with open(self.path, "rb") as handle:
             produced = 0
-            position = 0
+            position = 0  # compressed offset of pending[0]: what the decompressor has consumed
             last_point = -SPACING
             decompressor: Any | None = None
             pending = b""
+            capped = False  # the last call filled its output: zlib may hold more without new input
             while True:
                 if decompressor is None:  # a member starts at `position`
                     if not pending:
@@ -71,20 +76,20 @@ class Unpacked:
                         self._add_point(produced, position, None)
                         last_point = produced
                     decompressor = zlib.decompressobj(_GZIP_WBITS)
-                data, pending = pending, b""
-                if not data:
-                    data = handle.read(_BLOCK)
-                    if not data:
+                if not pending and not capped:
+                    pending = handle.read(_BLOCK)
+                    if not pending:
                         raise OSError(f"{self.path}: the gzip stream ends in the middle of a member (truncated file)")
-                position += len(data)
                 try:
-                    out = decompressor.decompress(data)
+                    out = decompressor.decompress(pending, OUT_BLOCK)  # bounded: a bomb inflates by pieces
                 except zlib.error as error:
                     raise OSError(f"{self.path}: corrupt gzip data near byte {position}: {error}") from None
+                capped = len(out) == OUT_BLOCK
+                rest = decompressor.unused_data if decompressor.eof else decompressor.unconsumed_tail
+                position += len(pending) - len(rest)
+                pending = rest
                 if decompressor.eof:
-                    pending = decompressor.unused_data
-                    position -= len(pending)
-                    decompressor = None
+                    decompressor, capped = None, False
                 elif produced + len(out) - last_point >= SPACING:
                     self._add_point(produced + len(out), position, decompressor.copy())
                     last_point = produced + len(out)
@@ -96,9 +101,13 @@ class Unpacked:
         self._points.append(uncompressed)
         self._states.append((compressed, state))
 
-    def lines(self) -> Iterator[bytes]:
-        """The uncompressed bytes line by line (each with its newline), for an indexing pass."""
-        return iter(io.BufferedReader(_StreamIO(self.stream()), buffer_size=_BLOCK))
+    def lines(self, limit: int | None = None) -> Iterator[bytes]:
+        """The uncompressed bytes line by line (each with its newline), for an indexing pass. A line
+        longer than `limit` comes in pieces of at most `limit` bytes (only the last ends with the
+        newline), so a file holding one 12 GiB line never holds it whole."""
+        reader = io.BufferedReader(_StreamIO(self.stream()), buffer_size=_BLOCK)
+        while piece := reader.readline(limit or LINE_PIECE):
+            yield piece
 
     def read(self, offset: int, size: int) -> bytes:
         """`size` uncompressed bytes from `offset` (after `stream()` has run once for gzip)."""
@@ -119,23 +128,25 @@ class Unpacked:
         self._file.seek(position)
         pieces: list[bytes] = []
         wanted_end = offset + max(size, min(CACHE, size + CACHE // 2))
+        pending = b""  # read, not yet consumed; `position` is its offset
+        capped = False
         while produced < wanted_end:
-            data = self._file.read(_BLOCK)
-            if not data:
-                break
-            position += len(data)
-            while data:
-                out = decompressor.decompress(data)
-                data = b""
-                if decompressor.eof:
-                    data = decompressor.unused_data
-                    decompressor = zlib.decompressobj(_GZIP_WBITS)
-                lo = max(offset - produced, 0)
-                if lo < len(out) and produced < wanted_end:
-                    pieces.append(out[lo : wanted_end - produced])
-                produced += len(out)
-            if not decompressor.eof:
-                self._cursor = (produced, position, decompressor.copy())
+            if not pending and not capped:
+                pending = self._file.read(_BLOCK)
+                if not pending:
+                    break
+            out = decompressor.decompress(pending, OUT_BLOCK)
+            capped = len(out) == OUT_BLOCK
+            rest = decompressor.unused_data if decompressor.eof else decompressor.unconsumed_tail
+            position += len(pending) - len(rest)
+            pending = rest
+            if decompressor.eof:
+                decompressor, capped = zlib.decompressobj(_GZIP_WBITS), False
+            lo = max(offset - produced, 0)
+            if lo < len(out):
+                pieces.append(out[lo : wanted_end - produced])
+            produced += len(out)
+        self._cursor = (produced, position, decompressor.copy())
         window = b"".join(pieces)
         self._cache = (offset, window)
         return window[:size]

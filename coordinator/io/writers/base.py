@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from tensorfleet.core.extras import EXTRAS, missing_module_message
+
 from ...spec import InputSpec, OutputSpec
 from ..row_error import RowError
 
@@ -115,4 +117,9 @@ def rows_per_chunk(row_bytes: int, target: int = 1 << 20) -> int:
 def _load(fmt: str | None) -> None:
     module = MODULES.get(fmt or "")
     if module and fmt not in _REGISTRY:
-        importlib.import_module(f"{__package__}.{module}")
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] not in EXTRAS:
+                raise
+            raise ValueError(missing_module_message(error, f"writing {fmt} output")) from None

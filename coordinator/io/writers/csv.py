@@ -29,11 +29,15 @@ def _names(column: Column) -> list[str]:
     return [column.name + "".join(f"_{i}" for i in index) for index in itertools.product(*map(range, column.row_shape))]
 
 
+def _text(values: np.ndarray) -> list[str]:
+    """BYTES cells as text: UTF-8, bytes that are not UTF-8 replaced (a text table holds text)."""
+    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
 def _cells(values: np.ndarray, ok: np.ndarray, column: Column) -> list[pa.Array]:
-    if values.dtype == object:
-        text = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
-        return [pa.array(text, pa.string(), mask=~ok)]
     flat = np.ascontiguousarray(values).reshape(len(values), -1)
+    if values.dtype.hasobject:
+        return [pa.array(_text(flat[:, i]), pa.string(), mask=~ok) for i in range(flat.shape[1])]
     return [pa.array(flat[:, i], mask=~ok) for i in range(flat.shape[1])]
 
 

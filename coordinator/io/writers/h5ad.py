@@ -25,6 +25,15 @@ from anndata.io import write_elem
 from .base import WriteContext, Writer, register, rows_per_chunk
 
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
+#: BYTES outputs: anndata's string arrays (read back as str), UTF-8, bytes that are not UTF-8 replaced
+_STRING_ARRAY = {"encoding-type": "string-array", "encoding-version": "0.2.0"}
+_STRING = h5py.string_dtype("utf-8")
+
+
+def _as_text(values: np.ndarray) -> np.ndarray:
+    out = np.empty(values.shape, dtype=object)
+    out.reshape(-1)[:] = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+    return out
 
 
 def is_current_encoding(path: Path) -> bool:
@@ -93,11 +102,11 @@ class H5adWriter(Writer):
             dataset = slot.create_dataset(
                 column.name,
                 shape=(rows, *row_shape),
-                dtype=column.dtype,
+                dtype=_STRING if column.dtype.hasobject else column.dtype,
                 chunks=(min(max(rows, 1), rows_per_chunk(column.row_bytes)), *row_shape) if rows else None,
                 compression=context.spec.compression if rows else None,
             )
-            dataset.attrs.update(_ARRAY)
+            dataset.attrs.update(_STRING_ARRAY if column.dtype.hasobject else _ARRAY)
         self._slot = slot
         self._ok = np.zeros(rows, dtype=bool)
         self._failed: dict[int, str] = {}
@@ -114,6 +123,8 @@ class H5adWriter(Writer):
             if name in self._obs_values:
                 self._obs_values[name][start:stop] = values
                 continue
+            if values.dtype.hasobject:
+                values = _as_text(values)
             self._slot[name][start:stop] = values.reshape(len(values), -1) if values.ndim == 1 else values
         self._ok[start:stop] = ok
         for offset in np.nonzero(~ok)[0]:

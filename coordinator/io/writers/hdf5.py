@@ -18,6 +18,24 @@ from .base import Ragged, WriteContext, Writer, register, rows_per_chunk
 STRING = h5py.string_dtype("utf-8")
 
 
+def dataset_dtype(dtype: np.dtype) -> np.dtype:
+    """The HDF5 type of a column: BYTES (object) outputs become variable-length strings, labelled
+    UTF-8 (`.asstr()` reads text back as str); the stored bytes are the model's, unchanged."""
+    return STRING if dtype.hasobject else dtype
+
+
+def checked_bytes(name: str, start: int, values: np.ndarray) -> np.ndarray:
+    """A BYTES block as HDF5 strings take it: a NUL byte cannot be stored (HDF5 strings end at
+    one), so it is a clear error naming the row rather than a value cut short."""
+    per_row = int(np.prod(values.shape[1:], dtype=np.int64))
+    for index, value in enumerate(values.reshape(-1)):
+        if b"\0" in value:
+            row = start + index // max(per_row, 1)
+            raise ValueError(f"output '{name}', row {row}: a BYTES value holding a NUL byte cannot be stored in "
+                             "an HDF5 string; use output.format: parquet for binary outputs")
+    return values
+
+
 def string_array(values: list[str] | np.ndarray) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = list(values)
@@ -57,7 +75,7 @@ class Hdf5Writer(Writer):
             self._file.create_dataset(
                 column.name,
                 shape=(rows, *column.row_shape),
-                dtype=column.dtype,
+                dtype=dataset_dtype(column.dtype),
                 chunks=(chunk_rows, *column.row_shape) if rows else None,
                 compression=compression if rows else None,
                 track_times=False,
@@ -67,7 +85,7 @@ class Hdf5Writer(Writer):
 
     def _ragged_dataset(self, column) -> None:
         dataset = self._file.create_dataset(
-            column.name, shape=(0, *column.row_shape), maxshape=(None, *column.row_shape), dtype=column.dtype,
+            column.name, shape=(0, *column.row_shape), maxshape=(None, *column.row_shape), dtype=dataset_dtype(column.dtype),
             chunks=(rows_per_chunk(column.row_bytes), *column.row_shape), compression=self.context.spec.compression,
             track_times=False,
         )
@@ -90,6 +108,8 @@ class Hdf5Writer(Writer):
                 self._file[f"{name}_offsets"][start + 1 : stop + 1] = filled + np.cumsum(values.lengths)
                 self._filled[name] = filled + len(values.values)
                 continue
+            if values.dtype.hasobject:
+                values = checked_bytes(name, start, values)
             self._file[name][start:stop] = values
         self._file["ok"][start:stop] = ok
         self._file["error"][start:stop] = error

@@ -19,14 +19,17 @@ MAX_BUFFER_BYTES = 64 << 20
 
 
 def arrow_type(column: Column) -> pa.DataType:
-    kind = pa.from_numpy_dtype(column.dtype)
+    kind = pa.binary() if column.dtype.hasobject else pa.from_numpy_dtype(column.dtype)
     for size in reversed(column.row_shape):
         kind = pa.list_(kind, size)
     return kind
 
 
 def arrow_array(values: np.ndarray, column: Column) -> pa.Array:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    if values.dtype.hasobject:  # BYTES: binary cells, the model's bytes unchanged
+        flat = pa.array(list(values.reshape(-1)), pa.binary())
+    else:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     for size in reversed(column.row_shape):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat

@@ -23,7 +23,7 @@ from tensorfleet.client import InferenceClient
 from tests.serving import REPO_ROOT, running_server
 
 TOLERANCE = 1e-5  # max abs difference between served and in-process outputs (same CPU kernels)
-INSTALL_HINT = "tensorflow is not installed: pip install tensorfleet[tensorflow]"
+INSTALL_HINT = "tensorflow is not installed: pip install 'tensorfleet[tensorflow]'"  # the extra, named (issue 29)
 
 
 def _sha(path: Path) -> str:

@@ -291,3 +291,79 @@ async def test_requests_with_different_parameters_never_share_a_batch_and_each_b
     assert all(params == ({"scale": 10} if rows[0] % 2 else {}) for rows, params in seen)
     assert all(len({row % 2 for row in rows}) == 1 for rows, _ in seen)  # never mixed
     assert max(len(rows) for rows, _ in seen) > 1  # equal parameters still merge
+
+
+# --- a batch is full when nothing more can join it (issue 25) ------------------------------
+def block(rows: int, length: int, value: int = 1) -> DecodedRequest:
+    """One request of `rows` rows of `length` tokens."""
+    x = np.full((rows, length), value, dtype=np.int64)
+    return DecodedRequest(inputs={"x": x}, rows=rows, length=length)
+
+
+async def let_the_loop_run(turns: int = 20) -> None:
+    """Give the batcher's loop task its turns without waiting for any clock."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+# an hour: a batch that waits for company here is one the batcher did not think full
+HOUR_MS = 3_600_000
+
+
+async def test_a_request_that_leaves_no_room_for_another_row_goes_to_an_idle_device_at_once():
+    model = RecordingModel()
+    config = make_config(max_batch_size=64, token_budget=4096, length_bucket=1, max_queue_delay_ms=HOUR_MS)
+    batcher = DynamicBatcher(config, model)
+    full = asyncio.ensure_future(batcher.submit(block(60, 68)))  # 4,080 tokens: a 61st row makes 4,148
+    await let_the_loop_run()
+    assert batcher.queue_depth == 0  # handed to the model thread, not waiting an hour for company
+    result = await full
+    assert result["y"].shape == (60, 68) and model.batches == [(60, 68)]
+    await batcher.close()
+
+
+async def test_a_request_with_room_for_more_rows_waits_for_company():
+    model = RecordingModel()
+    config = make_config(max_batch_size=64, token_budget=4096, length_bucket=1, max_queue_delay_ms=HOUR_MS)
+    batcher = DynamicBatcher(config, model)
+    roomy = asyncio.ensure_future(batcher.submit(block(50, 68)))  # 3,400 tokens; 60 rows would fit
+    await let_the_loop_run()
+    assert batcher.queue_depth == 1 and model.batches == []
+    company = asyncio.ensure_future(batcher.submit(block(10, 60, value=2)))  # 60 x 68 = 4,080: now full
+    await asyncio.gather(roomy, company)
+    assert model.batches == [(60, 68)]  # one batch, padded to the longest
+    await batcher.close()
+
+
+async def test_a_waiting_request_that_does_not_fit_makes_the_batch_full():
+    model = RecordingModel()
+    config = make_config(max_batch_size=64, token_budget=4096, length_bucket=1, max_queue_delay_ms=HOUR_MS)
+    batcher = DynamicBatcher(config, model)
+    first = asyncio.ensure_future(batcher.submit(block(40, 60)))  # 2,400 tokens, room for 27 more rows
+    second = asyncio.ensure_future(batcher.submit(block(30, 60, value=2)))  # 70 x 60 would be 4,200
+    await let_the_loop_run()
+    assert batcher.queue_depth == 1  # the first went at once; the second waits for its own company
+    await first
+    assert model.batches == [(40, 60)]
+    await batcher.close()
+    with pytest.raises(Unavailable):
+        await second
+
+
+async def test_a_request_that_fills_the_budget_queues_behind_the_running_batch_at_once():
+    model = GatedModel()
+    config = make_config(max_batch_size=64, token_budget=4096, length_bucket=1, max_queue_delay_ms=HOUR_MS)
+    batcher = DynamicBatcher(config, model)
+    running = asyncio.ensure_future(batcher.submit(block(60, 68)))
+    await let_the_loop_run()
+    assert batcher.queue_depth == 0  # running, held by the gate
+    behind = asyncio.ensure_future(batcher.submit(block(60, 68, value=2)))
+    roomy = asyncio.ensure_future(batcher.submit(block(50, 68, value=3)))  # 60 + 50 rows: left out
+    await let_the_loop_run()
+    assert batcher.queue_depth == 1  # `behind` is on the model thread; `roomy` still gathers company
+    model.gate.set()
+    await asyncio.gather(running, behind)
+    assert model.batches == [(60, 68), (60, 68)]
+    await batcher.close()
+    with pytest.raises(Unavailable):
+        await roomy
