@@ -60,6 +60,9 @@ README_COMMANDS = [
     Entry("curl -s 127.0.0.1:8000/v2/models/simple", "client", server="tests"),
     Entry(".venv/bin/tensorfleet run examples/jobs/protein-embeddings.yaml", "job"),
     Entry(".venv/bin/tensorfleet status examples/output/protein-embeddings.h5.tfjob", "job"),
+    Entry(".venv/bin/tensorfleet embed /data/esm2_t6_8M_UR50D", "skip",
+          why="needs a real ESM-2 checkpoint (no hub access here); tests/coordinator/test_embed_command.py runs "
+              "the same command, --per-token and resume included, on a tiny EsmForMaskedLM saved by save_pretrained"),
 ]
 
 
