@@ -22,7 +22,7 @@ from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
 from tensorfleet.core.parameters import parameter_value
 from tensorfleet.protos import inference_pb2 as pb
 
-from .repository.model_config import ModelConfig
+from .model_config import ModelConfig
 
 PUT_PARAMETER = "tensorfleet.context_put"
 USE_PARAMETER = "tensorfleet.context"

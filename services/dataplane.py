@@ -22,8 +22,8 @@ from tensorfleet.core.version import PROTOCOL_EXTENSION, PROTOCOL_VERSION, __ver
 from tensorfleet.protos import inference_pb2 as pb
 
 from .contexts import ContextStore, context_ids, decode_context
+from .model_config import ModelConfig
 from .model_runtime import ModelRuntime
-from .repository.model_config import ModelConfig
 from .repository.repository import ModelEntry, ModelState
 from .shared_memory import SharedMemoryRegistry
 from .statistics import ModelStats

@@ -166,7 +166,7 @@ def check_repository(root: Path, device: str, load: bool = False) -> list[Check]
     """Every model's config.yaml validates and every declared artifact matches its sha256."""
     from tensorfleet.core.errors import TensorfleetError
 
-    from .repository.model_config import CONFIG_FILENAME, load_config
+    from .model_config import CONFIG_FILENAME, load_config
     from .repository.repository import verify_artifacts
 
     if not root.is_dir():

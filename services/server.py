@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.core import wire
 from tensorfleet.core.auth import SUBMIT, TokenAuth, TokenAuthInterceptor
-from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.exit_codes import EXIT_DEVICE_LOST
+from tensorfleet.core.exposure import DEFAULT_HOST
+from tensorfleet.core.grpc_server import GrpcServer, stop_on_signals
 from tensorfleet.core.malformed import MalformedRequestInterceptor
-from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
-from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import inference_pb2, tensorfleet_pb2
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
@@ -42,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorfleet.server")
 
-#: Exit status of a server whose device failed (EX_TEMPFAIL): start it again.
-EXIT_DEVICE_LOST = 75
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CONTROL_SERVICE = tensorfleet_pb2.DESCRIPTOR.services_by_name["ServerControl"].full_name
@@ -129,41 +123,36 @@ class ModelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared_memory = SharedMemoryRegistry(options.shared_memory_max_bytes, options.max_message_bytes)
         self.dataplane = DataPlane(self.runtime, self.shared_memory)
-        self.health = HealthServicer()
         self._stopping = asyncio.Event()
         self.port = 0
-        check_exposure(options.host, token=bool(options.token), mutual_tls=bool(options.tls_ca and options.tls_cert),
-                       insecure=options.insecure, what="model server")
-        self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
         self.http: HttpFrontEnd | None = None
         self.metrics_http: MetricsFrontEnd | None = None
         # innermost: a request that does not parse is INVALID_ARGUMENT (core/malformed.py), not UNKNOWN
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), MalformedRequestInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
             interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        self.listener = GrpcServer(
+            what="model server", host=options.host, port=options.port, services=[INFERENCE_SERVICE, CONTROL_SERVICE],
+            authenticated=bool(options.token), insecure=options.insecure,
+            tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            interceptors=interceptors, max_concurrent_rpcs=options.max_concurrent_rpcs,
             options=[*server_options(options.max_message_bytes),
                      ("grpc.max_concurrent_streams", options.max_streams_per_connection)],
         )
+        self.credentials = self.listener.credentials
+        self.health = self.listener.health
+        self.grpc = self.listener.server
         inference = InferenceServicer(self.dataplane, max_stream_in_flight=options.max_stream_in_flight)
         add_service(self.grpc, INFERENCE_SERVICE, inference_handlers(inference))
-        unprotected = options.insecure and not (options.token or (options.tls_ca and options.tls_cert))
+        unprotected = options.insecure and not (options.token or self.listener.mutual_tls)
         control = ControlServicer(self.runtime, self.drain, insecure=bool(unprotected))
         tf_grpc.add_ServerControlServicer_to_server(control, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, CONTROL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            self.grpc,
-        )
+        self.listener.add_health_and_reflection()
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         # Health is open (no token), so it names no model: a model's readiness is ModelReady, behind the
         # token, as on Triton, whose grpc.health.v1 knows only the server (issue 28 #12).
-        for service in ("", INFERENCE_SERVICE):
-            await self.health.set(service, status)
+        await self.listener.set_health(("", INFERENCE_SERVICE), serving)
 
     def drain(self) -> None:
         """Stop accepting work; in-flight requests finish; then the process exits."""
@@ -192,25 +181,13 @@ class ModelServer:
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
         check_device_available(self.options.device)
-        address = f"{self.options.host}:{self.options.port}"
         credentials = self.credentials
-        if credentials is None:
-            self.port = self.grpc.add_insecure_port(address)
-        else:
-            self.port = self.grpc.add_secure_port(address, credentials)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {address}")
+        self.port = self.listener.bind()
         await self._set_health(False)
         await self.grpc.start()  # live (ServerLive) while models load; health says NOT_SERVING
-        try:
-            if self.options.http_port is not None:
-                await self._start_http()
-            if self.options.metrics_port is not None:
-                await self._start_metrics()
-        except BaseException:
-            await self._stop_http()
-            await self.grpc.stop(None)
-            raise
+        if self.options.http_port is not None or self.options.metrics_port is not None:
+            port_file = self.options.http_port_file if self.options.http_port is not None else None
+            await self.listener.start_side_server(self._start_faces, port_file)
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await self.runtime.load_all()
@@ -220,13 +197,12 @@ class ModelServer:
             else:
                 log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
         await self._set_health(True)
-        if self.options.port_file:
-            write_port_file(self.options.port_file, self.port)
+        self.listener.write_port_file(self.options.port_file)
         log.info("SERVING on port %d with %d model(s) ready", self.port,
                  sum(e.state is ModelState.READY for e in self.repository.entries()))
         return self.port
 
-    async def _start_http(self) -> None:
+    async def _start_http(self) -> int:
         from .frontends.http_app import (  # FastAPI and uvicorn load only when asked for
             HttpFrontEnd,
             build_app,
@@ -240,8 +216,21 @@ class ModelServer:
                                  browser_guard=not options.token, allow_hosts=options.http_allow_hosts)
         port = await self.http.start()
         log.info("REST (Open Inference Protocol HTTP) on %s:%d", options.host, port)
-        if options.http_port_file:
-            write_port_file(options.http_port_file, port)
+        return port
+
+    async def _start_faces(self) -> int:
+        """The HTTP faces asked for (REST, Prometheus metrics), after gRPC; if one fails, those
+        started are stopped (and GrpcServer.start_side_server stops gRPC). The REST port (0: none)."""
+        port = 0
+        try:
+            if self.options.http_port is not None:
+                port = await self._start_http()
+            if self.options.metrics_port is not None:
+                await self._start_metrics()
+        except BaseException:
+            await self._stop_http()
+            raise
+        return port
 
     async def _start_metrics(self) -> None:
         from .frontends.metrics_app import (  # uvicorn only when asked for
@@ -269,10 +258,8 @@ class ModelServer:
         """Serve until drain() (SIGTERM/SIGINT when `signals`), then stop: in-flight requests
         finish, listeners close, batchers and model threads end. `signals=False` for a server
         in a thread of a process that goes on (tests/inprocess.py)."""
-        loop = asyncio.get_running_loop()
         if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.drain)
+            stop_on_signals(self.drain)
         sweeper = asyncio.ensure_future(self._sweep_shared_memory())
         await self._stopping.wait()
         sweeper.cancel()

@@ -17,7 +17,7 @@ from tensorfleet.core.parameters import parameter_value
 from tensorfleet.core.sparse import INDICES_SUFFIX, INDPTR_SUFFIX, check_csr
 from tensorfleet.protos import inference_pb2 as pb
 
-from .repository.model_config import ModelConfig, TensorSpec
+from .model_config import ModelConfig, TensorSpec
 
 EXCLUSIVE_PARAMETER = "tensorfleet.exclusive"
 

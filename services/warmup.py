@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .backends.base import Backend
-from .repository.model_config import ModelConfig
+from .model_config import ModelConfig
 from .validation import example_inputs
 
 log = logging.getLogger("tensorfleet.warmup")

@@ -159,6 +159,9 @@ def _private(name: str) -> bool:
 class Report:
     direction: list[str] = field(default_factory=list)
     cycles: list[list[str]] = field(default_factory=list)
+    #: Cycles closed only by imports under `if TYPE_CHECKING:` (two modules that know each other's
+    #: types: one of them should depend on a protocol instead).
+    type_cycles: list[list[str]] = field(default_factory=list)
     private: list[str] = field(default_factory=list)
     unlayered: list[str] = field(default_factory=list)
 
@@ -172,6 +175,7 @@ def check(
     """Direction, cycles and private names over every module of `package`."""
     report = Report()
     graph: dict[str, set[str]] = {module: set() for module in package.modules}
+    typed: dict[str, set[str]] = {module: set() for module in package.modules}  # with type-only imports
     for module, path in sorted(package.modules.items()):
         source_layer = layer_of(module, layers)
         if source_layer is None:
@@ -184,8 +188,10 @@ def check(
                 report.unlayered.append(item.target)
             elif target_layer != source_layer and target_layer not in may_import.get(source_layer, set()):
                 report.direction.append(f"{where}: layer {source_layer} may not import layer {target_layer}")
-            if item.target in graph and item.target != module and not item.type_only:
-                graph[module].add(item.target)
+            if item.target in graph and item.target != module:
+                typed[module].add(item.target)
+                if not item.type_only:
+                    graph[module].add(item.target)
             for name in item.names:
                 if _private(name):
                     report.private.append(f"{module}:{item.line} imports private {name} from {item.target}")
@@ -193,6 +199,8 @@ def check(
                 report.private.append(f"{where}: a private module")
         report.private.extend(_private_attributes(module, path, package, root))
     report.cycles = _cycles(graph)
+    runtime = {frozenset(cycle) for cycle in report.cycles}
+    report.type_cycles = [cycle for cycle in _cycles(typed) if frozenset(cycle) not in runtime]
     return report
 
 

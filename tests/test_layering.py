@@ -90,6 +90,12 @@ def test_no_import_cycles(report) -> None:
     assert [sorted(c) for c in KNOWN_CYCLES - found] == [], "fixed or shrunk: update KNOWN_CYCLES"
 
 
+def test_no_type_only_cycles(report) -> None:
+    """Imports under TYPE_CHECKING never run, but two modules that name each other's types are
+    still one unit: one of them should depend on a small protocol instead."""
+    assert report.type_cycles == []
+
+
 def test_no_private_names_cross_modules(report) -> None:
     found = {re.sub(r":\d+ ", " ", line, count=1) for line in report.private}  # without line numbers
     assert found - KNOWN_PRIVATE == set(), "new private imports"
@@ -137,7 +143,7 @@ PLANTED = {
     "services/c.py": "import planted.services.a as a\nvalue = a._hidden\n",
     "services/d.py": "from .a import _helper\n",
     "services/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .f import F\n",
-    "services/f.py": "from .e import thing  # with e's type-only import: no cycle\nclass F: ...\n",
+    "services/f.py": "from .e import thing  # with e's type-only import: a type-only cycle\nclass F: ...\n",
     "client/typed.py": "import typing\nif typing.TYPE_CHECKING:\n    from planted.services import e  # still a direction violation\n",
     "coordinator/__init__.py": "",
     "coordinator/job.py": "from planted.client import api\nfrom planted.services import b\n",
@@ -165,6 +171,7 @@ def test_planted_violations_are_each_reported(planted: Package) -> None:
         in direction
     assert len(report.direction) == 4  # the allowed imports (core->protos, client->core, ...) pass
     assert report.cycles == [["planted.services.a", "planted.services.b"]]
+    assert report.type_cycles == [["planted.services.e", "planted.services.f"]]
     private = "\n".join(report.private)
     assert "planted.services.d:1 imports private _helper from planted.services.a" in private
     assert "planted.services.c:2 reads private planted.services.a._hidden" in private
@@ -173,11 +180,12 @@ def test_planted_violations_are_each_reported(planted: Package) -> None:
 
 def test_a_clean_planted_tree_passes(planted: Package, tmp_path: Path) -> None:
     for relative in ("core/codec.py", "services/server.py", "services/b.py", "services/c.py",
-                     "services/d.py", "coordinator/job.py", "client/typed.py"):
+                     "services/d.py", "services/f.py", "coordinator/job.py", "client/typed.py"):
         (tmp_path / relative).write_text("")
     report = check(Package.from_dirs({f"planted.{n}": tmp_path / n for n in MAY_IMPORT}), "planted",
                    PLANTED_LAYERS, MAY_IMPORT)
-    assert (report.direction, report.cycles, report.private, report.unlayered) == ([], [], [], [])
+    assert (report.direction, report.cycles, report.type_cycles, report.private, report.unlayered) == \
+        ([], [], [], [], [])
 
 
 def test_an_unlisted_module_folder_is_reported(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `tensorfleet` command: run, status, schema, serve; the coordinator service and its clients.
+"""The `tensorfleet` command: parse (the subcommands are the table in commands.py) and run.
 
 Every `--some-option` can also be set by the environment variable TENSORFLEET_SOME_OPTION
 (see apply_environment); a value on the command line wins.
@@ -9,8 +9,9 @@ other subcommands (slurm, top, the coordinator service) and so never import them
 command imports only what it uses (tests/coordinator/test_lazy_imports.py guards this), with
 the cyclic garbage collector paused until those imports are done (see _started).
 
-Exit codes: 0 every row done, 1 some rows failed (see the errors table), 2 fatal (bad spec,
-unreadable input, no server reachable, ...), always with a message that says what to fix.
+Exit codes (tensorfleet/core/exit_codes.py): 0 every row done, 1 some rows failed (see the errors
+table), 2 fatal (bad spec, unreadable input, no server reachable, ...), always with a message that
+says what to fix.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
+from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK, EXIT_ROWS_FAILED
 
+from .commands import CORE_COMMANDS, SERVER_COMMANDS, add_commands
 
-#: Subcommands defined in this module: with one of them first on the command line the parser
-#: leaves out the others (slurm, top, the coordinator service), whose modules cost start-up time.
-CORE_COMMANDS = frozenset({"run", "status", "schema"})
+__all__ = ["CORE_COMMANDS", "EXIT_FATAL", "EXIT_OK", "EXIT_ROWS_FAILED", "SERVER_COMMANDS", "main"]
 
 
 def _parser(full: bool = True) -> argparse.ArgumentParser:
@@ -37,47 +37,7 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     name, which the other subcommands cannot change (the top-level parser has no options of its own)."""
     parser = argparse.ArgumentParser(prog="tensorfleet", description="Batch inference over a fleet of model servers.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run a job file: shard, infer, checkpoint, merge")
-    run.add_argument("job", type=Path, help="job file (YAML); see `tensorfleet schema`")
-    run.add_argument("--job-dir", type=Path, help="checkpoint folder (default: job_dir in the spec, else <output>.tfjob)")
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true",
-                      help="continue the job in the job folder (what no flag does; kept for old scripts)")
-    mode.add_argument("--restart", action="store_true", help="discard the job folder and start over")
-    mode.add_argument("--retry-failed", action="store_true",
-                      help="continue the job (as --resume) and compute again the chunks holding failed rows")
-    run.add_argument("--dry-run", action="store_true", help="print the plan; compute and write nothing")
-    run.add_argument("--limit", type=int, help="only the first N rows (a smoke test; separate output and folder)")
-    run.add_argument("--servers", help="comma-separated host:port list; replaces every model's servers/local "
-                     "(the servers must serve every model the job uses)")
-    run.add_argument("--models", help="models x sources jobs: comma-separated names of the models to run")
-    run.add_argument("-v", "--verbose", action="store_true", help="log server events")
-
-    status = sub.add_parser("status", help="progress of a job of any kind, from its (top) folder")
-    status.add_argument("job_dir", type=Path)
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
-
-    sub.add_parser("schema", help="print the job file's JSON schema")
-
-    serve = sub.add_parser("serve", help="run a model server (python -m tensorfleet.services ...)", add_help=False)
-    serve.add_argument("args", nargs=argparse.REMAINDER)
-    doctor = sub.add_parser("doctor", help="check versions, devices, model repository and ports", add_help=False)
-    doctor.add_argument("args", nargs=argparse.REMAINDER)
-
-    if full:
-        from ..fleet.slurm import add_subcommand as add_slurm
-
-        add_slurm(sub)
-        from ..service.top import add_subcommand as add_top
-
-        add_top(sub)
-        from .service_cli import add_subcommands as add_service_commands
-
-        add_service_commands(sub)
-        from .embed_cli import add_subcommand as add_embed
-
-        add_embed(sub)
+    add_commands(sub, full)
     apply_environment(parser)
     return parser
 
@@ -106,11 +66,6 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str] |
         else:
             action.default = action.type(value) if callable(action.type) else value
         action.required = False
-
-
-#: Subcommands that belong to the server side: the process is handed over to them, so the
-#: coordinator never imports `tensorfleet.services`.
-SERVER_COMMANDS = {"serve": "tensorfleet.services", "doctor": "tensorfleet.services.doctor"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_FATAL = 2
+from tensorfleet.core.exit_codes import EXIT_FATAL
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL, EXIT_OK
+
 from ..service.client_options import DEFAULT_COORDINATOR, connection_args, connection_options
 
 MAX_MESSAGE_MB = int(os.environ.get("TENSORFLEET_MAX_MESSAGE_MB", "512"))
-EXIT_OK, EXIT_FATAL = 0, 2
-EXIT_CRASH = 3  # a job's engine crashed (workflows/run_command.py)
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
     connection_args(parser)
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_coordinator(sub: argparse._SubParsersAction) -> None:
     coordinator = sub.add_parser("coordinator", help="the coordinator service")
     coordinator_sub = coordinator.add_subparsers(dest="coordinator_command", required=True)
     serve = coordinator_sub.add_parser("serve", help="run the coordinator service (jobs over gRPC)")
@@ -84,6 +84,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(handler=_serve)
 
+
+def add_submit(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="submit a job file to the coordinator service")
     submit.add_argument("job", type=Path, help="job file (YAML or JSON); relative paths resolve against its folder")
     submit.add_argument("--wait", action="store_true", help="follow the job; exit with its exit code")
@@ -92,25 +94,40 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _client_args(submit)
     submit.set_defaults(handler=_submit)
 
-    for name, help_text, handler in (
-        ("watch", "follow a job's events until it finishes; exit with its exit code", _watch),
-        ("cancel", "cancel a job: dispatch stops, committed chunks are kept", _cancel),
-        ("resume", "queue a cancelled or failed job again; it continues from its manifest", _resume),
-    ):
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("job_id")
-        _client_args(command)
-        command.set_defaults(handler=handler)
 
+def _add_job_command(sub: argparse._SubParsersAction, name: str, help_text: str, handler) -> None:
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("job_id")
+    _client_args(command)
+    command.set_defaults(handler=handler)
+
+
+def add_watch(sub: argparse._SubParsersAction) -> None:
+    _add_job_command(sub, "watch", "follow a job's events until it finishes; exit with its exit code", _watch)
+
+
+def add_cancel(sub: argparse._SubParsersAction) -> None:
+    _add_job_command(sub, "cancel", "cancel a job: dispatch stops, committed chunks are kept", _cancel)
+
+
+def add_resume(sub: argparse._SubParsersAction) -> None:
+    _add_job_command(sub, "resume", "queue a cancelled or failed job again; it continues from its manifest", _resume)
+
+
+def add_jobs(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="list the coordinator's jobs")
     jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     _client_args(jobs)
     jobs.set_defaults(handler=_jobs)
 
+
+def add_servers(sub: argparse._SubParsersAction) -> None:
     servers = sub.add_parser("servers", help="the coordinator's servers: model, device, rows/s, queue depth")
     _client_args(servers)
     servers.set_defaults(handler=_servers)
 
+
+def add_infer(sub: argparse._SubParsersAction) -> None:
     infer = sub.add_parser("infer", help="one quick prediction from one server; prints JSON")
     infer.add_argument("--server", required=True, help="host:port of a model server")
     infer.add_argument("--model", required=True)

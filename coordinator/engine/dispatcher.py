@@ -17,135 +17,41 @@ import asyncio
 import heapq
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
 import numpy as np
 
-from tensorfleet.client import AsyncInferenceClient, ConnectionOptions
-from tensorfleet.client.channel import aio_channel
-from tensorfleet.client.inference_client import stream_error
-from tensorfleet.client.messages import parse_infer_response
-from tensorfleet.client.shared_memory import Lease, SharedMemorySession, same_host
-from tensorfleet.core import wire
-from tensorfleet.core.errors import DEVICE_FAILED, TensorfleetError, from_rpc_error
-from tensorfleet.protos import inference_pb2_grpc as pb_grpc
+from tensorfleet.client import ConnectionOptions
+from tensorfleet.client.shared_memory import SharedMemorySession
 
 from ..spec import PolicySpec
+from .leases import (
+    CompletedChunk,
+    DispatchFatal,
+    LeaseBook,
+    ServerLost,
+    ServerStalled,
+    ServerState,
+    Work,
+    stack_rows,
+)
 from .manifest import RowError
 from .planner import Chunk
-from .source import RequestSource, RowsRejected
+from .server_stream import VERIFIED_FOR_S, ServerStreams
+from .source import RequestSource
 
 log = logging.getLogger("tensorfleet.coordinator")
 
-#: Codes that say something about the server, not the rows: the server loses its leases.
-# a server the fleet check saw serving this recently skips its first probe (the plan ran in between)
-VERIFIED_FOR_S = 30.0
-
-SERVER_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.ABORTED,
-    }
-)
+__all__ = ["VERIFIED_FOR_S", "CompletedChunk", "DispatchFatal", "Dispatcher", "ServerLost", "ServerStalled",
+           "ServerState", "Work", "stack_rows"]
 
 
-class ServerLost(Exception):
-    """The stream to a server broke, or the server stalled."""
+class Dispatcher(LeaseBook, ServerStreams):
+    """The scheduling loop: one worker per server pulls chunks from one queue (leases.py says what a
+    lease holds and how failures are blamed; server_stream.py runs each server's stream); a
+    finished chunk goes to `commit` in one writer thread."""
 
-
-class ServerStalled(ServerLost):
-    """A request went unanswered for policy.request_timeout_s: the server is alive but stuck."""
-
-
-class DispatchFatal(Exception):
-    """The job cannot go on (no server for too long, a row failed under on_row_error: fail)."""
-
-
-@dataclass
-class CompletedChunk:
-    chunk: Chunk
-    ids: np.ndarray
-    ok: np.ndarray
-    #: Model outputs for the ok rows only, in row order.
-    outputs: dict[str, np.ndarray]
-    errors: list[RowError]
-    server: str
-
-
-@dataclass
-class Work:
-    chunk: Chunk
-    ids: np.ndarray | None = None
-    pending: deque = field(default_factory=deque)
-    inflight: int = 0
-    results: dict[int, tuple[int, dict[str, np.ndarray]]] = field(default_factory=dict)
-    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
-    losses: int = 0
-    handed_off: bool = False
-    #: The server holding the lease (it commits the chunk), and the lease's generation:
-    #: replies to requests sent before the chunk went back to the queue are ignored.
-    owner: ServerState | None = None
-    generation: int = 0
-    #: Lost more than policy.retries times: its requests now go one at a time, alone on their
-    #: server, and one in flight when its server dies is split in halves, down to the row that
-    #: kills servers, which alone fails. Results survive its losses from then on.
-    isolating: bool = False
-
-    def reset(self) -> None:
-        self.generation += 1
-        self.pending = deque(self.chunk.requests())
-        self.inflight = 0
-        self.results.clear()
-        self.errors.clear()
-
-    @property
-    def complete(self) -> bool:
-        return not self.pending and self.inflight == 0
-
-    def __lt__(self, other: Work) -> bool:
-        return self.chunk.index < other.chunk.index
-
-
-@dataclass
-class ServerState:
-    address: str
-    alive: bool = False
-    rows: int = 0
-    requests: int = 0
-    last_error: str = ""
-    leases: list[Work] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def summary(self) -> dict[str, Any]:
-        return {"address": self.address, "alive": self.alive, "rows": self.rows, "last_error": self.last_error}
-
-
-def stack_rows(arrays: list[np.ndarray]) -> np.ndarray:
-    """Concatenate replies along rows; ragged outputs (replies of different widths) are zero-padded
-    to the widest, and `output.ragged` lengths say which entries are real."""
-    widest = tuple(max(sizes) for sizes in zip(*(a.shape[1:] for a in arrays), strict=True)) if arrays else ()
-    if all(a.shape[1:] == widest for a in arrays):
-        return np.concatenate(arrays)
-    padded = []
-    for array in arrays:
-        pad = [(0, 0)] + [(0, want - have) for want, have in zip(widest, array.shape[1:], strict=True)]
-        padded.append(np.pad(array, pad))
-    return np.concatenate(padded)
-
-
-class Dispatcher:
     def __init__(
         self,
         *,
@@ -265,98 +171,13 @@ class Dispatcher:
                 return
             await asyncio.sleep(0.2)
 
-    async def _serve(self, server: ServerState) -> None:
-        delay = 0.1
-        client = AsyncInferenceClient(server.address, options=self.options, timeout=5.0, shared_memory=False)
-        channel = aio_channel(server.address, self.options)
-        try:
-            while not self._finished.is_set():
-                try:
-                    if not self._just_verified(server.address):
-                        await self._probe(client)
-                except (ServerLost, TensorfleetError, grpc.RpcError, asyncio.TimeoutError, OSError) as error:
-                    server.last_error = str(error)  # not serving yet (still loading) or unreachable: retry
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                delay = 0.1
-                server.alive, server.last_error = True, ""
-                log.info("server %s is serving", server.address)
-                try:
-                    await self._stream(server, channel)
-                except (ServerLost, grpc.RpcError, TensorfleetError, asyncio.InvalidStateError) as error:
-                    # InvalidStateError: the stream ended (connection reset) while a request was written
-                    server.last_error = str(error) or type(error).__name__
-                    log.warning("server %s lost: %s", server.address, server.last_error)
-                    if isinstance(error, ServerStalled) and self._on_stall is not None:
-                        self._on_stall(server.address)  # stuck on a batch: only a new process frees it
-                finally:
-                    server.alive = False
-                    self._return_leases(server)
-        finally:
-            session = self._sessions.pop(server.address, None)
-            if session is not None:
-                await session.aclose()
-            await client.close()
-            await channel.close()
 
-    def _just_verified(self, address: str) -> bool:
-        """True once, for a server the fleet check saw serving within VERIFIED_FOR_S."""
-        checked = self._verified.pop(address, None)
-        return checked is not None and time.monotonic() - checked < VERIFIED_FOR_S
 
-    async def _probe(self, client: AsyncInferenceClient) -> None:
-        status = await client.health()
-        if status != "SERVING":
-            raise ServerLost(f"health is {status}")
-        if not await client.is_model_ready(self.source.model, self.source.version):
-            raise ServerLost(f"model '{self.source.model}' is not ready")
 
-    def _return_leases(self, server: ServerState) -> None:
-        for work in server.leases:
-            if work.handed_off:
-                continue
-            if not work.isolating:
-                work.losses += 1
-                if work.losses > self.policy.retries:
-                    log.warning(
-                        "chunk %d was lost %d times with its server (last: %s); its requests now go one at "
-                        "a time to find the row that kills servers", work.chunk.index, work.losses, server.last_error,
-                    )
-                    work.isolating = True
-                work.reset()
-            # isolating: what was in flight was split or failed when the stream ended (_isolate)
-            heapq.heappush(self._queue, work)
-            self._commit_slots.release()
-        server.leases = []
-        self._notify()
 
-    def _isolate(self, server: ServerState, inflight: dict) -> None:
-        """A stream ended with requests of isolating chunks unanswered: each was alone on the
-        server, so it holds the row that killed it. Halve it; a single row fails."""
-        for request_id, (work, start, stop, _, generation) in list(inflight.items()):
-            if not work.isolating or generation != work.generation or work.handed_off or work.owner is not server:
-                continue
-            del inflight[request_id]
-            work.inflight -= 1
-            self._blame(server, work, start, stop)
 
-    def _blame(self, server: ServerState, work: Work, start: int, stop: int) -> None:
-        """An isolating chunk's request was alone on a server that died, stalled or lost its
-        device under it: halve it, or fail its one row."""
-        if stop - start > 1:
-            middle = (start + stop) // 2
-            work.pending.appendleft((middle, stop))
-            work.pending.appendleft((start, middle))
-            return
-        self._row_failure(
-            work, start, stop, "UNAVAILABLE",
-            f"the server died with this row alone in flight, after chunk {work.chunk.index} was lost "
-            f"{work.losses} times; the row crashes or hangs the model",
-        )
-        self._hand_off_if_complete(work, server)
 
-    # --- one stream ------------------------------------------------------------------------
+    # --- the next request: a leased chunk's, a new lease, or one taken from another server ---------
     async def _next_request(self, server: ServerState, busy: int) -> tuple[Work, int, int] | None:
         """The next request for this server's stream, which has `busy` requests in flight."""
         isolating = next((work for work in server.leases if work.isolating and not work.handed_off), None)
@@ -407,172 +228,6 @@ class Dispatcher:
                     work.inflight += 1
                     return work, start, stop
         return None
-
-    async def _stream(self, server: ServerState, channel: grpc.aio.Channel) -> None:
-        _, stream = wire.infer_methods(channel)  # tensor buffers bypass protobuf
-        call = stream(metadata=self.options.metadata())
-        inflight: dict[str, tuple[Work, int, int, float, int]] = {}
-        loop = asyncio.get_running_loop()
-        shm = self._shared_memory(server, channel)
-        if shm is not None:
-            shm.reset()  # a new stream may be to a restarted server: register the slots again
-        leases: dict[str, Lease] = {}
-
-        async def receive() -> None:
-            async for reply in call:
-                if leases:
-                    reply = shm.claim(leases, reply)
-                await self._on_reply(server, inflight, reply)
-                server.wake.set()
-            raise ServerLost("the server closed the stream")
-
-        receiver = asyncio.create_task(receive())
-        serial = 0
-        try:
-            for request in self.source.preamble():  # e.g. the job's prompt, once per stream
-                await call.write(request)
-            while True:
-                server.wake.clear()
-                if receiver.done():
-                    receiver.result()
-                if self._finished.is_set() and not inflight:
-                    break
-                if inflight:
-                    oldest = min(entry[3] for entry in inflight.values())
-                    if time.monotonic() - oldest > self.policy.request_timeout_s:
-                        raise ServerStalled(f"no answer for {self.policy.request_timeout_s:.0f}s (stalled)")
-                if len(inflight) < self.policy.window and not self._finished.is_set():
-                    item = await self._next_request(server, len(inflight))
-                    if item is not None:
-                        work, start, stop = item
-                        serial += 1
-                        request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
-                        try:
-                            request = await loop.run_in_executor(
-                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop),
-                                (work.chunk.start, work.chunk.stop),
-                            )
-                        except RowsRejected as rejected:
-                            self._reject(server, work, start, stop, rejected.errors)
-                            continue
-                        if shm is not None:
-                            request, lease = await shm.asend(request, self.source.outputs or ())
-                            if lease is not None:
-                                leases[request_id] = lease
-                        inflight[request_id] = (work, start, stop, time.monotonic(), work.generation)
-                        server.requests += 1
-                        await call.write(request)
-                        continue
-                waiter = asyncio.ensure_future(server.wake.wait())
-                await asyncio.wait([waiter, receiver], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-            await call.done_writing()
-        finally:
-            self._isolate(server, inflight)
-            self._give_back_taken(server, inflight)
-            receiver.cancel()
-            call.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
-            if shm is not None:
-                for lease in leases.values():
-                    shm.abandon(lease)
-
-    def _shared_memory(self, server: ServerState, channel: grpc.aio.Channel) -> SharedMemorySession | None:
-        """One session per server on this host, kept across its streams (client/shared_memory.py)."""
-        if not self.policy.shared_memory or not same_host(server.address):
-            return None
-        session = self._sessions.get(server.address)
-        if session is None:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            metadata = self.options.metadata()
-
-            async def rpc(method: str, request: object) -> object:
-                try:
-                    return await getattr(stub, method)(request, metadata=metadata, timeout=30.0)
-                except grpc.RpcError as error:
-                    raise from_rpc_error(error) from None
-
-            session = self._sessions[server.address] = SharedMemorySession(rpc)
-        return session
-
-    def _give_back_taken(self, server: ServerState, inflight: dict) -> None:
-        """Requests this stream took from other servers' chunks go back to those chunks."""
-        for work, start, stop, _, generation in inflight.values():
-            if work.owner is not server and generation == work.generation and not work.handed_off:
-                work.inflight -= 1
-                work.pending.appendleft((start, stop))
-        inflight.clear()
-        self._notify()
-
-    async def _on_reply(self, server: ServerState, inflight: dict, reply: wire.StreamResponse) -> None:
-        entry = inflight.pop(reply.response.message.id, None)
-        if entry is None:
-            if reply.error_message:
-                raise ServerLost(f"stream error: {reply.error_message}")
-            return
-        work, start, stop, _, generation = entry
-        if generation != work.generation or work.handed_off:
-            return  # the chunk went back to the queue after this was sent
-        work.inflight -= 1
-        if reply.error_message:
-            error = stream_error(reply.error_message)
-            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                work.pending.appendleft((start, stop))
-                await asyncio.sleep(0.05)
-                return
-            if error.code in SERVER_CODES:
-                if work.isolating and DEVICE_FAILED in error.message:  # alone on it: it broke the device
-                    self._blame(server, work, start, stop)
-                else:
-                    work.pending.appendleft((start, stop))
-                raise ServerLost(reply.error_message)
-            self._row_failure(work, start, stop, error.code.name, error.message)
-        else:
-            outputs = parse_infer_response(reply.response)
-            bad = [name for name, value in outputs.items() if len(value) != stop - start]
-            if bad:
-                self._row_failure(work, start, stop, "INTERNAL", f"outputs {bad} do not have {stop - start} rows")
-            else:
-                work.results[start] = (stop, outputs)
-                server.rows += stop - start
-        self._hand_off_if_complete(work, server)
-
-    def _hand_off_if_complete(self, work: Work, server: ServerState) -> None:
-        if work.complete and not work.handed_off:
-            owner = work.owner or server
-            if work in owner.leases:
-                owner.leases.remove(work)
-            self._hand_off(work, owner)
-            owner.wake.set()
-
-    def _reject(self, server: ServerState, work: Work, start: int, stop: int, errors: dict[int, str]) -> None:
-        """Rows the reader refused fail alone, unsent; the runs of good rows between them go back."""
-        work.inflight -= 1
-        runs: list[tuple[int, int]] = []
-        run_start = start
-        for position in range(start, stop):
-            if position - start in errors:
-                if run_start < position:
-                    runs.append((run_start, position))
-                run_start = position + 1
-                self._row_failure(work, position, position + 1, "INVALID_ARGUMENT", errors[position - start])
-        if run_start < stop:
-            runs.append((run_start, stop))
-        for run in reversed(runs):
-            work.pending.appendleft(run)
-        self._hand_off_if_complete(work, server)
-
-    def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None:
-        if stop - start > 1:
-            middle = (start + stop) // 2
-            work.pending.appendleft((middle, stop))
-            work.pending.appendleft((start, middle))
-            return
-        if self.policy.on_row_error == "fail":
-            row = work.chunk.row_of(start)
-            where = self.source.describe_row(row, str(work.ids[row - work.chunk.start])) if work.ids is not None else f"row {row}"
-            self._fail(DispatchFatal(f"{where} failed: {code}: {message} (policy.on_row_error is 'fail')"))
-        work.errors[start] = (code, message)
 
     # --- hand-off to the writer thread ------------------------------------------------------
     def _hand_off(self, work: Work, server: ServerState) -> None:

@@ -7,7 +7,6 @@ the input's ids (by digest), so every id appears exactly once. Memory is one chu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ..io.writers import Column, Ragged, WriteContext, open_writer
 from ..io.writers.base import writer_class
 from ..spec import InputSpec, OutputSpec
 from .manifest import Manifest
-from .planner import Chunk
+from .planner import Chunk, IdsDigest
 
 
 class MergeError(Exception):
@@ -107,98 +106,52 @@ def _output_of(part: Any, name: str, ok: np.ndarray, column: Column, lengths: bo
     return np.zeros((0, 0, *column.row_shape) if column.lengths_from else (0, *column.row_shape), dtype=column.dtype)
 
 
-def merge(
-    *,
-    job_dir: Path,
-    manifest: Manifest,
-    chunks: list[Chunk],
-    rows: int,
-    ids_digest: str,
-    output: OutputSpec,
-    input_spec: InputSpec,
-    provenance: dict[str, Any],
-    limit: int | None,
-    final_path: Path,
-    declared_outputs: dict[str, tuple[str, tuple[int, ...]]],
-    input_columns: list[Column] = (),  # type: ignore[assignment]
-    input_values: Callable[[int, int], dict[str, np.ndarray]] | None = None,
-) -> MergeResult:
-    """`input_columns` are per-row fields the input view adds (e.g. `truncated`), read for each
-    chunk's rows with `input_values(start, stop)` and stored after the model's outputs."""
-    done = manifest.done_chunks()
-    missing = [chunk.index for chunk in chunks if chunk.index not in done]
-    if missing:
-        raise MergeError(f"{len(missing)} chunks are not done (first: {missing[:5]})")
-    covered = sum(chunk.rows for chunk in chunks)
-    if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
-        raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
-    errors = manifest.errors()
-    columns = [*_columns(job_dir, manifest, chunks, output, declared_outputs), *input_columns]
-    from_input = {column.name for column in input_columns}
-    # the folder is checked and held open now: everything below writes through it (output_files.py)
-    with OutputFolder(final_path.parent) as folder:
-        folder.check_replaceable(final_path.name)  # before any work: never replace a file we did not write
-        return _merge_into(folder, job_dir, manifest, chunks, rows, ids_digest, output, input_spec, provenance, limit,
-                           final_path, errors, columns, from_input, input_values)
+@dataclass(frozen=True)
+class MergeInputs:
+    """What the merge needs beside the manifest (which holds the chunks, rows, ids digest and the
+    model's declared outputs)."""
+
+    job_dir: Path
+    output: OutputSpec
+    input_spec: InputSpec
+    provenance: dict[str, Any]
+    limit: int | None
+    final_path: Path
+    #: Per-row fields the input view adds (e.g. `truncated`), read for each chunk's rows with
+    #: `input_values(start, stop)` and stored after the model's outputs.
+    input_columns: tuple[Column, ...] = ()
+    input_values: Callable[[int, int], dict[str, np.ndarray]] | None = None
 
 
-def _merge_into(
-    folder: OutputFolder, job_dir: Path, manifest: Manifest, chunks: list[Chunk], rows: int, ids_digest: str,
-    output: OutputSpec, input_spec: InputSpec, provenance: dict[str, Any], limit: int | None, final_path: Path,
-    errors: list, columns: list[Column], from_input: set[str],
-    input_values: Callable[[int, int], dict[str, np.ndarray]] | None,
-) -> MergeResult:
-    temp = folder.at(temp_path_for(final_path).name)
-    with contextlib.suppress(FileNotFoundError):
-        temp.unlink()
-    context = WriteContext(
-        spec=output, input=input_spec, temp_path=temp, columns=columns, rows=rows,
-        provenance={**provenance, "rows": rows, "rows_failed": len(errors)}, errors=errors, limit=limit,
-    )
-    writer = open_writer(context)
-    digest = hashlib.blake2b(digest_size=16)
-    error_by_row = {e.row: f"{e.code}: {e.message}" for e in errors}
-    try:
-        for chunk in chunks:
-            with open_part(job_dir, manifest.part_of(chunk.index)) as part:
-                ids = part.strings("ids")
-                ok = np.array(part.array("ok"), dtype=bool)
-                if len(ids) != chunk.rows or len(ok) != chunk.rows:
-                    raise MergeError(f"chunk {chunk.index} holds {len(ids)} rows, planned {chunk.rows}")
-                for value in ids:
-                    encoded = value.encode()
-                    digest.update(len(encoded).to_bytes(4, "little") + encoded)
-                arrays = input_values(chunk.start, chunk.stop) if input_values and from_input else {}
-                for column in columns:
-                    if column.name in from_input:
-                        continue
-                    values = _output_of(part, column.source, ok, column)
-                    if column.lengths_from:
-                        lengths = _output_of(part, column.lengths_from, ok, column, lengths=True)
-                        arrays[column.name] = _ragged(values, lengths, ok, column, chunk)
-                        continue
-                    full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
-                    if column.dtype.kind == "f":
-                        full[~ok] = np.nan
-                    elif column.dtype.hasobject:  # BYTES: a failed row holds b"", not the integer 0
-                        full[...] = b""
-                    full[ok] = values
-                    arrays[column.name] = full
-                    del values
-                error = np.full(chunk.rows, "", dtype=object)
-                for offset in np.nonzero(~ok)[0]:
-                    error[offset] = error_by_row.get(chunk.start + int(offset), "UNKNOWN: no error recorded")
-                writer.write(chunk.start, ids, arrays, ok, error)
-                del arrays, ok
-                crash_point("merge")
-        if digest.hexdigest() != ids_digest:
-            raise MergeError("the ids in the parts differ from the input's ids; rerun with --restart")
-        side_files = writer.finish()
-    except BaseException:
-        writer.abort()
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
+def _chunk_arrays(
+    part: Any, chunk: Chunk, ok: np.ndarray, columns: list[Column], from_input: set[str], inputs: MergeInputs
+) -> dict[str, Any]:
+    """One chunk's stored columns: the model's outputs for its ok rows (NaN, zero or b"" elsewhere),
+    ragged ones packed, and the input view's columns."""
+    arrays = inputs.input_values(chunk.start, chunk.stop) if inputs.input_values and from_input else {}
+    for column in columns:
+        if column.name in from_input:
+            continue
+        values = _output_of(part, column.source, ok, column)
+        if column.lengths_from:
+            lengths = _output_of(part, column.lengths_from, ok, column, lengths=True)
+            arrays[column.name] = _ragged(values, lengths, ok, column, chunk)
+            continue
+        full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
+        if column.dtype.kind == "f":
+            full[~ok] = np.nan
+        elif column.dtype.hasobject:  # BYTES: a failed row holds b"", not the integer 0
+            full[...] = b""
+        full[ok] = values
+        arrays[column.name] = full
+        del values
+    return arrays
+
+
+def _place(folder: OutputFolder, temp: Path, side_files: list[Path], final_path: Path,
+           output: OutputSpec) -> list[Path]:
+    """fsync, then rename the side files and the output to their final names (through the folder
+    held open, output_files.py); the side files."""
     for path in [temp, *side_files]:
         with open(path, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -213,4 +166,66 @@ def _merge_into(
             folder.unlink_owned(stale.name)
     folder.replace(temp.name, final_path.name)
     folder.fsync()
+    return finals
+
+
+def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
+    """The committed parts of `manifest`'s plan, in input order, into inputs.final_path."""
+    chunks = manifest.chunks()
+    rows = manifest.counts()["rows"]
+    declared = {k: (v[0], tuple(v[1])) for k, v in (manifest.meta("outputs") or {}).items()}
+    done = manifest.done_chunks()
+    missing = [chunk.index for chunk in chunks if chunk.index not in done]
+    if missing:
+        raise MergeError(f"{len(missing)} chunks are not done (first: {missing[:5]})")
+    covered = sum(chunk.rows for chunk in chunks)
+    if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
+        raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
+    columns = [*_columns(inputs.job_dir, manifest, chunks, inputs.output, declared), *inputs.input_columns]
+    # the folder is checked and held open now: everything below writes through it (output_files.py)
+    with OutputFolder(inputs.final_path.parent) as folder:
+        folder.check_replaceable(inputs.final_path.name)  # before any work: never replace a file we did not write
+        return _merge_into(folder, manifest, inputs, chunks, rows, columns)
+
+
+def _merge_into(folder: OutputFolder, manifest: Manifest, inputs: MergeInputs, chunks: list[Chunk], rows: int,
+                columns: list[Column]) -> MergeResult:
+    job_dir, final_path = inputs.job_dir, inputs.final_path
+    errors = manifest.errors()
+    from_input = {column.name for column in inputs.input_columns}
+    temp = folder.at(temp_path_for(final_path).name)
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()
+    context = WriteContext(
+        spec=inputs.output, input=inputs.input_spec, temp_path=temp, columns=columns, rows=rows,
+        provenance={**inputs.provenance, "rows": rows, "rows_failed": len(errors)}, errors=errors, limit=inputs.limit,
+    )
+    writer = open_writer(context)
+    digest = IdsDigest()
+    error_by_row = {e.row: f"{e.code}: {e.message}" for e in errors}
+    try:
+        for chunk in chunks:
+            with open_part(job_dir, manifest.part_of(chunk.index)) as part:
+                ids = part.strings("ids")
+                ok = np.array(part.array("ok"), dtype=bool)
+                if len(ids) != chunk.rows or len(ok) != chunk.rows:
+                    raise MergeError(f"chunk {chunk.index} holds {len(ids)} rows, planned {chunk.rows}")
+                for value in ids:
+                    digest.add(value)
+                arrays = _chunk_arrays(part, chunk, ok, columns, from_input, inputs)
+                error = np.full(chunk.rows, "", dtype=object)
+                for offset in np.nonzero(~ok)[0]:
+                    error[offset] = error_by_row.get(chunk.start + int(offset), "UNKNOWN: no error recorded")
+                writer.write(chunk.start, ids, arrays, ok, error)
+                del arrays, ok
+                crash_point("merge")
+        if digest.hexdigest() != manifest.plan_settings()["ids_digest"]:
+            raise MergeError("the ids in the parts differ from the input's ids; rerun with --restart")
+        side_files = writer.finish()
+    except BaseException:
+        writer.abort()
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    finals = _place(folder, temp, side_files, final_path, inputs.output)
     return MergeResult(final_path, rows, len(errors), columns, finals)

@@ -77,7 +77,59 @@ class InputFingerprint:
     sha256: str
 
 
-@dataclass
+class IdsDigest:
+    """The digest of a run's ids, in order: the plan scans it from the input and the merge from the
+    parts, and they must agree byte for byte, so both use this one definition (blake2b-128 over
+    each id as its UTF-8 length, 4 bytes little-endian, then its bytes)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def add(self, value: str) -> bytes:
+        """Add one id; its UTF-8 bytes."""
+        encoded = value.encode()
+        self._hash.update(len(encoded).to_bytes(4, "little") + encoded)
+        return encoded
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a run is planned with; the same for a fresh run and its resume (plan_phase.plan_settings).
+
+    A resume may reuse committed chunks only when these match what the manifest recorded."""
+
+    rows: int
+    batch_rows: int
+    token_budget: int | None
+    chunk_rows: int
+    limit: int | None
+    fields: dict[str, str]
+    #: The job's model.parameters: they change the results, so a resume must keep them.
+    parameters: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The settings as the manifest stores them (beside the plan's ids digest)."""
+        extra = {"model_parameters": dict(sorted(self.parameters.items()))} if self.parameters else {}
+        return {
+            **extra,
+            "rows": self.rows,
+            "batch_rows": self.batch_rows,
+            "token_budget": self.token_budget,
+            "chunk_rows": self.chunk_rows,
+            "limit": self.limit,
+            "fields": dict(sorted(self.fields.items())),
+            "request_order": "length-sorted within chunks" if self.token_budget else "input",
+        }
+
+
+#: What the manifest's plan record holds beyond PlanSettings: made by planning, not asked for.
+PLAN_PRODUCTS = frozenset({"ids_digest"})
+
+
+@dataclass(frozen=True)
 class Plan:
     rows: int
     batch_rows: int
@@ -91,20 +143,13 @@ class Plan:
     #: The job's model.parameters: they change the results, so a resume must keep them.
     parameters: dict = field(default_factory=dict)
 
+    def planned_with(self) -> PlanSettings:
+        return PlanSettings(self.rows, self.batch_rows, self.token_budget, self.chunk_rows, self.limit,
+                            dict(self.fields), dict(self.parameters))
+
     def settings(self) -> dict:
-        """What must match for a resume to reuse committed chunks."""
-        extra = {"model_parameters": dict(sorted(self.parameters.items()))} if self.parameters else {}
-        return {
-            **extra,
-            "rows": self.rows,
-            "batch_rows": self.batch_rows,
-            "token_budget": self.token_budget,
-            "chunk_rows": self.chunk_rows,
-            "limit": self.limit,
-            "fields": dict(sorted(self.fields.items())),
-            "ids_digest": self.ids_digest,
-            "request_order": "length-sorted within chunks" if self.token_budget else "input",
-        }
+        """What the manifest records: the settings, and the ids digest (the merge checks it)."""
+        return {**self.planned_with().as_dict(), "ids_digest": self.ids_digest}
 
     def describe(self) -> str:
         requests = sum(len(chunk.bounds) - 1 for chunk in self.chunks)
@@ -148,14 +193,13 @@ def fingerprint(path: Path | str) -> InputFingerprint:
 
 def scan_ids(reader: Reader, rows: int) -> str:
     """Digest of the ids in order; PlanError naming the repeats if any id occurs twice."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = IdsDigest()
     hashes = np.empty(rows, dtype=np.uint64)
     for start in range(0, rows, _ID_BLOCK):
         stop = min(start + _ID_BLOCK, rows)
         ids = reader.ids(start, stop)
         for offset, value in enumerate(ids):
-            encoded = value.encode()
-            digest.update(len(encoded).to_bytes(4, "little") + encoded)
+            encoded = digest.add(value)
             hashes[start + offset] = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")
     order = np.argsort(hashes, kind="stable")
     sorted_hashes = hashes[order]
@@ -230,6 +274,7 @@ def make_plan(
     token_budget: int | None = None,
     limit: int | None = None,
     input_paths: list[str] | None = None,
+    parameters: dict | None = None,
 ) -> Plan:
     """Scan ids and (for token budgets) lengths, and cut the rows into requests and chunks."""
     rows = reader.num_rows if limit is None else min(limit, reader.num_rows)
@@ -256,4 +301,5 @@ def make_plan(
         ids_digest=ids_digest,
         inputs=[fingerprint(path) for path in (input_paths or [reader.spec.path])],
         chunks=chunks,
+        parameters=dict(parameters or {}),
     )

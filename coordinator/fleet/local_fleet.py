@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tensorfleet.core.process import (
@@ -25,8 +26,17 @@ from tensorfleet.core.process import (
     stop_processes,
     wait_for_port_files,
 )
+from tensorfleet.core.supervisor import RestartOnPort
 
 log = logging.getLogger("tensorfleet.coordinator")
+
+
+def _on_port(command: list[str] | None, port: int) -> list[str]:
+    """A local server's command with the port it had (a restart keeps its address)."""
+    assert command is not None
+    command = [*command]
+    command[command.index("--port") + 1] = str(port)
+    return command
 
 #: How often the supervisor looks for servers that died.
 SUPERVISE_EVERY_S = 0.5
@@ -43,9 +53,14 @@ class LocalServer:
     log_path: Path
     port: int | None = None
     command: list[str] | None = None
-    restarts: int = 0
+    #: The restart budget and relaunch on its port (core/supervisor.py), once it served.
+    keeper: RestartOnPort | None = None
     #: No more restarts: the budget is spent, or it died again while loading.
     given_up: bool = False
+
+    @property
+    def restarts(self) -> int:
+        return self.keeper.restarts if self.keeper is not None else 0
 
     @property
     def address(self) -> str:
@@ -159,6 +174,10 @@ class LocalFleet:
             raise LocalFleetError(str(error)) from None
         for server, port in zip(self.servers, ports, strict=True):
             server.port = port
+            server.keeper = RestartOnPort(
+                partial(_on_port, server.command), server.port_file, server.log_path, self.max_restarts, timeout,
+                what="local server", port=port,
+            )
         self._write_pids()
         if self.max_restarts:
             self._supervisor = threading.Thread(
@@ -199,7 +218,7 @@ class LocalFleet:
                     continue
                 if server.given_up:
                     continue
-                if server.restarts >= self.max_restarts:
+                if server.keeper is None or server.keeper.spent:
                     server.given_up = True
                     log.error("local server %d (pid %d, %s) exited with code %s; model.local.max_restarts (%d) is "
                               "spent, so it stays down: its log is %s", index, server.process.pid, server.address,
@@ -208,23 +227,20 @@ class LocalFleet:
                 self._restart(index, server, code, timeout)
 
     def _restart(self, index: int, server: LocalServer, code: int, timeout: float) -> None:
-        server.restarts += 1
+        assert server.keeper is not None
+        server.keeper.count()
         log.warning(
             "local server %d (pid %d, %s) exited with code %s; starting it again on port %s (%d of %d)%s",
             index, server.process.pid, server.address, code, server.port, server.restarts, self.max_restarts,
             "" if server.restarts < self.max_restarts else ": the last restart model.local.max_restarts allows",
         )
-        assert server.command is not None and server.port is not None
-        command = [*server.command]
-        command[command.index("--port") + 1] = str(server.port)
-        server.port_file.unlink(missing_ok=True)
         with self._lock:
             if self._stopping.is_set():
                 return
-            server.process = self._start(command, server.log_path, append=True)
+            server.process = server.keeper.relaunch(new_session=True, tie_to_parent=not self.launcher, append=True)  # as _start
             self._write_pids()
         try:
-            wait_for_port_files([(server.process, server.port_file, server.log_path)], timeout, what="local server")
+            server.keeper.wait_serving(server.process)
         except ProcessStartError as error:
             if self._stopping.is_set():
                 return  # stopped with the fleet, not dead of itself

@@ -7,39 +7,36 @@ every server's gRPC health and runs `tensorfleet run JOB --servers <hostfile>`; 
 are stopped. Steps share the allocation with `srun --overlap`: without it the coordinator step
 would wait for CPUs the servers hold, silently, forever.
 
-The same module holds the two helpers those steps run:
-`python -m tensorfleet.coordinator.fleet.slurm serve-task` and `... wait-healthy`.
+The two helpers those steps run, `python -m tensorfleet.coordinator.fleet.slurm serve-task` and
+`... wait-healthy`, are in slurm_steps.py; main() here is their entry point.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from tensorfleet.core.auth import token_from
-from tensorfleet.core.process import (
-    ProcessStartError,
-    read_port_file,
-    server_command,
-    start_process,
-    wait_for_port_file,
+from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
+
+from .slurm_steps import (
+    MAX_RESTARTS,
+    RESTART_TIMEOUT_S,
+    SlurmError,
+    failed_file,
+    read_hostfile,
+    serve_task,
+    stop_file,
+    wait_healthy,
 )
 
-EXIT_OK, EXIT_FATAL = 0, 2
-
-
-class SlurmError(Exception):
-    """The job cannot be turned into a batch script or submitted; the message says why."""
+__all__ = ["MAX_RESTARTS", "RESTART_TIMEOUT_S", "SlurmError", "failed_file", "main", "read_hostfile",
+           "render_batch_script", "serve_task", "stop_file", "submit", "wait_healthy"]
 
 
 def _q(value: object) -> str:
@@ -74,6 +71,9 @@ def render_batch_script(
     container_runtime: str = "apptainer",
 ) -> str:
     """One sbatch script: `gpus` servers (CPU servers with devices='cpu'), then the job on them.
+
+    One function on purpose (over the 80-line rule): it is a template, read top to bottom in the
+    order the script runs; split, the script's lines would be spread over helpers.
 
     The model repository and extra server arguments come from the job's `model.local`
     unless given here; every path in the script is absolute, since steps run on other nodes.
@@ -295,119 +295,7 @@ def _script_dir(script: str) -> Path:
     return Path.cwd()
 
 
-# ------------------------------------------------------------------ helpers the steps run
-
-
-#: Times a serve task starts its server again after it dies while serving (a crash on a row,
-#: a failed device: exit 75); TENSORFLEET_MAX_RESTARTS overrides.
-MAX_RESTARTS = 50
-RESTART_TIMEOUT_S = 600.0
-
-
-def serve_task(hostfile: Path, server_args: list[str], host: str | None = None) -> int:
-    """Run one model server on a free port; once it is SERVING, append `host:port` to hostfile.
-
-    The server is stopped (SIGTERM: it drains, then exits) when the stop file next to the
-    hostfile appears, or when this task gets SIGTERM/SIGINT. The stop file is how the batch
-    script ends the servers gracefully: srun answers a signal by killing its tasks outright.
-    A server that dies while serving is started again on the same port (the address in the
-    hostfile stays valid and the coordinator reconnects), up to MAX_RESTARTS times.
-    """
-    host = host or os.environ.get("TENSORFLEET_SERVER_HOST") or os.environ.get("SLURMD_NODENAME") \
-        or socket.gethostname()
-    restarts_left = int(os.environ.get("TENSORFLEET_MAX_RESTARTS", MAX_RESTARTS))
-    workdir = Path(tempfile.mkdtemp(prefix="tf-slurm-task-"))
-    port_file = workdir / "port"
-    # --port 0 last: every task on a node gets a free port whatever the arguments say
-    process = start_process(server_command(*server_args, "--port", "0", port_file=port_file), None)
-
-    def forward(signum: int, frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    stop, port, stopping = stop_file(hostfile), None, False
-    try:
-        while True:
-            while process.poll() is None:
-                if port is None and (port := read_port_file(port_file)) is not None:
-                    _append_line(hostfile, f"{host}:{port}\n")
-                    print(f"tensorfleet: server {host}:{port} is serving", file=sys.stderr, flush=True)
-                if not stopping and stop.exists():
-                    stopping = True
-                    forward(signal.SIGTERM, None)
-                time.sleep(0.2)
-            if port is None:  # exited before serving: tell wait-healthy now rather than at its timeout
-                _append_line(failed_file(hostfile), f"{host}: server exited with {process.returncode}\n")
-            if port is None or stopping or stop.exists() or restarts_left <= 0:
-                return process.wait()
-            restarts_left -= 1
-            print(f"tensorfleet: server {host}:{port} exited with {process.returncode}; starting it again on "
-                  f"its port ({restarts_left} restarts left)", file=sys.stderr, flush=True)
-            port_file.unlink(missing_ok=True)
-            process = start_process(server_command(*server_args, "--port", str(port), port_file=port_file), None)
-            try:
-                wait_for_port_file(process, port_file, RESTART_TIMEOUT_S, what="restarted server")
-            except ProcessStartError as error:  # it died again while loading, or hangs there
-                print(f"tensorfleet: {error}", file=sys.stderr, flush=True)
-                process.kill()
-                return process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def stop_file(hostfile: Path) -> Path:
-    return hostfile.with_name(hostfile.name + ".stop")
-
-
-def failed_file(hostfile: Path) -> Path:
-    return hostfile.with_name(hostfile.name + ".failed")
-
-
-def _append_line(path: Path, line: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:  # one short O_APPEND write: lines from many tasks never interleave
-        os.write(descriptor, line.encode())
-    finally:
-        os.close(descriptor)
-
-
-def read_hostfile(hostfile: Path) -> list[str]:
-    if not hostfile.exists():
-        return []
-    return [line.strip() for line in hostfile.read_text().splitlines() if line.strip()]
-
-
-def wait_healthy(
-    hostfile: Path, count: int, timeout: float = 300.0, model: str | list[str] | None = None, token: str | None = None
-) -> list[str]:
-    """Wait until the hostfile lists `count` servers and each says SERVING (and has every model in `model`)."""
-    from tensorfleet.client import InferenceClient
-    from tensorfleet.core.errors import TensorfleetError
-
-    deadline = time.monotonic() + timeout
-    servers = read_hostfile(hostfile)
-    while len(servers) < count:
-        failed = read_hostfile(failed_file(hostfile))
-        if failed:
-            raise SlurmError(f"{len(failed)} server(s) failed to start: {'; '.join(failed)}")
-        if time.monotonic() > deadline:
-            raise SlurmError(f"{hostfile}: {len(servers)} of {count} servers after {timeout:g}s: {servers}")
-        time.sleep(0.2)
-        servers = read_hostfile(hostfile)
-    wanted = [model] if isinstance(model, str) or model is None else model
-    for address in servers:
-        with InferenceClient(address, token=token) as client:
-            for name in wanted:
-                try:
-                    client.wait_until_ready(max(1.0, deadline - time.monotonic()), model=name)
-                except TensorfleetError as error:
-                    raise SlurmError(f"server {address} is not healthy: {error}") from None
-    return servers
+# ------------------------------------------------------------------ the helpers' entry point (steps in slurm_steps.py)
 
 
 def main(argv: list[str] | None = None) -> int:

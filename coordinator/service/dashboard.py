@@ -17,8 +17,9 @@ takes the token from the address's #token=... fragment (never sent to the server
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -27,11 +28,18 @@ from starlette.exceptions import HTTPException
 from tensorfleet.core.auth import READ, TokenAuth, check_token
 
 from ..engine.manifest import Manifest
-from .job_manager import JobRequestError
-from .top import Nvml, gpu_of, job_row, server_row
+from .gpus import Nvml, gpu_of
+from .job_manager import JobManager, JobRequestError
+from .top import job_row, server_row
 
-if TYPE_CHECKING:
-    from .grpc_service import CoordinatorServicer
+
+class ServiceView(Protocol):
+    """What the dashboard reads of the service (grpc_service.CoordinatorServicer has both): the job
+    manager, and the fleet as ListServers probes it (tensorfleet.v1.ServerEntry messages)."""
+
+    manager: JobManager
+
+    async def server_entries(self) -> Sequence[Any]: ...
 
 log = logging.getLogger("tensorfleet.coordinator.service.dashboard")
 
@@ -67,7 +75,7 @@ def history(commits: list[tuple[float, int, int]], since: float | None = None) -
 class DashboardData:
     """The JSON behind the page, from the service's job manager and its server probes."""
 
-    def __init__(self, servicer: CoordinatorServicer) -> None:
+    def __init__(self, servicer: ServiceView) -> None:
         self.servicer = servicer
         self.manager = servicer.manager
         self._nvml: Nvml | None = None

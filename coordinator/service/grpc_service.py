@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from tensorfleet.client import ConnectionOptions
 from tensorfleet.client.channel import aio_channel
 from tensorfleet.core.auth import READ, SUBMIT, TokenAuth, TokenAuthInterceptor
-from tensorfleet.core.exposure import DEFAULT_HOST, check_exposure
+from tensorfleet.core.exposure import DEFAULT_HOST
+from tensorfleet.core.grpc_server import GrpcServer, stop_on_signals
 from tensorfleet.core.malformed import MalformedRequestInterceptor
-from tensorfleet.core.process import write_port_file
 from tensorfleet.core.settings import MAX_MESSAGE_BYTES, server_options
-from tensorfleet.core.tls import server_credentials
 from tensorfleet.protos import tensorfleet_pb2 as tf
 from tensorfleet.protos import tensorfleet_pb2_grpc as tf_grpc
 
@@ -213,64 +208,51 @@ class CoordinatorService:
 
     def __init__(self, options: ServiceOptions) -> None:
         self.options = options
-        check_exposure(options.host, token=bool(options.token or options.read_token),
-                       mutual_tls=bool(options.tls_ca and options.tls_cert), insecure=options.insecure,
-                       what="coordinator")
-        options.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(options.state_dir / STORE_NAME)
-        self.credentials = server_credentials(options.tls_cert, options.tls_key, options.tls_ca)
-        policy = options.policy
-        policy.output_roots.append(options.state_dir.resolve())  # job folders of object-store jobs
-        self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs,
-                                  policy=policy, max_queued=options.max_queued_jobs, keep_finished=options.keep_finished)
-        self.health = HealthServicer()
-        interceptors = []
         #: Who may do what (None: no token); the dashboard asks it too.
         self.auth = None
+        interceptors = []
         if options.token or options.read_token:
             self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
             interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
         interceptors.append(MalformedRequestInterceptor())  # bad bytes: INVALID_ARGUMENT (core/malformed.py)
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        self.listener = GrpcServer(
+            what="coordinator", host=options.host, port=options.port, services=[COORDINATOR_SERVICE],
+            authenticated=bool(options.token or options.read_token), insecure=options.insecure,
+            tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
+            interceptors=interceptors, max_concurrent_rpcs=options.max_concurrent_rpcs,
             options=server_options(options.max_message_bytes),
         )
+        self.credentials = self.listener.credentials
+        self.health = self.listener.health
+        self.grpc = self.listener.server
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(options.state_dir / STORE_NAME)
+        policy = options.policy
+        policy.output_roots.append(options.state_dir.resolve())  # job folders of object-store jobs
+        self.manager = JobManager(self.store, options.state_dir.resolve(), max_jobs=options.max_jobs,
+                                  policy=policy, max_queued=options.max_queued_jobs, keep_finished=options.keep_finished)
         self.servicer = CoordinatorServicer(self.manager, options)
         tf_grpc.add_CoordinatorServicer_to_server(self.servicer, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [COORDINATOR_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.grpc,
-        )
+        self.listener.add_health_and_reflection()
         self._stopping = asyncio.Event()
         self.port = 0
         self.dashboard = None
 
     async def start(self) -> int:
-        address = f"{self.options.host}:{self.options.port}"
         credentials = self.credentials
-        self.port = (
-            self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
-        )
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {address}")
+        self.port = self.listener.bind()
         self.manager.recover()
         await self.grpc.start()
-        for service in ("", COORDINATOR_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.listener.set_health(("", COORDINATOR_SERVICE), True)
         if self.options.http_port is not None:
-            try:
-                await self._start_dashboard()
-            except BaseException:
-                await self.grpc.stop(None)
-                raise
-        if self.options.port_file:
-            write_port_file(self.options.port_file, self.port)
+            port = await self.listener.start_side_server(self._start_dashboard, self.options.http_port_file)
+            log.info("dashboard on http%s://%s:%d/", "s" if self.options.tls_cert else "", self.options.host, port)
+        self.listener.write_port_file(self.options.port_file)
         log.info("coordinator on %s:%d (%s), state in %s, up to %d job(s) at once", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.state_dir, self.options.max_jobs)
         return self.port
 
-    async def _start_dashboard(self) -> None:
+    async def _start_dashboard(self) -> int:
         from .dashboard import (  # FastAPI only when asked for
             DashboardData,
             DashboardServer,
@@ -284,21 +266,13 @@ class CoordinatorService:
             tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,
             browser_guard=not (options.token or options.read_token), allow_hosts=options.http_allow_hosts,
         )
-        port = await self.dashboard.start()
-        log.info("dashboard on http%s://%s:%d/", "s" if options.tls_cert else "", options.host, port)
-        if options.http_port_file:
-            temp = Path(f"{options.http_port_file}.tmp")
-            temp.write_text(str(port))
-            os.replace(temp, options.http_port_file)
+        return await self.dashboard.start()
 
     async def run_until_stopped(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        stop_on_signals(self._stopping.set)
         scheduler = asyncio.create_task(self.manager.run())
         await self._stopping.wait()
-        for service in ("", COORDINATOR_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.listener.set_health(("", COORDINATOR_SERVICE), False)
         await self.manager.shutdown()
         scheduler.cancel()
         await asyncio.gather(scheduler, return_exceptions=True)

@@ -22,20 +22,20 @@ from typing import Any
 
 import yaml
 
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_OK, EXIT_ROWS_FAILED
+
 from ..io.objectstore import is_url
 from ..io.output_files import replace_refusal
 from ..spec import SpecError
 from ..spec.kinds import AnyJob, paths_of
 from ..spec.safe_yaml import MAX_SPEC_BYTES, SpecMalformed, SpecTooLarge, load_yaml
 from ..workflows.api import RunOptions, locations, parse
-from ..workflows.run_command import EXIT_CRASH
 from . import job_process
 from .job_policy import JobPolicy, PolicyError
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
 
 log = logging.getLogger("tensorfleet.coordinator.service")
 
-EXIT_OK, EXIT_ROWS_FAILED = 0, 1
 
 
 class JobRequestError(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.job import (
@@ -91,25 +92,13 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
         return dry_run_pipeline(spec, options, output, job_dir)
     _prepare(job_dir, options, spec, output)
     dirs = stage_dirs(job_dir, spec)
-    for stage_dir in dirs:  # before any stage reads another's parts
-        try:
-            manifest = Manifest.open_existing(stage_dir, lock=True)
-        except JobLocked as error:
-            raise JobFatal(str(error)) from None
-        if manifest is not None:
-            try:
-                drop_damaged_parts(stage_dir, manifest)
-                if options.retry_failed:  # here, or a finished earlier stage would be skipped
-                    reopen_failed_chunks(stage_dir, manifest)
-            finally:
-                manifest.close()
+    _repair_stages(dirs, options)  # before any stage reads another's parts
     failed = threading.Event()
     results: list[RunResult | None] = [None] * len(spec.stages)
     errors: list[BaseException | None] = [None] * len(spec.stages)
     started = time.monotonic()
 
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
-              for i, stage in enumerate(spec.stages)]
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
 
     def stage_run(index: int) -> None:
         reader: Reader | None = None
@@ -124,7 +113,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             if finished and not last:
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
-            hooks = StageHooks(merge_output=last, provenance=(lambda: _stages_provenance(spec, dirs)) if last else None)
+            wrap_commit = None
             if index == 0:
                 reader = open_input(spec.input)
             else:
@@ -136,7 +125,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                     else:
                         named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
                 reader = StagesReader(spec.input, previous, named) if named else previous
-                hooks.wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
+                wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
                 if not finished:  # a finished last stage plans nothing (no model asked, no server reached)
                     planning_input = open_input(spec.input)
                     planning = _declared_reader(spec, index, planning_input, fleets)
@@ -144,7 +133,8 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                 job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
-            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet, hooks, plan_reader=planning)
+            ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet,
+                             _stage_hooks(spec, dirs, last, wrap_commit), plan_reader=planning)
             results[index] = run_one(ctx)
         except InputError as error:
             errors[index] = JobFatal(str(error))
@@ -170,16 +160,37 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     except BaseException:
         failed.set()
         raise
-    for index, error in enumerate(errors):
-        if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
-            if isinstance(error, JobFatal):
-                raise JobFatal(f"stage {spec.stages[index].name}: {error}")
-            raise error
+    _raise_first_cause(spec, errors)
     final = results[-1]
     assert final is not None
     final.seconds = time.monotonic() - started
     final.job_dir = job_dir
     return final
+
+
+def _repair_stages(dirs: list[Path], options: RunOptions) -> None:
+    """Each stage's damaged parts dropped and (--retry-failed) its failed chunks reopened."""
+    for stage_dir in dirs:
+        try:
+            manifest = Manifest.open_existing(stage_dir, lock=True)
+        except JobLocked as error:
+            raise JobFatal(str(error)) from None
+        if manifest is not None:
+            try:
+                drop_damaged_parts(stage_dir, manifest)
+                if options.retry_failed:  # here, or a finished earlier stage would be skipped
+                    reopen_failed_chunks(stage_dir, manifest)
+            finally:
+                manifest.close()
+
+
+def _raise_first_cause(spec: PipelineSpec, errors: list[BaseException | None]) -> None:
+    """A stage's error, unless it only stopped because the stage before it failed."""
+    for index, error in enumerate(errors):
+        if error is not None and not (index and errors[index - 1] is not None and "stopped before" in str(error)):
+            if isinstance(error, JobFatal):
+                raise JobFatal(f"stage {spec.stages[index].name}: {error}")
+            raise error
 
 
 def _position(spec: PipelineSpec, name: str) -> int:
@@ -194,6 +205,13 @@ def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: lis
 
     named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
     return StagesReader(spec.input, declared(index - 1), named)
+
+
+def _stage_hooks(spec: PipelineSpec, dirs: list[Path], last: bool, wrap_commit: Callable | None) -> StageHooks:
+    """Only the last stage merges, with every stage's provenance; a later stage carries the earlier
+    stages' failed rows along (wrap_commit)."""
+    provenance = (lambda: _stages_provenance(spec, dirs)) if last else None
+    return StageHooks(merge_output=last, wrap_commit=wrap_commit, provenance=provenance)
 
 
 def _stages_provenance(spec: PipelineSpec, dirs: list[Path]) -> dict:
@@ -229,8 +247,7 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
              f"pipeline: {len(spec.stages)} stages, run side by side"]
     dirs = stage_dirs(job_dir, spec)
     rows = 0
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s)
-              for i, stage in enumerate(spec.stages)]
+    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
     with open_input(spec.input) as source:
         for index, stage in enumerate(spec.stages):
             fleet = fleets[index]

@@ -6,10 +6,10 @@ import sys
 import traceback
 from pathlib import Path
 
+from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL
+
 from . import api
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
-EXIT_CRASH = 3  # an unhandled exception (a bug, or an input nothing checked): never "some rows failed"
 #: The line a crash ends with; the service reports what follows it (job_process.crash_message).
 CRASH_MARK = "tensorfleet: crashed: "
 

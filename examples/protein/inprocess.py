@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorfleet.services.backends.base import ModelContext
-from tensorfleet.services.repository.model_config import load_config
+from tensorfleet.services.model_config import load_config
 
 
 def load_python_model(

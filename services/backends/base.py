@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..repository.model_config import ModelConfig
+from ..model_config import ModelConfig
 
 
 class OutOfMemory(Exception):

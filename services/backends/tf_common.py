@@ -17,7 +17,7 @@ import numpy as np
 from tensorfleet.core.errors import FailedPrecondition, InvalidArgument
 from tensorfleet.core.extras import install_hint
 
-from ..repository.model_config import ModelConfig, TensorSpec
+from ..model_config import ModelConfig, TensorSpec
 
 INSTALL_HINT = f"tensorflow is not installed: {install_hint('tensorflow')}"
 

@@ -17,7 +17,7 @@ from tensorfleet.core.codec import NUMPY_DTYPES, float32_to_bf16_words
 from tensorfleet.core.errors import InternalError
 from tensorfleet.core.sparse import as_csr
 
-from ..repository.model_config import ModelConfig, TensorSpec
+from ..model_config import ModelConfig, TensorSpec
 from ..validation import DecodedRequest
 
 

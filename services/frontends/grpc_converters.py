@@ -16,7 +16,7 @@ from tensorfleet.protos import inference_pb2 as pb
 from tensorfleet.protos import model_config_pb2 as mc
 
 from ..dataplane import InferResult, ModelDetails, ModelMetadata, ModelStatistics, platform
-from ..repository.model_config import ModelConfig
+from ..model_config import ModelConfig
 from ..repository.repository import ModelEntry
 
 

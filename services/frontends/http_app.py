@@ -151,33 +151,44 @@ def build_app(
         name, version, extensions = dataplane.server_metadata()
         return JSONResponse({"name": name, "version": version, "extensions": extensions})
 
-    def versioned(path: str) -> list[str]:
-        return [f"/v2/models/{{name}}{path}", f"/v2/models/{{name}}/versions/{{version}}{path}"]
+    _model_routes(guarded, dataplane, max_body_bytes)
+    _repository_routes(guarded, dataplane, registry)
 
+    app.include_router(health)
+    app.include_router(guarded)
+    return app
+
+
+def _versioned(path: str) -> list[str]:
+    return [f"/v2/models/{{name}}{path}", f"/v2/models/{{name}}/versions/{{version}}{path}"]
+
+
+def _model_routes(guarded: APIRouter, dataplane: DataPlane, max_body_bytes: int) -> None:
+    """Per-model routes: statistics, readiness, metadata, config, infer."""
     # Before /v2/models/{name}, which would take "stats" for a model name.
-    for path in ["/v2/models/stats", *versioned("/stats")]:
+    for path in ["/v2/models/stats", *_versioned("/stats")]:
         @guarded.get(path)
         async def model_statistics(name: str = "", version: str = "") -> JSONResponse:
             return JSONResponse(convert.statistics_json(dataplane.statistics(name)))
 
-    for path in versioned("/ready"):
+    for path in _versioned("/ready"):
         @guarded.get(path)
         async def model_ready(name: str, version: str = "") -> JSONResponse:
             ready = dataplane.model_ready(name, version)
             return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    for path in versioned(""):
+    for path in _versioned(""):
         @guarded.get(path)
         async def model_metadata(name: str, version: str = "") -> JSONResponse:
             return JSONResponse(convert.model_metadata_json(dataplane.model_metadata(name, version)))
 
-    for path in versioned("/config"):
+    for path in _versioned("/config"):
         @guarded.get(path)
         async def model_config(name: str, version: str = "") -> JSONResponse:
             message = model_config_message(dataplane.model_details(name, version))
             return JSONResponse(_config_json(message))
 
-    for path in versioned("/infer"):
+    for path in _versioned("/infer"):
         @guarded.post(path)
         async def infer(name: str, request: Request, version: str = "") -> Response:
             body = await _read_body(request, max_body_bytes)
@@ -198,6 +209,9 @@ def build_app(
                 headers={convert.HEADER_LENGTH: str(header_length)},
             )
 
+
+def _repository_routes(guarded: APIRouter, dataplane: DataPlane, registry: CollectorRegistry | None) -> None:
+    """The repository extension (index, load, unload) and, with a registry, GET /metrics."""
     @guarded.post("/v2/repository/index")
     async def repository_index(request: Request) -> JSONResponse:
         ready_only = _json_body_flag(await _read_body(request, 1 << 20), "ready")
@@ -224,10 +238,6 @@ def build_app(
         @guarded.get("/metrics")
         async def metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    app.include_router(health)
-    app.include_router(guarded)
-    return app
 
 
 #: Request body uvicorn buffers before it stops reading the socket until the app catches up.

@@ -1,2 +1,3 @@
-"""The model repository: the folder of models, their config files (model_config.py), and loading
-and unloading them with their checksums verified (repository.py)."""
+"""The model repository's loader: the folder of models, loading and unloading them with their
+checksums verified (repository.py). What a model folder declares, its config.yaml, is the schema
+in services/model_config.py, which every part of the server reads without importing backends."""

@@ -24,9 +24,9 @@ from tensorfleet.core.hashing import file_sha256
 
 from ..backends import create_backend
 from ..backends.base import Backend, ModelContext
+from ..model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
 from ..validation import example_inputs
 from ..warmup import warm_shapes
-from .model_config import CONFIG_FILENAME, ModelConfig, load_config, read_features
 
 log = logging.getLogger("tensorfleet.repository")
 

@@ -48,7 +48,7 @@ def test_h5ad_example_job_writes_obsm_and_keeps_obs(tmp_path):
     import importlib.util
     from types import SimpleNamespace
 
-    from tensorfleet.services.repository.model_config import load_config
+    from tensorfleet.services.model_config import load_config
 
     folder = JOBS / "models" / "cell_embedder"
     loaded = importlib.util.spec_from_file_location("example_cell_embedder", folder / "model.py")

@@ -76,7 +76,7 @@ def test_outputs_are_narrowed_on_the_device(repository, device):
     """The FP16 output leaves predict as float16 straight from the device copy: no host cast."""
     from tensorfleet.services.backends.base import ModelContext
     from tensorfleet.services.backends.torchscript import TorchScriptBackend
-    from tensorfleet.services.repository.model_config import load_config
+    from tensorfleet.services.model_config import load_config
 
     repo, model = repository
     config = load_config(repo / "enc_bf16")
@@ -97,7 +97,7 @@ def test_outputs_are_narrowed_on_the_device(repository, device):
 def test_copies_use_pinned_host_memory(repository):
     from tensorfleet.services.backends.base import ModelContext
     from tensorfleet.services.backends.torchscript import TorchScriptBackend
-    from tensorfleet.services.repository.model_config import load_config
+    from tensorfleet.services.model_config import load_config
 
     repo, _ = repository
     config = load_config(repo / "enc_fp32")

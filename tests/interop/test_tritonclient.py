@@ -188,7 +188,7 @@ def _protein_ready() -> str | None:
     config_path = PROTEIN_DIR / "config.yaml"
     if not config_path.exists():
         return f"{config_path} does not exist"
-    from tensorfleet.services.repository.model_config import load_config
+    from tensorfleet.services.model_config import load_config
 
     config = load_config(PROTEIN_DIR)
     missing = [name for name in config.artifacts if not (PROTEIN_DIR / name).exists()]
@@ -215,7 +215,7 @@ def protein_run(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
 def test_protein_embedder_matches_in_process(protein_run) -> None:
     from tensorfleet.services.backends import create_backend
     from tensorfleet.services.backends.base import ModelContext
-    from tensorfleet.services.repository.model_config import load_config
+    from tensorfleet.services.model_config import load_config
 
     results, tensors = protein_run
     assert results["model_ready"] is True

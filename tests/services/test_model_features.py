@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tensorfleet.core.errors import InvalidArgument
-from tensorfleet.services.repository.model_config import load_config, read_features
+from tensorfleet.services.model_config import load_config, read_features
 from tensorfleet.services.repository.repository import verify_artifacts
 
 CONFIG = """name: m

@@ -15,7 +15,7 @@ from tensorfleet.client import InferenceClient
 from tensorfleet.client.messages import build_wire_request
 from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.core.sparse import csr_tensors
-from tensorfleet.services.repository.model_config import ModelConfig, load_config
+from tensorfleet.services.model_config import ModelConfig, load_config
 from tensorfleet.services.validation import decode_request
 from tests.serving import REPO_ROOT, running_server
 

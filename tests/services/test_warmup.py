@@ -6,7 +6,7 @@ import yaml
 
 from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.services.batching.assembly import BatchAssembly
-from tensorfleet.services.repository.model_config import ModelConfig, load_config
+from tensorfleet.services.model_config import ModelConfig, load_config
 from tensorfleet.services.validation import DecodedRequest
 from tensorfleet.services.warmup import shape_inputs, warm_shapes
 

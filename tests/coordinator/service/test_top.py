@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tensorfleet.client import InferenceClient
-from tensorfleet.coordinator.service.top import gpu_of, is_local
+from tensorfleet.coordinator.service.gpus import gpu_of, is_local
 from tests.coordinator.helpers import (
     REPO_ROOT,
     make_fasta,

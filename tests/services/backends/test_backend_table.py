@@ -15,7 +15,7 @@ from tensorfleet.core.errors import InvalidArgument
 from tensorfleet.services import backends
 from tensorfleet.services.backends import BACKENDS, backend_class, create_backend
 from tensorfleet.services.backends.base import Backend, ModelContext
-from tensorfleet.services.repository.model_config import ModelConfig
+from tensorfleet.services.model_config import ModelConfig
 from tests.serving import REPO_ROOT
 
 

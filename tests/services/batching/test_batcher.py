@@ -11,7 +11,7 @@ from tensorfleet.core.errors import InternalError, ResourceExhausted, Unavailabl
 from tensorfleet.services.backends.base import OutOfMemory
 from tensorfleet.services.batching.assembly import BatchAssembly
 from tensorfleet.services.batching.batcher import DynamicBatcher
-from tensorfleet.services.repository.model_config import ModelConfig
+from tensorfleet.services.model_config import ModelConfig
 from tensorfleet.services.validation import DecodedRequest
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tensorfleet.core.codec import DATATYPES
 from tensorfleet.core.errors import InvalidArgument
 
-from .transformers_settings import TransformersSettings
+from .repository.transformers_settings import TransformersSettings
 
 CONFIG_FILENAME = "config.yaml"
 Precision = Literal["fp32", "fp16", "bf16"]
