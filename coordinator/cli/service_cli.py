@@ -68,6 +68,9 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--allow-url-prefix", action="append", default=[],
                        help="object-store prefix submitted jobs may use, e.g. s3://bucket/jobs/ (repeatable; "
                        "default: none)")
+    serve.add_argument("--allow-tool", type=Path, action="append", default=[],
+                       help="an executable submitted jobs' tool stages may run (repeatable; resolved to its real "
+                       "absolute path); without it, jobs with a tool stage are refused")
     serve.add_argument("--max-queued-jobs", type=int, default=100, help="jobs waiting at once; more are refused")
     serve.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_MB,
                        help="largest gRPC message accepted, in MiB (default $TENSORFLEET_MAX_MESSAGE_MB or 512)")
@@ -201,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
         policy = JobPolicy(
             model_roots=args.model_root, data_roots=args.data_root or [Path.cwd()],
             output_roots=args.output_root or [Path.cwd()], url_prefixes=args.allow_url_prefix,
+            allowed_tools=args.allow_tool,
         )
         options = ServiceOptions(
             state_dir=args.state_dir, host=args.host, port=args.port, port_file=args.port_file, token=token,

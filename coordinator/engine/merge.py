@@ -55,6 +55,7 @@ def _columns(
                         array = part.array(name)
                         found[name] = (array.dtype, tuple(array.shape[1:]))
                 break
+    _widen_ragged(job_dir, manifest, chunks, found, declared)
     if not found:  # every row failed: fall back on what the model declares
         from tensorfleet.core.codec import NUMPY_DTYPES
 
@@ -79,6 +80,29 @@ def _columns(
         lengths = output.ragged.get(source)
         columns.append(Column(stored, source, dtype, shape[1:] if lengths else shape, lengths))
     return columns
+
+
+def _widen_ragged(job_dir: Path, manifest: Manifest, chunks: list[Chunk], found: dict, declared: dict) -> None:
+    """A declared ragged output (a -1 dimension) is as wide as each chunk's longest row: stored
+    unflattened, it takes the widest of every part (narrower chunks are zero-padded)."""
+    ragged = [name for name, (_, shape) in declared.items() if -1 in shape and name in found]
+    if not ragged:
+        return
+    for chunk in chunks:
+        with open_part(job_dir, manifest.part_of(chunk.index), verify=False) as part:
+            for name in ragged:
+                if name in part.names:
+                    dtype, shape = found[name]
+                    have = part.array(name).shape[1:]
+                    if len(have) == len(shape):
+                        found[name] = (dtype, tuple(max(a, b) for a, b in zip(shape, have, strict=True)))
+
+
+def _padded(values: np.ndarray, row_shape: tuple[int, ...]) -> np.ndarray:
+    """A chunk's rows of a ragged output, zero-padded to the stored row shape."""
+    if values.shape[1:] == tuple(row_shape) or values.ndim != len(row_shape) + 1:
+        return values
+    return np.pad(values, [(0, 0)] + [(0, want - have) for want, have in zip(row_shape, values.shape[1:], strict=True)])
 
 
 def _ragged(values: np.ndarray, lengths: np.ndarray, ok: np.ndarray, column: Column, chunk: Chunk) -> Ragged:
@@ -142,7 +166,7 @@ def _chunk_arrays(
             full[~ok] = np.nan
         elif column.dtype.hasobject:  # BYTES: a failed row holds b"", not the integer 0
             full[...] = b""
-        full[ok] = values
+        full[ok] = _padded(values, column.row_shape)
         arrays[column.name] = full
         del values
     return arrays

@@ -58,8 +58,8 @@ def result_spec(spec: dict[str, Any]) -> dict[str, Any]:
         out["model"] = dict(out["model"])
         models.append(out["model"])
     if isinstance(out.get("stages"), list):
-        out["stages"] = [{**s, "model": dict(s["model"])} for s in out["stages"]]
-        models += [s["model"] for s in out["stages"]]
+        out["stages"] = [{**s, "model": dict(s["model"]) if s.get("model") else None} for s in out["stages"]]
+        models += [s["model"] for s in out["stages"] if s["model"]]  # a tool stage has none
     if isinstance(out.get("models"), list):
         out["models"] = [dict(m) for m in out["models"]]
         models += out["models"]

@@ -79,7 +79,7 @@ def render_batch_script(
     unless given here; every path in the script is absolute, since steps run on other nodes.
     """
     from ..spec import SpecError
-    from ..spec.kinds import load_job, models_of
+    from ..spec.kinds import load_job, models_of, tools_of
 
     if gpus < 1:
         raise SlurmError("--gpus must be at least 1")
@@ -192,6 +192,8 @@ def render_batch_script(
         "trap stop_servers EXIT",
         "",
         "# Coordinator: wait until every server reports SERVING (models loaded), then run the job.",
+        *(f"# Tool stage {name} runs in this coordinator step, on the batch host, inside the allocation: {command[0]}"
+          for name, command in tools_of(spec)),
         'SERVER_LIST=$(srun --overlap --ntasks=1 --nodes=1 \\',
         f'    "${{PYTHON[@]}}" -m tensorfleet.coordinator.fleet.slurm wait-healthy "$HOSTFILE" {gpus} \\',
         f"    {' '.join(f'--model {_q(n)}' for n in names)} --timeout {float(timeout):g})",

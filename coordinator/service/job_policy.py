@@ -9,6 +9,10 @@ ones (`model.servers`). `local.args` may hold only the server flags in ALLOWED_S
 The walk is generic: any field named like a path, at any depth (stages, models, sources),
 is checked against the roots of the nearest section it sits in (input-like or output-like).
 `tensorfleet run` never calls this: on one's own machine a job keeps its freedom.
+
+A tool stage (`command:`) runs a program on the coordinator's host. A submitted job may name
+only the executables the operator allow-listed (`--allow-tool PATH`, resolved to real absolute
+paths when the service starts); without any, no tool stage is accepted.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ class JobPolicy:
     url_prefixes: list[str] = field(default_factory=list)
     #: Jobs carry no secrets: the service's --server-token-file reaches the servers instead.
     allow_inline_tokens: bool = False
+    #: Executables a submitted job's tool stages may run (real absolute paths); empty: none.
+    allowed_tools: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.allowed_tools = [allowed_tool(t) for t in self.allowed_tools]
         self.model_roots = [Path(r).resolve() for r in self.model_roots]
         self.data_roots = [Path(r).resolve() for r in self.data_roots]
         self.output_roots = [Path(r).resolve() for r in self.output_roots]
@@ -62,7 +69,9 @@ class JobPolicy:
             self._check_field(where, key, value, section)
 
     def _check_field(self, where: str, key: str, value: Any, section: str | None) -> None:
-        if key == "local" and value is not None:
+        if key == "command" and value is not None:
+            self._check_tool(where, value)
+        elif key == "local" and value is not None:
             if not self.model_roots:
                 raise PolicyError(
                     f"{where}: this coordinator starts no servers for submitted jobs (it has no --model-root); "
@@ -90,6 +99,20 @@ class JobPolicy:
                 if isinstance(item, str):
                     self._check_path(where if not isinstance(value, list) else f"{where}[{index}]", item, mode)
 
+    def _check_tool(self, where: str, command: Any) -> None:
+        if not isinstance(command, list) or not command or not isinstance(command[0], str):
+            raise PolicyError(f"{where}: a tool stage's command is a list of strings, the executable first")
+        if not self.allowed_tools:
+            raise PolicyError(f"{where}: this coordinator runs no tool stages for submitted jobs (it was started "
+                              "without --allow-tool); run the job with `tensorfleet run` on your own machine, or ask "
+                              "the operator to allow the tool")
+        program = command[0]
+        real = Path(os.path.realpath(program)) if os.path.isabs(program) else None
+        if real is None or real not in self.allowed_tools:
+            shown = ", ".join(str(t) for t in self.allowed_tools)
+            raise PolicyError(f"{where}[0]: '{program}'" + (f" (resolved: {real})" if real else " (not found on PATH)")
+                              + f" is not a tool this coordinator allows (--allow-tool: {shown})")
+
     def _check_path(self, where: str, value: str, mode: str) -> None:
         if "\0" in value:
             raise PolicyError(f"{where}: a NUL byte in a path")
@@ -112,6 +135,14 @@ class JobPolicy:
             shown = ", ".join(str(r) for r in roots) or f"none (the coordinator was started without {flag})"
             raise PolicyError(f"{where}: '{value}' (resolved: {real}) is outside the folders this coordinator "
                               f"allows ({flag}: {shown})")
+
+
+def allowed_tool(path: Path | str) -> Path:
+    """An --allow-tool entry as the policy compares it: the real absolute path of an executable file."""
+    real = Path(os.path.realpath(path))
+    if not real.is_file() or not os.access(real, os.X_OK):
+        raise ValueError(f"--allow-tool {path}: not an executable file (resolved: {real})")
+    return real
 
 
 def _under_prefix(url: str, prefix: str) -> bool:

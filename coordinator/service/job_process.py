@@ -67,6 +67,7 @@ def policy_env(policy: JobPolicy | None) -> dict[str, str]:
         POLICY_ENV: json.dumps({
             "model_roots": [str(r) for r in policy.model_roots], "data_roots": [str(r) for r in policy.data_roots],
             "output_roots": [str(r) for r in policy.output_roots], "url_prefixes": list(policy.url_prefixes),
+            "allowed_tools": [str(t) for t in policy.allowed_tools],
         }),
         OUTPUT_ROOTS_ENV: os.pathsep.join(str(r) for r in policy.output_roots),
     }

@@ -35,6 +35,7 @@ from . import (
     read_job_file,
     resolve_model,
 )
+from .tool_stage import ToolReadSpec, ToolWriteSpec, check_tool_stage, resolve_command
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -50,7 +51,25 @@ class Named(Strict):
 
 class StageSpec(Named):
     name: str = Field(max_length=128, pattern=NAME, description="Stage name (its folder and status line).")
-    model: ModelSpec
+    model: ModelSpec | None = Field(default=None, description="The stage's model; or give `command` (a tool stage).")
+    command: list[str] | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="A tool stage: argv run once per chunk (never through a shell), with {inputs}, {outputs}, "
+        "{scratch}, {chunk}, {threads} replaced (spec/tool_stage.py).",
+    )
+    write: ToolWriteSpec | None = Field(default=None, description="Tool stage: how a chunk's rows are written.")
+    read: ToolReadSpec | None = Field(default=None, description="Tool stage: how the tool's results are read back.")
+    concurrency: int = Field(default=1, ge=1, le=256, description="Tool stage: chunks run at once.")
+    threads: int = Field(default=1, ge=1, le=1024, description="Tool stage: the value of {threads}.")
+    timeout_s: float = Field(default=3600.0, gt=0, description="Tool stage: a chunk's run is killed after this long.")
+    fan_out: str | None = Field(
+        default=None, description="An output with several entries per row: the next stages run over its entries "
+        "(ids PARENT:K, K from 0), in parent order then K. A model stage names its length in `ragged`.",
+    )
+    ragged: dict[str, str] = Field(
+        default_factory=dict,
+        description="output -> output holding each row's length along its first axis (as output.ragged).",
+    )
     tensors: dict[str, str] = Field(
         default_factory=dict,
         description="model input -> field. A plain name is a field of the job's input for the first stage and "
@@ -60,12 +79,29 @@ class StageSpec(Named):
     batch_rows: int | None = Field(default=None, ge=1, description="Rows per request for this stage's model.")
     token_budget: int | None = Field(default=None, ge=1)
 
+    @model_validator(mode="after")
+    def _model_or_tool(self) -> StageSpec:
+        check_tool_stage(self)
+        return self
+
+    @property
+    def is_tool(self) -> bool:
+        return self.command is not None
+
+
+class PipelineOutputSpec(OutputSpec):
+    stages: list[str] = Field(
+        default_factory=list,
+        description="Stages whose own outputs are kept too: one file per stage beside the output, "
+        "<output stem>.<stage><suffix>, each in its stage's row order (docs/workloads.md).",
+    )
+
 
 class PipelineSpec(Named):
     name: str = Field(default="pipeline", max_length=128, pattern=NAME)
     input: InputSpec
     stages: list[StageSpec] = Field(min_length=1)
-    output: OutputSpec
+    output: PipelineOutputSpec
     chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     job_dir: str | None = None
@@ -84,6 +120,12 @@ class PipelineSpec(Named):
                         f"stages[{index}] ({stage.name}).tensors.{model_input}: '{field}' names no earlier stage "
                         f"(earlier: {['input', *names[:index]]})"
                     )
+        unknown = [name for name in self.output.stages if name not in names]
+        if unknown:
+            raise ValueError(f"output.stages names {unknown}, which are not stages (stages: {names})")
+        if any(stage.fan_out for stage in self.stages[:-1]) and self.output.format == "h5ad":
+            raise ValueError("a job with fan_out writes rows that are not the input's cells; use an hdf5, parquet "
+                             "or csv output")
         return self
 
     def resolved(self, base: Path) -> PipelineSpec:
@@ -93,7 +135,10 @@ class PipelineSpec(Named):
         if data["job_dir"]:
             data["job_dir"] = absolute(base, data["job_dir"])
         for stage in data["stages"]:
-            resolve_model(stage["model"], base)
+            if stage["model"]:
+                resolve_model(stage["model"], base)
+            if stage["command"]:
+                stage["command"] = resolve_command(stage["command"], base)
         return PipelineSpec.model_validate(data)
 
 
@@ -246,7 +291,7 @@ def load_job(path: Path | str) -> AnyJob:
 def models_of(spec: AnyJob) -> list[ModelSpec]:
     """Every model the job uses, in the order it uses them."""
     if isinstance(spec, PipelineSpec):
-        return [stage.model for stage in spec.stages]
+        return [stage.model for stage in spec.stages if stage.model is not None]
     if isinstance(spec, SweepSpec):
         return list(spec.models)
     return [spec.model]
@@ -259,10 +304,18 @@ def with_servers(spec: AnyJob, servers: list[str]) -> AnyJob:
         return model.model_copy(update={"servers": list(servers), "local": None})
 
     if isinstance(spec, PipelineSpec):
-        return spec.model_copy(update={"stages": [s.model_copy(update={"model": served(s.model)}) for s in spec.stages]})
+        return spec.model_copy(update={"stages": [s.model_copy(update={"model": served(s.model)}) if s.model else s
+                                                  for s in spec.stages]})
     if isinstance(spec, SweepSpec):
         return spec.model_copy(update={"models": [served(m) for m in spec.models]})
     return spec.model_copy(update={"model": served(spec.model)})
+
+
+def tools_of(spec: AnyJob) -> list[tuple[str, list[str]]]:
+    """(stage name, command) of every tool stage: what runs on the coordinator's own host."""
+    if isinstance(spec, PipelineSpec):
+        return [(stage.name, list(stage.command)) for stage in spec.stages if stage.command]
+    return []
 
 
 def paths_of(spec: AnyJob) -> Iterator[tuple[str, str]]:

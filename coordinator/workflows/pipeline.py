@@ -6,6 +6,10 @@ once, its own manifest under `<job dir>/stages/NN-name/`, so progress is checkpo
 (stage, chunk)). Stages run side by side: a later stage reads an earlier one's committed
 chunks as they appear (`StageReader`), so it starts before the earlier stage ends. A resume
 finds finished stages and chunks done and skips them at once, without starting their servers.
+
+A stage may run a command instead of a model (a tool stage, tool_stage.py), and may emit several
+rows per row (`fan_out`): the stages after it run over the children (stage_graph.py, fan_out.py).
+`output.stages` keeps chosen stages' own outputs beside the output (stage_outputs.py).
 """
 
 from __future__ import annotations
@@ -34,9 +38,21 @@ from ..engine.status import MARKER_NAME, open_workflow_folder
 from ..fleet.model_fleet import ModelFleet
 from ..io.joblock import JobLocked
 from ..io.readers import InputError, Reader
-from ..spec import ChunkingSpec, JobSpec
+from ..spec import ChunkingSpec, JobSpec, OutputSpec
 from ..spec.kinds import PipelineSpec
-from .stage_reader import DeclaredOutputs, StageReader, StagesReader, carry_failures
+from .pipeline_stages import (
+    check_tools,
+    children_line,
+    declared_outputs,
+    dry_run_tool,
+    forget_children,
+    plans_on_lengths,
+    with_lost_parents,
+)
+from .stage_graph import StageGraph, referenced, row_spaces
+from .stage_outputs import merge_stage, write_stage_outputs
+from .stage_reader import DeclaredOutputs, StagesReader, carry_failures
+from .tool_stage import ToolStage
 
 KIND = "multi-stage"
 
@@ -61,7 +77,7 @@ def _stage_job(spec: PipelineSpec, index: int, stage_dir: Path) -> JobSpec:
         name=f"{spec.name}.{stage.name}",
         input=spec.input.model_copy(update={"tensors": tensors}),
         model=stage.model,
-        output=spec.output,
+        output=OutputSpec.model_validate(spec.output.model_dump(exclude={"stages"})),
         chunking=ChunkingSpec(
             batch_rows=stage.batch_rows, token_budget=stage.token_budget, chunk_rows=spec.chunking.chunk_rows
         ),
@@ -72,8 +88,11 @@ def _stage_job(spec: PipelineSpec, index: int, stage_dir: Path) -> JobSpec:
 
 def _referenced(spec: PipelineSpec, index: int) -> set[str]:
     """The qualifiers ('input' or an earlier stage's name) stage `index` reads by qualified name."""
-    names = {"input", *(s.name for s in spec.stages[:index])}
-    return {f.partition(":")[0] for f in spec.stages[index].tensors.values() if f.partition(":")[0] in names and ":" in f}
+    return referenced(spec, index)
+
+
+def _label(stage) -> str:  # noqa: ANN001 - a StageSpec
+    return stage.model.name if stage.model is not None else f"tool {Path(stage.command[0]).name}"
 
 
 def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Path) -> None:
@@ -81,7 +100,7 @@ def _prepare(job_dir: Path, options: RunOptions, spec: PipelineSpec, output: Pat
         output.unlink(missing_ok=True)  # a folder gone but an output left: start over means both
     open_workflow_folder(job_dir, {
         "kind": KIND, "name": spec.name, "output": str(output),
-        "parts": [{"label": f"stage {i + 1} {s.name}", "model": s.model.name, "dir": str(d.relative_to(job_dir))}
+        "parts": [{"label": f"stage {i + 1} {s.name}", "model": _label(s), "dir": str(d.relative_to(job_dir))}
                   for i, (s, d) in enumerate(zip(spec.stages, stage_dirs(job_dir, spec), strict=True))],
     }, restart=options.restart, resume=options.resume)
 
@@ -90,15 +109,18 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     output, job_dir = locations(spec, options)
     if options.dry_run:
         return dry_run_pipeline(spec, options, output, job_dir)
+    check_tools(spec)
     _prepare(job_dir, options, spec, output)
     dirs = stage_dirs(job_dir, spec)
-    _repair_stages(dirs, options)  # before any stage reads another's parts
+    reopened = _repair_stages(dirs, options)  # before any stage reads another's parts
+    forget_children(spec, dirs, reopened)
     failed = threading.Event()
     results: list[RunResult | None] = [None] * len(spec.stages)
     errors: list[BaseException | None] = [None] * len(spec.stages)
     started = time.monotonic()
 
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
+    fleets = _fleets(spec, dirs)
+    graph = StageGraph(spec, dirs, failed.is_set)
 
     def stage_run(index: int) -> None:
         reader: Reader | None = None
@@ -106,7 +128,6 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
         planning_input: Reader | None = None  # the input the declared fields give ids and rows of
         fleet = fleets[index]
         try:
-            sub = _stage_job(spec, index, dirs[index])
             last = index == len(spec.stages) - 1
             resume = (dirs[index] / MANIFEST_NAME).is_file()
             finished = resume and _finished(dirs[index])
@@ -114,25 +135,29 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                 results[index] = RunResult(None, dirs[index], 0, 0, 0, 0.0)
                 return
             wrap_commit = None
+            previous: Reader | None = None
             if index == 0:
                 reader = open_input(spec.input)
             else:
-                previous = StageReader(dirs[index - 1], spec.input, failed.is_set)
-                named: dict[str, Reader] = {}
-                for where in _referenced(spec, index):
-                    if where == "input":
-                        named[where] = open_input(spec.input)
-                    else:
-                        named[where] = StageReader(dirs[_position(spec, where)], spec.input, failed.is_set)
-                reader = StagesReader(spec.input, previous, named) if named else previous
-                wrap_commit = carry_failures(previous, spec.stages[index - 1].name)
-                if not finished:  # a finished last stage plans nothing (no model asked, no server reached)
+                reader, previous = graph.reader(index)
+                wrap_commit = carry_failures(previous, spec.stages[index - 1].name)  # type: ignore[arg-type]
+                # a finished last stage plans nothing (no model asked, no server reached); after a
+                # fan-out the rows are known only once it has run, so the stage plans on them
+                if not finished and fleet is not None and graph.spaces[index] is None:
                     planning_input = open_input(spec.input)
                     planning = _declared_reader(spec, index, planning_input, fleets)
+                    if plans_on_lengths(spec, index, planning):  # ragged rows' lengths: known once computed
+                        planning = None
             sub_options = RunOptions(
-                job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
+                job_dir=dirs[index], resume=resume,  # failed chunks reopened above
+                limit=options.limit if graph.spaces[index] is None else None,  # children: of the limited rows
                 progress_stream=options.progress_stream if last else _Quiet(),
             )
+            if fleet is None:  # a tool stage
+                results[index] = ToolStage(spec, index, reader, dirs[index], output, sub_options, wrap_commit,
+                                           previous).run()
+                return
+            sub = _stage_job(spec, index, dirs[index])
             ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet,
                              _stage_hooks(spec, dirs, last, wrap_commit), plan_reader=planning)
             results[index] = run_one(ctx)
@@ -143,7 +168,8 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             errors[index] = error
             failed.set()
         finally:
-            fleet.stop()
+            if fleet is not None:
+                fleet.stop()
             for item in (reader, planning_input):
                 if item is not None:
                     item.close()
@@ -160,17 +186,35 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     except BaseException:
         failed.set()
         raise
+    finally:
+        graph.close()
     _raise_first_cause(spec, errors)
     final = results[-1]
     assert final is not None
+    if spec.stages[-1].command is not None:  # a tool stage last: its parts make the output
+        path, rows_failed, columns = merge_stage(spec, len(spec.stages) - 1, dirs[-1], output, options.limit,
+                                                 _stages_provenance(spec, dirs))
+        final.output, final.rows_failed, final.columns = path, rows_failed, columns
+    if spec.output.stages:
+        final.notes = [*final.notes, *(f"stage output: {path}" for path in write_stage_outputs(
+            spec, dirs, output, options.limit, _stages_provenance(spec, dirs)))]
+    final = with_lost_parents(spec, dirs, final)
     final.seconds = time.monotonic() - started
     final.job_dir = job_dir
     return final
 
 
-def _repair_stages(dirs: list[Path], options: RunOptions) -> None:
-    """Each stage's damaged parts dropped and (--retry-failed) its failed chunks reopened."""
-    for stage_dir in dirs:
+def _fleets(spec: PipelineSpec, dirs: list[Path]) -> list[ModelFleet | None]:
+    """Each model stage's fleet (None for a tool stage)."""
+    return [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) if stage.model else None
+            for i, stage in enumerate(spec.stages)]
+
+
+def _repair_stages(dirs: list[Path], options: RunOptions) -> int | None:
+    """Each stage's damaged parts dropped and (--retry-failed) its failed chunks reopened; the
+    first stage whose failed chunks were reopened (None: none)."""
+    first = None
+    for index, stage_dir in enumerate(dirs):
         try:
             manifest = Manifest.open_existing(stage_dir, lock=True)
         except JobLocked as error:
@@ -178,10 +222,12 @@ def _repair_stages(dirs: list[Path], options: RunOptions) -> None:
         if manifest is not None:
             try:
                 drop_damaged_parts(stage_dir, manifest)
-                if options.retry_failed:  # here, or a finished earlier stage would be skipped
-                    reopen_failed_chunks(stage_dir, manifest)
+                if options.retry_failed and manifest.chunks_with_failures():
+                    reopen_failed_chunks(stage_dir, manifest)  # here, or a finished earlier stage would be skipped
+                    first = index if first is None else first
             finally:
                 manifest.close()
+    return first
 
 
 def _raise_first_cause(spec: PipelineSpec, errors: list[BaseException | None]) -> None:
@@ -197,11 +243,11 @@ def _position(spec: PipelineSpec, name: str) -> int:
     return [s.name for s in spec.stages].index(name)
 
 
-def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: list[ModelFleet]) -> Reader:
+def _declared_reader(spec: PipelineSpec, index: int, source: Reader, fleets: list[ModelFleet | None]) -> Reader:
     """What stage `index` reads, as the earlier stages' models declare it (no server, no waiting)."""
 
     def declared(position: int) -> Reader:
-        return DeclaredOutputs(spec.input, source, fleets[position].info().outputs)
+        return DeclaredOutputs(spec.input, source, declared_outputs(spec, position, fleets, position < index))
 
     named = {w: (source if w == "input" else declared(_position(spec, w))) for w in _referenced(spec, index)}
     return StagesReader(spec.input, declared(index - 1), named)
@@ -242,27 +288,47 @@ def _finished(stage_dir: Path) -> bool:
 
 
 def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_dir: Path) -> RunResult:
-    """Every stage planned against the models' declared inputs and outputs; nothing started or written."""
+    """Every stage planned against the models' declared inputs and outputs; nothing started or written.
+    A tool stage's executable is checked; a stage after a fan-out is checked field by field (its
+    rows are known once the fan-out has run)."""
     lines = [f"job: {spec.name} (dry run: nothing computed, nothing written)",
              f"pipeline: {len(spec.stages)} stages, run side by side"]
     dirs = stage_dirs(job_dir, spec)
     rows = 0
-    fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
+    fleets = _fleets(spec, dirs)
+    spaces = row_spaces(spec)
     with open_input(spec.input) as source:
         for index, stage in enumerate(spec.stages):
             fleet = fleets[index]
-            sub = _stage_job(spec, index, dirs[index])
             reader = _declared_reader(spec, index, source, fleets) if index else source
             try:
-                plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+                if fleet is None:
+                    lines += dry_run_tool(spec, index, reader, output, dirs[index], options, spaces[index])
+                    continue
+                sub = _stage_job(spec, index, dirs[index])
+                if spaces[index] is not None:
+                    from ..engine.plan_phase import checked_fields
+
+                    fields = checked_fields(sub, reader, fleet.info(wait_s=10.0))
+                    body = [children_line(spec, spaces[index]),
+                            "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(fields.items()))]
+                else:
+                    plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+                    rows = plan.rows
+                    body = [line for line in plan.plan_text.splitlines()
+                            if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
             except JobFatal as error:
                 raise JobFatal(f"stage {stage.name}: {error}") from None
-            rows = plan.rows
             outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())
-            body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
             lines.append(f"stage {index + 1} {stage.name}: model {stage.model.name} on {fleet.describe()} -> {outputs}")
             lines += [f"  {line}" for line in body]
-    lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
+            if stage.fan_out:
+                lines.append(f"  fan_out: {stage.fan_out} (the next stages run over its entries, ids PARENT:K)")
+    lines += [f"output: {output} ({spec.output.format})"]
+    from .stage_outputs import stage_output_path
+
+    lines += [f"stage output: {stage_output_path(output, name)}" for name in spec.output.stages]
+    lines += [f"job folder: {job_dir}"]
     return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 
 

@@ -38,4 +38,7 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
     if result.rows_failed:
         print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed (once their cause is fixed, "
               f"`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
+    elif result.exit_code == 1:  # rows that failed before a fan-out: no rows of the output, yet failed
+        print(f"tensorfleet: {getattr(result, 'rows_lost', 0)} rows failed before a fan-out and have no rows in the "
+              f"output (`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
     return result.exit_code

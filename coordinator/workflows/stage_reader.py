@@ -4,6 +4,10 @@ A multi-stage job's stage k reads stage k-1's outputs row by row, as any reader 
 earlier stage may still be running: a read of rows whose chunk is not committed yet waits
 for it, so a later stage starts on the chunks an earlier one has finished. Rows that failed
 in the earlier stage read as zeros and are marked failed again by `carry_failures`.
+
+A ragged output (a variable first axis, e.g. per-residue states [-1, d]) is stored padded to
+its chunk's longest row; it reads padded to the longest row of the rows read, and its
+lengths come from the output the stage's `ragged` names (else the padded width).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.dispatcher import CompletedChunk
+from ..engine.dispatcher import CompletedChunk, stack_rows
 from ..engine.manifest import MANIFEST_NAME, Manifest, RowError
 from ..io.parts import Part
 from ..io.readers import FieldInfo, InputError, Reader, open_reader
@@ -33,13 +37,18 @@ class StageReader(Reader):
 
     def __init__(
         self, stage_dir: Path, spec: InputSpec, upstream_failed: Callable[[], bool] = lambda: False,
-        poll_s: float = 0.1, cached_chunks: int = 4,
+        poll_s: float = 0.1, cached_chunks: int = 4, rows: Reader | None = None,
+        ragged: dict[str, str] | None = None,
     ) -> None:
+        """`rows`: the reader whose ids and row count the stage's rows have (a fan-out's children);
+        unset: the job's input. `ragged`: output -> output holding each row's length."""
         super().__init__(spec)
         self.stage_dir = stage_dir
         self._failed = upstream_failed
         self._poll_s = poll_s
-        self._input = open_reader(spec)  # its own handle: the earlier stage reads the same file
+        self._own_input = rows is None
+        self._input = rows if rows is not None else open_reader(spec)  # its own handle: the earlier stage reads it too
+        self._ragged = dict(ragged or {})
         self._lock = threading.RLock()
         self._manifest: Manifest | None = None
         self._cache: OrderedDict[int, tuple[np.ndarray, dict[str, np.ndarray], list[RowError]]] = OrderedDict()
@@ -95,7 +104,25 @@ class StageReader(Reader):
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         pieces = [values[field][a:b] for values, a, b in self._slices(start, stop)]
-        return np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.float32)
+        if not pieces:
+            info = self.fields()[field]
+            return np.zeros((0, *(max(d, 0) for d in info.row_shape)), dtype=info.dtype)
+        return stack_rows(pieces) if len(pieces) > 1 else pieces[0]  # ragged: padded to the longest
+
+    def lengths(self, field: str, start: int, stop: int) -> np.ndarray:
+        """A ragged output's real lengths (from its `ragged` length output), else the base rule."""
+        info = self.fields()[field]
+        if -1 not in info.row_shape:
+            return super().lengths(field, start, stop)
+        if field in self._ragged:
+            return np.asarray(self.read(self._ragged[field], start, stop)).reshape(stop - start, -1)[:, 0].astype(np.int64)
+        return np.full(stop - start, self.read(field, start, stop).shape[1], dtype=np.int64)
+
+    def row_bytes(self, field: str) -> float:
+        info = self.fields()[field]
+        if info.is_bytes:
+            return 256.0
+        return float(info.dtype.itemsize * int(np.prod([d if d >= 0 else 256 for d in info.row_shape])))
 
     def ok(self, start: int, stop: int) -> np.ndarray:
         return np.concatenate([ok[a:b] for ok, a, b in self._slices(start, stop, want_ok=True)])
@@ -107,7 +134,8 @@ class StageReader(Reader):
 
     def close(self) -> None:
         with self._lock:
-            self._input.close()
+            if self._own_input:
+                self._input.close()
             if self._manifest is not None:
                 self._manifest.close()
                 self._manifest = None
@@ -133,9 +161,14 @@ class StageReader(Reader):
         with Part(self.stage_dir / manifest.part_of(index)) as part:
             ok = np.array(part.array("ok"), dtype=bool)
             values = {}
+            stored = set(part.names)
             for name, info in self.fields().items():
-                full = np.zeros((stop - start, *info.row_shape), dtype=info.dtype)
-                full[ok] = part.array(name)
+                # the part's own row shape: a ragged output's (-1) axis is as wide as its chunk's longest row
+                computed = part.array(name) if name in stored else None
+                shape = computed.shape[1:] if computed is not None else tuple(max(d, 0) for d in info.row_shape)
+                full = np.zeros((stop - start, *shape), dtype=info.dtype)
+                if computed is not None:
+                    full[ok] = computed
                 values[name] = full
         entry = (ok, values, manifest.errors(start, stop))
         self._cache[index] = entry
