@@ -122,6 +122,7 @@ class Measured:
     wall_s: float
     cpu_s: float
     peak_rss_mb: float
+    peak_anon_mb: float  # sampled every 10 ms
     ended_at: float  # time.time() when it exited
     sampler: CpuSampler | None
     stdout: str
@@ -134,10 +135,11 @@ def measured(command: list[str], sample: bool = False, timeout: float = 3600.0) 
         process = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO_ROOT)
         sampler = CpuSampler(process.pid, interval=0.05) if sample else None
         deadline = time.monotonic() + timeout
-        peak_kb = 0
+        peak_kb = anon_kb = 0
         try:
             while True:
-                peak_kb = max(peak_kb, high_water_kb(process.pid))
+                high_water, anonymous = memory_kb(process.pid)
+                peak_kb, anon_kb = max(peak_kb, high_water), max(anon_kb, anonymous)
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     break
@@ -159,22 +161,26 @@ def measured(command: list[str], sample: bool = False, timeout: float = 3600.0) 
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{stdout}\n"
                                f"{err.read().decode(errors='replace')[-3000:]}")
-        return Measured(wall, usage.ru_utime + usage.ru_stime, peak_kb / 1024, ended, sampler, stdout)
+        return Measured(wall, usage.ru_utime + usage.ru_stime, peak_kb / 1024, anon_kb / 1024, ended, sampler, stdout)
 
 
-def high_water_kb(pid: int) -> int:
-    """The process's peak RSS so far (VmHWM), 0 once it is gone.
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(peak RSS so far: VmHWM, anonymous RSS now: RssAnon) of a process; zeros once it is gone.
 
     Not wait4's ru_maxrss: Linux carries the parent's RSS at fork over the child's exec into
-    it, so every child of this (100+ MB) process would report at least that."""
+    it, so every child of this (100+ MB) process would report at least that. VmHWM counts the
+    pages of files it maps too (an .npy input is read through a memory map, parts are read back
+    by mmap): RssAnon is the memory the process itself allocated."""
+    values = {}
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+                if line.startswith(("VmHWM:", "RssAnon:")):
+                    key, amount = line.split()[:2]
+                    values[key] = int(amount)
     except (FileNotFoundError, ProcessLookupError, ValueError):
         pass
-    return 0
+    return values.get("VmHWM:", 0), values.get("RssAnon:", 0)
 
 
 def job_for(folder: Path, name: str, data: Path, addresses: list[str], args: argparse.Namespace) -> Path:
@@ -217,6 +223,7 @@ def full_run(job: Path, pids: list[int]) -> dict:
         "wall_s": run.wall_s,
         "cpu_s": run.cpu_s,
         "peak_rss_mb": run.peak_rss_mb,
+        "peak_anon_mb": run.peak_anon_mb,
         "servers_cpu_s": sim_used,
     }
 
@@ -244,6 +251,7 @@ def dispatch_kind(kind: str, rows: int, folder: Path, args: argparse.Namespace) 
         "rows_per_s_at_one_core": round(run["rows"] / cpu, 1),
         "servers_cpu_us_per_request": round(run["servers_cpu_s"] / requests * 1e6, 1),
         "peak_rss_mb": round(run["peak_rss_mb"], 1),
+        "peak_anon_mb": round(run["peak_anon_mb"], 1),
     }
     print(f"dispatch {kind}: {figures}", file=sys.stderr, flush=True)
     return figures
@@ -259,12 +267,14 @@ def phases_at(rows: int, folder: Path, addresses: list[str], pids: list[int], ar
     figures = {
         "rows": rows,
         "chunks": run["chunks"],
-        "plan": {"cpu_s": plan.cpu_s, "wall_s": plan.wall_s, "peak_rss_mb": plan.peak_rss_mb},
+        "plan": {"cpu_s": plan.cpu_s, "wall_s": plan.wall_s, "peak_rss_mb": plan.peak_rss_mb,
+                 "peak_anon_mb": plan.peak_anon_mb},
         "dispatch": {"cpu_s": run["dispatch_cpu_s"], "wall_s": run["dispatch_s"]},
         "merge": {"cpu_s": run["merge_cpu_s"], "wall_s": run["merge_s"]},
         "run": {"cpu_s": run["cpu_s"], "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-                "before_dispatch_cpu_s": run["before_dispatch_cpu_s"]},
-        "resume": {"cpu_s": resume.cpu_s, "wall_s": resume.wall_s, "peak_rss_mb": resume.peak_rss_mb},
+                "peak_anon_mb": run["peak_anon_mb"], "before_dispatch_cpu_s": run["before_dispatch_cpu_s"]},
+        "resume": {"cpu_s": resume.cpu_s, "wall_s": resume.wall_s, "peak_rss_mb": resume.peak_rss_mb,
+                   "peak_anon_mb": resume.peak_anon_mb},
         "output_mb": round(Path(folder / f"phases-{rows}.h5").stat().st_size / 1e6, 1),
     }
     shutil.rmtree(job.with_suffix(".h5.tfjob"))
@@ -295,12 +305,14 @@ def phase_summary(levels: list[dict], base: dict) -> dict:
         first, last = levels[0], levels[-1]
         summary["merge_wall_per_row_ratio"] = round(
             (last["merge"]["wall_s"] / last["rows"]) / (first["merge"]["wall_s"] / first["rows"]), 3)
+    commands = ("plan", "run", "resume")
     for level in levels:
         rows = level["rows"]
-        summary[f"peak_rss_mb_{rows}"] = {name: round(level[name]["peak_rss_mb"], 1)
-                                          for name in ("plan", "run", "resume")}
-    summary["peak_rss_mb_largest"] = round(max(levels[-1][name]["peak_rss_mb"] for name in ("plan", "run", "resume")), 1)
-    summary["peak_rss_mb_1000_rows"] = round(max(base[name]["peak_rss_mb"] for name in ("plan", "run", "resume")), 1)
+        summary[f"peak_rss_mb_{rows}"] = {name: round(level[name]["peak_rss_mb"], 1) for name in commands}
+        summary[f"peak_anon_mb_{rows}"] = {name: round(level[name]["peak_anon_mb"], 1) for name in commands}
+    for key, level in (("largest", levels[-1]), ("1000_rows", base)):
+        summary[f"peak_rss_mb_{key}"] = round(max(level[name]["peak_rss_mb"] for name in commands), 1)
+        summary[f"peak_anon_mb_{key}"] = round(max(level[name]["peak_anon_mb"] for name in commands), 1)
     return summary
 
 

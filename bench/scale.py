@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-ms", default="",
                         help="--light: per-row times (ms, comma-separated) to run the largest size at, too")
     parser.add_argument("--device-seconds", type=float, default=10.0,
-                        help="--light: rows per server = this / ms-per-row (at least 16 requests' worth)")
+                        help="--light: rows per server = this / ms-per-row (at least 4 requests' worth, whole chunks)")
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -91,7 +91,7 @@ def rows_per_server(args: argparse.Namespace, ms_per_row: float) -> int:
     """--rows-per-server, or (--light) each device's --device-seconds of work, whole chunks."""
     if args.rows_per_server:
         return args.rows_per_server
-    rows = max(int(args.device_seconds / (ms_per_row / 1000)), 16 * args.batch)
+    rows = max(int(args.device_seconds / (ms_per_row / 1000)), 4 * args.batch)
     return -(-rows // args.chunk_rows) * args.chunk_rows
 
 
@@ -130,13 +130,14 @@ async def single_server_rate(address: str, batch: int, window: int, requests: in
 
 
 class CpuSampler:
-    """psutil samples (time.time(), user+system seconds) of one process until it exits."""
+    """psutil samples (time.time(), user+system seconds) of one process until it exits, and its peak RSS."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         import psutil
 
         self.process = psutil.Process(pid)
         self.samples: list[tuple[float, float]] = []
+        self.peak_rss = 0  # bytes, the largest RSS sampled
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
         self._thread.start()
 
@@ -146,6 +147,7 @@ class CpuSampler:
         while True:
             try:
                 times = self.process.cpu_times()
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 return
             self.samples.append((time.time(), times.user + times.system))
@@ -273,6 +275,7 @@ def run_level(
         "coordinator_cpu_us_per_row": round(cpu_span / done * 1e6, 2),
         "coordinator_cpu_fraction_of_core": round(cpu_span / span, 3),
         "coordinator_cpu_total_s": round(cpu_total, 2),
+        "coordinator_peak_rss_mb": round(sampler.peak_rss / 1e6, 1),
         # over the whole command: how loaded the machine was, and what the servers spent
         "machine_cpu_busy_fraction": round((after[0] - before[0]) / (after[1] - before[1]), 3),
         "servers_cpu_s_per_request": round((after[2] - before[2]) / (done / args.batch), 5),
