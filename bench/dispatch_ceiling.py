@@ -5,22 +5,26 @@ process) leave only the coordinator's own work. Two parts, one JSON line:
 
 1. **dispatch**, by row kind: 16 floats (`f16`), 320 floats (`f320`, an embedding's width) and
    ragged BYTES protein sequences (`bytes`, FASTA, lognormal lengths, median 300; the model
-   answers 16 floats a row). Each runs `tensorfleet run` over --dispatch-rows rows and reports
-   rows/s and chunks/s over the dispatch span (the job's first lease to its last commit, from its
-   manifest) and the coordinator's CPU per row and per chunk over that span (psutil samples of
-   its process). `rows_per_s_at_one_core` = 1 / CPU per row: the most one coordinator could
-   send if it had a whole core and the servers cost nothing.
+   answers 16 floats a row); `bytes320` and `bytes1280` answer an ESM-2 8M or 650M embedding
+   (320 or 1,280 floats a row) instead. Each runs `tensorfleet run` over --dispatch-rows rows
+   and reports rows/s and chunks/s over the dispatch span (the job's first lease to its last
+   commit, from its manifest) and the coordinator's CPU per row and per chunk over that span
+   (psutil samples of its process). `rows_per_s_at_one_core` = 1 / CPU per row: the most one
+   coordinator could send if it had a whole core and the servers cost nothing.
 2. **phases** at --sizes rows of 16 floats (10^5, 10^6, 10^7): `plan` (`run --dry-run`),
    `dispatch` and `merge` (the same full run: the span above, then from its last commit to the
    process's exit), and `resume` of the finished job (`run --resume` with the output in place:
    input checksum, part checksums, a manifest read). For each: CPU seconds, wall seconds and
-   the process's peak RSS. Per-row figures are net of the same
-   commands on a 1,000-row job in the same run (interpreter start-up, imports, fleet check),
-   and `<phase>_cpu_per_row_ratio` is the net CPU per row at the largest size over the
-   smallest: 1.0 is linear growth.
+   memory. Per-row figures are net of the same commands on a 1,000-row job in the same run
+   (interpreter start-up, imports, fleet check), and `<phase>_cpu_per_row_ratio` is the net CPU
+   per row at the largest size over the smallest: 1.0 is linear growth.
+
+Memory: peak RSS is the process's VmHWM (it counts the pages of files it maps: the .npy input,
+parts read back), peak anonymous RSS the largest RssAnon seen (what it allocated itself); both
+read from /proc every 10 ms until it exits.
 
     python -m bench.dispatch_ceiling                         # dispatch at 10^6 / 2x10^5 rows; phases to 10^7
-    python -m bench.dispatch_ceiling --quick                 # 10^4 rows; phases at 10^4, 10^5
+    python -m bench.dispatch_ceiling --quick                 # 10^4 rows (3 kinds); phases at 10^4, 10^5
     python -m bench.dispatch_ceiling --sizes 100000,1000000,10000000 --kinds f16 --tmp /tmp
 
 Large files (10^7 rows: 640 MB input, as much again in parts and output) go under --tmp and
@@ -55,13 +59,17 @@ KINDS = {
     "f16": ("FP32", (16,), "echo"),
     "f320": ("FP32", (320,), "echo"),
     "bytes": ("BYTES", (), "fp32:16"),
+    # the ESM-2 shapes: sequences in, one embedding out (8M: 320 wide; 650M: 1,280 wide)
+    "bytes320": ("BYTES", (), "fp32:320"),
+    "bytes1280": ("BYTES", (), "fp32:1280"),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kinds", default="f16,f320,bytes", help=f"row kinds for the dispatch part ({', '.join(KINDS)})")
-    parser.add_argument("--dispatch-rows", default="f16=1000000,f320=200000,bytes=200000",
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"row kinds for the dispatch part ({', '.join(KINDS)})")
+    parser.add_argument("--dispatch-rows",
+                        default="f16=1000000,f320=200000,bytes=200000,bytes320=200000,bytes1280=100000",
                         help="rows per kind for the dispatch part (KIND=N,...; or one N for all)")
     parser.add_argument("--sizes", default="100000,1000000,10000000",
                         help="rows of 16 floats for the phase part, comma-separated ('' skips it)")
@@ -70,10 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per checkpointed chunk")
     parser.add_argument("--window", type=int, default=4, help="requests in flight per server")
     parser.add_argument("--tmp", type=Path, default=None, help="where the inputs, parts and outputs go")
-    parser.add_argument("--quick", action="store_true", help="10^4 rows a kind, phases at 10^4 and 10^5")
+    parser.add_argument("--quick", action="store_true",
+                        help="10^4 rows of f16, f320 and bytes; phases at 10^4 and 10^5")
     args = parser.parse_args(argv)
     if args.quick:
-        args.dispatch_rows, args.sizes = "10000", "10000,100000"
+        args.kinds, args.dispatch_rows, args.sizes = "f16,f320,bytes", "10000", "10000,100000"
     return args
 
 

@@ -33,7 +33,7 @@ each its own port, queue and virtual clock, the real gRPC protocol), so the flee
 largest size again at each per-row time, to find the fastest device one coordinator keeps
 >= 0.95 busy; rows per server then follow --device-seconds (each device's work at full speed).
 
-    python -m bench.scale --light --servers 256,1000 --ms-per-row 2.5 --sweep-ms 5,10,20,40
+    python -m bench.scale --light --servers 256,1000 --ms-per-row 2.5 --sweep-ms 5,10,20 --batch 256 --chunk-rows 1024
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-ms", default="",
                         help="--light: per-row times (ms, comma-separated) to run the largest size at, too")
     parser.add_argument("--device-seconds", type=float, default=10.0,
-                        help="--light: rows per server = this / ms-per-row (at least 4 requests' worth, whole chunks)")
+                        help="--light: rows per server = this / ms-per-row (at least 3 chunks and 4 requests, whole chunks)")
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -91,7 +91,9 @@ def rows_per_server(args: argparse.Namespace, ms_per_row: float) -> int:
     """--rows-per-server, or (--light) each device's --device-seconds of work, whole chunks."""
     if args.rows_per_server:
         return args.rows_per_server
-    rows = max(int(args.device_seconds / (ms_per_row / 1000)), 4 * args.batch)
+    # at least 3 chunks a server: with one, the queue is empty from the start and the whole level
+    # is the tail (every idle server stealing requests), not the steady state measured here
+    rows = max(int(args.device_seconds / (ms_per_row / 1000)), 4 * args.batch, 3 * args.chunk_rows)
     return -(-rows // args.chunk_rows) * args.chunk_rows
 
 
