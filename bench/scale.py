@@ -25,6 +25,15 @@ reported too.
 
     python -m bench.scale                                    # 8, 32, 64 servers at 2 ms/row
     python -m bench.scale --servers 8,32 --rows-per-server 4096
+
+`--light`: the servers are simulated devices hosted many to a process (`bench/sim_devices.py`:
+each its own port, queue and virtual clock, the real gRPC protocol), so the fleet reaches 256 and
+1,000 servers on a 2-core machine. Busy is then each device's simulated compute over the span
+(no sleep slips: a device idles only while nothing of it is queued). `--sweep-ms` runs the
+largest size again at each per-row time, to find the fastest device one coordinator keeps
+>= 0.95 busy; rows per server then follow --device-seconds (each device's work at full speed).
+
+    python -m bench.scale --light --servers 256,1000 --ms-per-row 2.5 --sweep-ms 5,10,20 --batch 256 --chunk-rows 1024
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import argparse
 import asyncio
 import datetime
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -56,15 +66,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpointed chunk")
     parser.add_argument("--window", type=int, default=4, help="requests in flight per server")
     parser.add_argument(
-        "--rows-per-server", type=int, default=4096,
-        help="input rows per server per level (4096: a 9 s dispatch span at 64 servers, so the "
-        "0.3 s it takes to start 64 streams is not most of what is measured)",
+        "--rows-per-server", type=int, default=None,
+        help="input rows per server per level (default 4096: a 9 s dispatch span at 64 servers, so the "
+        "0.3 s it takes to start 64 streams is not most of what is measured; with --light: from "
+        "--device-seconds)",
     )
+    parser.add_argument("--light", action="store_true",
+                        help="simulated devices many to a process (bench/sim_devices.py) instead of a process each")
+    parser.add_argument("--sim-processes", type=int, default=1, help="--light: processes hosting the devices")
+    parser.add_argument("--sweep-ms", default="",
+                        help="--light: per-row times (ms, comma-separated) to run the largest size at, too")
+    parser.add_argument("--device-seconds", type=float, default=10.0,
+                        help="--light: rows per server = this / ms-per-row (at least 3 chunks and 4 requests, whole chunks)")
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
-        args.servers, args.rows_per_server = "2", 512
+        args.servers, args.rows_per_server = ("16" if args.light else "2"), 512
+    if args.rows_per_server is None and not args.light:
+        args.rows_per_server = 4096
     return args
+
+
+def rows_per_server(args: argparse.Namespace, ms_per_row: float) -> int:
+    """--rows-per-server, or (--light) each device's --device-seconds of work, whole chunks."""
+    if args.rows_per_server:
+        return args.rows_per_server
+    # at least 3 chunks a server: with one, the queue is empty from the start and the whole level
+    # is the tail (every idle server stealing requests), not the steady state measured here
+    rows = max(int(args.device_seconds / (ms_per_row / 1000)), 4 * args.batch, 3 * args.chunk_rows)
+    return -(-rows // args.chunk_rows) * args.chunk_rows
 
 
 async def model_seconds(addresses: list[str]) -> np.ndarray:
@@ -102,13 +132,14 @@ async def single_server_rate(address: str, batch: int, window: int, requests: in
 
 
 class CpuSampler:
-    """psutil samples (time.time(), user+system seconds) of one process until it exits."""
+    """psutil samples (time.time(), user+system seconds) of one process until it exits, and its peak RSS."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         import psutil
 
         self.process = psutil.Process(pid)
         self.samples: list[tuple[float, float]] = []
+        self.peak_rss = 0  # bytes, the largest RSS sampled
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
         self._thread.start()
 
@@ -118,6 +149,7 @@ class CpuSampler:
         while True:
             try:
                 times = self.process.cpu_times()
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 return
             self.samples.append((time.time(), times.user + times.system))
@@ -180,7 +212,7 @@ def run_level(
     import subprocess
 
     count = len(addresses)
-    rows = count * args.rows_per_server
+    rows = count * rows_per_server(args, args.ms_per_row)
     data = workdir / f"input-{count}.npy"
     np.save(data, np.arange(rows * 4, dtype=np.float32).reshape(rows, 4))
     job = write_job(
@@ -191,7 +223,7 @@ def run_level(
             "model": {"name": MODEL, "servers": addresses},
             "output": {"path": str(workdir / f"out-{count}.h5")},
             "chunking": {"batch_rows": args.batch, "chunk_rows": args.chunk_rows},
-            "policy": {"window": args.window},
+            "policy": {"window": args.window, "shared_memory": not args.light},
         },
     )
     job_dir = workdir / f"out-{count}.h5.tfjob"
@@ -225,8 +257,10 @@ def run_level(
     busy = model_time[:, 1] / span
     cpu_span = sampler.at(last) - sampler.at(first)
     cpu_total = sampler.samples[-1][1] if sampler.samples else float("nan")
+    data.unlink()
     return {
         "servers": count,
+        "ms_per_row": args.ms_per_row,
         "rows": done,
         "chunks": chunks,
         "dispatch_s": round(span, 3),
@@ -240,11 +274,14 @@ def run_level(
         "alone_model_ms_per_request": per_server["model_ms_per_request"],
         "first_lease_spread_s": round(times["lease_spread_s"], 3),
         "coordinator_cpu_s_per_chunk": round(cpu_span / chunks, 5),
+        "coordinator_cpu_us_per_row": round(cpu_span / done * 1e6, 2),
         "coordinator_cpu_fraction_of_core": round(cpu_span / span, 3),
         "coordinator_cpu_total_s": round(cpu_total, 2),
+        "coordinator_peak_rss_mb": round(sampler.peak_rss / 1e6, 1),
         # over the whole command: how loaded the machine was, and what the servers spent
         "machine_cpu_busy_fraction": round((after[0] - before[0]) / (after[1] - before[1]), 3),
         "servers_cpu_s_per_request": round((after[2] - before[2]) / (done / args.batch), 5),
+        "servers_cpu_fraction_of_core": round((after[2] - before[2]) / wall, 3),
     }
 
 
@@ -266,6 +303,8 @@ async def warm_every_server(addresses: list[str], batch: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = [int(s) for s in args.servers.split(",")]
+    if args.light:
+        return light_main(args, sizes)
     overrides = {"max_batch_size": args.batch, "parameters": {"ms_per_row": args.ms_per_row}}
     with tempfile.TemporaryDirectory(prefix="tf-bench-scale-") as tmp:
         workdir = Path(tmp)
@@ -274,20 +313,30 @@ def main(argv: list[str] | None = None) -> int:
         with fleet(repository, max(sizes), "--model", MODEL, threads=None) as servers:
             startup = time.perf_counter() - started
             addresses = [server.address for server in servers]
-            requests = max(8, int(2.0 / (args.batch * args.ms_per_row / 1000)))  # about 2 s
-            per_server = asyncio.run(
-                single_server_rate(addresses[0], args.batch, args.window, requests)
-            )
-            asyncio.run(warm_every_server(addresses, args.batch))
+            per_server = measure_one_server(args, addresses)
             pids = [server.pid for server in servers]
             levels = [
                 run_level(args, addresses[:size], workdir, per_server, pids[:size])
                 for size in sizes
             ]
+    emit(scale_record(args, startup, per_server, levels))
+    return 0
+
+
+def measure_one_server(args: argparse.Namespace, addresses: list[str]) -> dict:
+    """One server's rate driven alone by the SDK; then every server warmed once."""
+    requests = max(8, int(2.0 / (args.batch * args.ms_per_row / 1000)))  # about 2 s
+    per_server = asyncio.run(single_server_rate(addresses[0], args.batch, args.window, requests))
+    asyncio.run(warm_every_server(addresses, args.batch))
+    return per_server
+
+
+def scale_record(args: argparse.Namespace, startup: float, per_server: dict, levels: list[dict]) -> dict:
     record = {
         "bench": "scale",
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
+        "servers_kind": "simulated devices, many to a process" if args.light else "one process each",
         "ms_per_row": args.ms_per_row,
         "batch_rows": args.batch,
         "chunk_rows": args.chunk_rows,
@@ -301,6 +350,47 @@ def main(argv: list[str] | None = None) -> int:
         record[f"busy_{level['servers']}"] = level["busy"]
         record[f"throughput_ratio_{level['servers']}"] = level["throughput_ratio"]
         record[f"cpu_s_per_chunk_{level['servers']}"] = level["coordinator_cpu_s_per_chunk"]
+    return record
+
+
+def light_main(args: argparse.Namespace, sizes: list[int]) -> int:
+    """--light: the sizes at --ms-per-row, then the largest at each --sweep-ms, one device process
+    (or --sim-processes) per per-row time."""
+    from bench.sim_devices import SimModel, sim_fleet
+
+    sweep = [float(ms) for ms in args.sweep_ms.split(",") if ms]
+    model = SimModel(MODEL, args.batch, "FP32", (4,), "echo")
+    levels: list[dict] = []
+    sweep_levels: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="tf-bench-scale-") as tmp:
+        for ms in [args.ms_per_row, *sweep]:
+            level_args = argparse.Namespace(**{**vars(args), "ms_per_row": ms})
+            workdir = Path(tmp) / f"ms-{ms}"
+            workdir.mkdir()
+            with sim_fleet(max(sizes), ms, model, processes=args.sim_processes) as devices:
+                per_server = measure_one_server(level_args, devices.addresses)
+                if ms == args.ms_per_row and not levels:
+                    startup, first = devices.startup_s, per_server
+                    for size in sizes:
+                        levels.append(run_level(level_args, devices.addresses[:size], workdir, per_server,
+                                                devices.pids))
+                        print(f"scale --light: {levels[-1]}", file=sys.stderr, flush=True)
+                else:
+                    sweep_levels.append(run_level(level_args, devices.addresses, workdir, per_server, devices.pids))
+                    print(f"scale --light sweep: {sweep_levels[-1]}", file=sys.stderr, flush=True)
+    record = scale_record(args, startup, first, levels)
+    record["fleet_processes"] = args.sim_processes
+    if sweep_levels:
+        largest = max(sizes)
+        at_largest = sorted([*(lv for lv in levels if lv["servers"] == largest), *sweep_levels],
+                            key=lambda lv: lv["ms_per_row"])
+        record["sweep"] = sweep_levels
+        for level in at_largest:
+            record[f"busy_{largest}_at_{level['ms_per_row']:g}ms"] = level["busy"]
+        kept = [lv["ms_per_row"] for lv in at_largest if lv["busy"] >= 0.95]
+        missed = [lv["ms_per_row"] for lv in at_largest if lv["busy"] < 0.95]
+        record[f"fastest_ms_per_row_kept_busy_{largest}"] = min(kept) if kept else None
+        record[f"slowest_ms_per_row_missed_{largest}"] = max(missed) if missed else None
     emit(record)
     return 0
 
