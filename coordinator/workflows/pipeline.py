@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..engine.job import (
@@ -99,6 +100,12 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
     started = time.monotonic()
 
     fleets = [ModelFleet(stage.model, dirs[i] / "servers", spec.policy.server_wait_s) for i, stage in enumerate(spec.stages)]
+    if options.shard is not None and not all((d / MANIFEST_NAME).is_file() for d in dirs):
+        from .sharded import common_chunk_unit
+
+        # one unit for every stage: each stage's slice holds the rows the one before it computed
+        unit = common_chunk_unit([(_stage_job(spec, i, d), fleets[i].info()) for i, d in enumerate(dirs)])
+        options = replace(options, shard=replace(options.shard, unit=unit))
 
     def stage_run(index: int) -> None:
         reader: Reader | None = None
@@ -131,7 +138,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
                     planning = _declared_reader(spec, index, planning_input, fleets)
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume, limit=options.limit,  # failed chunks reopened above
-                progress_stream=options.progress_stream if last else _Quiet(),
+                progress_stream=options.progress_stream if last else _Quiet(), shard=options.shard,
             )
             ctx = RunContext(sub, reader, sub_options, output, dirs[index], fleet,
                              _stage_hooks(spec, dirs, last, wrap_commit), plan_reader=planning)
