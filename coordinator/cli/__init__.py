@@ -4,7 +4,7 @@ Every `--some-option` can also be set by the environment variable TENSORFLEET_SO
 (see apply_environment); a value on the command line wins.
 
 Start-up is kept short (a warm fleet's first result should come within a second): this module
-imports only the standard library, `run`, `status` and `schema` build a parser without the
+imports only the standard library, `run`, `merge`, `status` and `schema` build a parser without the
 other subcommands (slurm, top, the coordinator service) and so never import them, and each
 command imports only what it uses (tests/coordinator/test_lazy_imports.py guards this), with
 the cyclic garbage collector paused until those imports are done (see _started).

@@ -4,11 +4,11 @@ Each row names a subcommand and the function that adds its parser; a layer contr
 parser (the SLURM submitter in fleet/, `top` in service/, the service clients in service_cli.py),
 but a command exists only once it has a row here. A new command is one row and one `add_*`
 function; its parser sets `handler` (a function of the parsed args returning an exit code) unless
-it is one of the commands main() runs itself (run, status, schema; serve and doctor are handed to
+it is one of the commands main() runs itself (run, merge, status, schema; serve and doctor are handed to
 the model server's process).
 
 Rows marked `core` are added by functions in this module (standard library only): a command line
-starting with run, status or schema builds a parser of those rows alone, so `tensorfleet run`
+starting with run, merge, status or schema builds a parser of those rows alone, so `tensorfleet run`
 never imports the modules of the others (tests/coordinator/test_lazy_imports.py).
 """
 
