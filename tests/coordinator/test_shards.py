@@ -242,3 +242,30 @@ def test_an_in_context_job_shards(tmp_path):
     for name in expected.layers:
         assert np.asarray(actual.layers[name]).tobytes() == np.asarray(expected.layers[name]).tobytes(), name
 
+
+
+def test_retry_failed_recomputes_the_failed_chunks_of_one_shard_or_of_every_shard(tmp_path):
+    folder = tmp_path / "job"
+    folder.mkdir()
+    records = make_fasta(folder / "in.fasta", 100, poison={10, 70})  # in chunk 0 (shard 0) and chunk 2 (shard 1)
+    row_of = {sequence: row for row, (_, sequence) in enumerate(records)}
+    job = write_job(folder / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
+                    output={"path": "out.h5"}, chunking={"chunk_rows": 32, "batch_rows": 32})
+    for index in (0, 1):
+        assert run_tensorfleet("run", job, "--shard", f"{index}/2").returncode == 1  # failed rows: exit 1
+    with h5py.File(folder / "out.h5") as handle:
+        failed = set(np.nonzero(~handle["ok"][()])[0].tolist())
+    assert {10, 70} <= failed <= set(range(0, 32)) | set(range(64, 96)), failed
+
+    def chunks_sent(log: Path) -> set[int]:
+        return {row_of[line] // 32 for line in log.read_text().split()}
+
+    log = tmp_path / "rows-shard.log"
+    one = run_tensorfleet("run", job, "--shard", "1/2", "--retry-failed", env={"TF_TEST_ROW_LOG": str(log)})
+    assert one.returncode == 1 and "computing again 1 chunk(s)" in one.stderr, one.stderr
+    assert chunks_sent(log) == {2}  # shard 1's failed chunk only; shard 0 untouched
+    log = tmp_path / "rows-whole.log"
+    whole = run_tensorfleet("run", job, "--retry-failed", env={"TF_TEST_ROW_LOG": str(log)})
+    assert whole.returncode == 1 and whole.stderr.count("computing again 1 chunk(s)") == 2, whole.stderr
+    assert chunks_sent(log) == {0, 2}  # every shard's failed chunk, nothing else
+    assert "output: " in whole.stdout
