@@ -254,7 +254,7 @@ def test_retry_failed_recomputes_the_failed_chunks_of_one_shard_or_of_every_shar
     records = make_fasta(folder / "in.fasta", 100, poison={10, 70})  # in chunk 0 (shard 0) and chunk 2 (shard 1)
     row_of = {sequence: row for row, (_, sequence) in enumerate(records)}
     job = write_job(folder / "job.yaml", input={"path": "in.fasta"}, model=local_model("embed"),
-                    output={"path": "out.h5"}, chunking={"chunk_rows": 32, "batch_rows": 32})
+                    output={"path": "out.h5"}, chunking={"chunk_rows": 32, "batch_rows": 16})
     for index in (0, 1):
         assert run_tensorfleet("run", job, "--shard", f"{index}/2").returncode == 1  # failed rows: exit 1
     with h5py.File(folder / "out.h5") as handle:
