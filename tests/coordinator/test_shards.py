@@ -151,9 +151,18 @@ def test_a_killed_shard_continues_and_the_merge_waits_for_it_by_name(tmp_path, s
     status = run_tensorfleet("status", top)
     assert "shard 1/3 (stopped" in status.stdout and "merge: waiting for shards" in status.stdout, status.stdout
 
-    resumed = run_tensorfleet("run", job, "--shard", "1/3", env={"TF_TEST_ROW_LOG": str(second_log)})
-    assert resumed.returncode == 0, resumed.stderr
-    assert "output: " in resumed.stdout, resumed.stdout  # the last shard to finish merged
+    waiting = start_tensorfleet("merge", job, "--wait", log=tmp_path / "merge-wait.log")  # as a merge Job would
+    try:
+        resumed = run_tensorfleet("run", job, "--shard", "1/3", env={"TF_TEST_ROW_LOG": str(second_log)})
+        assert resumed.returncode == 0, resumed.stderr
+        assert "output: " in resumed.stdout, resumed.stdout  # the last shard to finish merged (or found it merged)
+        assert waiting.wait(120) == 0, (tmp_path / "merge-wait.log").read_text()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(30)
+    merge_log = (tmp_path / "merge-wait.log").read_text()
+    assert "waiting for shard 1/3" in merge_log and "output: " in merge_log, merge_log
     expected, actual = _h5(tmp_path / "one" / "out.h5"), _h5(tmp_path / "sharded" / "out.h5")
     for name, values in expected.items():
         assert actual[name] == values, name
