@@ -4,7 +4,7 @@ Every `--some-option` can also be set by the environment variable TENSORFLEET_SO
 (see apply_environment); a value on the command line wins.
 
 Start-up is kept short (a warm fleet's first result should come within a second): this module
-imports only the standard library, `run`, `status` and `schema` build a parser without the
+imports only the standard library, `run`, `merge`, `status` and `schema` build a parser without the
 other subcommands (slurm, top, the coordinator service) and so never import them, and each
 command imports only what it uses (tests/coordinator/test_lazy_imports.py guards this), with
 the cyclic garbage collector paused until those imports are done (see _started).
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             _started()
             return _status(args.job_dir, args.json)
+        if args.command == "merge":
+            _started()
+            from ..workflows.run_command import merge_and_report
+
+            return merge_and_report(args.job, args.job_dir, args.limit, args.wait)
         return _run(args)
     finally:
         _started()
@@ -122,10 +127,19 @@ def _run(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(levelname)s %(message)s"
     )
     signal.signal(signal.SIGTERM, _interrupt)
+    shard = None
+    if args.shard:
+        from ..engine.shard_plan import parse_shard
+
+        try:
+            shard = parse_shard(args.shard)
+        except api.JobFatal as error:
+            print(f"tensorfleet: error: {error}", file=sys.stderr)
+            return EXIT_FATAL
     options = api.RunOptions(
         job_dir=args.job_dir, resume=args.resume or args.retry_failed, restart=args.restart, dry_run=args.dry_run,
         limit=args.limit, retry_failed=args.retry_failed,
-        servers=names(args.servers), models=names(args.models),
+        servers=names(args.servers), models=names(args.models), shard=shard,
     )
     from ..workflows.run_command import run_and_report
 
@@ -149,6 +163,11 @@ def _status(job_dir: Path, as_json: bool) -> int:
     if report is None:
         print(f"tensorfleet: error: {job_dir} holds no job (no manifest.sqlite or workflow.json)", file=sys.stderr)
         return EXIT_FATAL
+    if report["kind"] == "sharded" and not as_json:
+        from ..engine.shard_status import format_sharded
+
+        print(format_sharded(report))
+        return EXIT_OK
     print(json.dumps(report, indent=1, sort_keys=True) if as_json else format_status(report))
     return EXIT_OK
 

@@ -4,11 +4,11 @@ Each row names a subcommand and the function that adds its parser; a layer contr
 parser (the SLURM submitter in fleet/, `top` in service/, the service clients in service_cli.py),
 but a command exists only once it has a row here. A new command is one row and one `add_*`
 function; its parser sets `handler` (a function of the parsed args returning an exit code) unless
-it is one of the commands main() runs itself (run, status, schema; serve and doctor are handed to
+it is one of the commands main() runs itself (run, merge, status, schema; serve and doctor are handed to
 the model server's process).
 
 Rows marked `core` are added by functions in this module (standard library only): a command line
-starting with run, status or schema builds a parser of those rows alone, so `tensorfleet run`
+starting with run, merge, status or schema builds a parser of those rows alone, so `tensorfleet run`
 never imports the modules of the others (tests/coordinator/test_lazy_imports.py).
 """
 
@@ -37,7 +37,18 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--servers", help="comma-separated host:port list; replaces every model's servers/local "
                      "(the servers must serve every model the job uses)")
     run.add_argument("--models", help="models x sources jobs: comma-separated names of the models to run")
+    run.add_argument("--shard", metavar="I/N", help="run shard I (0 to N-1) of N: one contiguous slice of the plan, "
+                     "in the same job folder; the last shard to finish merges (docs/deploy.md)")
     run.add_argument("-v", "--verbose", action="store_true", help="log server events")
+
+
+def add_merge(sub: argparse._SubParsersAction) -> None:
+    merge = sub.add_parser("merge", help="merge a sharded job's shards into its one output (every shard complete)")
+    merge.add_argument("job", type=Path, help="job file (YAML) run with --shard I/N")
+    merge.add_argument("--job-dir", type=Path, help="checkpoint folder (default: as `tensorfleet run`)")
+    merge.add_argument("--limit", type=int, help="the shards' --limit, if they ran with one")
+    merge.add_argument("--wait", action="store_true",
+                       help="wait until every shard is complete, then merge (a merge Job started beside the shards)")
 
 
 def add_status(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +111,7 @@ class Command:
 #: then the model server's own commands.
 COMMANDS: tuple[Command, ...] = (
     Command("run", add_run, core=True),
+    Command("merge", add_merge, core=True),
     Command("status", add_status, core=True),
     Command("schema", add_schema, core=True),
     Command("slurm", add_slurm),
@@ -118,7 +130,7 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 #: A command line starting with one of these builds the parser of the `core` rows alone.
-CORE_COMMANDS = frozenset({"run", "status", "schema"})
+CORE_COMMANDS = frozenset({"run", "merge", "status", "schema"})
 
 #: Subcommands that belong to the server side: the process is handed over to them, so the
 #: coordinator never imports `tensorfleet.services`.

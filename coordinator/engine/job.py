@@ -65,6 +65,7 @@ from .run_types import (
     default_job_dir,
     final_output_path,
 )
+from .shard_plan import slice_plan, write_record
 
 __all__ = [
     "JobFatal", "RunContext", "RunOptions", "RunResult", "StageHooks", "default_job_dir", "describe_plan",
@@ -99,7 +100,10 @@ def plan_fresh(ctx: RunContext) -> Planned:
     info = ctx.fleet.info()
     adapted = adapt_run(ctx, info)  # duplicate ids, over-length rows, gene alignment: before any server
     plan, fields = plan_run(ctx.spec, adapted.planned_from, info, ctx.options.limit)
-    return Planned(plan, fields, adapted, pending=True)
+    if ctx.options.shard is not None:  # --shard I/N: this shard's chunks of the whole plan
+        plan = slice_plan(plan, ctx.options.shard)
+        write_record(ctx.job_dir, ctx.options.shard, plan, info)
+    return Planned(plan, fields, adapted, pending=bool(plan.chunks) or ctx.options.shard is None)
 
 
 def check_resumed(ctx: RunContext, manifest: Manifest) -> Planned:
@@ -109,7 +113,8 @@ def check_resumed(ctx: RunContext, manifest: Manifest) -> Planned:
     if ctx.options.retry_failed:
         reopen_failed_chunks(ctx.job_dir, manifest)
     pending = len(manifest.done_chunks()) < manifest.counts()["chunks"]
-    if finished_unchanged(ctx, manifest):
+    if finished_unchanged(ctx, manifest) or (ctx.options.shard is not None and ctx.options.shard.merge_only):
+        # (`tensorfleet merge` asks no model: the shards planned alike, engine/shards.py checks it)
         return Planned(None, dict(manifest.plan_settings().get("fields", {})), None, pending)
     info = ctx.fleet.info()
     adapted = adapt_run(ctx, info)
@@ -137,6 +142,8 @@ def run_one(ctx: RunContext) -> RunResult:
     try:
         write_state(ctx, "starting")
         planned = check_resumed(ctx, manifest) if manifest is not None else plan_fresh(ctx)
+        if planned.pending and ctx.options.shard is not None and ctx.options.shard.merge_only:
+            raise JobFatal(f"{ctx.job_dir} has chunks to compute; run its shard again before the merge")
         serving = start_fleet(ctx, planned) if planned.pending else None
         if serving is not None and manifest is None:
             manifest = new_manifest(ctx)
@@ -145,6 +152,10 @@ def run_one(ctx: RunContext) -> RunResult:
         elif serving is not None:
             assert manifest is not None
             check_build(manifest, serving.info)
+        elif manifest is None:  # a shard with no rows (fewer chunks than shards): recorded, no server started
+            manifest = new_manifest(ctx)
+            record_plan(manifest, ctx, planned, Serving((), ctx.fleet.info(), {}, planned.fields, planned.adapted))
+            planned_in_manifest = True
         assert manifest is not None
         return execute(ctx, manifest, planned, serving)
     except BaseException as error:
@@ -191,6 +202,10 @@ def execute(ctx: RunContext, manifest: Manifest, planned: Planned, serving: Serv
         failed = manifest.counts()["rows_failed"]
         return noted(ctx, adapted, RunResult(None, ctx.job_dir, counts["rows"], failed, dispatched.rows_computed,
                                              dispatched.seconds, servers=servers))
+    if ctx.options.shard is not None:  # the merge reads every shard's parts (engine/shards.py)
+        from .shards import finish_shard
+
+        return noted(ctx, adapted, finish_shard(ctx, manifest, adapted, serving, dispatched, servers))
     unchanged = unchanged_output(ctx, manifest, dispatched)
     if unchanged is not None:
         return noted(ctx, adapted, unchanged)

@@ -24,6 +24,7 @@ from .adapt import InputReport
 from .manifest import MANIFEST_NAME
 from .planner import Plan
 from .progress import Progress
+from .shard_plan import ShardRole
 
 #: A prompt put once per stream: (context id, tensors).
 Context = tuple[str, dict[str, np.ndarray]]
@@ -44,6 +45,8 @@ class RunOptions:
     models: list[str] | None = None
     #: With resume: the committed chunks holding failed rows are computed again.
     retry_failed: bool = False
+    #: `--shard I/N`: this run computes one contiguous slice of the plan (engine/shard_plan.py).
+    shard: ShardRole | None = None
 
 
 @dataclass

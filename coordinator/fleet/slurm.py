@@ -69,6 +69,7 @@ def render_batch_script(
     drain_wait: float = 60.0,
     container: Path | str | None = None,
     container_runtime: str = "apptainer",
+    shards: int | None = None,
 ) -> str:
     """One sbatch script: `gpus` servers (CPU servers with devices='cpu'), then the job on them.
 
@@ -77,6 +78,8 @@ def render_batch_script(
 
     The model repository and extra server arguments come from the job's `model.local`
     unless given here; every path in the script is absolute, since steps run on other nodes.
+    With `shards`, the script is a job array: task I runs shard I of the job on its own servers
+    (`tensorfleet run JOB --shard I/N`, slurm_shards.py adds the merge job after it).
     """
     from ..spec import SpecError
     from ..spec.kinds import load_job, models_of, tools_of
@@ -135,7 +138,11 @@ def render_batch_script(
         sbatch.append(f"--account={account}")
     if time:
         sbatch.append(f"--time={_sbatch_time(time)}")
-    sbatch.append(f"--output={run_root}/slurm-%j.out")
+    if shards:  # one array task per shard; each its own servers, run folder and log
+        sbatch.append(f"--array=0-{int(shards) - 1}")
+        sbatch.append(f"--output={run_root}/slurm-%A_%a.out")
+    else:
+        sbatch.append(f"--output={run_root}/slurm-%j.out")
 
     device = "cuda:0" if devices == "cuda" else "cpu"  # cuda:0 = the one GPU SLURM gave the task
     # Other nodes reach the servers, so they listen beyond loopback and require a token (below).
@@ -157,6 +164,8 @@ def render_batch_script(
         'export TENSORFLEET_TOKEN_FILE="$RUN_DIR/token" TENSORFLEET_SERVER_TOKEN_FILE="$RUN_DIR/token"',
     ]
     run = ["run", '"$JOB"', '--servers "$SERVER_LIST"', *(_q(a) for a in (run_args or []))]
+    if shards:
+        run.append(f'--shard "$SLURM_ARRAY_TASK_ID/{int(shards)}"')
 
     lines = [
         "#!/bin/bash",
@@ -169,7 +178,8 @@ def render_batch_script(
         "",
         f"PYTHON=({' '.join(_q(part) for part in launcher)})",
         f"JOB={_q(job_path)}",
-        f'RUN_DIR={_q(run_root)}/"job-${{SLURM_JOB_ID:-$$}}"',
+        (f'RUN_DIR={_q(run_root)}/"job-${{SLURM_ARRAY_JOB_ID:-$$}}_${{SLURM_ARRAY_TASK_ID:-0}}"' if shards else
+         f'RUN_DIR={_q(run_root)}/"job-${{SLURM_JOB_ID:-$$}}"'),
         'HOSTFILE="$RUN_DIR/servers"',
         'mkdir -p "$RUN_DIR" && : > "$HOSTFILE" || exit 2',
         "export PYTHONUNBUFFERED=1",
@@ -258,6 +268,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--python", default=sys.executable, help="python that runs the steps")
     parser.add_argument("--container", type=Path, default=env("TENSORFLEET_CONTAINER"),
                         help="run every step in this Apptainer image (built from deploy/apptainer)")
+    parser.add_argument("--shards", type=int, default=None, metavar="N",
+                        help="run the job as N shards: a job array (each task its own --gpus servers and "
+                        "`tensorfleet run --shard I/N`) and a merge job after it (docs/deploy.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
     parser.set_defaults(handler=run_subcommand)
     return parser
@@ -272,7 +285,12 @@ def run_subcommand(args: argparse.Namespace) -> int:
             devices="cpu" if args.cpu else "cuda", model_repository=args.model_repository,
             run_dir=args.run_dir, account=args.account, mem_per_cpu=args.mem_per_cpu,
             run_args=run_args, startup_timeout=args.startup_timeout, container=args.container,
+            shards=_shards(args),
         )
+        if args.shards:
+            from .slurm_shards import submit_sharded
+
+            return submit_sharded(args, script, submit, _script_dir)
         if args.dry_run:
             print(script, end="")
             return EXIT_OK
@@ -288,6 +306,13 @@ def run_subcommand(args: argparse.Namespace) -> int:
         return EXIT_FATAL
     print(f"submitted batch job {job_id} (script {path}); follow it with: squeue -j {job_id}")
     return EXIT_OK
+
+
+def _shards(args: argparse.Namespace) -> int | None:
+    shards = getattr(args, "shards", None)
+    if shards is not None and shards < 1:
+        raise SlurmError("--shards must be at least 1")
+    return shards
 
 
 def _script_dir(script: str) -> Path:

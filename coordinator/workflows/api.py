@@ -31,7 +31,8 @@ from ..spec.kinds import (
     with_servers,
 )
 
-__all__ = ["JobFatal", "RunOptions", "RunResult", "load", "parse", "locations", "plan", "run", "resume", "status"]
+__all__ = ["JobFatal", "RunOptions", "RunResult", "load", "locations", "merge", "parse", "plan", "resume", "run",
+           "status"]
 
 
 def load(path: Path | str, servers: list[str] | None = None) -> AnyJob:
@@ -78,6 +79,27 @@ def run(spec: AnyJob, options: RunOptions) -> RunResult:
         spec = with_servers(spec, options.servers)
     if options.models and not isinstance(spec, SweepSpec):
         raise JobFatal(f"--models picks models of a models x sources job; this job is {kind_of(spec)}")
+    if not options.dry_run:  # --shard I/N, or a sharded job folder (workflows/sharded.py)
+        from .sharded import run_sharded
+
+        sharded = run_sharded(spec, options, locations(spec, replace(options, shard=None))[1], _run_kind)
+        if sharded is not None:
+            return sharded
+    return _run_kind(spec, options)
+
+
+def merge(spec: AnyJob, options: RunOptions, wait: bool = False) -> RunResult:
+    """`tensorfleet merge`: a sharded job's one output, once every shard is complete (JobFatal naming
+    the shards that are not; with `wait`, once they are)."""
+    from .sharded import merge_shards
+
+    if options.servers:
+        spec = with_servers(spec, options.servers)
+    return merge_shards(spec, options, locations(spec, options)[1], _run_kind, wait=wait)
+
+
+def _run_kind(spec: AnyJob, options: RunOptions) -> RunResult:
+    """The job, of its kind, in options.job_dir (a shard's folder for a sharded job)."""
     spec, remote = _localize(spec, options)
     if options.dry_run:
         result = _runner(spec)(spec, options)
@@ -114,9 +136,10 @@ def _runner(spec: AnyJob):
 
 def status(job_dir: Path) -> dict[str, Any] | None:
     """Progress of the job in `job_dir` (any kind; for workflows one entry per part and a total); None: no job."""
+    from ..engine.shard_status import sharded_status
     from ..engine.status import job_status
 
-    return job_status(job_dir)
+    return sharded_status(job_dir) or job_status(job_dir)
 
 
 # --- object storage -------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
             context = _prompt_context(spec.name, run, prompt)
             with open_input(spec.input) as reader:
                 sub_options = RunOptions(job_dir=run_dir, resume=(run_dir / MANIFEST_NAME).is_file(), limit=options.limit,
-                                         retry_failed=options.retry_failed,
+                                         retry_failed=options.retry_failed, shard=options.shard,
                                          progress_stream=options.progress_stream)
                 ctx = RunContext(sub, reader, sub_options, final_output_path(sub, options.limit), run_dir, fleet,
                                  StageHooks(context=context))
@@ -139,6 +139,9 @@ def run_incontext(spec: InContextSpec, options: RunOptions) -> RunResult:
             results.append((run, result))
     finally:
         fleet.stop()
+    if options.shard is not None and not options.shard.final:  # combined once every shard is done (sharded.py)
+        return RunResult(None, job_dir, sum(r.rows for _, r in results), sum(r.rows_failed for _, r in results),
+                         sum(r.rows_computed for _, r in results), time.monotonic() - started)
     if any(r.rows_computed for _, r in results) or not up_to_date(output, [r.output for _, r in results]):
         _combine(output, results, spec)
     first = results[0][1]

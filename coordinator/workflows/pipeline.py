@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..engine.job import (
@@ -121,6 +122,15 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
 
     fleets = _fleets(spec, dirs)
     graph = StageGraph(spec, dirs, failed.is_set)
+    if options.shard is not None and not all((d / MANIFEST_NAME).is_file() for d in dirs):
+        if any(fleet is None for fleet in fleets) or any(stage.fan_out for stage in spec.stages):
+            raise JobFatal("a pipeline with a tool stage or a fan-out cannot be sharded: its later stages' rows "
+                           "are known only once the stages before them ran; run it without --shard")
+        from .sharded import common_chunk_unit
+
+        # one unit for every stage: each stage's slice holds the rows the one before it computed
+        unit = common_chunk_unit([(_stage_job(spec, i, d), fleets[i].info()) for i, d in enumerate(dirs)])
+        options = replace(options, shard=replace(options.shard, unit=unit))
 
     def stage_run(index: int) -> None:
         reader: Reader | None = None
@@ -151,7 +161,7 @@ def run_pipeline(spec: PipelineSpec, options: RunOptions) -> RunResult:
             sub_options = RunOptions(
                 job_dir=dirs[index], resume=resume,  # failed chunks reopened above
                 limit=options.limit if graph.spaces[index] is None else None,  # children: of the limited rows
-                progress_stream=options.progress_stream if last else _Quiet(),
+                progress_stream=options.progress_stream if last else _Quiet(), shard=options.shard,
             )
             if fleet is None:  # a tool stage
                 results[index] = ToolStage(spec, index, reader, dirs[index], output, sub_options, wrap_commit,

@@ -42,3 +42,15 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
         print(f"tensorfleet: {getattr(result, 'rows_lost', 0)} rows failed before a fan-out and have no rows in the "
               f"output (`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
     return result.exit_code
+
+
+def merge_and_report(job: Path | str, job_dir: Path | None, limit: int | None, wait: bool = False) -> int:
+    """`tensorfleet merge`: a sharded job's one output; exit 2 naming the shards not complete yet
+    (with `wait`: once they are)."""
+    try:
+        result = api.merge(api.load(job), api.RunOptions(job_dir=job_dir, limit=limit), wait=wait)
+    except api.JobFatal as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    print(result.summary())
+    return result.exit_code

@@ -109,6 +109,8 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
         for _, result in parts:
             rows, failed, computed = rows + result.rows, failed + result.rows_failed, computed + result.rows_computed
             fresh = fresh or bool(result.rows_computed)
+        if options.shard is not None and not options.shard.final:
+            continue  # a shard's sheets are written once every shard is done (workflows/sharded.py)
         files = [(label, r.output) for label, r in parts]
         names = _column_names(files, model.name)
         if columns is not None and names != columns:
@@ -124,6 +126,8 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
             sheets.append(sheet)
         else:
             tables.append((model.name, files))
+    if options.shard is not None and not options.shard.final:
+        return RunResult(None, job_dir, rows, failed, computed, time.monotonic() - started)
     if spec.output.layout == "one_table":
         table = table_path(spec, options.limit)
         keys = [("model", [m for m, files in tables for _ in files]), ("source", [s for _, files in tables for s, _ in files])]
@@ -145,7 +149,7 @@ def _run_model(
             sub = _sub_job(spec, model, source, sub_dir)
             sub_options = RunOptions(
                 job_dir=sub_dir, resume=(sub_dir / MANIFEST_NAME).is_file(), limit=options.limit,
-                progress_stream=options.progress_stream, retry_failed=options.retry_failed,
+                progress_stream=options.progress_stream, retry_failed=options.retry_failed, shard=options.shard,
             )
             with open_input(sub.input) as reader:
                 try:

@@ -22,6 +22,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip ins
 
 BASE = REPO_ROOT / "deploy" / "kubernetes"
 EXAMPLE = BASE / "example"
+SHARDED = BASE / "sharded"  # checked further in test_kubernetes_shards.py
 # The oldest API we claim (native gRPC probes are GA since 1.27) and the newest schemas shipped.
 API_VERSIONS = ["1.29.0", "1.37.0"]
 
@@ -165,12 +166,12 @@ def example_problems(base: list[dict[str, Any]], example: list[dict[str, Any]]) 
 
 def test_every_manifest_file_is_in_a_kustomization() -> None:
     on_disk = {p for p in BASE.rglob("*") if p.suffix in (".yaml", ".yml")}
-    listed = listed_files(BASE) | listed_files(EXAMPLE)
+    listed = listed_files(BASE) | listed_files(EXAMPLE) | listed_files(SHARDED)
     assert on_disk == listed, f"not listed: {sorted(on_disk - listed)}; missing: {sorted(listed - on_disk)}"
 
 
 @pytest.mark.parametrize("version", API_VERSIONS)
-@pytest.mark.parametrize("folder", [BASE, EXAMPLE], ids=["base", "example"])
+@pytest.mark.parametrize("folder", [BASE, EXAMPLE, SHARDED], ids=["base", "example", "sharded"])
 def test_manifests_validate_against_the_kubernetes_api_schema(folder: Path, version: str) -> None:
     resources = render(folder)
     assert resources

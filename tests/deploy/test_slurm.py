@@ -370,3 +370,116 @@ def test_serve_task_starts_a_dead_server_again_on_its_port(tmp_path: Path) -> No
         if task.poll() is None:
             task.kill()
             task.wait(10)
+
+
+# ------------------------------------------------------------------ sharded: a job array and a merge job (issue 26)
+
+
+def _slow_job(folder: Path, name: str, rows: int) -> Path:
+    """`rows` rows of the slow identity model (50 ms a batch): 40-row chunks of 4-row requests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "in.h5"
+    with h5py.File(data, "w") as handle:
+        handle["x"] = np.random.default_rng(26).standard_normal((rows, 2)).astype(np.float32)
+    spec = {
+        "name": name,
+        "input": {"path": "in.h5", "tensors": {"x": "x"}},
+        "model": {"name": "slow_identity", "local": {"repository": str(MODELS), "count": 1}},
+        "output": {"path": "out.h5"},
+        "chunking": {"chunk_rows": 40, "batch_rows": 4},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _split_dry_run(text: str) -> tuple[str, str]:
+    array, _, merge = text.partition("# ---- the merge job")
+    return array, "#" + merge.split("\n", 1)[1] if merge else ""
+
+
+def test_dry_run_with_shards_shows_the_array_and_the_merge_job(tmp_path: Path) -> None:
+    job = _slow_job(tmp_path, "sharded", 80)
+    array, merge = _split_dry_run(_dry_run(job, "--gpus", "2", "--cpu", "--shards", "3", "--partition", "cpu"))
+    for script in (array, merge):
+        checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr + script
+    assert "#SBATCH --array=0-2" in array and "#SBATCH --ntasks=2" in array
+    run_line = next(line for line in array.splitlines() if " run " in line and "tensorfleet.coordinator" in line)
+    assert '--shard "$SLURM_ARRAY_TASK_ID/3"' in run_line and '--servers "$SERVER_LIST"' in run_line
+    assert 'job-${SLURM_ARRAY_JOB_ID:-$$}_${SLURM_ARRAY_TASK_ID:-0}' in array  # each task its own run folder
+    assert "#SBATCH --dependency=afterok:<array job id>" in merge and "#SBATCH --kill-on-invalid-dep=yes" in merge
+    assert "#SBATCH --ntasks=1" in merge and "#SBATCH --partition=cpu" in merge and "gpus" not in merge
+    assert f'JOB={shlex.quote(str(job.resolve()))}' in merge
+    assert '"${PYTHON[@]}" -m tensorfleet.coordinator merge "$JOB"' in merge
+    assert not (tmp_path / "sharded.slurm").exists(), "--dry-run must write nothing"
+
+
+def _task_state(cluster: SlurmCluster, job_id: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=cluster.env,
+                           capture_output=True, text=True, timeout=30)
+    fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    return fields.get("JobState", "")
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_job_array_of_three_shards_with_one_task_cancelled_and_resubmitted(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """N = 3 CPU shards as a job array; task 1 is cancelled mid-run (scancel of that one task) and
+    submitted again on its own; the output equals one coordinator's, bit for bit."""
+    from tests.coordinator.helpers import chunks_done
+
+    rows = 1200  # 30 chunks, 10 a shard; ~0.5 s a chunk on the slow model
+    job = _slow_job(tmp_path / "sharded", "sharded", rows)
+    submitted = subprocess.run(
+        [*_tensorfleet_slurm(), str(job), "--cpu", "--gpus", "1", "--shards", "3", "--startup-timeout", "90"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=slurm_cluster.env, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    array_id = submitted.stdout.split("submitted batch job ")[1].split()[0]
+    merge_id = submitted.stdout.split("merge job ")[1].split()[0]
+    shard = tmp_path / "sharded" / "out.h5.tfjob" / "shards" / "1-of-3"
+    _wait_until(lambda: chunks_done(shard) >= 2, 180, "two committed chunks in shard 1")
+    subprocess.run(["scancel", f"{array_id}_1"], env=slurm_cluster.env, check=True, timeout=30)
+    for task in (0, 1, 2):
+        _wait_for_job(slurm_cluster, f"{array_id}_{task}", timeout=240)
+    assert _task_state(slurm_cluster, f"{array_id}_1") == "CANCELLED"
+    assert _task_state(slurm_cluster, f"{array_id}_0") == _task_state(slurm_cluster, f"{array_id}_2") == "COMPLETED"
+    kept = chunks_done(shard)
+    assert 2 <= kept < 10, "the cancel should land mid-shard"
+    assert not (tmp_path / "sharded" / "out.h5").exists()
+    refused = subprocess.run([sys.executable, "-m", "tensorfleet.coordinator", "merge", str(job)],
+                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert refused.returncode == 2 and "shard 1/3 (" in refused.stderr, refused.stderr
+    # the merge job's dependency can no longer be met: SLURM cancels it
+    _wait_until(lambda: _task_state(slurm_cluster, merge_id) in ("CANCELLED", "FAILED", ""), 120,
+                "the merge job to be dropped")
+
+    again = subprocess.run(["sbatch", "--parsable", "--array=1", str(tmp_path / "sharded" / "sharded.slurm" /
+                                                                      "submit-array.sbatch")],
+                           capture_output=True, text=True, env=slurm_cluster.env, timeout=60)
+    assert again.returncode == 0, again.stderr
+    again_id = again.stdout.strip().split(";")[0]
+    state = _wait_for_job(slurm_cluster, f"{again_id}_1", timeout=240)
+    log = (tmp_path / "sharded" / "sharded.slurm" / f"slurm-{again_id}_1.out").read_text()
+    assert state["JobState"] == "COMPLETED", f"{state}\n{log}"
+    computed = int(log.split("speed: ")[1].split()[0])
+    assert computed == (10 - kept) * 40, log  # the committed chunks were kept, not computed again
+    assert "output: " in log  # the last shard to finish merged
+
+    reference = _slow_job(tmp_path / "one", "one", rows)
+    done = subprocess.run([sys.executable, "-m", "tensorfleet.coordinator", "run", str(reference)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(tmp_path / "one" / "out.h5") as one, h5py.File(tmp_path / "sharded" / "out.h5") as sharded:
+        assert list(sharded["ids"][()]) == list(one["ids"][()]) and len(one["ids"]) == rows
+        for name in ("ok", "y"):
+            assert np.asarray(sharded[name][()]).tobytes() == np.asarray(one[name][()]).tobytes(), name
