@@ -3,7 +3,7 @@ same model in-process, and against the hand-written encoder (`build.py --backend
 served from the same weights, as ratios in one run.
 
     python -m bench.hf_embed --tiny                  # 48 sequences of 30-200 residues (CI, seconds)
-    python -m bench.hf_embed                         # 512 sequences of 50-1000 residues
+    python -m bench.hf_embed                         # 256 sequences of 50-1000 residues (<= 10 min, 2 cores)
     python -m bench.hf_embed --device cuda:0         # on a GPU (server and in-process alike)
 
 The model folder is what `examples/esm2/build.py --shape 8M` writes: a random EsmModel (6 layers
@@ -54,9 +54,9 @@ def build_repository(root: Path, budget: int, max_rows: int) -> tuple[Path, Path
     repo = root / "models"
     common = ["--out", str(repo), "--token-budget", str(budget), "--max-batch-size", str(max_rows)]
     checkpoint = repo / "esm2" / "checkpoint"
-    if (build.main(["--shape", "8M", "--name", "esm2", *common]) != 0
-            or build.main(["--backend", "python", "--from-hf", str(checkpoint), "--name", "esm2_hand", *common]) != 0):
-        raise SystemExit("examples/esm2/build.py failed")
+    for args in (["--shape", "8M", "--name", "esm2"], ["--backend", "python", "--from-hf", str(checkpoint),
+                                                       "--name", "esm2_hand"]):
+        build.build(build.parse_args([*args, *common]))  # not main(): stdout carries only the JSON line
     return repo, checkpoint
 
 
@@ -111,7 +111,7 @@ def served(address: str, model: str, rows: list[str], batch_rows: int, window: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", "--quick", action="store_true", help="48 short sequences: a smoke run")
-    parser.add_argument("--rows", type=int, help="how many sequences (default: 48 tiny, 512 standard)")
+    parser.add_argument("--rows", type=int, help="how many sequences (default: 48 tiny, 256 standard)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-rows", type=int, default=32)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     shortest, longest = (30, 200) if args.tiny else (50, 1000)
-    rows = sequences(args.rows or (48 if args.tiny else 512), shortest, longest)
+    rows = sequences(args.rows or (48 if args.tiny else 256), shortest, longest)
     with tempfile.TemporaryDirectory(prefix="tf-bench-hf-") as tmp:
         repo, checkpoint = build_repository(Path(tmp), args.token_budget, max(args.batch_rows, 64))
         local_s, local = in_process(checkpoint, rows, args.token_budget, args.device)
