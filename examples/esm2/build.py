@@ -1,34 +1,54 @@
-"""Build an ESM-2 embedder model folder (python backend) at a chosen shape.
+"""Build the ESM-2 example model folder: an `EsmModel` checkpoint served by backend `transformers`.
 
     python examples/esm2/build.py --shape 8M [--seed 0] [--out examples/esm2/models]
     python examples/esm2/build.py --from-hf /path/to/esm2_t33_650M_UR50D --precision bf16
 
-Without `--from-hf` the weights are random from `--seed` (no download: the same seed and
-shape always give the same folder). With it, the weights come from a local Hugging Face
-ESM-2 checkpoint folder and the shape from its config.json. The folder holds `config.yaml`,
-`model.py`, `esm2.py` (the encoder), `esm2.json` (its shape) and `weights.pt` (ESM-2 names);
-config.yaml lists each file's sha256, so a changed file is a clear load error.
+No code of ours computes the embeddings: transformers loads the checkpoint, so a folder written
+by any release's `save_pretrained` (LayerNorms named `gamma`/`beta` included) serves as it is.
+With `--from-hf` the model folder's config.yaml points at that checkpoint folder (absolute path,
+its config.json and weights pinned by sha256). Without it, a random `EsmModel` at `--shape` is
+written into the model folder (`checkpoint/`, fixed seed, no download: the same seed and shape
+give the same files). A checkpoint without tokenizer files gets the ESM-2 alphabet written
+beside it (`tokenizer/`). Outputs per row: `mean` [dim], `per_token` [L, dim] (ragged, one
+vector per residue; job files store it as `per_residue`) and `length`.
+
+`--backend python` builds the hand-written alternative instead (build_handwritten.py: the same
+outputs, kept while it measures faster on the CPU; docs/performance.md, "transformers ESM-2").
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
 
 from tensorfleet.core.hashing import file_sha256
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parents[1]))  # run as a script: `examples.esm2` importable
 
-from examples.esm2.checkpoint import load_hf_checkpoint  # noqa: E402
-from examples.esm2.esm2 import MAX_RESIDUES, SHAPES, ESM2Config, build_random  # noqa: E402
+#: ESM-2 release shapes: name -> (layers, dim, heads). The FFN is 4 x dim.
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "8M": (6, 320, 20),
+    "35M": (12, 480, 20),
+    "150M": (30, 640, 20),
+    "650M": (33, 1280, 20),
+}
+#: The ESM-2 alphabet (33 tokens): four specials, the residue letters, <null_1>, <mask>.
+ALPHABET: tuple[str, ...] = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>")
+#: Residues per sequence ESM-2 was trained on: 1024 positions minus <cls> and <eos>.
+MAX_RESIDUES = 1022
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
+
+
+class BuildError(ValueError):
+    """A checkpoint or option this build cannot use; the message says what to fix (exit 2)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,49 +60,149 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, help="override the shape's width (FFN = 4 x dim)")
     parser.add_argument("--heads", type=int, help="override the shape's head count")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--from-hf", type=Path, help="local Hugging Face ESM-2 checkpoint folder")
+    parser.add_argument("--from-hf", type=Path, help="local Hugging Face ESM-2 checkpoint folder (served as it is)")
     parser.add_argument(
-        "--backend", choices=["python", "transformers"], default="python",
-        help="python: the hand-written encoder (esm2.py; measured faster, see docs/performance.md); "
-        "transformers: serve the --from-hf folder itself through backend transformers (no code copied)",
+        "--backend", choices=["transformers", "python"], default="transformers",
+        help="transformers: the checkpoint served by transformers' EsmModel (default); python: the hand-written "
+        "encoder (esm2.py), the same outputs, measured faster on the CPU (docs/performance.md)",
     )
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--max-length", type=int, default=MAX_RESIDUES)
-    parser.add_argument("--over-length", choices=["truncate", "error"], default="truncate")
+    parser.add_argument("--max-length", type=int, default=MAX_RESIDUES, help="residues per sequence (<= 1022)")
+    parser.add_argument(
+        "--over-length", choices=["truncate", "error"], default="truncate",
+        help="what the server does with a longer sequence sent straight to it (a job applies its own "
+        "input.over_length first)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--token-budget", type=int, default=16384)
     parser.add_argument(
         "--per-residue-dtype", choices=["FP32", "FP16"], default="FP32",
-        help="datatype of the per_residue output: FP16 halves what leaves the device, the wire and the parts",
+        help="datatype of the per_token output: FP16 halves what crosses the wire and fills the parts",
     )
     return parser.parse_args(argv)
 
 
-def build_transformers(args: argparse.Namespace) -> Path:
-    """A model folder serving the --from-hf checkpoint through backend `transformers`: the
-    same outputs as the hand-written encoder (mean, per_residue, length), no code of ours."""
-    if not args.from_hf:
-        raise SystemExit("--backend transformers serves a checkpoint folder: give --from-hf DIR")
-    folder = args.from_hf.resolve()
-    hf = json.loads((folder / "config.json").read_text())
-    dim = int(hf["hidden_size"])
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise BuildError("needs transformers: pip install 'tensorfleet[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def esm_config(shape: str, layers: int | None = None, dim: int | None = None, heads: int | None = None) -> Any:
+    """transformers' EsmConfig of an ESM-2 release shape (rotary, token dropout, 1026 positions)."""
+    transformers = _transformers()
+    base_layers, base_dim, base_heads = SHAPES[shape]
+    dim = dim or base_dim
+    heads = heads or base_heads
+    if dim % heads:
+        raise BuildError(f"--dim {dim} is not divisible by {heads} heads")
+    return transformers.EsmConfig(
+        vocab_size=len(ALPHABET), hidden_size=dim, num_hidden_layers=layers or base_layers, num_attention_heads=heads,
+        intermediate_size=4 * dim, max_position_embeddings=MAX_RESIDUES + 4, pad_token_id=ALPHABET.index("<pad>"),
+        mask_token_id=ALPHABET.index("<mask>"), position_embedding_type="rotary", token_dropout=True,
+        emb_layer_norm_before=False, hidden_act="gelu", layer_norm_eps=1e-5,
+    )
+
+
+def write_alphabet_tokenizer(folder: Path) -> Path:
+    """The ESM-2 tokenizer (one token per residue, <cls> ... <eos>), saved as transformers saves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(ALPHABET) + "\n")
+    _transformers().EsmTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def save_random_checkpoint(folder: Path, config: Any, seed: int) -> Path:
+    """A random EsmModel (transformers' own initialisation under `seed`) and its tokenizer."""
+    import torch
+
+    transformers = _transformers()
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = transformers.EsmModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(folder)
+    write_alphabet_tokenizer(folder)
+    return folder
+
+
+def read_esm_config(folder: Path) -> dict:
+    """config.json of an ESM-2 encoder checkpoint; BuildError naming what is not."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise BuildError(f"--from-hf {folder}: no config.json; expected a Hugging Face ESM-2 checkpoint folder")
+    hf = json.loads(path.read_text())
+    if hf.get("model_type") != "esm":
+        raise BuildError(f"--from-hf {folder}: config.json model_type is {hf.get('model_type')!r}, not 'esm'")
+    if hf.get("is_folding_model"):
+        raise BuildError(f"--from-hf {folder}: an ESMFold checkpoint; use an ESM-2 encoder checkpoint")
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in folder.iterdir()):
+        raise BuildError(f"--from-hf {folder}: no weights (model.safetensors or pytorch_model.bin)")
+    return hf
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Write `args.out/args.name` (config.yaml, and for a random model its checkpoint); checked first,
+    so a bad option leaves an existing folder as it was."""
+    if args.backend == "python":
+        from examples.esm2.build_handwritten import build_python
+        from examples.esm2.checkpoint import CheckpointError
+
+        try:
+            return build_python(args)
+        except CheckpointError as error:
+            raise BuildError(str(error)) from None
     target = args.out / args.name
+    if args.from_hf:
+        checkpoint = args.from_hf.resolve()
+        if target.resolve() == checkpoint or target.resolve() in checkpoint.parents:
+            raise BuildError(f"--from-hf {args.from_hf} lies inside the model folder {target}, which is rebuilt")
+        hf = read_esm_config(checkpoint)
+        config = None
+        needs_tokenizer = not any((checkpoint / name).is_file() for name in _TOKENIZER_FILES)
+        if needs_tokenizer and int(hf.get("vocab_size", len(ALPHABET))) != len(ALPHABET):
+            raise BuildError(f"--from-hf {checkpoint}: no tokenizer files, and its vocab_size {hf.get('vocab_size')} "
+                             f"is not the ESM-2 alphabet's {len(ALPHABET)}; put the checkpoint's tokenizer beside it")
+    else:
+        config = esm_config(args.shape, args.layers, args.dim, args.heads)
+        hf = config.to_dict()
+        needs_tokenizer = False  # save_random_checkpoint writes the alphabet beside the weights
+    positions = int(hf.get("max_position_embeddings") or MAX_RESIDUES + 4)
+    if not 1 <= args.max_length <= min(MAX_RESIDUES, positions - 2):
+        raise BuildError(f"--max-length {args.max_length}: this checkpoint takes 1..{min(MAX_RESIDUES, positions - 2)} "
+                         "residues")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if config is None:
+        path = str(checkpoint)
+        source = f"the Hugging Face checkpoint {checkpoint.name}"
+    else:
+        checkpoint = save_random_checkpoint(target / "checkpoint", config, args.seed)
+        path = "checkpoint"
+        source = f"random weights (transformers' initialisation, seed {args.seed})"
+    dim, layers = int(hf["hidden_size"]), int(hf["num_hidden_layers"])
+    section: dict[str, Any] = {"path": path, "class": "EsmModel"}
+    if needs_tokenizer:
+        write_alphabet_tokenizer(target / "tokenizer")
+        section["tokenizer"] = "tokenizer"
+    section.update({
+        "case": "upper",  # ESM's vocabulary holds upper-case residues; FASTA files may be lower-case
+        "max_length": args.max_length + 2,  # tokens: <cls> residues <eos>
+        "over_length": args.over_length,
+        "checksums": {p.name: file_sha256(p) for p in sorted(checkpoint.iterdir())
+                      if p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES},
+    })
     doc = {
         "name": args.name,
         "backend": "transformers",
         "version": "1",
-        "description": f"ESM-2 encoder from {folder.name} ({hf['num_hidden_layers']} layers x {dim}) through "
-        "transformers.",
+        "description": f"ESM-2 encoder, {layers} layers x {dim}, {source}, served by transformers' EsmModel.",
         "max_batch_size": args.max_batch_size,
-        "transformers": {
-            "path": str(folder), "class": "EsmModel", "max_length": args.max_length + 2, "case": "upper",
-            "over_length": args.over_length,
-            "checksums": {name: file_sha256(folder / name) for name in ["config.json", *weights]},
-        },
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
+        "transformers": section,
+        # max_length in residues: a job's input.over_length (truncate | error) applies it before sending
+        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": [], "max_length": args.max_length}],
         "outputs": [
             {"name": "mean", "datatype": "FP32", "shape": [dim]},
             {"name": "per_token", "datatype": args.per_residue_dtype, "shape": [-1, dim], "ragged": True},
@@ -94,63 +214,17 @@ def build_transformers(args: argparse.Namespace) -> Path:
         },
         "precision": args.precision,
     }
-    header = "# Written by examples/esm2/build.py --backend transformers.\n"
-    (target / "config.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    return target
-
-
-def build(args: argparse.Namespace) -> Path:
-    if args.backend == "transformers":
-        return build_transformers(args)
-    if args.from_hf:
-        model = load_hf_checkpoint(args.from_hf)
-        source = f"weights from the Hugging Face checkpoint {args.from_hf.name}"
-    else:
-        config = ESM2Config.shape(args.shape)
-        overrides = {k: v for k, v in (("layers", args.layers), ("dim", args.dim), ("heads", args.heads)) if v}
-        if "dim" in overrides:
-            overrides["ffn"] = 4 * overrides["dim"]
-        config = dataclasses.replace(config, **overrides)
-        model = build_random(config, args.seed)
-        source = f"fixed-seed random weights (seed {args.seed})"
-    config = model.config
-    target = args.out / args.name
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    shutil.copyfile(HERE / "model.py", target / "model.py")
-    shutil.copyfile(HERE / "esm2.py", target / "esm2.py")
-    (target / "esm2.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, target / "weights.pt")
-    params = sum(p.numel() for p in model.parameters())
-    doc = {
-        "name": args.name,
-        "backend": "python",
-        "version": "1",
-        "description": f"ESM-2 encoder, {config.layers} layers x {config.dim} ({config.heads} heads), "
-        f"{params / 1e6:.1f}M parameters, {source}.",
-        "max_batch_size": args.max_batch_size,
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
-        "outputs": [
-            {"name": "mean", "datatype": "FP32", "shape": [config.dim]},
-            {"name": "per_residue", "datatype": args.per_residue_dtype, "shape": [-1, config.dim], "ragged": True},
-            {"name": "length", "datatype": "INT32", "shape": []},
-        ],
-        "batching": {
-            "max_queue_delay_ms": 2, "preferred_batch_sizes": [b for b in (16, 32, 64) if b <= args.max_batch_size],
-            "max_queue_size": 1024, "token_budget": args.token_budget, "length_bucket": 32,
-        },
-        "precision": args.precision,
-        "artifacts": {name: file_sha256(target / name) for name in ("model.py", "esm2.py", "esm2.json", "weights.pt")},
-        "parameters": {"max_length": args.max_length, "over_length": args.over_length},
-        "warmup": [{"sequence": "MKTAYIAKQR"[: args.max_length]}],
-    }
-    header = "# Written by examples/esm2/build.py; rebuild rather than edit (the checksums must match).\n"
+    header = "# Written by examples/esm2/build.py; rebuild rather than edit (transformers.checksums pin the weights).\n"
     (target / "config.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
-    folder = build(parse_args(argv))
+    try:
+        folder = build(parse_args(argv))
+    except BuildError as error:
+        print(f"examples/esm2/build.py: {error}", file=sys.stderr)
+        return 2
     print(folder)
     return 0
 

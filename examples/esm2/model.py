@@ -1,9 +1,10 @@
-"""ESM-2 embedder (python backend): BYTES sequences in; mean, per-residue and length out.
+"""ESM-2 embedder (python backend, `build.py --backend python`): BYTES sequences in; mean,
+per-residue (`per_token`, as backend transformers names it) and length out.
 
 Copied into each model folder by `examples/esm2/build.py` next to `esm2.py` (the encoder)
 and `weights.pt` (its state dict, ESM-2 names). Outputs per row:
 - `mean` FP32 [dim]: the final hidden states averaged over the residues (not <cls>/<eos>).
-- `per_residue` FP32 or FP16 (as config.yaml declares it) [L, dim], ragged: one vector per
+- `per_token` FP32 or FP16 (as config.yaml declares it) [L, dim], ragged: one vector per
   residue kept, narrowed on the device. Rows of one reply are zero-padded to the longest;
   `length` says how many of each row's vectors are real.
 - `length` INT32: residues kept for the row.
@@ -144,7 +145,7 @@ class Model:
         self.pool = esm2.pool
         self.dim = config.dim
         declared = {spec.name: spec.datatype for spec in context.config.outputs} if context.config else {}
-        half = declared.get("per_residue") == "FP16"
+        half = declared.get("per_token") == "FP16"
         self.residue_dtype, self.residue_numpy = (torch.float16, np.float16) if half else (torch.float32, np.float32)
 
     def run(
@@ -172,7 +173,7 @@ class Model:
         items = [_as_bytes(item) for item in np.asarray(inputs["sequence"], dtype=object).reshape(-1)]
         kept = check_lengths(items, self.max_length, self.policy)
         rows = len(items)
-        residues = outputs is None or "per_residue" in outputs
+        residues = outputs is None or "per_token" in outputs
         mean = np.zeros((rows, self.dim), dtype=np.float32)
         shape = (rows, int(kept.max(initial=0)), self.dim)
         per_residue = np.zeros(shape, dtype=self.residue_numpy) if residues else None
@@ -186,7 +187,7 @@ class Model:
                 per_residue[group, : group_residues.shape[1]] = group_residues
         result = {"mean": mean, "length": kept.astype(np.int32)}
         if per_residue is not None:
-            result["per_residue"] = per_residue
+            result["per_token"] = per_residue
         return result
 
     def warmup(self) -> None:
