@@ -142,3 +142,13 @@ def test_slurm_dry_run_says_where_the_tool_runs(finished):
     script = run_tensorfleet("slurm", job, "--gpus", "1", "--cpu", "--dry-run")
     assert script.returncode == 0, script.stderr
     assert "# Tool stage search runs in this coordinator step, on the batch host" in script.stdout
+
+
+def test_a_pipeline_with_a_tool_stage_refuses_shard_with_exit_2_and_starts_nothing(tmp_path):
+    """Its later stages' rows exist only once the tool and the fan-out ran, so no plan slices them."""
+    job, _ = build(tmp_path / "sharded", proteins=4)
+    refused = run_tensorfleet("run", job, "--shard", "0/2")
+    assert refused.returncode == 2, refused.stderr
+    assert "cannot be sharded" in refused.stderr and "without --shard" in refused.stderr
+    servers = list((tmp_path / "sharded" / "out").rglob("server*.log"))
+    assert not servers, f"no server starts for a refused shard: {servers}"
