@@ -12,7 +12,7 @@ tokens than requests cut in input order. Part files still hold rows in input ord
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -131,40 +131,30 @@ PLAN_PRODUCTS = frozenset({"ids_digest"})
 
 @dataclass(frozen=True)
 class Plan:
-    rows: int
-    batch_rows: int
-    token_budget: int | None
-    chunk_rows: int
-    limit: int | None
-    fields: dict[str, str]
+    """A run's settings and what planning made of them: the ids digest, the inputs' fingerprints
+    and the chunks."""
+
+    settings: PlanSettings
     ids_digest: str
     inputs: list[InputFingerprint]
     chunks: list[Chunk] = field(default_factory=list)
-    #: The job's model.parameters: they change the results, so a resume must keep them.
-    parameters: dict = field(default_factory=dict)
 
-    def planned_with(self) -> PlanSettings:
-        return PlanSettings(self.rows, self.batch_rows, self.token_budget, self.chunk_rows, self.limit,
-                            dict(self.fields), dict(self.parameters))
-
-    def settings(self) -> dict:
+    def record(self) -> dict:
         """What the manifest records: the settings, and the ids digest (the merge checks it)."""
-        return {**self.planned_with().as_dict(), "ids_digest": self.ids_digest}
+        return {**self.settings.as_dict(), "ids_digest": self.ids_digest}
 
     def describe(self) -> str:
         requests = sum(len(chunk.bounds) - 1 for chunk in self.chunks)
+        settings = self.settings
         lines = [
-            f"rows: {self.rows}" + (f" (limited to the first {self.limit})" if self.limit else ""),
-            f"requests: {requests} (at most {self.batch_rows} rows"
-            + (f", {self.token_budget} tokens" if self.token_budget else "") + " each)",
-            f"chunks: {chunk_sizes(self.chunks, self.chunk_rows)}",
-            "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(self.fields.items())),
+            f"rows: {settings.rows}" + (f" (limited to the first {settings.limit})" if settings.limit else ""),
+            f"requests: {requests} (at most {settings.batch_rows} rows"
+            + (f", {settings.token_budget} tokens" if settings.token_budget else "") + " each)",
+            f"chunks: {chunk_sizes(self.chunks, settings.chunk_rows)}",
+            "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(settings.fields.items())),
         ]
         lines += [f"input: {item.path} ({item.size} bytes, sha256 {item.sha256[:16]}...)" for item in self.inputs]
         return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def chunk_sizes(chunks: list[Chunk], chunk_rows: int) -> str:
@@ -278,28 +268,30 @@ def make_plan(
 ) -> Plan:
     """Scan ids and (for token budgets) lengths, and cut the rows into requests and chunks."""
     rows = reader.num_rows if limit is None else min(limit, reader.num_rows)
+    settings = PlanSettings(rows, batch_rows, token_budget, chunk_rows, limit, dict(fields), dict(parameters or {}))
+    return plan_with(reader, settings, input_paths)
+
+
+def plan_with(reader: Reader, settings: PlanSettings, input_paths: list[str] | None = None) -> Plan:
+    """The plan of `settings` over the reader's first settings.rows rows."""
+    rows, batch_rows, token_budget = settings.rows, settings.batch_rows, settings.token_budget
     ids_digest = scan_ids(reader, rows)
     lengths = None
     if token_budget:
-        token_fields = [name for name in fields.values() if reader.fields()[name].is_bytes] or list(fields.values())
+        names = settings.fields.values()
+        token_fields = [name for name in names if reader.fields()[name].is_bytes] or list(names)
         lengths = np.zeros(rows, dtype=np.int64)
         for name in token_fields:
             for start in range(0, rows, _ID_BLOCK):
                 stop = min(start + _ID_BLOCK, rows)
                 np.maximum(lengths[start:stop], reader.lengths(name, start, stop), out=lengths[start:stop])
     if lengths is not None and token_budget and rows:
-        chunks = length_sorted_chunks(lengths, batch_rows, token_budget, chunk_rows)
+        chunks = length_sorted_chunks(lengths, batch_rows, token_budget, settings.chunk_rows)
     else:
-        chunks = make_chunks(request_bounds(rows, batch_rows), chunk_rows) if rows else []
+        chunks = make_chunks(request_bounds(rows, batch_rows), settings.chunk_rows) if rows else []
     return Plan(
-        rows=rows,
-        batch_rows=batch_rows,
-        token_budget=token_budget,
-        chunk_rows=chunk_rows,
-        limit=limit,
-        fields=dict(fields),
+        settings=settings,
         ids_digest=ids_digest,
         inputs=[fingerprint(path) for path in (input_paths or [reader.spec.path])],
         chunks=chunks,
-        parameters=dict(parameters or {}),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata
 import h5py
 import numpy as np
@@ -12,7 +14,14 @@ import pytest
 import scipy.sparse as sp
 
 from tensorfleet.coordinator.engine.manifest import Manifest, RowError
-from tensorfleet.coordinator.engine.planner import PlanError, make_chunks, make_plan, request_bounds
+from tensorfleet.coordinator.engine.planner import (
+    Plan,
+    PlanError,
+    PlanSettings,
+    make_chunks,
+    make_plan,
+    request_bounds,
+)
 from tensorfleet.coordinator.io.parts import CorruptPart, Part, write_part
 from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec, SpecError, json_schema, parse_spec
@@ -72,6 +81,21 @@ def test_plan_is_deterministic_and_covers_every_row(tmp_path):
         for rows in requests:
             assert len(rows) <= 7 and (len(rows) == 1 or len(rows) * lengths[rows].max() <= 300)
     assert [chunk.start for chunk in plans[0].chunks] == list(range(0, 300, 50))
+
+
+def test_a_plan_holds_its_settings_once_and_the_manifest_records_them(tmp_path):
+    """Plan keeps one PlanSettings (no copy of its fields to drift apart from it); the manifest's
+    plan record is those settings plus the ids digest, and reads back equal."""
+    make_fasta(tmp_path / "s.fasta", 30)
+    with open_reader(InputSpec(path=str(tmp_path / "s.fasta"))) as reader:
+        plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=4, chunk_rows=8, limit=25,
+                         parameters={"steps": 3})
+    assert {f.name for f in dataclasses.fields(Plan)} & {f.name for f in dataclasses.fields(PlanSettings)} == set()
+    assert plan.settings == PlanSettings(25, 4, None, 8, 25, {"sequence": "sequence"}, {"steps": 3})
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    manifest.record_plan(plan)
+    assert manifest.plan_settings() == {**plan.settings.as_dict(), "ids_digest": plan.ids_digest}
+    manifest.close()
 
 
 def test_duplicate_ids_are_named(tmp_path):
