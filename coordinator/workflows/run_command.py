@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL
@@ -14,13 +15,17 @@ from . import api
 CRASH_MARK = "tensorfleet: crashed: "
 
 
-def run_and_report(job: Path | str, options: api.RunOptions) -> int:
+def run_and_report(
+    job: Path | str, options: api.RunOptions, on_finished: Callable[[api.AnyJob, api.RunResult], None] | None = None
+) -> int:
     """Run a job file of any kind through the engine and print its summary; the exit code (0, 1, 2 or 3).
+    `on_finished(spec, result)` is called after a run that exited 0 (the CLI's finished stamp).
 
     An unhandled exception would leave Python's own exit status 1, the code of failed rows; it is
     caught here and ends with EXIT_CRASH and its traceback's last line instead (issue 28 #9)."""
     try:
-        result = api.run(api.load(job), options)
+        spec = api.load(job)
+        result = api.run(spec, options)
     except api.JobFatal as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)
         return EXIT_FATAL
@@ -38,4 +43,6 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
     if result.rows_failed:
         print(f"tensorfleet: {result.rows_failed} of {result.rows} rows failed (once their cause is fixed, "
               f"`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
+    elif on_finished is not None and not options.dry_run:
+        on_finished(spec, result)
     return result.exit_code
