@@ -9,7 +9,7 @@ matrix:
   its entries, each read in one piece and checked (offsets monotone, indices within the columns)
   before scipy sees them; the shape is the group's `shape` attribute (`h5sparse_shape` before
   0.7) and the dtype its data's, so no anndata object is made, at open or per read, and a
-  CSR job imports no anndata at all. `read_block` keeps the rows sparse (a `scipy.sparse.csr_matrix`), so
+  CSR job imports neither anndata nor scipy. `read_block` keeps the rows sparse (`csr_rows.CsrRows`), so
   the request source holds a chunk's rows at their stored size and densifies per request only
   for models that take dense rows;
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import scipy.sparse
 
 from ...spec import InputSpec
 from .base import FieldInfo, InputError, Reader, register
@@ -43,6 +42,9 @@ from .safety import SparseLayout, check_tree, read_sparse_block, sparse_layout
 
 if TYPE_CHECKING:
     import pandas as pd
+    import scipy.sparse
+
+    from .csr_rows import CsrRows
 
 CSC_BLOCK_BYTES = 256 << 20
 _CSC_COLUMNS = 2048
@@ -191,9 +193,9 @@ class H5adReader(Reader):
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         block = self.read_block(field, start, stop)
-        return np.asarray(block.toarray()) if scipy.sparse.issparse(block) else block
+        return block if isinstance(block, np.ndarray) else np.asarray(block.toarray())
 
-    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | CsrRows | scipy.sparse.csr_matrix:
         """Rows [start, stop) as stored: dense fields as arrays, sparse ones as CSR (never densified)."""
         if field not in self._fields:
             raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
@@ -209,7 +211,7 @@ class H5adReader(Reader):
     def row_bytes(self, field: str) -> float:
         return self._row_bytes.get(field) or super().row_bytes(field)
 
-    def _csr_rows(self, field: str, start: int, stop: int) -> scipy.sparse.csr_matrix:
+    def _csr_rows(self, field: str, start: int, stop: int) -> CsrRows:
         """One block of a CSR matrix, read and checked by `safety.read_sparse_block`."""
         layout = self._sparse[field]
         rows = layout.shape[0]
@@ -217,6 +219,8 @@ class H5adReader(Reader):
         return read_sparse_block(layout, start, max(start, stop))
 
     def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        import scipy.sparse
+
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
             layout = self._sparse[field]
