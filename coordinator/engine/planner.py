@@ -94,8 +94,21 @@ class IdsDigest:
 
     def add_many(self, values: Iterable[str]) -> None:
         """Add ids in order: the same digest as `add` on each, in one hash update (a plan or a
-        merge of millions of rows hashes in blocks, not one call per id)."""
-        self._hash.update(b"".join(len(e).to_bytes(4, "little") + e for e in map(str.encode, values)))
+        merge of millions of rows hashes in blocks, not one call per id): the ids' bytes and
+        their length prefixes are laid out side by side with numpy."""
+        encoded = [value.encode() for value in values]
+        if not encoded:
+            return
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        body = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        out = np.empty(4 * len(encoded) + len(body), dtype=np.uint8)
+        prefix_at = np.arange(len(encoded), dtype=np.int64) * 4
+        prefix_at[1:] += np.cumsum(lengths[:-1])
+        is_prefix = np.zeros(len(out), dtype=bool)
+        is_prefix[(prefix_at[:, None] + np.arange(4)).reshape(-1)] = True
+        out[is_prefix] = lengths.astype("<u4").view(np.uint8)
+        out[~is_prefix] = body
+        self._hash.update(out)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

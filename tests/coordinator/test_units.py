@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from tensorfleet.coordinator.engine.manifest import Manifest, RowError
 from tensorfleet.coordinator.engine.planner import (
+    IdsDigest,
     Plan,
     PlanError,
     PlanSettings,
@@ -96,6 +97,22 @@ def test_a_plan_holds_its_settings_once_and_the_manifest_records_them(tmp_path):
     manifest.record_plan(plan)
     assert manifest.plan_settings() == {**plan.settings.as_dict(), "ids_digest": plan.ids_digest}
     manifest.close()
+
+
+def test_ids_digest_in_blocks_equals_one_id_at_a_time():
+    """The plan digests ids in blocks and the merge part by part: both must give the digest of
+    each id added alone (empty ids, non-ASCII, long ones, blocks of any size)."""
+    ids = ["seq1", "", "é-ü", "x" * 70_000, *(f"cell-{i}" for i in range(1000))]
+    one = IdsDigest()
+    for value in ids:
+        one.add(value)
+    blocks = IdsDigest()
+    for start, stop in ((0, 1), (1, 1), (1, 4), (4, 600), (600, len(ids))):
+        blocks.add_many(ids[start:stop])
+    assert blocks.hexdigest() == one.hexdigest()
+    other = IdsDigest()
+    other.add_many(ids[:3] + ids[4:])
+    assert other.hexdigest() != one.hexdigest()
 
 
 def test_duplicate_ids_are_named(tmp_path):

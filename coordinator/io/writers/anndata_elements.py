@@ -45,8 +45,11 @@ def write_array(group: h5py.Group, name: str, values: np.ndarray | Sequence[Any]
     if values.dtype.kind in "biuf":
         _encoding(group.create_dataset(name, data=values), "array", "0.2.0")
         return
-    text = np.array([v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)],
-                    dtype=object).reshape(values.shape)
+    if values.dtype.kind == "U":  # str already: numpy makes the objects, no Python loop
+        text = values.astype(object)
+    else:
+        text = np.array([v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)],
+                        dtype=object).reshape(values.shape)
     _encoding(group.create_dataset(name, data=text, dtype=_STRING), "string-array", "0.2.0")
 
 
