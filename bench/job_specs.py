@@ -29,10 +29,11 @@ def with_changes(base: dict, changes: dict[str, Any]) -> dict:
     return spec
 
 
-def minimal_job(root: Path, name: str, server: str, output_name: str, **changes: Any) -> dict:
-    """Job `name` reading ROOT/data/in.fasta on `server`, writing ROOT/out/OUTPUT_NAME, changed."""
+def minimal_job(root: Path, job_name: str, server: str, output_name: str, /, **changes: Any) -> dict:
+    """Job `job_name` reading ROOT/data/in.fasta on `server`, writing ROOT/out/OUTPUT_NAME, changed
+    (positional-only, so a change may be named `name`)."""
     base = {
-        "name": name,
+        "name": job_name,
         "input": {"path": str(Path(root) / "data" / "in.fasta")},
         "model": {"name": "embed", "servers": [server]},
         "output": {"path": str(Path(root) / "out" / output_name)},
