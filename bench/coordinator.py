@@ -113,7 +113,7 @@ def main() -> None:
         requests = [rows for chunk in plan.chunks for rows in chunk.request_rows()]
         datatype = config["inputs"][0]["datatype"]
         source = RequestSource(reader, fields, {case["input"]: datatype}, args.model)
-        print(f"model {args.model}: {plan.rows} rows in {len(requests)} requests "
+        print(f"model {args.model}: {plan.settings.rows} rows in {len(requests)} requests "
               f"(<= {batch_rows} rows{f', {token_budget} tokens' if token_budget else ''} each), {len(plan.chunks)} chunks")
 
         model = load_python_model(model_dir)
@@ -162,7 +162,7 @@ def main() -> None:
             server.terminate()
             server.wait(30)
 
-    rate = {name: plan.rows / seconds for name, seconds in
+    rate = {name: plan.settings.rows / seconds for name, seconds in
             [("in-process", inprocess_s), ("SDK stream", stream_s), ("job dispatch", dispatch_s), ("job end-to-end", job_s)]}
     base = rate["in-process"]
     print(f"{'way':<16}{'seconds':>9}{'rows/s':>10}{'vs in-process':>15}")

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.job_specs import minimal_job
 from bench.probe import (
     MODELS,
     REPO_ROOT,
@@ -141,20 +142,7 @@ def submit(probe: Probe, spec: dict | str, auth=SUBMIT_AUTH) -> Result:
 
 
 def job(probe: Probe, job_name: str, **changes) -> dict:
-    name = job_name
-    base = {"name": name, "input": {"path": str(probe.root / "data" / "in.fasta")},
-            "model": {"name": "embed", "servers": [probe.guarded.address]},
-            "output": {"path": str(probe.root / "out" / f"{name}.h5")}}
-    for dotted, value in changes.items():
-        node = base
-        *parents, last = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return base
+    return minimal_job(probe.root, job_name, probe.guarded.address, f"{job_name}.h5", **changes)
 
 
 def run_job(probe: Probe, spec: dict, expect: str = "FAILED", wait_s: float = 60) -> Result:

@@ -41,7 +41,11 @@ def csr_tensors(name: str, matrix: Any, values_dtype: np.dtype) -> dict[str, np.
 
 
 def as_csr(value: Any) -> Any:
-    """Rows as a scipy CSR matrix: CSR as it is, anything else (dense rows a client sent) converted."""
+    """Rows as a CSR matrix: CSR as it is (scipy's, or any object with CSR's `format`, `data`,
+    `indices` and `indptr`, such as the coordinator's CsrRows), anything else (dense rows a client
+    sent) converted by scipy."""
+    if getattr(value, "format", None) == "csr" and all(hasattr(value, a) for a in ("data", "indices", "indptr")):
+        return value
     import scipy.sparse
 
     if scipy.sparse.issparse(value) and value.format == "csr":

@@ -97,7 +97,7 @@ class Manifest:
         """Store a fresh plan (one transaction), replacing nothing: the manifest must be new."""
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('plan', ?)", (json.dumps(plan.settings(), sort_keys=True),)
+                "INSERT OR REPLACE INTO meta VALUES ('plan', ?)", (json.dumps(plan.record(), sort_keys=True),)
             )
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._db.executemany(

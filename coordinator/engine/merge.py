@@ -234,8 +234,7 @@ def _merge_into(folder: OutputFolder, manifest: Manifest, inputs: MergeInputs, c
                 ok = np.array(part.array("ok"), dtype=bool)
                 if len(ids) != chunk.rows or len(ok) != chunk.rows:
                     raise MergeError(f"chunk {chunk.index} holds {len(ids)} rows, planned {chunk.rows}")
-                for value in ids:
-                    digest.add(value)
+                digest.add_many(map(str, ids))
                 arrays = _chunk_arrays(part, chunk, ok, columns, from_input, inputs)
                 error = np.full(chunk.rows, "", dtype=object)
                 for offset in np.nonzero(~ok)[0]:

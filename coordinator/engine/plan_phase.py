@@ -15,7 +15,7 @@ from ..spec import JobSpec
 from ..spec.errors import JobFatal
 from .adapt import AlignmentError, InputReport, adapt_input
 from .manifest import Manifest
-from .planner import PLAN_PRODUCTS, Plan, PlanError, PlanSettings, fingerprint, make_plan
+from .planner import PLAN_PRODUCTS, Plan, PlanError, PlanSettings, fingerprint, plan_with
 from .run_types import Adapted, RunContext, RunResult
 from .source import FieldMappingError, resolve_fields
 
@@ -94,10 +94,7 @@ def plan_run(spec: JobSpec, reader: Reader, info: ModelInfo, limit: int | None) 
         raise JobFatal(f"input {spec.input.path} has no rows")
     settings = plan_settings(spec, reader, info, limit)
     try:
-        plan = make_plan(
-            reader, settings.fields, batch_rows=settings.batch_rows, chunk_rows=settings.chunk_rows,
-            token_budget=settings.token_budget, limit=limit, parameters=settings.parameters,
-        )
+        plan = plan_with(reader, settings)
     except PlanError as error:
         raise JobFatal(str(error)) from None
     return plan, settings.fields
@@ -118,7 +115,7 @@ def describe_plan(spec: JobSpec, fleet: ModelFleet, reader: Reader, limit: int |
             f"job folder: {job_dir}",
         ]
     )
-    return RunResult(None, job_dir, plan.rows, 0, 0, 0.0, plan_text=text)
+    return RunResult(None, job_dir, plan.settings.rows, 0, 0, 0.0, plan_text=text)
 
 
 # --- the resume checks -------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ tokens than requests cut in input order. Part files still hold rows in input ord
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tensorfleet.core.hashing import file_sha256
+from tensorfleet.core.hashing import file_sha256_once
 
 from ..io.readers import Reader
 
@@ -91,6 +92,24 @@ class IdsDigest:
         self._hash.update(len(encoded).to_bytes(4, "little") + encoded)
         return encoded
 
+    def add_many(self, values: Iterable[str]) -> None:
+        """Add ids in order: the same digest as `add` on each, in one hash update (a plan or a
+        merge of millions of rows hashes in blocks, not one call per id): the ids' bytes and
+        their length prefixes are laid out side by side with numpy."""
+        encoded = [value.encode() for value in values]
+        if not encoded:
+            return
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        body = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        out = np.empty(4 * len(encoded) + len(body), dtype=np.uint8)
+        prefix_at = np.arange(len(encoded), dtype=np.int64) * 4
+        prefix_at[1:] += np.cumsum(lengths[:-1])
+        is_prefix = np.zeros(len(out), dtype=bool)
+        is_prefix[(prefix_at[:, None] + np.arange(4)).reshape(-1)] = True
+        out[is_prefix] = lengths.astype("<u4").view(np.uint8)
+        out[~is_prefix] = body
+        self._hash.update(out)
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
@@ -131,40 +150,30 @@ PLAN_PRODUCTS = frozenset({"ids_digest"})
 
 @dataclass(frozen=True)
 class Plan:
-    rows: int
-    batch_rows: int
-    token_budget: int | None
-    chunk_rows: int
-    limit: int | None
-    fields: dict[str, str]
+    """A run's settings and what planning made of them: the ids digest, the inputs' fingerprints
+    and the chunks."""
+
+    settings: PlanSettings
     ids_digest: str
     inputs: list[InputFingerprint]
     chunks: list[Chunk] = field(default_factory=list)
-    #: The job's model.parameters: they change the results, so a resume must keep them.
-    parameters: dict = field(default_factory=dict)
 
-    def planned_with(self) -> PlanSettings:
-        return PlanSettings(self.rows, self.batch_rows, self.token_budget, self.chunk_rows, self.limit,
-                            dict(self.fields), dict(self.parameters))
-
-    def settings(self) -> dict:
+    def record(self) -> dict:
         """What the manifest records: the settings, and the ids digest (the merge checks it)."""
-        return {**self.planned_with().as_dict(), "ids_digest": self.ids_digest}
+        return {**self.settings.as_dict(), "ids_digest": self.ids_digest}
 
     def describe(self) -> str:
         requests = sum(len(chunk.bounds) - 1 for chunk in self.chunks)
+        settings = self.settings
         lines = [
-            f"rows: {self.rows}" + (f" (limited to the first {self.limit})" if self.limit else ""),
-            f"requests: {requests} (at most {self.batch_rows} rows"
-            + (f", {self.token_budget} tokens" if self.token_budget else "") + " each)",
-            f"chunks: {chunk_sizes(self.chunks, self.chunk_rows)}",
-            "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(self.fields.items())),
+            f"rows: {settings.rows}" + (f" (limited to the first {settings.limit})" if settings.limit else ""),
+            f"requests: {requests} (at most {settings.batch_rows} rows"
+            + (f", {settings.token_budget} tokens" if settings.token_budget else "") + " each)",
+            f"chunks: {chunk_sizes(self.chunks, settings.chunk_rows)}",
+            "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(settings.fields.items())),
         ]
         lines += [f"input: {item.path} ({item.size} bytes, sha256 {item.sha256[:16]}...)" for item in self.inputs]
         return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def chunk_sizes(chunks: list[Chunk], chunk_rows: int) -> str:
@@ -188,25 +197,24 @@ def chunk_sizes(chunks: list[Chunk], chunk_rows: int) -> str:
 
 def fingerprint(path: Path | str) -> InputFingerprint:
     path = Path(path)
-    return InputFingerprint(str(path), path.stat().st_size, file_sha256(path))
-
-
-def _id_hash(encoded: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")
+    return InputFingerprint(str(path), path.stat().st_size, file_sha256_once(path))
 
 
 def scan_ids(reader: Reader, rows: int) -> str:
     """Digest of the ids in order; PlanError naming the repeats if any id occurs twice.
 
-    Memory: 8 bytes a row (each id's 64-bit hash, sorted in place; 80 MB at 10^7 rows). The rows
-    behind a repeated hash are found by a second scan, run only when a hash repeats."""
+    Memory: 8 bytes a row (each id's 64-bit Python string hash, sorted in place; 80 MB at 10^7
+    rows). The rows behind a repeated hash are found by a second scan in the same process (the
+    hash is per process), run only when a hash repeats; ids that only share a hash are no repeat."""
     digest = IdsDigest()
-    hashes = np.empty(rows, dtype=np.uint64)
+    # Python's own string hash finds candidate repeats (8 bytes a row; a collision is told
+    # apart from a repeat below, by the ids themselves)
+    hashes = np.empty(rows, dtype=np.int64)
     for start in range(0, rows, _ID_BLOCK):
         stop = min(start + _ID_BLOCK, rows)
-        ids = reader.ids(start, stop)
-        for offset, value in enumerate(ids):
-            hashes[start + offset] = _id_hash(digest.add(value))
+        ids = [str(value) for value in reader.ids(start, stop)]
+        digest.add_many(ids)
+        hashes[start:stop] = np.fromiter(map(hash, ids), dtype=np.int64, count=stop - start)
     hashes.sort()
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     del hashes
@@ -222,7 +230,7 @@ def _refuse_duplicates(reader: Reader, rows: int, repeated: np.ndarray) -> None:
     for start in range(0, rows, _ID_BLOCK):
         stop = min(start + _ID_BLOCK, rows)
         ids = reader.ids(start, stop)
-        hashes = np.fromiter((_id_hash(str(value).encode()) for value in ids), dtype=np.uint64, count=len(ids))
+        hashes = np.fromiter((hash(str(value)) for value in ids), dtype=np.int64, count=len(ids))
         for offset in np.nonzero(np.isin(hashes, repeated))[0]:
             rows_by_id.setdefault(str(ids[offset]), []).append(start + int(offset))
     duplicates = {key: value for key, value in rows_by_id.items() if len(value) > 1}
@@ -293,28 +301,30 @@ def make_plan(
 ) -> Plan:
     """Scan ids and (for token budgets) lengths, and cut the rows into requests and chunks."""
     rows = reader.num_rows if limit is None else min(limit, reader.num_rows)
+    settings = PlanSettings(rows, batch_rows, token_budget, chunk_rows, limit, dict(fields), dict(parameters or {}))
+    return plan_with(reader, settings, input_paths)
+
+
+def plan_with(reader: Reader, settings: PlanSettings, input_paths: list[str] | None = None) -> Plan:
+    """The plan of `settings` over the reader's first settings.rows rows."""
+    rows, batch_rows, token_budget = settings.rows, settings.batch_rows, settings.token_budget
     ids_digest = scan_ids(reader, rows)
     lengths = None
     if token_budget:
-        token_fields = [name for name in fields.values() if reader.fields()[name].is_bytes] or list(fields.values())
+        names = settings.fields.values()
+        token_fields = [name for name in names if reader.fields()[name].is_bytes] or list(names)
         lengths = np.zeros(rows, dtype=np.int64)
         for name in token_fields:
             for start in range(0, rows, _ID_BLOCK):
                 stop = min(start + _ID_BLOCK, rows)
                 np.maximum(lengths[start:stop], reader.lengths(name, start, stop), out=lengths[start:stop])
     if lengths is not None and token_budget and rows:
-        chunks = length_sorted_chunks(lengths, batch_rows, token_budget, chunk_rows)
+        chunks = length_sorted_chunks(lengths, batch_rows, token_budget, settings.chunk_rows)
     else:
-        chunks = make_chunks(request_bounds(rows, batch_rows), chunk_rows) if rows else []
+        chunks = make_chunks(request_bounds(rows, batch_rows), settings.chunk_rows) if rows else []
     return Plan(
-        rows=rows,
-        batch_rows=batch_rows,
-        token_budget=token_budget,
-        chunk_rows=chunk_rows,
-        limit=limit,
-        fields=dict(fields),
+        settings=settings,
         ids_digest=ids_digest,
         inputs=[fingerprint(path) for path in (input_paths or [reader.spec.path])],
         chunks=chunks,
-        parameters=dict(parameters or {}),
     )

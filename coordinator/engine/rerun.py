@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tensorfleet.core.hashing import file_sha256
+from tensorfleet.core.hashing import file_sha256_once
 
 from ..spec.errors import JobFatal
 
@@ -82,7 +82,7 @@ def input_digests(paths: Iterable[str], known: dict[str, dict[str, Any]] | None 
         if before.get("size") == stat.st_size and before.get("mtime_ns") == stat.st_mtime_ns and before.get("sha256"):
             sha256 = before["sha256"]
         else:
-            sha256 = file_sha256(path)
+            sha256 = file_sha256_once(path)
         out[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
     return out
 

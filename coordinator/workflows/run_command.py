@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_FATAL
@@ -14,13 +15,17 @@ from . import api
 CRASH_MARK = "tensorfleet: crashed: "
 
 
-def run_and_report(job: Path | str, options: api.RunOptions) -> int:
+def run_and_report(
+    job: Path | str, options: api.RunOptions, on_finished: Callable[[api.AnyJob, api.RunResult], None] | None = None
+) -> int:
     """Run a job file of any kind through the engine and print its summary; the exit code (0, 1, 2 or 3).
+    `on_finished(spec, result)` is called after a run that exited 0 (the CLI's finished stamp).
 
     An unhandled exception would leave Python's own exit status 1, the code of failed rows; it is
     caught here and ends with EXIT_CRASH and its traceback's last line instead (issue 28 #9)."""
     try:
-        result = api.run(api.load(job), options)
+        spec = api.load(job)
+        result = api.run(spec, options)
     except api.JobFatal as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)
         return EXIT_FATAL
@@ -41,6 +46,8 @@ def run_and_report(job: Path | str, options: api.RunOptions) -> int:
     elif result.exit_code == 1:  # rows that failed before a fan-out: no rows of the output, yet failed
         print(f"tensorfleet: {getattr(result, 'rows_lost', 0)} rows failed before a fan-out and have no rows in the "
               f"output (`tensorfleet run {job} --retry-failed` computes their chunks again)", file=sys.stderr)
+    elif on_finished is not None and not options.dry_run and options.shard is None and result.exit_code == 0:
+        on_finished(spec, result)
     return result.exit_code
 
 

@@ -14,15 +14,21 @@ those folders before the re-run. Timings are printed, never asserted.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tensorfleet.coordinator.cli import finished
 from tensorfleet.coordinator.engine.rerun import IDENTITY_NAME, differences, job_identity
 from tensorfleet.coordinator.spec.kinds import load_job
 
@@ -50,6 +56,29 @@ def committed_rows(top: Path) -> int:
 def rows_computed(stdout: str) -> int:
     line = next(line for line in stdout.splitlines() if line.startswith(("speed:", "nothing computed:")))
     return 0 if line.startswith("nothing computed:") else int(line.split()[1])
+
+
+#: What the quick answer must not import (cli/finished.py): the engine and everything it brings.
+ENGINE = ("numpy", "grpc", "pydantic", "h5py", "pyarrow", "pandas", "anndata", "scipy", "torch",
+          "tensorfleet.coordinator.workflows", "tensorfleet.coordinator.engine", "tensorfleet.coordinator.io")
+
+
+def rerun_in_process(job: Path, *args: str) -> tuple[int, str, list[str]]:
+    """`tensorfleet run JOB ARGS` in a fresh interpreter: (exit code, stdout, the engine modules it imported)."""
+    code = textwrap.dedent("""
+        import contextlib, io, json, sys
+        from tensorfleet.coordinator import cli
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["run", *sys.argv[1:]])
+        print(json.dumps({"code": code, "out": out.getvalue(), "modules": sorted(sys.modules)}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(job), *args], capture_output=True, text=True,
+                          timeout=240, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    engine = [m for m in report["modules"] if any(m == n or m.startswith(n + ".") for n in ENGINE)]
+    return report["code"], report["out"], engine
 
 
 def plain(root: Path) -> tuple[Path, Path, list[Path], int]:
@@ -124,6 +153,11 @@ def test_a_killed_job_continues_and_a_finished_one_exits_0_at_once_with_no_serve
     assert any(str(outputs[0]) in line for line in again.stdout.splitlines()), again.stdout  # names its output
     assert [path.stat().st_mtime_ns for path in outputs] == stamps, "a finished job rewrote its output"
 
+    # answered before the engine is imported (cli/finished.py): no server, no reader, no numpy
+    code, out, engine = rerun_in_process(job)
+    assert (code, engine) == (0, []), (code, engine)
+    assert rows_computed(out) == 0 and str(outputs[0]) in out, out
+
     resumed = run_tensorfleet("run", job, "--resume")  # accepted, and now means what no flag means
     assert resumed.returncode == 0 and rows_computed(resumed.stdout) == 0, resumed.stderr
 
@@ -192,3 +226,54 @@ def test_a_changed_stage_or_source_is_named_by_its_name(tmp_path):
     sources = [spec.sources[0], spec.sources[1].model_copy(update={"path": str(tmp_path / "a.fasta")})]
     assert differences(before, job_identity(spec.model_copy(update={"sources": sources}))) == [
         f"sources[b].path {str(tmp_path / 'b.fasta')!r} -> {str(tmp_path / 'a.fasta')!r}"]
+
+
+def test_the_quick_answer_goes_the_long_way_once_anything_changed(tmp_path):
+    """cli/finished.py answers only for the job exactly as it finished: a touched input, a deleted
+    output, an edited job file, another --limit or a run of the folder since each send the command
+    down the long way (the engine's own checks), which answers right and leaves a new stamp."""
+    job, top, outputs, total = plain(tmp_path)
+    assert finished._IDENTITY_NAME == IDENTITY_NAME
+    assert run_tensorfleet("run", job).returncode == 0
+    assert (top / finished.STAMP_NAME).is_file()
+    assert rerun_in_process(job)[2] == []
+
+    os.utime(tmp_path / "in.fasta")  # same bytes, new mtime: the long way, which finds it unchanged
+    code, out, engine = rerun_in_process(job)
+    assert code == 0 and engine and rows_computed(out) == 0, out
+    assert rerun_in_process(job)[2] == []  # the long way left a new stamp
+
+    outputs[0].unlink()  # the long way merges it again
+    code, out, engine = rerun_in_process(job)
+    assert code == 0 and engine and outputs[0].is_file(), out
+    assert rerun_in_process(job)[2] == []
+
+    job.write_text(job.read_text() + "# a comment changes no result\n")
+    code, out, engine = rerun_in_process(job)
+    assert code == 0 and engine and rows_computed(out) == 0, out
+
+    code, out, engine = rerun_in_process(job, "--limit", "50")  # another output and folder: computed
+    assert code == 0 and engine and rows_computed(out) == 50, out
+
+    code, out, engine = rerun_in_process(job, "--retry-failed")  # asks for work: never answered quickly
+    assert code == 0 and engine, out
+    code, out, engine = rerun_in_process(job, "--restart")
+    assert code == 0 and engine and rows_computed(out) == total, out
+    assert rerun_in_process(job)[2] == []
+
+    make_fasta(tmp_path / "in.fasta", 200, seed=9)  # changed input: refused by the engine, as before
+    refused = run_tensorfleet("run", job)
+    assert refused.returncode == 2 and "in.fasta changed since this job began" in refused.stderr, refused.stderr
+
+
+def test_a_run_of_the_folder_since_the_stamp_voids_it(tmp_path):
+    """Another entry point (the service, a --dry-run is not one) that runs the folder rewrites
+    job.json when it starts: the stamp, made before, no longer answers."""
+    job, top, _, _ = plain(tmp_path)
+    assert run_tensorfleet("run", job).returncode == 0
+    assert run_tensorfleet("run", job, "--dry-run").returncode == 0
+    assert rerun_in_process(job)[2] == []  # a dry run changes nothing
+    identity = top / IDENTITY_NAME
+    identity.write_text(identity.read_text())  # what any run's start does
+    code, out, engine = rerun_in_process(job)
+    assert code == 0 and engine and rows_computed(out) == 0, out

@@ -39,8 +39,8 @@ def expected_embeddings(fasta, batch_rows: int, chunk_rows: int, token_budget: i
         plan = make_plan(
             reader, {"sequence": "sequence"}, batch_rows=batch_rows, chunk_rows=chunk_rows, token_budget=token_budget
         )
-        everything = reader.read("sequence", 0, plan.rows)
-        out = np.empty((plan.rows, 16), dtype=np.float32)
+        everything = reader.read("sequence", 0, plan.settings.rows)
+        out = np.empty((plan.settings.rows, 16), dtype=np.float32)
         for chunk in plan.chunks:
             for rows in chunk.request_rows():
                 out[rows] = model.predict({"sequence": everything[rows]})["embedding"]

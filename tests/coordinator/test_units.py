@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata
 import h5py
 import numpy as np
@@ -12,7 +14,15 @@ import pytest
 import scipy.sparse as sp
 
 from tensorfleet.coordinator.engine.manifest import Manifest, RowError
-from tensorfleet.coordinator.engine.planner import PlanError, make_chunks, make_plan, request_bounds
+from tensorfleet.coordinator.engine.planner import (
+    IdsDigest,
+    Plan,
+    PlanError,
+    PlanSettings,
+    make_chunks,
+    make_plan,
+    request_bounds,
+)
 from tensorfleet.coordinator.io.parts import CorruptPart, Part, write_part
 from tensorfleet.coordinator.io.readers import open_reader
 from tensorfleet.coordinator.spec import InputSpec, SpecError, json_schema, parse_spec
@@ -72,6 +82,37 @@ def test_plan_is_deterministic_and_covers_every_row(tmp_path):
         for rows in requests:
             assert len(rows) <= 7 and (len(rows) == 1 or len(rows) * lengths[rows].max() <= 300)
     assert [chunk.start for chunk in plans[0].chunks] == list(range(0, 300, 50))
+
+
+def test_a_plan_holds_its_settings_once_and_the_manifest_records_them(tmp_path):
+    """Plan keeps one PlanSettings (no copy of its fields to drift apart from it); the manifest's
+    plan record is those settings plus the ids digest, and reads back equal."""
+    make_fasta(tmp_path / "s.fasta", 30)
+    with open_reader(InputSpec(path=str(tmp_path / "s.fasta"))) as reader:
+        plan = make_plan(reader, {"sequence": "sequence"}, batch_rows=4, chunk_rows=8, limit=25,
+                         parameters={"steps": 3})
+    assert {f.name for f in dataclasses.fields(Plan)} & {f.name for f in dataclasses.fields(PlanSettings)} == set()
+    assert plan.settings == PlanSettings(25, 4, None, 8, 25, {"sequence": "sequence"}, {"steps": 3})
+    manifest = Manifest(tmp_path / "manifest.sqlite")
+    manifest.record_plan(plan)
+    assert manifest.plan_settings() == {**plan.settings.as_dict(), "ids_digest": plan.ids_digest}
+    manifest.close()
+
+
+def test_ids_digest_in_blocks_equals_one_id_at_a_time():
+    """The plan digests ids in blocks and the merge part by part: both must give the digest of
+    each id added alone (empty ids, non-ASCII, long ones, blocks of any size)."""
+    ids = ["seq1", "", "é-ü", "x" * 70_000, *(f"cell-{i}" for i in range(1000))]
+    one = IdsDigest()
+    for value in ids:
+        one.add(value)
+    blocks = IdsDigest()
+    for start, stop in ((0, 1), (1, 1), (1, 4), (4, 600), (600, len(ids))):
+        blocks.add_many(ids[start:stop])
+    assert blocks.hexdigest() == one.hexdigest()
+    other = IdsDigest()
+    other.add_many(ids[:3] + ids[4:])
+    assert other.hexdigest() != one.hexdigest()
 
 
 def test_duplicate_ids_are_named(tmp_path):

@@ -273,6 +273,23 @@ def test_h5ad_declaring_200_million_sparse_entries_is_refused_in_bounded_memory(
     assert rss < control_rss + (200 << 20), (rss, control_rss)
 
 
+@pytest.mark.parametrize("part, var_column", [("_index", None), ("symbol", "symbol")])
+def test_h5ad_var_declaring_more_names_than_genes_is_refused_before_it_is_read(tmp_path, part, var_column):
+    """Review finding: gene alignment reads X's var frame (names, or input.align.var_column),
+    and nothing bounded its size: a few KB on disk declaring 10**8 names would be read whole.
+    Now each part's declared length is checked against X's width first, naming both numbers."""
+    _write_h5ad(tmp_path / "in.h5ad", "csr")
+    with h5py.File(tmp_path / "in.h5ad", "r+") as f:
+        del f["var"][part]
+        f["var"].create_dataset(part, shape=(10**8,), dtype=h5py.string_dtype(), chunks=(1 << 16,))
+    assert (tmp_path / "in.h5ad").stat().st_size < 64 * 1024
+    align = {"var_column": var_column} if var_column else {}
+    done = _run(tmp_path, {"path": "in.h5ad", "tensors": {"expression": "X"}, "align": align},
+                model="genes", local=True)
+    named = "index" if part == "_index" else "column 'symbol'"
+    _assert_refused(done, tmp_path, f"var {named} declares 100000000 rows but X has 16 columns")
+
+
 def _gzip_fasta(path: Path, line_bytes: int) -> None:
     """A gzip FASTA whose first record is one line of `line_bytes` residues (gzip makes it tiny)."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)

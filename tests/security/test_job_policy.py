@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.job_specs import minimal_job
 from tensorfleet.client import (
     CoordinatorClient,
     InvalidArgument,
@@ -59,21 +60,7 @@ def coordinator(world):
 
 
 def spec(world: Path, **changes) -> dict:
-    base = {
-        "name": "attack", "input": {"path": str(world / "data" / "in.fasta")},
-        "model": {"name": "embed", "servers": ["127.0.0.1:1"]},
-        "output": {"path": str(world / "out" / "result.h5")},
-    }
-    for dotted, value in changes.items():
-        node = base
-        *parents, last = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return base
+    return minimal_job(world, "attack", "127.0.0.1:1", "result.h5", **changes)
 
 
 # (id, changes with {w} = the world folder, error type, words the message must hold)

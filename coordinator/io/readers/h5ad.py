@@ -7,8 +7,9 @@ matrix:
 - dense: an h5py slice of the dataset;
 - CSR: `safety.read_sparse_block` of rows [start, stop): one block of rows is its offsets, then
   its entries, each read in one piece and checked (offsets monotone, indices within the columns)
-  before scipy sees them; anndata's `sparse_dataset` is built once, at open, for the shape and
-  dtype, never per read. `read_block` keeps the rows sparse (a `scipy.sparse.csr_matrix`), so
+  before scipy sees them; the shape is the group's `shape` attribute (`h5sparse_shape` before
+  0.7) and the dtype its data's, so no anndata object is made, at open or per read, and a
+  CSR job imports neither anndata nor scipy. `read_block` keeps the rows sparse (`csr_rows.CsrRows`), so
   the request source holds a chunk's rows at their stored size and densifies per request only
   for models that take dense rows;
 - CSC: stored by column, so a row range touches every column. Rows are converted in blocks:
@@ -17,7 +18,7 @@ matrix:
   once; a block holds about `CSC_BLOCK_BYTES` of entries (12 bytes each), so a job reads the
   matrix `12 x nnz / CSC_BLOCK_BYTES` times (more often when chunks are larger than a block).
   For large CSC files convert once: `adata.X = adata.X.tocsr()`.
-obs, var and the small metadata are read with `anndata.io.read_elem`.
+obs, var and the small metadata are read with `anndata.io.read_elem` (imported when first needed).
 
 The file is someone else's: when it is opened every object in it is checked to keep its bytes
 in the file (safety.check_tree: no external links, external storage or virtual datasets; the
@@ -29,17 +30,21 @@ scipy sees it.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
-import scipy.sparse
-from anndata.io import read_elem, sparse_dataset
 
 from ...spec import InputSpec
 from .base import FieldInfo, InputError, Reader, register
 from .hdf5 import as_str_array
 from .safety import SparseLayout, check_tree, read_sparse_block, sparse_layout
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import scipy.sparse
+
+    from .csr_rows import CsrRows
 
 CSC_BLOCK_BYTES = 256 << 20
 _CSC_COLUMNS = 2048
@@ -58,8 +63,23 @@ def _sparse_format(item: h5py.Group) -> str:
     return {"csr_matrix": "csr", "csc_matrix": "csc"}.get(_attr(item, "encoding-type"), "")
 
 
+def _sparse_shape(item: h5py.Group, where: str) -> tuple[int, ...]:
+    """A sparse group's declared shape (today's `shape` attribute, `h5sparse_shape` before 0.7);
+    safety.sparse_layout checks it against the arrays."""
+    shape = item.attrs.get("shape", item.attrs.get("h5sparse_shape"))
+    try:
+        return tuple(int(dim) for dim in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: sparse matrix '{item.name}' declares no shape (attribute 'shape')") from None
+
+
 def read_frame(item: h5py.Group | h5py.Dataset) -> pd.DataFrame:
     """An obs/var frame in any encoding: read_elem for a group, a compound dataset before 0.7."""
+    # anndata's imports cost more CPU than a small job's whole dispatch: only a job that reads
+    # names or columns (gene alignment, old encodings) pays them
+    import pandas as pd
+    from anndata.io import read_elem
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata's OldFormatWarning: reading old files is the point
         value = read_elem(item)
@@ -70,6 +90,23 @@ def read_frame(item: h5py.Group | h5py.Dataset) -> pd.DataFrame:
         if frame[column].dtype == object:
             frame[column] = [v.decode() if isinstance(v, bytes) else v for v in frame[column]]
     return frame.set_index(frame.columns[0])
+
+
+def frame_lengths(item: h5py.Group | h5py.Dataset) -> dict[str, int]:
+    """The rows an obs/var frame declares, per part (its index, each column; a categorical or
+    nullable column by its codes or values), from the HDF5 metadata alone: what `read_frame`
+    would read, known before any of it is read."""
+    if isinstance(item, h5py.Dataset):
+        return {"index": item.shape[0] if item.ndim else 0}
+    lengths: dict[str, int] = {}
+    index = _attr(item, "_index", "_index")
+    for name in [index, *(key for key in item if key not in (index, "__categories"))]:
+        element = item.get(name)
+        if isinstance(element, h5py.Group):
+            element = next((element[key] for key in ("codes", "values") if key in element), None)
+        if isinstance(element, h5py.Dataset):
+            lengths["index" if name == index else name] = element.shape[0] if element.ndim else 0
+    return lengths
 
 
 class _Names:
@@ -135,11 +172,12 @@ class H5adReader(Reader):
                 return  # strings, categories: not model inputs
             info = FieldInfo(name, item.dtype, tuple(item.shape[1:]))
         elif _sparse_format(item):
-            matrix = sparse_dataset(item)
-            info = FieldInfo(name, matrix.dtype, tuple(matrix.shape[1:]))
-            layout = sparse_layout(item, _sparse_format(item), matrix.shape, self.spec.path)
+            shape = _sparse_shape(item, self.spec.path)
+            dtype = item["data"].dtype if isinstance(item.get("data"), h5py.Dataset) else np.dtype("f4")
+            info = FieldInfo(name, dtype, tuple(shape[1:]))
+            layout = sparse_layout(item, _sparse_format(item), shape, self.spec.path)
             self._sparse[name] = layout
-            rows = max(int(matrix.shape[0]), 1)
+            rows = max(int(shape[0]), 1)
             self._row_bytes[name] = max(layout.nnz / rows, 1.0) * (info.dtype.itemsize + item["indices"].dtype.itemsize)
         else:
             return  # a data frame or mapping in obsm: nothing a model can take
@@ -155,9 +193,9 @@ class H5adReader(Reader):
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         block = self.read_block(field, start, stop)
-        return np.asarray(block.toarray()) if scipy.sparse.issparse(block) else block
+        return block if isinstance(block, np.ndarray) else np.asarray(block.toarray())
 
-    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+    def read_block(self, field: str, start: int, stop: int) -> np.ndarray | CsrRows | scipy.sparse.csr_matrix:
         """Rows [start, stop) as stored: dense fields as arrays, sparse ones as CSR (never densified)."""
         if field not in self._fields:
             raise InputError(f"no field '{field}' in {self.spec.path} (has: {sorted(self._fields)})")
@@ -173,7 +211,7 @@ class H5adReader(Reader):
     def row_bytes(self, field: str) -> float:
         return self._row_bytes.get(field) or super().row_bytes(field)
 
-    def _csr_rows(self, field: str, start: int, stop: int) -> scipy.sparse.csr_matrix:
+    def _csr_rows(self, field: str, start: int, stop: int) -> CsrRows:
         """One block of a CSR matrix, read and checked by `safety.read_sparse_block`."""
         layout = self._sparse[field]
         rows = layout.shape[0]
@@ -181,6 +219,8 @@ class H5adReader(Reader):
         return read_sparse_block(layout, start, max(start, stop))
 
     def _csc_rows(self, field: str, item: h5py.Group, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        import scipy.sparse
+
         block = self._csc_block
         if block is None or block[0] != field or not (block[1] <= start and stop <= block[2]):
             layout = self._sparse[field]
@@ -207,6 +247,14 @@ class H5adReader(Reader):
             return None
         if key not in self._file:
             return None
+        shape = self._fields[field].row_shape if field in self._fields else ()
+        width = shape[-1] if shape else 0
+        for part, length in frame_lengths(self._file[key]).items():
+            if length != width:
+                raise InputError(
+                    f"{self.spec.path}: {key} {'index' if part == 'index' else f'column {part!r}'} declares "
+                    f"{length} rows but {field} has {width} columns; they must be equal (one name per gene)"
+                )
         frame = read_frame(self._file[key])
         if column is None:
             return np.asarray(frame.index.astype(str))

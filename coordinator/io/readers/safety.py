@@ -24,6 +24,7 @@ import numpy as np
 
 from . import base
 from .base import InputError
+from .csr_rows import CsrRows
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -188,8 +189,10 @@ def _checked_indptr(layout: SparseLayout, lo: int, hi: int) -> np.ndarray:
     return indptr
 
 
-def read_sparse_block(layout: SparseLayout, lo: int, hi: int, max_bytes: int | None = None) -> scipy.sparse.spmatrix:
-    """Rows [lo, hi) of a CSR matrix (as CSR) or columns [lo, hi) of a CSC matrix (as CSC), read and
+def read_sparse_block(
+    layout: SparseLayout, lo: int, hi: int, max_bytes: int | None = None
+) -> CsrRows | scipy.sparse.spmatrix:
+    """Rows [lo, hi) of a CSR matrix (as CsrRows) or columns [lo, hi) of a CSC matrix (as scipy CSC), read and
     checked: only indptr[lo:hi + 1] and the entries it points to are read, and each index is checked
     to lie in 0..minor - 1 before scipy sees it. `max_bytes` bounds the entries one block reads."""
     indptr = _checked_indptr(layout, lo, hi)
@@ -208,9 +211,9 @@ def read_sparse_block(layout: SparseLayout, lo: int, hi: int, max_bytes: int | N
         axis = "columns" if layout.kind == "csr" else "rows"
         raise InputError(f"{layout.where}: sparse matrix '{layout.group.name}' has index {int(indices[bad])} at entry "
                          f"{start + bad}, outside its {layout.minor} {axis}")
+    if layout.kind == "csr":  # numpy alone (csr_rows.py): no scipy import for a CSR job
+        return CsrRows(data, indices, indptr - start, layout.minor)
     import scipy.sparse  # here: an HDF5 job, which imports this module, needs no scipy
 
     count = hi - lo
-    shape = (count, layout.minor) if layout.kind == "csr" else (layout.minor, count)
-    matrix = scipy.sparse.csr_matrix if layout.kind == "csr" else scipy.sparse.csc_matrix
-    return matrix((data, indices.astype(np.int64, copy=False), indptr - start), shape=shape)
+    return scipy.sparse.csc_matrix((data, indices.astype(np.int64, copy=False), indptr - start), shape=(layout.minor, count))

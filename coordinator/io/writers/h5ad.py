@@ -16,12 +16,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-import anndata
 import h5py
 import numpy as np
-import pandas as pd
-from anndata.io import write_elem
 
+from .anndata_elements import write_array, write_dict, write_frame
 from .base import WriteContext, Writer, register, rows_per_chunk
 
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
@@ -50,6 +48,8 @@ def _start_file(context: WriteContext) -> None:
         if context.limit is None and is_current_encoding(source):
             shutil.copyfile(source, context.temp_path)
             return
+        import anndata  # converting an older encoding: anndata's own reader and writer
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # anndata's OldFormatWarning: converting is the point
             backed = anndata.read_h5ad(source, backed="r")
@@ -61,6 +61,9 @@ def _start_file(context: WriteContext) -> None:
             finally:
                 backed.file.close()
         return
+    import anndata
+    import pandas as pd
+
     obs = pd.DataFrame(index=pd.Index([f"row{i}" for i in range(context.rows)], dtype=str))
     anndata.AnnData(obs=obs).write_h5ad(context.temp_path)
 
@@ -137,25 +140,21 @@ class H5adWriter(Writer):
             errors_text[row] = text
         added = {**self._obs_values, "tensorfleet_ok": self._ok, "tensorfleet_error": errors_text.astype(str)}
         for name, values in added.items():
-            if name in obs:
-                del obs[name]
-            write_elem(obs, name, values)
+            write_array(obs, name, values)
         order = [c for c in obs.attrs.get("column-order", []) if c not in added]
         obs.attrs["column-order"] = np.array([*order, *added], dtype=object)
         uns = self._file.require_group("uns")
-        if "tensorfleet" in uns:
-            del uns["tensorfleet"]
+        if "encoding-type" not in uns.attrs:
+            uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         errors = self.context.errors
-        table = pd.DataFrame(
-            {
-                "row": np.array([e.row for e in errors], dtype=np.int64),
-                "id": [e.id for e in errors],
-                "code": [e.code for e in errors],
-                "message": [e.message for e in errors],
-            }
-        )
         provenance = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in self.context.provenance.items()}
-        write_elem(uns, "tensorfleet", {"provenance": provenance, "errors": table})
+        write_dict(uns, "tensorfleet", {"provenance": provenance})
+        write_frame(uns["tensorfleet"], "errors", {
+            "row": np.array([e.row for e in errors], dtype=np.int64),
+            "id": np.array([e.id for e in errors], dtype=object),
+            "code": np.array([e.code for e in errors], dtype=object),
+            "message": np.array([e.message for e in errors], dtype=object),
+        })
         self._file.close()
         return []
 
