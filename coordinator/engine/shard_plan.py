@@ -111,8 +111,9 @@ def shard_rows(rows: int, unit: int, index: int, count: int) -> tuple[int, int]:
 def slice_plan(plan: Plan, role: ShardRole) -> Plan:
     """The plan's chunks of this shard (global indexes and rows kept; ids digest of the whole job,
     which the merge checks over every shard's parts)."""
-    unit = role.unit or chunk_unit(plan.batch_rows, plan.token_budget, plan.chunk_rows)
-    start, stop = shard_rows(plan.rows, unit, role.index, role.count)
+    settings = plan.settings
+    unit = role.unit or chunk_unit(settings.batch_rows, settings.token_budget, settings.chunk_rows)
+    start, stop = shard_rows(settings.rows, unit, role.index, role.count)
     chunks = [chunk for chunk in plan.chunks if start <= chunk.start < stop]
     if (chunks and (chunks[0].start != start or chunks[-1].stop != stop)) or (not chunks and start != stop):
         raise JobFatal(

@@ -116,7 +116,7 @@ def dry_run_tool(spec: PipelineSpec, index: int, reader: Reader, output: Path, s
         plan = make_plan(reader, {f: f for f in fields}, batch_rows=rows, chunk_rows=rows, limit=options.limit)
     except PlanError as error:
         raise JobFatal(str(error)) from None
-    return [*lines, f"  rows: {plan.rows}", f"  chunks: {chunk_sizes(plan.chunks, rows)}"]
+    return [*lines, f"  rows: {plan.settings.rows}", f"  chunks: {chunk_sizes(plan.chunks, rows)}"]
 
 
 def check_tools(spec: PipelineSpec) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from tensorfleet.coordinator.engine.planner import (
     Plan,
+    PlanSettings,
     length_sorted_chunks,
     make_chunks,
     request_bounds,
@@ -31,7 +32,7 @@ def _plan(rows: int, batch_rows: int, chunk_rows: int, token_budget: int | None 
         chunks = length_sorted_chunks(lengths, batch_rows, token_budget, chunk_rows) if rows else []
     else:
         chunks = make_chunks(request_bounds(rows, batch_rows), chunk_rows) if rows else []
-    return Plan(rows, batch_rows, token_budget, chunk_rows, None, {"x": "x"}, "digest", [], chunks)
+    return Plan(PlanSettings(rows, batch_rows, token_budget, chunk_rows, None, {"x": "x"}), "digest", [], chunks)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 64, 65, 1000])
@@ -56,7 +57,7 @@ def test_the_slices_are_the_one_plan_s_chunks(rows, batch_rows, chunk_rows, toke
     assert all(chunk.rows == unit for chunk in plan.chunks[:-1]) and plan.chunks[-1].rows <= unit
     slices = [slice_plan(plan, ShardRole(index, count)) for index in range(count)]
     assert [c for piece in slices for c in piece.chunks] == plan.chunks  # same chunks, requests and order
-    assert all(piece.ids_digest == plan.ids_digest and piece.rows == plan.rows for piece in slices)
+    assert all(piece.ids_digest == plan.ids_digest and piece.settings.rows == plan.settings.rows for piece in slices)
 
 
 def test_a_pipeline_unit_keeps_every_stage_s_slice_inside_the_earlier_one_s() -> None:
