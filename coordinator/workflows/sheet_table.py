@@ -60,42 +60,28 @@ def check_stored_columns(spec: SweepSpec, models: list[SweepModelSpec], job_dir:
             )
 
 
-def _loosened(kind: pa.DataType) -> pa.DataType:
-    """A fixed-size list (at any depth) as a variable-length one of the same values."""
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
-        return pa.list_(_loosened(kind.value_type))
-    return kind
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)
 
 
-def _leaf(kind: pa.DataType) -> tuple[int, pa.DataType]:
-    depth = 0
-    while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
-        kind, depth = kind.value_type, depth + 1
-    return depth, kind
+def _joined(name: str, kinds: list[pa.DataType]) -> pa.DataType:
+    """A type every one of `kinds` casts to: lists of one fixed size stay fixed, lists of differing
+    sizes become variable-length lists, numbers widen; anything else cannot share a column."""
+    if all(kind == kinds[0] for kind in kinds):
+        return kinds[0]
+    if all(_is_list(kind) for kind in kinds):
+        inner = _joined(name, [kind.value_type for kind in kinds])
+        sizes = {kind.list_size if pa.types.is_fixed_size_list(kind) else None for kind in kinds}
+        return pa.list_(inner, sizes.pop()) if len(sizes) == 1 and None not in sizes else pa.list_(inner)
+    if all(pa.types.is_integer(kind) or pa.types.is_floating(kind) for kind in kinds):
+        return pa.from_numpy_dtype(np.result_type(*(kind.to_pandas_dtype() for kind in kinds)))
+    raise JobFatal(f"output.layout one_table: column '{name}' is {sorted({str(k) for k in kinds})} across the "
+                   "models; map the outputs to different column names (models[].outputs) or use layout: per_model")
 
 
 def unified_type(name: str, kinds: list[pa.DataType]) -> pa.DataType:
     """One arrow type that holds every model's `name` column."""
-    if all(kind == kinds[0] for kind in kinds):
-        return kinds[0]
-    loose = [_loosened(kind) for kind in kinds]
-    if all(kind == loose[0] for kind in loose):
-        return loose[0]
-    leaves = [_leaf(kind) for kind in loose]
-    depths = {depth for depth, _ in leaves}
-    try:
-        common = pa.from_numpy_dtype(np.result_type(*(leaf.to_pandas_dtype() for _, leaf in leaves)))
-    except (NotImplementedError, TypeError):
-        common = None
-    if len(depths) != 1 or common is None or not all(pa.types.is_integer(leaf) or pa.types.is_floating(leaf)
-                                                     for _, leaf in leaves):
-        raise JobFatal(f"output.layout one_table: column '{name}' is {sorted({str(k) for k in kinds})} across the "
-                       "models; map the outputs to different column names (models[].outputs) or use "
-                       "layout: per_model")
-    out = common
-    for _ in range(depths.pop()):
-        out = pa.list_(out)
-    return out
+    return _joined(name, kinds)
 
 
 def write_table(sheet: Path, keys: list[tuple[str, list[str]]], paths: list[Path]) -> None:
