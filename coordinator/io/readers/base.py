@@ -123,12 +123,7 @@ def register(fmt: str) -> Callable[[type[Reader]], type[Reader]]:
 
 
 def open_reader(spec: InputSpec) -> Reader:
-    """The registered reader for spec.format, opened; InputError if the file cannot be read.
-    Several files (a list in input.path) are read as one input (multi_file.py)."""
-    if isinstance(spec.path, list):
-        from .multi_file import open_files
-
-        return open_files(spec, open_reader)
+    """The registered reader for spec.format, opened; InputError if the file cannot be read."""
     _load(spec.format)
     factory = _REGISTRY.get(spec.format or "")
     if factory is None:

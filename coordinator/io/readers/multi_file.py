@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import scipy.sparse
 
 from ...spec import InputSpec
 from ...spec.input_files import file_labels
@@ -112,7 +111,9 @@ class MultiFileReader(Reader):
             return empty()
         if len(pieces) == 1:
             return pieces[0]
-        if any(scipy.sparse.issparse(piece) for piece in pieces):
+        if any(hasattr(piece, "tocsr") for piece in pieces):  # .h5ad rows kept sparse
+            import scipy.sparse
+
             return scipy.sparse.vstack([scipy.sparse.csr_matrix(piece) for piece in pieces], format="csr")
         return np.concatenate(pieces)
 

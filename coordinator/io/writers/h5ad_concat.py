@@ -78,7 +78,7 @@ def write_concatenated(paths: list[str], target: Path, rows: int | None) -> None
         dtype = np.result_type(*(reader.fields()["X"].dtype for reader in readers))
         with h5py.File(target, "r+") as out:
             writer = _SparseX(out, dtype, len(genes)) if sparse else _DenseX(out, dtype, sum(counts), len(genes))
-            for reader, (_, own_var), count in zip(readers, frames, strict=True):
+            for reader, (_, own_var), count in zip(readers, frames, counts, strict=True):
                 position = {str(g): i for i, g in enumerate(own_var.index)}
                 columns = np.array([position[g] for g in genes], dtype=np.int64)
                 for start in range(0, count, BLOCK_ROWS):
