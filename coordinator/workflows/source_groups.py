@@ -42,11 +42,15 @@ def _groups(source: SourceSpec, index: int) -> dict[str, np.ndarray]:
 
 
 def expand_groups(spec: SweepSpec) -> SweepSpec:
-    """The job with every `group_by` source (without `group`) replaced by one source per value."""
-    if not any(s.group_by and s.group is None for s in spec.sources):
+    """The job with every `group_by` source (without `group`) replaced by one source per value; a
+    `group` named by hand is checked to be in its column. Before any folder or server exists."""
+    if not any(s.group_by for s in spec.sources):
         return spec
     sources: list[dict] = []
     for index, source in enumerate(spec.sources):
+        if source.group_by and source.group is not None and source.group not in _groups(source, index):
+            raise JobFatal(f"sources[{index}].group: no row of {source.path} holds '{source.group}' in "
+                           f"'{source.group_by}'")
         if not source.group_by or source.group is not None:
             sources.append(source.model_dump())
             continue
