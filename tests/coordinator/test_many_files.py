@@ -177,7 +177,7 @@ def _genes_embedding(x: np.ndarray) -> np.ndarray:
     return load_test_model("genes").predict({"expression": x.astype(np.float32)})["embedding"]
 
 
-def test_three_h5ad_samples_with_different_obs_make_one_h5ad_and_per_file_three(tmp_path, servers):
+def test_three_h5ad_samples_with_different_obs_make_one_h5ad_resumed_identically_and_per_file_three(tmp_path, servers):
     folder = tmp_path / "samples"
     folder.mkdir()
     samples = [_write_sample(folder / f"sample{i}.h5ad", i, rows) for i, rows in ((1, 20), (2, 33), (3, 15))]
@@ -198,6 +198,20 @@ def test_three_h5ad_samples_with_different_obs_make_one_h5ad_and_per_file_three(
     np.testing.assert_allclose(np.asarray(merged.X), x)
     np.testing.assert_allclose(merged.obsm["embedding"], _genes_embedding(x), rtol=1e-5, atol=1e-6)
     assert merged.obs["tensorfleet_ok"].all()
+
+    killed = write_job(tmp_path / "killed.yaml", input={"path": "samples/*.h5ad"}, model=model,
+                       output={"path": "killed.h5ad"}, chunking={"chunk_rows": 16})
+    crashed = run_tensorfleet("run", killed, env={"TENSORFLEET_CRASH_AT": "part_renamed:3"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    resumed = run_tensorfleet("run", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = anndata.read_h5ad(tmp_path / "killed.h5ad")
+    assert list(again.obs_names) == list(merged.obs_names) and list(again.var_names) == list(merged.var_names)
+    assert again.obsm["embedding"].tobytes() == merged.obsm["embedding"].tobytes()
+    assert np.asarray(again.X).tobytes() == np.asarray(merged.X).tobytes()
+    assert again.obs.equals(merged.obs)
 
     per_file = write_job(tmp_path / "per_file.yaml", input={"path": "samples/*.h5ad"}, model=model,
                          output={"path": "per_sample", "format": "h5ad", "per_file": True})
