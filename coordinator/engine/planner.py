@@ -21,6 +21,7 @@ import numpy as np
 from tensorfleet.core.hashing import file_sha256_once
 
 from ..io.readers import Reader
+from ..spec.input_files import as_list
 
 _ID_BLOCK = 65536
 
@@ -235,12 +236,19 @@ def _refuse_duplicates(reader: Reader, rows: int, repeated: np.ndarray) -> None:
             rows_by_id.setdefault(str(ids[offset]), []).append(start + int(offset))
     duplicates = {key: value for key, value in rows_by_id.items() if len(value) > 1}
     if duplicates:
-        shown = "; ".join(f"'{key}' at rows {value}" for key, value in list(duplicates.items())[:10])
+        shown = "; ".join(f"'{key}' at rows {value}{_places(reader, value)}" for key, value in list(duplicates.items())[:10])
         more = f" (and {len(duplicates) - 10} more)" if len(duplicates) > 10 else ""
         raise PlanError(
             f"{len(duplicates)} ids occur more than once in the input: {shown}{more}. "
             f"Ids must be unique; make them unique or set input.ids to another field"
         )
+
+
+def _places(reader: Reader, rows: list[int]) -> str:
+    """Where repeated rows sit when that says more than their row numbers (the files of a
+    several-file input: ' (in a.fa record 3 ..., b.fa record 1 ...)')."""
+    places = [reader.where(row) for row in rows]
+    return "" if places == [f"row {row}" for row in rows] else f" (in {', '.join(places)})"
 
 
 def request_bounds(
@@ -325,6 +333,6 @@ def plan_with(reader: Reader, settings: PlanSettings, input_paths: list[str] | N
     return Plan(
         settings=settings,
         ids_digest=ids_digest,
-        inputs=[fingerprint(path) for path in (input_paths or [reader.spec.path])],
+        inputs=[fingerprint(path) for path in (input_paths or as_list(reader.spec.path))],
         chunks=chunks,
     )

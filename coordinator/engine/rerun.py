@@ -26,6 +26,7 @@ from typing import Any
 from tensorfleet.core.hashing import file_sha256_once
 
 from ..spec.errors import JobFatal
+from ..spec.input_files import as_list
 
 IDENTITY_NAME = "job.json"
 #: What a job folder holds once a run of it got as far as planning (any kind, any depth).
@@ -90,8 +91,9 @@ def input_digests(paths: Iterable[str], known: dict[str, dict[str, Any]] | None 
 def job_identity(spec: Any, known: dict[str, Any] | None = None) -> JobIdentity:
     """The identity of a job of any kind (a spec of coordinator/spec/kinds.py, paths absolute)."""
     dumped = spec.model_dump(mode="json")
-    paths = [source["path"] for source in dumped.get("sources", [])]
-    paths += [dumped[name]["path"] for name in ("input", "prompt", "control") if isinstance(dumped.get(name), dict)]
+    paths = [path for source in dumped.get("sources", []) for path in as_list(source["path"])]
+    paths += [path for name in ("input", "prompt", "control") if isinstance(dumped.get(name), dict)
+              for path in as_list(dumped[name]["path"])]
     return JobIdentity(result_spec(dumped), input_digests(paths, (known or {}).get("inputs")))
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .input_files import as_list, check_listed, first_path, resolve_input
 from .safe_yaml import SpecMalformed, SpecTooLarge, load_yaml
 
 InputFormat = Literal["fasta", "hdf5", "h5ad", "parquet", "npy", "csv", "tsv"]
@@ -72,7 +73,11 @@ class AlignSpec(Strict):
 class InputSpec(Strict):
     """Where rows come from and which stored field feeds which model input."""
 
-    path: str = Field(description="Input file (FASTA, HDF5, .h5ad, parquet or .npy).")
+    path: str | list[str] = Field(
+        description="Input file (FASTA, HDF5, .h5ad, parquet, .npy, CSV/TSV); or several: a list of files or a "
+        "glob pattern (e.g. samples/*.fa, expanded sorted), read as one input in that order, each row's file "
+        "name kept in a 'source_file' column (obs field for .h5ad). All files have the same format and fields.",
+    )
     format: InputFormat | None = Field(default=None, description="Inferred from the suffix when unset.")
     ids: str | None = Field(
         default=None,
@@ -106,13 +111,18 @@ class InputSpec(Strict):
 
     @model_validator(mode="after")
     def _infer_format(self) -> InputSpec:
+        check_listed(self.path)
         if self.format is None:
-            found = _INPUT_SUFFIXES.get(_input_suffix(self.path))
+            found = _INPUT_SUFFIXES.get(_input_suffix(first_path(self.path)))
             if found is None:
                 raise ValueError(
-                    f"cannot tell the format of '{self.path}' from its suffix; set input.format "
+                    f"cannot tell the format of '{first_path(self.path)}' from its suffix; set input.format "
                     f"to one of fasta, hdf5, h5ad, parquet, npy, csv, tsv"
                 )
+            others = sorted({p for p in as_list(self.path) if _INPUT_SUFFIXES.get(_input_suffix(p)) != found})
+            if others:
+                raise ValueError(f"input.path: {others[:3]} are not {found} like {first_path(self.path)}; "
+                                 "one job reads files of one format")
             self.format = found  # type: ignore[assignment]
         return self
 
@@ -233,9 +243,17 @@ class OutputSpec(Strict):
         description="fsspec URL of a folder (e.g. s3://bucket/jobs/name/parts) for this job's part files; "
         "one folder per job. Unset: parts stay in the local job folder. The manifest stays local.",
     )
+    per_file: bool = Field(
+        default=False,
+        description="With several input files: one output per input file, <output.path>/<input name>.<format> "
+        "(output.path is then a folder and output.format is required), each in its file's row order.",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> OutputSpec:
+        if self.per_file and self.format is None:
+            raise ValueError("output.per_file: output.path names a folder; set output.format "
+                             "(hdf5, parquet, h5ad, csv or tsv)")
         if self.format is None:
             found = _OUTPUT_SUFFIXES.get(Path(self.path).suffix.lower())
             if found is None:
@@ -338,7 +356,7 @@ class JobSpec(Strict):
     def resolved(self, base: Path) -> JobSpec:
         """A copy with every relative path made absolute against `base`."""
         data = self.model_dump()
-        data["input"]["path"] = absolute(base, data["input"]["path"])
+        data["input"]["path"] = resolve_input(base, data["input"]["path"])
         data["output"]["path"] = absolute(base, data["output"]["path"])
         resolve_model(data["model"], base)
         if data["job_dir"]:
@@ -385,7 +403,12 @@ def read_job_file(path: Path) -> Any:
 def load_spec(path: Path | str) -> JobSpec:
     """Read a job file, validate it, and resolve its paths against its folder."""
     path = Path(path)
-    return parse_spec(read_job_file(path), str(path)).resolved(path.resolve().parent)
+    try:
+        return parse_spec(read_job_file(path), str(path)).resolved(path.resolve().parent)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, str(path))) from None
+    except ValueError as error:  # a glob pattern that matches no file (input_files.py)
+        raise SpecError(f"{path}: {error}") from None
 
 
 def json_schema() -> dict[str, Any]:

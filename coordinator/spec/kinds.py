@@ -35,6 +35,7 @@ from . import (
     read_job_file,
     resolve_model,
 )
+from .input_files import as_list, first_path, resolve_input
 from .tool_stage import ToolReadSpec, ToolWriteSpec, check_tool_stage, resolve_command
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
@@ -130,7 +131,7 @@ class PipelineSpec(Named):
 
     def resolved(self, base: Path) -> PipelineSpec:
         data = self.model_dump()
-        data["input"]["path"] = absolute(base, data["input"]["path"])
+        data["input"]["path"] = resolve_input(base, data["input"]["path"])
         data["output"]["path"] = absolute(base, data["output"]["path"])
         if data["job_dir"]:
             data["job_dir"] = absolute(base, data["job_dir"])
@@ -145,6 +146,25 @@ class PipelineSpec(Named):
 class SourceSpec(InputSpec):
     name: str | None = Field(default=None, max_length=128, pattern=NAME,
                              description="Source label; default: the file's stem.")
+    group_by: str | None = Field(
+        default=None, min_length=1,
+        description="A column of this table input (CSV/TSV/parquet) whose values split its rows into sources, "
+        "one per distinct value in order of first appearance, each labelled by its value (models[].sources "
+        "names them): one file with a `source` column drives a models x sources job.",
+    )
+    group: str | None = Field(
+        default=None, min_length=1,
+        description="With group_by: run only the rows whose group_by column holds this value (one source); "
+        "unset: one source per value.",
+    )
+
+    @model_validator(mode="after")
+    def _grouping(self) -> SourceSpec:
+        if self.group is not None and not self.group_by:
+            raise ValueError("group picks the rows of one value of group_by; set group_by too")
+        if self.group_by and self.format is not None and self.format not in ("csv", "tsv", "parquet"):
+            raise ValueError(f"group_by splits a table input (csv, tsv, parquet); this source is {self.format}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -153,7 +173,7 @@ class SourceSpec(InputSpec):
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem
+        return self.name or self.group or Path(first_path(self.path)).stem
 
 
 class SweepModelSpec(ModelSpec):
@@ -199,9 +219,10 @@ class SweepSpec(Named):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"{kind} {repeated} appear more than once; give each a distinct name")
+        grouped = any(s.group_by and s.group is None for s in self.sources)  # labels known once the file is read
         for model in self.models:
             unknown = sorted(set(model.sources or []) - set(labels))
-            if unknown:
+            if unknown and not grouped:
                 raise ValueError(f"model {model.name}: sources {unknown} are not in sources (have {labels})")
             if model.sources == []:
                 raise ValueError(f"model {model.name}: sources is empty; list at least one source or leave it unset")
@@ -214,7 +235,7 @@ class SweepSpec(Named):
     def resolved(self, base: Path) -> SweepSpec:
         data = self.model_dump()
         for source in data["sources"]:
-            source["path"] = absolute(base, source["path"])
+            source["path"] = resolve_input(base, source["path"])
         for model in data["models"]:
             resolve_model(model, base)
         data["output"]["dir"] = absolute(base, data["output"]["dir"])
@@ -236,12 +257,20 @@ class InContextSpec(Named):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     job_dir: str | None = None
 
+    @model_validator(mode="after")
+    def _one_prompt_file(self) -> InContextSpec:
+        for field, section in (("prompt", self.prompt), ("control", self.control)):
+            if isinstance(section, InputSpec) and isinstance(section.path, list):
+                raise ValueError(f"{field}.path: a prompt is one file (several files are for input.path)")
+        return self
+
     def resolved(self, base: Path) -> InContextSpec:
         data = self.model_dump()
-        for key in ("input", "prompt", "output"):
-            data[key]["path"] = absolute(base, data[key]["path"])
+        for key in ("input", "prompt"):
+            data[key]["path"] = resolve_input(base, data[key]["path"])
+        data["output"]["path"] = absolute(base, data["output"]["path"])
         if isinstance(data["control"], dict):
-            data["control"]["path"] = absolute(base, data["control"]["path"])
+            data["control"]["path"] = resolve_input(base, data["control"]["path"])
         resolve_model(data["model"], base)
         if data["job_dir"]:
             data["job_dir"] = absolute(base, data["job_dir"])
@@ -280,6 +309,8 @@ def parse_job(raw: Any, source: str = "job", base: Path | None = None) -> AnyJob
         return spec.resolved(base) if base is not None else spec  # type: ignore[attr-defined]
     except ValidationError as error:
         raise SpecError(format_validation_error(error, source)) from None
+    except ValueError as error:  # a glob pattern that matches no file (input_files.py)
+        raise SpecError(f"{source}: {error}") from None
 
 
 def load_job(path: Path | str) -> AnyJob:
@@ -322,19 +353,27 @@ def paths_of(spec: AnyJob) -> Iterator[tuple[str, str]]:
     """(field, path) of every file the job reads or writes: what a service's policy checks."""
     if isinstance(spec, SweepSpec):
         for index, source in enumerate(spec.sources):
-            yield f"sources[{index}].path", source.path
+            yield from _each_path(f"sources[{index}].path", source.path)
         yield "output.dir", spec.output.dir
     else:
-        yield "input.path", spec.input.path
+        yield from _each_path("input.path", spec.input.path)
         yield "output.path", spec.output.path
         if spec.output.parts:
             yield "output.parts", spec.output.parts
     if isinstance(spec, InContextSpec):
-        yield "prompt.path", spec.prompt.path
+        yield from _each_path("prompt.path", spec.prompt.path)
         if isinstance(spec.control, InputSpec):
-            yield "control.path", spec.control.path
+            yield from _each_path("control.path", spec.control.path)
     if spec.job_dir:
         yield "job_dir", spec.job_dir
+
+
+def _each_path(field: str, path: str | list[str]) -> Iterator[tuple[str, str]]:
+    """(field, path) of one input path, or (field[i], path) of each file of a list."""
+    if isinstance(path, str):
+        yield field, path
+    else:
+        yield from ((f"{field}[{index}]", item) for index, item in enumerate(as_list(path)))
 
 
 def json_schema() -> dict[str, Any]:

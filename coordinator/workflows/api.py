@@ -18,7 +18,7 @@ from typing import Any
 from ..engine.job import RunOptions, RunResult, default_job_dir, final_output_path
 from ..engine.rerun import rerun_guard
 from ..io.objectstore import ObjectStoreError, RemoteOutput, is_url, stage_dir, stage_input, upload
-from ..spec import InputSpec, SpecError
+from ..spec import InputSpec, JobSpec, SpecError
 from ..spec.errors import JobFatal
 from ..spec.kinds import (
     AnyJob,
@@ -79,6 +79,12 @@ def run(spec: AnyJob, options: RunOptions) -> RunResult:
         spec = with_servers(spec, options.servers)
     if options.models and not isinstance(spec, SweepSpec):
         raise JobFatal(f"--models picks models of a models x sources job; this job is {kind_of(spec)}")
+    per_file = getattr(getattr(spec, "output", None), "per_file", False)
+    if per_file and not isinstance(spec, JobSpec):
+        raise JobFatal(f"output.per_file is for plain jobs (one model over many files); this job is {kind_of(spec)}")
+    if per_file and options.shard is not None:
+        raise JobFatal("a job with output.per_file cannot be sharded (each file is its own job); "
+                       "run it without --shard, or give each file its own job")
     if not options.dry_run:  # --shard I/N, or a sharded job folder (workflows/sharded.py)
         from .sharded import run_sharded
 
@@ -129,6 +135,10 @@ def _runner(spec: AnyJob):
         from .incontext import run_incontext
 
         return run_incontext
+    if spec.output.per_file:
+        from .per_file import run_per_file
+
+        return run_per_file
     from ..engine.job import run_plain
 
     return run_plain

@@ -38,6 +38,8 @@ from ..fleet.model_fleet import ModelFleet
 from ..io.output_files import OutputFolder
 from ..spec import ChunkingSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
 from ..spec.kinds import SourceSpec, SweepModelSpec, SweepSpec
+from .sheet_table import check_stored_columns, write_table
+from .source_groups import expand_groups, grouped_reader
 
 KIND = "models x sources"
 
@@ -73,7 +75,7 @@ def _sub_job(spec: SweepSpec, model: SweepModelSpec, source: SourceSpec, sub_dir
     return JobSpec(
         name=f"{spec.name}.{model.name}.{source.label}",
         input=InputSpec.model_validate(
-            {**source.model_dump(exclude={"name"}), "tensors": model.inputs or source.tensors}
+            {**source.model_dump(exclude={"name", "group_by", "group"}), "tensors": model.inputs or source.tensors}
         ),
         model=ModelSpec.model_validate(model.model_dump(include=set(ModelSpec.model_fields))),
         output=OutputSpec(
@@ -89,8 +91,10 @@ def _sub_job(spec: SweepSpec, model: SweepModelSpec, source: SourceSpec, sub_dir
 
 
 def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
+    spec = expand_groups(spec)  # a source split by a column: one source per value (source_groups.py)
     models = selected_models(spec, options)
     _, job_dir = locations(spec, options)
+    check_stored_columns(spec, models, job_dir)  # before any compute, from the models' declared outputs
     if options.dry_run:
         return dry_run_sweep(spec, models, options, job_dir)
     open_workflow_folder(job_dir, {
@@ -133,7 +137,7 @@ def run_sweep(spec: SweepSpec, options: RunOptions) -> RunResult:
         keys = [("model", [m for m, files in tables for _ in files]), ("source", [s for _, files in tables for s, _ in files])]
         paths = [path for _, files in tables for _, path in files]
         if fresh or not up_to_date(table, paths):
-            _write_sheet(table, keys, paths)
+            write_table(table, keys, [path for path in paths if path is not None])  # widths may differ by model
         sheets.append(table)
     return SweepResult(sheets[0], job_dir, rows, failed, computed, time.monotonic() - started, sheets=sheets)
 
@@ -151,7 +155,8 @@ def _run_model(
                 job_dir=sub_dir, resume=(sub_dir / MANIFEST_NAME).is_file(), limit=options.limit,
                 progress_stream=options.progress_stream, retry_failed=options.retry_failed, shard=options.shard,
             )
-            with open_input(sub.input) as reader:
+            with open_input(sub.input) as table:
+                reader = grouped_reader(table, source)
                 try:
                     result = run_one(RunContext(sub, reader, sub_options, final_output_path(sub, options.limit),
                                                 sub_dir, fleet))
@@ -212,7 +217,8 @@ def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOpt
         lines.append(f"model {model.name} -> {target}")
         for source in spec.sources_of(model):
             sub = _sub_job(spec, model, source, job_dir / model.name / source.label)
-            with open_input(sub.input) as reader:
+            with open_input(sub.input) as table:
+                reader = grouped_reader(table, source)
                 try:
                     plan = describe_plan(sub, fleet, reader, options.limit, Path(spec.output.dir), job_dir)
                 except JobFatal as error:

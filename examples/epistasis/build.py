@@ -6,7 +6,8 @@ the sequences come from a fixed-seed generator.
 
     python examples/epistasis/build.py [--out examples/epistasis] [--models-only]
 
-writes `<out>/models/{embed_small,embed_tiny}` and `<out>/data/{singles,doubles}.fasta`.
+writes `<out>/models/{embed_small,embed_tiny}`, `<out>/data/{singles,doubles}.fasta` and the same
+mutants as one table, `<out>/data/mutants.tsv` (id, source, sequence).
 The models are built, not committed (`make models` builds them): TorchScript records the
 checkout's paths, so their bytes and checksums differ from one folder to another. The FASTA
 files are small text and committed; rebuilding writes the same bytes.
@@ -72,6 +73,7 @@ def build_data(out: Path, singles: int = 40, doubles: int = 60, seed: int = 5) -
     wild_type = "".join(rng.choice(RESIDUES) for _ in range(48))
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    table: list[tuple[str, str, str]] = []
     for name, count, order in (("singles", singles, 1), ("doubles", doubles, 2)):
         records = [("WT", wild_type)] + mutants(wild_type, count, order, seed + order) if order == 1 else mutants(
             wild_type, count, order, seed + order
@@ -79,7 +81,11 @@ def build_data(out: Path, singles: int = 40, doubles: int = 60, seed: int = 5) -
         path = out / f"{name}.fasta"
         path.write_text("".join(f">{key}\n{value}\n" for key, value in records))
         paths.append(path)
-    return paths
+        table.extend((key, name, value) for key, value in records)
+    # the same mutants as the pipeline keeps them: one TSV with a source column (group_by splits it)
+    tsv = out / "mutants.tsv"
+    tsv.write_text("id\tsource\tsequence\n" + "".join(f"{key}\t{name}\t{value}\n" for key, name, value in table))
+    return [*paths, tsv]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,11 @@ CASES = [
     ("input-symlink-escapes", {"input__path": "{w}/data/escape.fasta"}, PermissionDenied, "outside/secret.fasta"),
     ("input-dotdot-escapes", {"input__path": "{w}/data/../outside/secret.fasta"}, PermissionDenied, "--data-root"),
     ("input-etc-passwd", {"input__path": "/etc/passwd", "input__format": "fasta"}, PermissionDenied, "--data-root"),
+    # several files: a glob is expanded (symlinks resolved) before the check, a list is checked file by file
+    ("input-glob-symlink-escapes", {"input__path": "{w}/data/*.fasta"}, PermissionDenied, "outside/secret.fasta"),
+    ("input-glob-dotdot-escapes", {"input__path": "{w}/data/../outside/*.fasta"}, PermissionDenied, "--data-root"),
+    ("input-list-one-outside", {"input__path": ["{w}/data/in.fasta", "{w}/outside/secret.fasta"]}, PermissionDenied,
+     "input.path[1]"),
     ("output-outside-root", {"output__path": "{w}/outside/stolen.h5"}, PermissionDenied, "--output-root"),
     ("output-symlinked-folder", {"output__path": "{w}/out/escape/stolen.h5"}, PermissionDenied, "--output-root"),
     ("job-dir-outside", {"job_dir": "{w}/outside/jobdir"}, PermissionDenied, "job_dir"),

@@ -55,7 +55,7 @@ class _TableWriter(Writer):
         cells: list[pa.Array] = [pa.array(list(ids), pa.string())]
         for column in self.context.columns:
             names += _names(column)
-            cells += _cells(arrays[column.name], ok, column)
+            cells += _cells(arrays[column.name], ok | column.from_input, column)  # input fields: every row
         names += ["ok", "error"]
         cells += [pa.array(ok, pa.bool_()), pa.array(list(error), pa.string())]
         table = pa.Table.from_arrays(cells, names=names)

@@ -43,6 +43,11 @@ def is_current_encoding(path: Path) -> bool:
 
 
 def _start_file(context: WriteContext) -> None:
+    if context.input.format == "h5ad" and isinstance(context.input.path, list):  # one file per sample
+        from .h5ad_concat import write_concatenated
+
+        write_concatenated(context.input.path, context.temp_path, context.limit and context.rows)
+        return
     source = Path(context.input.path)
     if context.input.format == "h5ad":
         if context.limit is None and is_current_encoding(source):

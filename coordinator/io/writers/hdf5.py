@@ -29,7 +29,7 @@ def checked_bytes(name: str, start: int, values: np.ndarray) -> np.ndarray:
     one), so it is a clear error naming the row rather than a value cut short."""
     per_row = int(np.prod(values.shape[1:], dtype=np.int64))
     for index, value in enumerate(values.reshape(-1)):
-        if b"\0" in value:
+        if (b"\0" if isinstance(value, bytes) else "\0") in value:  # str: an input's text field (source_file)
             row = start + index // max(per_row, 1)
             raise ValueError(f"output '{name}', row {row}: a BYTES value holding a NUL byte cannot be stored in "
                              "an HDF5 string; use output.format: parquet for binary outputs")

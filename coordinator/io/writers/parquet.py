@@ -18,7 +18,14 @@ from .base import Column, WriteContext, Writer, register
 MAX_BUFFER_BYTES = 64 << 20
 
 
+def _is_text(column: Column) -> bool:
+    """A text field of the input's own (the `source_file` of several input files): a string column."""
+    return column.from_input and column.dtype.hasobject and not column.row_shape
+
+
 def arrow_type(column: Column) -> pa.DataType:
+    if _is_text(column):
+        return pa.string()
     kind = pa.binary() if column.dtype.hasobject else pa.from_numpy_dtype(column.dtype)
     for size in reversed(column.row_shape):
         kind = pa.list_(kind, size)
@@ -26,6 +33,8 @@ def arrow_type(column: Column) -> pa.DataType:
 
 
 def arrow_array(values: np.ndarray, column: Column) -> pa.Array:
+    if _is_text(column):
+        return pa.array([v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values], pa.string())
     if values.dtype.hasobject:  # BYTES: binary cells, the model's bytes unchanged
         flat = pa.array(list(values.reshape(-1)), pa.binary())
     else:
