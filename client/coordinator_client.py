@@ -1,6 +1,6 @@
 """Clients of the coordinator service (tensorfleet.v1.Coordinator), sync and async.
 
-Submit a job file (path, YAML/JSON text or a dict), follow its events, cancel or resume it,
+Submit a job file (path, YAML/JSON text or a dict), follow its events, cancel, resume or retry it,
 and see the fleet. Replies are the protobuf messages (`Job`, `JobEvent`, `ServerEntry`);
 `job_state(job)` gives a state's name. Errors are the typed errors of tensorfleet.client.
 """
@@ -94,6 +94,10 @@ class CoordinatorClient:
     def resume(self, job_id: str) -> tf.Job:
         return self._call(self._stub.ResumeJob, tf.ResumeJobRequest(job_id=job_id))
 
+    def retry(self, job_id: str) -> tf.Job:
+        """Queue a finished job again with its failed rows computed again (`run --retry-failed`)."""
+        return self._call(self._stub.RetryJob, tf.RetryJobRequest(job_id=job_id))
+
     def servers(self) -> list[tf.ServerEntry]:
         return list(self._call(self._stub.ListServers, tf.ListServersRequest()).servers)
 
@@ -160,6 +164,9 @@ class AsyncCoordinatorClient:
 
     async def resume(self, job_id: str) -> tf.Job:
         return await self._call(self._stub.ResumeJob, tf.ResumeJobRequest(job_id=job_id))
+
+    async def retry(self, job_id: str) -> tf.Job:
+        return await self._call(self._stub.RetryJob, tf.RetryJobRequest(job_id=job_id))
 
     async def servers(self) -> list[tf.ServerEntry]:
         return list((await self._call(self._stub.ListServers, tf.ListServersRequest())).servers)

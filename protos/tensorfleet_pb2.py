@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tensorfleet/protos/tensorfleet.proto\x12\x0etensorfleet.v1\"\x16\n\x14GetServerInfoRequest\"\xa6\x01\n\tModelLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x04\x12\x11\n\trows_done\x18\x04 \x01(\x04\x12\x17\n\x0frows_per_second\x18\x05 \x01(\x01\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xe3\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x04 \x01(\x04\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x05 \x01(\x04\x12\x10\n\x08host_pid\x18\x06 \x01(\x04\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12)\n\x06models\x18\x08 \x03(\x0b\x32\x19.tensorfleet.v1.ModelLoad\x12\x10\n\x08insecure\x18\t \x01(\x08\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x04\"T\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\r\n\x05limit\x18\x04 \x01(\x04\"M\n\tJobServer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x12\n\nlast_error\x18\x04 \x01(\t\"\xcc\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.tensorfleet.v1.JobState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x11\n\trows_done\x18\x07 \x01(\x04\x12\x13\n\x0brows_failed\x18\x08 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\t \x01(\x04\x12\x13\n\x0b\x63hunks_done\x18\n \x01(\x04\x12\x17\n\x0frows_per_second\x18\x0b \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0c \x01(\x01\x12*\n\x07servers\x18\r \x03(\x0b\x32\x19.tensorfleet.v1.JobServer\x12\x0e\n\x06output\x18\x0e \x01(\t\x12\x0f\n\x07job_dir\x18\x0f \x01(\t\x12\x14\n\x0csubmitted_at\x18\x10 \x01(\x01\x12\x12\n\nstarted_at\x18\x11 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x12 \x01(\x01\x12\x11\n\ttimeout_s\x18\x13 \x01(\x01\x12\x0c\n\x04spec\x18\x14 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x15 \x01(\r\x12\x14\n\x0c\x65ngine_state\x18\x16 \x01(\t\"\x9f\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.tensorfleet.v1.JobState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12 \n\x03job\x18\x07 \x01(\x0b\x32\x13.tensorfleet.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x0fListJobsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.tensorfleet.v1.JobState\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.tensorfleet.v1.Job\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x14\n\x12ListServersRequest\"\x8d\x01\n\x0bServerEntry\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12(\n\x04info\x18\x05 \x01(\x0b\x32\x1a.tensorfleet.v1.ServerInfo\x12\x10\n\x08job_rows\x18\x06 \x01(\x04\"C\n\x13ListServersResponse\x12,\n\x07servers\x18\x01 \x03(\x0b\x32\x1b.tensorfleet.v1.ServerEntry*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xac\x01\n\rServerControl\x12S\n\rGetServerInfo\x12$.tensorfleet.v1.GetServerInfoRequest\x1a\x1a.tensorfleet.v1.ServerInfo\"\x00\x12\x46\n\x05\x44rain\x12\x1c.tensorfleet.v1.DrainRequest\x1a\x1d.tensorfleet.v1.DrainResponse\"\x00\x32\x95\x04\n\x0b\x43oordinator\x12\x44\n\tSubmitJob\x12 .tensorfleet.v1.SubmitJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12>\n\x06GetJob\x12\x1d.tensorfleet.v1.GetJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12O\n\x08ListJobs\x12\x1f.tensorfleet.v1.ListJobsRequest\x1a .tensorfleet.v1.ListJobsResponse\"\x00\x12I\n\x08WatchJob\x12\x1f.tensorfleet.v1.WatchJobRequest\x1a\x18.tensorfleet.v1.JobEvent\"\x00\x30\x01\x12\x44\n\tCancelJob\x12 .tensorfleet.v1.CancelJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12\x44\n\tResumeJob\x12 .tensorfleet.v1.ResumeJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12X\n\x0bListServers\x12\".tensorfleet.v1.ListServersRequest\x1a#.tensorfleet.v1.ListServersResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tensorfleet/protos/tensorfleet.proto\x12\x0etensorfleet.v1\"\x16\n\x14GetServerInfoRequest\"\xa6\x01\n\tModelLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x04\x12\x11\n\trows_done\x18\x04 \x01(\x04\x12\x17\n\x0frows_per_second\x18\x05 \x01(\x01\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xe3\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x04 \x01(\x04\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x05 \x01(\x04\x12\x10\n\x08host_pid\x18\x06 \x01(\x04\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12)\n\x06models\x18\x08 \x03(\x0b\x32\x19.tensorfleet.v1.ModelLoad\x12\x10\n\x08insecure\x18\t \x01(\x08\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x04\"T\n\x10SubmitJobRequest\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\r\n\x05limit\x18\x04 \x01(\x04\"M\n\tJobServer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x12\n\nlast_error\x18\x04 \x01(\t\"\xf4\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.tensorfleet.v1.JobState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x11\n\trows_done\x18\x07 \x01(\x04\x12\x13\n\x0brows_failed\x18\x08 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\t \x01(\x04\x12\x13\n\x0b\x63hunks_done\x18\n \x01(\x04\x12\x17\n\x0frows_per_second\x18\x0b \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0c \x01(\x01\x12*\n\x07servers\x18\r \x03(\x0b\x32\x19.tensorfleet.v1.JobServer\x12\x0e\n\x06output\x18\x0e \x01(\t\x12\x0f\n\x07job_dir\x18\x0f \x01(\t\x12\x14\n\x0csubmitted_at\x18\x10 \x01(\x01\x12\x12\n\nstarted_at\x18\x11 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x12 \x01(\x01\x12\x11\n\ttimeout_s\x18\x13 \x01(\x01\x12\x0c\n\x04spec\x18\x14 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x15 \x01(\r\x12\x14\n\x0c\x65ngine_state\x18\x16 \x01(\t\x12&\n\x05parts\x18\x17 \x03(\x0b\x32\x17.tensorfleet.v1.JobPart\"\xbd\x01\n\x07JobPart\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\x11\n\trows_done\x18\x05 \x01(\x04\x12\x13\n\x0brows_failed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunks_done\x18\x08 \x01(\x04\x12\x17\n\x0frows_per_second\x18\t \x01(\x01\x12\x11\n\testimated\x18\n \x01(\x08\"\x9f\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.tensorfleet.v1.JobState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12 \n\x03job\x18\x07 \x01(\x0b\x32\x13.tensorfleet.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x0fListJobsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.tensorfleet.v1.JobState\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.tensorfleet.v1.Job\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x14\n\x12ListServersRequest\"\x8d\x01\n\x0bServerEntry\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12(\n\x04info\x18\x05 \x01(\x0b\x32\x1a.tensorfleet.v1.ServerInfo\x12\x10\n\x08job_rows\x18\x06 \x01(\x04\"C\n\x13ListServersResponse\x12,\n\x07servers\x18\x01 \x03(\x0b\x32\x1b.tensorfleet.v1.ServerEntry*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xac\x01\n\rServerControl\x12S\n\rGetServerInfo\x12$.tensorfleet.v1.GetServerInfoRequest\x1a\x1a.tensorfleet.v1.ServerInfo\"\x00\x12\x46\n\x05\x44rain\x12\x1c.tensorfleet.v1.DrainRequest\x1a\x1d.tensorfleet.v1.DrainResponse\"\x00\x32\xd9\x04\n\x0b\x43oordinator\x12\x44\n\tSubmitJob\x12 .tensorfleet.v1.SubmitJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12>\n\x06GetJob\x12\x1d.tensorfleet.v1.GetJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12O\n\x08ListJobs\x12\x1f.tensorfleet.v1.ListJobsRequest\x1a .tensorfleet.v1.ListJobsResponse\"\x00\x12I\n\x08WatchJob\x12\x1f.tensorfleet.v1.WatchJobRequest\x1a\x18.tensorfleet.v1.JobEvent\"\x00\x30\x01\x12\x44\n\tCancelJob\x12 .tensorfleet.v1.CancelJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12\x44\n\tResumeJob\x12 .tensorfleet.v1.ResumeJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12\x42\n\x08RetryJob\x12\x1f.tensorfleet.v1.RetryJobRequest\x1a\x13.tensorfleet.v1.Job\"\x00\x12X\n\x0bListServers\x12\".tensorfleet.v1.ListServersRequest\x1a#.tensorfleet.v1.ListServersResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorfleet.protos.tensorfleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1831
-  _globals['_JOBSTATE']._serialized_end=1935
+  _globals['_JOBSTATE']._serialized_start=2098
+  _globals['_JOBSTATE']._serialized_end=2202
   _globals['_GETSERVERINFOREQUEST']._serialized_start=56
   _globals['_GETSERVERINFOREQUEST']._serialized_end=78
   _globals['_MODELLOAD']._serialized_start=81
@@ -48,29 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVER']._serialized_start=617
   _globals['_JOBSERVER']._serialized_end=694
   _globals['_JOB']._serialized_start=697
-  _globals['_JOB']._serialized_end=1157
-  _globals['_JOBEVENT']._serialized_start=1160
-  _globals['_JOBEVENT']._serialized_end=1319
-  _globals['_GETJOBREQUEST']._serialized_start=1321
-  _globals['_GETJOBREQUEST']._serialized_end=1352
-  _globals['_LISTJOBSREQUEST']._serialized_start=1354
-  _globals['_LISTJOBSREQUEST']._serialized_end=1413
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1415
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1468
-  _globals['_WATCHJOBREQUEST']._serialized_start=1470
-  _globals['_WATCHJOBREQUEST']._serialized_end=1522
-  _globals['_CANCELJOBREQUEST']._serialized_start=1524
-  _globals['_CANCELJOBREQUEST']._serialized_end=1558
-  _globals['_RESUMEJOBREQUEST']._serialized_start=1560
-  _globals['_RESUMEJOBREQUEST']._serialized_end=1594
-  _globals['_LISTSERVERSREQUEST']._serialized_start=1596
-  _globals['_LISTSERVERSREQUEST']._serialized_end=1616
-  _globals['_SERVERENTRY']._serialized_start=1619
-  _globals['_SERVERENTRY']._serialized_end=1760
-  _globals['_LISTSERVERSRESPONSE']._serialized_start=1762
-  _globals['_LISTSERVERSRESPONSE']._serialized_end=1829
-  _globals['_SERVERCONTROL']._serialized_start=1938
-  _globals['_SERVERCONTROL']._serialized_end=2110
-  _globals['_COORDINATOR']._serialized_start=2113
-  _globals['_COORDINATOR']._serialized_end=2646
+  _globals['_JOB']._serialized_end=1197
+  _globals['_JOBPART']._serialized_start=1200
+  _globals['_JOBPART']._serialized_end=1389
+  _globals['_JOBEVENT']._serialized_start=1392
+  _globals['_JOBEVENT']._serialized_end=1551
+  _globals['_GETJOBREQUEST']._serialized_start=1553
+  _globals['_GETJOBREQUEST']._serialized_end=1584
+  _globals['_LISTJOBSREQUEST']._serialized_start=1586
+  _globals['_LISTJOBSREQUEST']._serialized_end=1645
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1647
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1700
+  _globals['_WATCHJOBREQUEST']._serialized_start=1702
+  _globals['_WATCHJOBREQUEST']._serialized_end=1754
+  _globals['_CANCELJOBREQUEST']._serialized_start=1756
+  _globals['_CANCELJOBREQUEST']._serialized_end=1790
+  _globals['_RESUMEJOBREQUEST']._serialized_start=1792
+  _globals['_RESUMEJOBREQUEST']._serialized_end=1826
+  _globals['_RETRYJOBREQUEST']._serialized_start=1828
+  _globals['_RETRYJOBREQUEST']._serialized_end=1861
+  _globals['_LISTSERVERSREQUEST']._serialized_start=1863
+  _globals['_LISTSERVERSREQUEST']._serialized_end=1883
+  _globals['_SERVERENTRY']._serialized_start=1886
+  _globals['_SERVERENTRY']._serialized_end=2027
+  _globals['_LISTSERVERSRESPONSE']._serialized_start=2029
+  _globals['_LISTSERVERSRESPONSE']._serialized_end=2096
+  _globals['_SERVERCONTROL']._serialized_start=2205
+  _globals['_SERVERCONTROL']._serialized_end=2377
+  _globals['_COORDINATOR']._serialized_start=2380
+  _globals['_COORDINATOR']._serialized_end=2981
 # @@protoc_insertion_point(module_scope)

@@ -103,7 +103,7 @@ class JobServer(_message.Message):
     def __init__(self, address: _Optional[str] = ..., alive: _Optional[bool] = ..., rows: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "name", "state", "error", "exit_code", "rows", "rows_done", "rows_failed", "chunks", "chunks_done", "rows_per_second", "eta_seconds", "servers", "output", "job_dir", "submitted_at", "started_at", "finished_at", "timeout_s", "spec", "attempts", "engine_state")
+    __slots__ = ("job_id", "name", "state", "error", "exit_code", "rows", "rows_done", "rows_failed", "chunks", "chunks_done", "rows_per_second", "eta_seconds", "servers", "output", "job_dir", "submitted_at", "started_at", "finished_at", "timeout_s", "spec", "attempts", "engine_state", "parts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class Job(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: JobState
@@ -148,7 +149,32 @@ class Job(_message.Message):
     spec: str
     attempts: int
     engine_state: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., rows: _Optional[int] = ..., rows_done: _Optional[int] = ..., rows_failed: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_done: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., servers: _Optional[_Iterable[_Union[JobServer, _Mapping]]] = ..., output: _Optional[str] = ..., job_dir: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., timeout_s: _Optional[float] = ..., spec: _Optional[str] = ..., attempts: _Optional[int] = ..., engine_state: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[JobPart]
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., rows: _Optional[int] = ..., rows_done: _Optional[int] = ..., rows_failed: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_done: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., servers: _Optional[_Iterable[_Union[JobServer, _Mapping]]] = ..., output: _Optional[str] = ..., job_dir: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., timeout_s: _Optional[float] = ..., spec: _Optional[str] = ..., attempts: _Optional[int] = ..., engine_state: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[JobPart, _Mapping]]] = ...) -> None: ...
+
+class JobPart(_message.Message):
+    __slots__ = ("label", "model", "state", "rows", "rows_done", "rows_failed", "chunks", "chunks_done", "rows_per_second", "estimated")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    model: str
+    state: str
+    rows: int
+    rows_done: int
+    rows_failed: int
+    chunks: int
+    chunks_done: int
+    rows_per_second: float
+    estimated: bool
+    def __init__(self, label: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., rows: _Optional[int] = ..., rows_done: _Optional[int] = ..., rows_failed: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_done: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., estimated: _Optional[bool] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("seq", "job_id", "time", "kind", "state", "message", "job")
@@ -201,6 +227,12 @@ class CancelJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ResumeJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class RetryJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str

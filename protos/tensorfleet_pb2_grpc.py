@@ -185,6 +185,11 @@ class CoordinatorStub:
                 request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.SerializeToString,
                 response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/RetryJob',
+                request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+                _registered_method=True)
         self.ListServers = channel.unary_unary(
                 '/tensorfleet.v1.Coordinator/ListServers',
                 request_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ListServersRequest.SerializeToString,
@@ -236,6 +241,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryJob(self, request, context):
+        """Queue a finished job again with its failed rows computed again (`tensorfleet run --retry-failed`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListServers(self, request, context):
         """Every server the coordinator knows of (its own fleet and the running jobs'), probed now.
         """
@@ -274,6 +286,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'ResumeJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeJob,
                     request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.FromString,
+                    response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.RetryJobRequest.FromString,
                     response_serializer=tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.SerializeToString,
             ),
             'ListServers': grpc.unary_unary_rpc_method_handler(
@@ -444,6 +461,33 @@ class Coordinator:
             target,
             '/tensorfleet.v1.Coordinator/ResumeJob',
             tensorfleet_dot_protos_dot_tensorfleet__pb2.ResumeJobRequest.SerializeToString,
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/RetryJob',
+            tensorfleet_dot_protos_dot_tensorfleet__pb2.RetryJobRequest.SerializeToString,
             tensorfleet_dot_protos_dot_tensorfleet__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -121,6 +121,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("jobs", _service_cli("jobs")),
     Command("cancel", _service_cli("cancel")),
     Command("resume", _service_cli("resume")),
+    Command("retry", _service_cli("retry")),
     Command("servers", _service_cli("servers")),
     Command("top", add_top),
     Command("serve", add_serve, core=True),

@@ -1,4 +1,4 @@
-"""CLI of the coordinator service: `coordinator serve`, submit, watch, cancel, resume, jobs, servers, infer.
+"""CLI of the coordinator service: `coordinator serve`, submit, watch, cancel, resume, retry, jobs, servers, infer.
 
 Exit codes follow `tensorfleet run`: `submit --wait` and `watch` end with the job's own code
 (0 every row done, 1 some rows failed, 2 failed or cancelled); 2 also when the coordinator
@@ -117,6 +117,11 @@ def add_resume(sub: argparse._SubParsersAction) -> None:
     _add_job_command(sub, "resume", "queue a cancelled or failed job again; it continues from its manifest", _resume)
 
 
+def add_retry(sub: argparse._SubParsersAction) -> None:
+    _add_job_command(sub, "retry", "queue a finished job again to compute its failed rows again (run --retry-failed)",
+                     _retry)
+
+
 def add_jobs(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="list the coordinator's jobs")
     jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
@@ -174,7 +179,17 @@ def _describe(job) -> str:
         line += f"  {job.rows_failed} failed"
     if job.rows_per_second:
         line += f"  {job.rows_per_second:.1f} rows/s"
-    return line + f"  {job.name}"
+    if job.servers:
+        line += f"  {sum(1 for s in job.servers if s.alive)}/{len(job.servers)} servers up"
+    if job.engine_state == "stopped" and job_state(job) != "RUNNING":
+        line += "  (stopped)"
+    line += f"  {job.name}"
+    for part in job.parts:  # a workflow's stages, model x source runs or in-context runs
+        estimated = " (not planned yet)" if part.estimated else ""
+        rate = f"  {part.rows_per_second:.1f} rows/s" if part.rows_per_second else ""
+        line += (f"\n    {part.label}: {part.state or 'waiting'}  {part.rows_done}/{part.rows} rows{estimated}"
+                 + (f"  {part.rows_failed} failed" if part.rows_failed else "") + rate)
+    return line
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -294,6 +309,7 @@ def _one_job(action: str):
 
 _cancel = _one_job("cancel")
 _resume = _one_job("resume")
+_retry = _one_job("retry")
 
 
 def _jobs(args: argparse.Namespace) -> int:

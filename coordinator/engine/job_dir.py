@@ -3,6 +3,7 @@ record a fresh plan, write the run's state, and the disk-full message."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -85,7 +86,9 @@ def reopen_failed_chunks(job_dir: Path, manifest: Manifest) -> None:
 
 
 def write_state(ctx: RunContext, state: str) -> None:
-    write_json_atomic(ctx.status_path, {"state": state, "output": str(ctx.output), "updated": time.time()})
+    # the pid lets a reader tell a live "starting" from one whose process was killed (run_progress.live_state)
+    write_json_atomic(ctx.status_path, {"state": state, "output": str(ctx.output), "updated": time.time(),
+                                        "pid": os.getpid()})
 
 
 def close_progress(ctx: RunContext, progress: Progress | None, state: str) -> None:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from tensorfleet.core.auth import READ, TokenAuth, check_token
 
 from ..engine.manifest import Manifest
+from ..engine.run_progress import run_dirs
 from .gpus import Nvml, gpu_of
 from .job_manager import JobManager, JobRequestError
 from .top import job_row, server_row
@@ -94,14 +95,17 @@ class DashboardData:
     def job(self, job_id: str) -> dict[str, Any]:
         record = self.manager.get(job_id)
         row = self._row(record)
-        manifest = Manifest.open_existing(Path(record.job_dir)) if record.attempts else None
         commits, errors = [], []
-        if manifest is not None:
+        for run_dir in run_dirs(Path(record.job_dir)) if record.attempts else []:  # a workflow: every part's
+            manifest = Manifest.open_existing(run_dir)
+            if manifest is None:
+                continue
             try:
-                commits = manifest.commits()
-                errors = [vars(e) for e in manifest.first_errors(ERRORS_SHOWN)]
+                commits += manifest.commits()
+                errors += [vars(e) for e in manifest.first_errors(ERRORS_SHOWN - len(errors))] if len(errors) < ERRORS_SHOWN else []
             finally:
                 manifest.close()
+        commits.sort()
         events = self.manager.store.events(job_id)[-EVENTS_SHOWN:]
         row.update(
             history=history(commits, record.started_at),

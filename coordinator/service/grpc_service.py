@@ -127,6 +127,9 @@ class CoordinatorServicer(tf_grpc.CoordinatorServicer):
     async def ResumeJob(self, request, context):
         return self._job(await self._call(context, self.manager.resume, request.job_id))
 
+    async def RetryJob(self, request, context):
+        return self._job(await self._call(context, self.manager.retry, request.job_id))
+
     async def WatchJob(self, request, context):
         await self._call(context, self.manager.get, request.job_id)
         seq = request.after_seq

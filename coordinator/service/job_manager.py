@@ -24,6 +24,7 @@ import yaml
 
 from tensorfleet.core.exit_codes import EXIT_CRASH, EXIT_OK, EXIT_ROWS_FAILED
 
+from ..engine.run_progress import LIVE
 from ..io.objectstore import is_url
 from ..io.output_files import replace_refusal
 from ..spec import SpecError
@@ -33,6 +34,8 @@ from ..workflows.api import RunOptions, locations, parse
 from . import job_process
 from .job_policy import JobPolicy, PolicyError
 from .jobstore import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
+
+CANCEL_REQUESTED = "cancel requested"
 
 log = logging.getLogger("tensorfleet.coordinator.service")
 
@@ -190,7 +193,7 @@ class JobManager:
             if attempt is not None and not attempt.cancel:
                 attempt.cancel = True
                 self._stop(attempt)
-                self._event(job_id, "state", RUNNING, "cancel requested: dispatch stops, committed chunks are kept")
+                self._event(job_id, "state", RUNNING, f"{CANCEL_REQUESTED}: dispatch stops, committed chunks are kept")
         return self.get(job_id)
 
     def resume(self, job_id: str) -> JobRecord:
@@ -201,8 +204,29 @@ class JobManager:
         self._event(job_id, "state", QUEUED, "queued again: continues from its manifest")
         return self.get(job_id)
 
+    def retry(self, job_id: str) -> JobRecord:
+        """Queue a finished job again with its failed rows computed again (`tensorfleet run
+        --retry-failed`): a SUCCEEDED job with failed rows, or a FAILED or CANCELLED one (which
+        also continues where it stopped)."""
+        record = self.get(job_id)
+        if record.state not in FINAL:
+            raise JobRequestError("precondition", f"job {job_id} is {record.state}; retry it once it has finished")
+        failed = job_process.manifest_counts(record.job_dir).get("rows_failed", 0)
+        if record.state == SUCCEEDED and not failed:
+            raise JobRequestError("precondition", f"job {job_id} has no failed rows to retry")
+        self.store.update(job_id, state=QUEUED, error="", exit_code=-1, finished_at=None, retry_failed=1)
+        self._event(job_id, "state", QUEUED, f"queued again to retry its {failed} failed row(s) (--retry-failed)")
+        return self.get(job_id)
+
     def progress(self, record: JobRecord) -> dict[str, Any]:
-        return job_process.progress(record.job_dir) if record.attempts else {}
+        """The engine's report (engine/run_progress.py); a live state left by an engine that is gone
+        reads "stopped" (a killed engine cannot say so itself)."""
+        if not record.attempts:
+            return {}
+        report = job_process.progress(record.job_dir)
+        if record.state != RUNNING and report.get("state") in LIVE:
+            report["state"] = "stopped"
+        return report
 
     # --- lifecycle ---------------------------------------------------------------------
     def recover(self) -> None:
@@ -217,8 +241,23 @@ class JobManager:
                 if job_process.engine_alive(record.pid, record.spec_path):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(record.pid, signal.SIGKILL)
+            if self._cancel_was_requested(record.id):  # the service died while the job was being cancelled
+                self._finish(record, CANCELLED, "cancelled by request (the coordinator restarted meanwhile); "
+                             f"{self._kept(record)}; resume with `tensorfleet resume {record.id}`", record.exit_code)
+                continue
             self.store.update(record.id, state=QUEUED, pid=None)
             self._event(record.id, "state", QUEUED, "the coordinator restarted; the job resumes from its manifest")
+
+    def _cancel_was_requested(self, job_id: str) -> bool:
+        """Whether the job's latest state event is a cancel request (the attempt's flag is in memory only)."""
+        states = [event for event in self.store.events(job_id) if event.kind == "state"]
+        return bool(states) and states[-1].message.startswith(CANCEL_REQUESTED)
+
+    @staticmethod
+    def _kept(record: JobRecord) -> str:
+        counts = job_process.manifest_counts(record.job_dir)
+        return (f"committed chunks are kept ({counts.get('chunks_done', 0)}/{counts.get('chunks', 0)} chunks, "
+                f"{counts.get('rows_done', 0)}/{counts.get('rows', 0)} rows)")
 
     async def run(self) -> None:
         """The scheduler loop: reap finished engines, enforce timeouts, report progress, start jobs."""
@@ -266,14 +305,15 @@ class JobManager:
     def _start(self, record: JobRecord) -> None:
         log_path = self._log_path(record.id)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path, self.policy)
+        process = job_process.start(record.spec_path, record.job_dir, record.limit_rows, log_path, self.policy,
+                                    retry_failed=bool(record.retry_failed))
         now = time.time()
         self.attempts[record.id] = _Attempt(process, offset, time.monotonic())
         self.store.update(
             record.id, state=RUNNING, pid=process.pid, attempts=record.attempts + 1,
             started_at=record.started_at or now, error="",
         )
-        resumed = " (resuming its manifest)" if record.attempts else ""
+        resumed = " (retrying failed rows)" if record.retry_failed else " (resuming its manifest)" if record.attempts else ""
         self._event(record.id, "state", RUNNING, f"attempt {record.attempts + 1} started{resumed}, pid {process.pid}")
 
     def _stop(self, attempt: _Attempt) -> None:
@@ -296,8 +336,7 @@ class JobManager:
             return
         del self.attempts[job_id]
         text = self._attempt_log(job_id, attempt)
-        counts = job_process.manifest_counts(record.job_dir)
-        kept = f"committed chunks are kept ({counts.get('chunks_done', 0)}/{counts.get('chunks', 0)})"
+        kept = self._kept(record)
         resume = f"resume with `tensorfleet resume {job_id}`"
         if returncode == EXIT_OK:
             self._finish(record, SUCCEEDED, "", returncode)
@@ -310,6 +349,8 @@ class JobManager:
             self._finish(record, CANCELLED, f"cancelled by request; {kept}; {resume}", returncode)
         elif attempt.timed_out:
             self._finish(record, FAILED, f"timed out after {record.timeout_s:g}s; {kept}; {resume}", returncode)
+        elif returncode < 0:  # a signal neither cancel nor timeout sent: kill -9, the OOM killer
+            self._finish(record, FAILED, f"{job_process.killed_message(returncode)}; {kept}; {resume}", 2)
         else:
             self._finish(record, FAILED, job_process.extract_error(text, returncode), 2)
 
@@ -322,7 +363,8 @@ class JobManager:
             return ""
 
     def _finish(self, record: JobRecord, state: str, error: str, exit_code: int) -> None:
-        self.store.update(record.id, state=state, error=error, exit_code=exit_code, finished_at=time.time(), pid=None)
+        self.store.update(record.id, state=state, error=error, exit_code=exit_code, finished_at=time.time(), pid=None,
+                          retry_failed=0)
         message = {SUCCEEDED: "finished", FAILED: "failed", CANCELLED: "cancelled"}[state]
         if state == SUCCEEDED:
             message += f" with exit code {exit_code}: output {record.output}"

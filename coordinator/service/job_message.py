@@ -26,4 +26,11 @@ def job_message(record: JobRecord, progress: dict) -> tf.Job:
             address=server.get("address", ""), alive=bool(server.get("alive")), rows=int(server.get("rows") or 0),
             last_error=server.get("last_error") or "",
         )
+    for part in progress.get("parts") or []:
+        job.parts.add(
+            label=str(part.get("label", "")), model=str(part.get("model", "")), state=str(part.get("state", "")),
+            rows_per_second=float(part.get("rows_per_second") or 0.0) if record.state == RUNNING else 0.0,
+            estimated=bool(part.get("estimated")),
+            **{name: int(part.get(name) or 0) for name in ("rows", "rows_done", "rows_failed", "chunks", "chunks_done")},
+        )
     return job

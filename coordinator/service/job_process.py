@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,7 @@ from typing import Any
 
 from tensorfleet.core.process import die_with_parent
 
-from ..engine.manifest import MANIFEST_NAME
-from ..engine.progress import read_status
-from ..engine.status import MARKER_NAME
+from ..engine.run_progress import COUNTS, job_progress
 from ..io.output_files import OUTPUT_ROOTS_ENV
 from ..spec.safe_yaml import load_yaml
 from .job_policy import JobPolicy, PolicyError
@@ -34,13 +31,13 @@ PARENT_ENV = "TENSORFLEET_SERVICE_PID"
 POLICY_ENV = "TENSORFLEET_JOB_POLICY"
 
 
-def engine_command(spec_path: str, job_dir: str, limit: int | None) -> list[str]:
+def engine_command(spec_path: str, job_dir: str, limit: int | None, retry_failed: bool = False) -> list[str]:
     command = [sys.executable, "-m", "tensorfleet.coordinator.service.job_process", "run", spec_path, "--job-dir", job_dir, "--resume"]
-    return command + (["--limit", str(limit)] if limit else [])
+    return command + (["--limit", str(limit)] if limit else []) + (["--retry-failed"] if retry_failed else [])
 
 
 def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path,
-          policy: JobPolicy | None = None) -> subprocess.Popen:
+          policy: JobPolicy | None = None, retry_failed: bool = False) -> subprocess.Popen:
     """Start the engine; it dies with the service (PDEATHSIG), so a restart never finds two.
 
     With a `policy`, the engine checks the job against it again when it starts (the job may have
@@ -53,7 +50,7 @@ def start(spec_path: str, job_dir: str, limit: int | None, log_path: Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            engine_command(spec_path, job_dir, limit), stdout=log, stderr=subprocess.STDOUT,
+            engine_command(spec_path, job_dir, limit, retry_failed), stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()), **policy_env(policy)},
             start_new_session=True,
         )
@@ -118,6 +115,15 @@ def extract_error(log_text: str, returncode: int | None) -> str:
     return cause + (f"; its log ends:\n{tail}" if tail else "")
 
 
+def killed_message(returncode: int) -> str:
+    """An engine ended by a signal nobody in the service sent (kill -9, the OOM killer): it is stopped."""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = str(-returncode)
+    return f"stopped: the job process was killed by signal {name}"
+
+
 def crash_message(log_text: str, returncode: int) -> str:
     """An engine that crashed: its traceback's last line (the engine's crash line, else Python's own)."""
     from ..workflows.run_command import CRASH_MARK
@@ -142,38 +148,16 @@ def rows_failed_message(log_text: str) -> str:
 
 
 def manifest_counts(job_dir: str) -> dict[str, int]:
-    """Chunk and row counts from the job's manifest (a workflow's: summed over its parts), read-only;
-    {} before any exists."""
-    marker = Path(job_dir) / MARKER_NAME
-    if marker.is_file():
-        totals: dict[str, int] = {}
-        for part in json.loads(marker.read_text())["parts"]:
-            for key, value in _counts(Path(job_dir) / part["dir"]).items():
-                totals[key] = totals.get(key, 0) + value
-        return totals
-    return _counts(Path(job_dir))
-
-
-def _counts(job_dir: Path) -> dict[str, int]:
-    path = job_dir / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-            total, done, rows, rows_done, failed = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(done), 0), COALESCE(SUM(stop - start), 0),"
-                " COALESCE(SUM(CASE WHEN done THEN stop - start ELSE 0 END), 0), COALESCE(SUM(failed), 0)"
-                " FROM chunks"
-            ).fetchone()
-    except sqlite3.Error:
-        return {}
-    return {"chunks": total, "chunks_done": done, "rows": rows, "rows_done": rows_done, "rows_failed": failed}
+    """Chunk and row counts from the job's manifests (a workflow's: summed over its parts, with the
+    parts not yet planned counted as their plan will be), read-only; {} before any exists."""
+    report = job_progress(Path(job_dir))
+    return {key: int(report[key]) for key in COUNTS if key in report}
 
 
 def progress(job_dir: str) -> dict[str, Any]:
-    """What the engine last reported (status.json) with the manifest's exact counts on top."""
-    status = read_status(Path(job_dir)) or {}
-    return {**status, **manifest_counts(job_dir)}
+    """What the engine last reported (status.json, a workflow's summed over its parts) with the
+    manifests' exact counts on top; see engine/run_progress.py."""
+    return job_progress(Path(job_dir))
 
 
 def main(argv: list[str]) -> int:
@@ -187,7 +171,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_engine(argv: list[str]) -> int:
-    """`run SPEC --job-dir DIR --resume [--limit N]` (engine_command's arguments) through the engine."""
+    """`run SPEC --job-dir DIR --resume [--limit N] [--retry-failed]` (engine_command's arguments) through the engine."""
     import argparse
     import signal as signals
 
@@ -200,6 +184,7 @@ def run_engine(argv: list[str]) -> int:
     parser.add_argument("--job-dir", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--retry-failed", action="store_true", help="compute again the chunks holding failed rows")
     args = parser.parse_args(argv)
 
     def interrupt(signum: int, frame: object) -> None:
@@ -210,7 +195,8 @@ def run_engine(argv: list[str]) -> int:
     if refused:
         print(f"{ERROR_MARK}{refused}", file=sys.stderr)
         return 2
-    return run_and_report(args.job, RunOptions(job_dir=args.job_dir, resume=args.resume, limit=args.limit))
+    return run_and_report(args.job, RunOptions(job_dir=args.job_dir, resume=args.resume, limit=args.limit,
+                                                     retry_failed=args.retry_failed))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec TEXT NOT NULL, spec_path TEXT NOT NULL, job_dir TEXT NOT NULL, output TEXT NOT NULL,
     limit_rows INTEGER, timeout_s REAL NOT NULL DEFAULT 0, token TEXT,
     submitted_at REAL NOT NULL, started_at REAL, finished_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER
+    attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER, retry_failed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL,
@@ -52,6 +52,8 @@ class JobRecord:
     finished_at: float | None
     attempts: int
     pid: int | None
+    #: The next attempts run with --retry-failed (RetryJob), until the job finishes.
+    retry_failed: int = 0
 
 
 @dataclass
@@ -76,6 +78,13 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A state folder written by an older service gets the columns added since (their defaults)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "retry_failed" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN retry_failed INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()

@@ -223,7 +223,11 @@ def job_row(job: Any) -> dict[str, Any]:
         "progress": job.rows_done / job.rows if job.rows else 0.0,
         "rows_per_second": job.rows_per_second, "eta_seconds": job.eta_seconds or None,
         "servers_alive": sum(1 for s in job.servers if s.alive), "servers": len(job.servers),
-        "attempts": job.attempts, "error": job.error,
+        "attempts": job.attempts, "error": job.error, "engine_state": job.engine_state,
+        # a workflow's stages / model x source runs / in-context runs, each with its own counts and rows/s
+        "parts": [{"label": p.label, "model": p.model, "state": p.state, "rows": p.rows, "rows_done": p.rows_done,
+                   "rows_failed": p.rows_failed, "chunks": p.chunks, "chunks_done": p.chunks_done,
+                   "rows_per_second": p.rows_per_second, "estimated": p.estimated} for p in job.parts],
     }
 
 
@@ -260,12 +264,12 @@ def render(snapshot: Snapshot, interval: float | None = None) -> str:
     job_rows = [
         [job["job_id"], job["state"], f"{_bar(job['progress'])} {job['progress']:6.1%}",
          f"{job['rows_done']}/{job['rows']}" + (f" ({job['rows_failed']} failed)" if job["rows_failed"] else ""),
-         _rate(job["rows_per_second"] or None),
+         _rate(job["rows_per_second"] or None), f"{job['servers_alive']}/{job['servers']}" if job["servers"] else "",
          format_duration(job["eta_seconds"]) if job["state"] == "RUNNING" else "", job["name"]]
         for job in snapshot.jobs
     ]
     if snapshot.jobs or not snapshot.servers:
-        lines += _table(["JOB", "STATE", "PROGRESS", "ROWS", "ROWS/S", "ETA", "NAME"], job_rows) + [""]
+        lines += _table(["JOB", "STATE", "PROGRESS", "ROWS", "ROWS/S", "SERVERS UP", "ETA", "NAME"], job_rows) + [""]
     server_rows = []
     for server in snapshot.servers:
         if not server["reachable"]:

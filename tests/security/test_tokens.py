@@ -78,6 +78,8 @@ def test_read_token_reads_but_may_not_submit_or_cancel(fleet):
             client.submit(_job(fleet, "reader"))
         with pytest.raises(PermissionDenied, match="CancelJob needs the submit token"):
             client.cancel("any-job")
+        with pytest.raises(PermissionDenied, match="RetryJob needs the submit token"):
+            client.retry("any-job")
         assert all(job.name != "reader" for job in client.jobs())
 
 

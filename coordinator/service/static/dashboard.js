@@ -41,15 +41,17 @@ function drawJobs(jobs) {
     row.className = "job" + (job.job_id === selected ? " selected" : "");
     row.dataset.jobId = job.job_id;
     row.dataset.state = job.state;
+    row.dataset.engineState = job.engine_state || "";
     cell(row, job.job_id);
     cell(row, job.name);
-    cell(row, job.state, "state " + job.state);
+    cell(row, job.state + (job.engine_state === "stopped" && job.state !== "RUNNING" ? " (stopped)" : ""), "state " + job.state);
     const bar = cell(row, "");
     bar.innerHTML = `<span class="bar"><span style="width:${(100 * job.progress).toFixed(1)}%"></span></span> `;
     bar.append(`${(100 * job.progress).toFixed(1)}%`);
     cell(row, `${job.rows_done}/${job.rows}`);
     cell(row, String(job.rows_failed));
     cell(row, rate(job.rows_per_second));
+    cell(row, job.servers ? `${job.servers_alive}/${job.servers}` : "-");
     cell(row, when(job.submitted_at));
     row.addEventListener("click", () => { selected = job.job_id; refresh(); });
   }
@@ -101,6 +103,10 @@ function drawDetail(job) {
   state.textContent = job.state;
   state.className = "state " + job.state;
   drawChart(job.history);
+  const error = document.getElementById("detail-error");
+  error.hidden = !job.error;
+  error.textContent = job.error || "";
+  drawParts(job.parts || []);
   document.getElementById("error-count").textContent = `(${job.rows_failed})`;
   const errors = document.querySelector("#errors tbody");
   errors.replaceChildren();
@@ -114,6 +120,23 @@ function drawDetail(job) {
     const item = document.createElement("li");
     item.textContent = `${when(event.time)} ${event.kind} ${event.state}: ${event.message}`;
     events.append(item);
+  }
+}
+
+// A workflow's parts: a pipeline's stages, a sweep's model x source runs, an in-context job's runs.
+function drawParts(parts) {
+  document.getElementById("parts-section").hidden = parts.length === 0;
+  const body = document.querySelector("#parts tbody");
+  body.replaceChildren();
+  for (const part of parts) {
+    const row = body.insertRow();
+    row.dataset.state = part.state;
+    cell(row, part.label);
+    cell(row, part.model);
+    cell(row, part.state || "waiting");
+    cell(row, `${part.rows_done}/${part.rows}` + (part.estimated ? " (not planned yet)" : ""));
+    cell(row, String(part.rows_failed));
+    cell(row, rate(part.rows_per_second));
   }
 }
 

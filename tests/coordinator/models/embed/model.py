@@ -8,7 +8,10 @@ kernel, a deadlock); TF_TEST_DEVICE_FAIL_FILE=PATH: while PATH exists, the next 
 and, from then on in this process, every batch raises CUDA's illegal-address error (a GPU that
 failed: sticky until the process ends); TF_TEST_DEVICE_ASSERT_ON=TEXT: a batch with a sequence
 holding TEXT fails the device so (a device-side assert set off by a row); TF_TEST_FAIL_ON=TEXT:
-a batch with a sequence holding TEXT fails (a failure that goes away when the variable does).
+a batch with a sequence holding TEXT fails (a failure that goes away when the variable does);
+with TF_TEST_FAIL_FILE=PATH too, it fails only while PATH exists (the test removes it to fix
+the "model"); TF_TEST_WAIT_ON=TEXT with TF_TEST_WAIT_FILE=PATH: a batch with a sequence holding
+TEXT waits while PATH exists (a job held running, mid-way, for as long as a test looks at it).
 """
 
 import os
@@ -29,6 +32,9 @@ class Model:
         self.device_failed = False
         self.assert_on = os.environ.get("TF_TEST_DEVICE_ASSERT_ON", "").encode()
         self.fail_on = os.environ.get("TF_TEST_FAIL_ON", "").encode()
+        self.fail_file = os.environ.get("TF_TEST_FAIL_FILE")
+        self.wait_on = os.environ.get("TF_TEST_WAIT_ON", "").encode()
+        self.wait_file = os.environ.get("TF_TEST_WAIT_FILE")
 
     def predict(self, inputs):
         if self.device_fail_file and os.path.exists(self.device_fail_file):
@@ -42,7 +48,11 @@ class Model:
             raise RuntimeError("CUDA error: device-side assert triggered")
         if any(b"!" in s for s in sequences):
             raise ValueError("poison row: sequence holds '!'")
-        if self.fail_on and any(self.fail_on in s for s in sequences):
+        while self.wait_on and self.wait_file and any(self.wait_on in s for s in sequences) \
+                and os.path.exists(self.wait_file):
+            time.sleep(0.05)
+        failing = self.fail_on and (not self.fail_file or os.path.exists(self.fail_file))
+        if failing and any(self.fail_on in s for s in sequences):
             raise ValueError("a passing failure (TF_TEST_FAIL_ON)")
         if self.crash_on and any(self.crash_on in s for s in sequences):
             os._exit(70)
