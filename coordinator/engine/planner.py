@@ -201,6 +201,11 @@ def fingerprint(path: Path | str) -> InputFingerprint:
     return InputFingerprint(str(path), path.stat().st_size, file_sha256_once(path))
 
 
+#: The 64-bit hash that finds candidate repeats: Python's own string hash (per process; a test
+#: swaps in a weak one to make distinct ids collide on purpose).
+_id_hash = hash
+
+
 def scan_ids(reader: Reader, rows: int) -> str:
     """Digest of the ids in order; PlanError naming the repeats if any id occurs twice.
 
@@ -215,7 +220,7 @@ def scan_ids(reader: Reader, rows: int) -> str:
         stop = min(start + _ID_BLOCK, rows)
         ids = [str(value) for value in reader.ids(start, stop)]
         digest.add_many(ids)
-        hashes[start:stop] = np.fromiter(map(hash, ids), dtype=np.int64, count=stop - start)
+        hashes[start:stop] = np.fromiter(map(_id_hash, ids), dtype=np.int64, count=stop - start)
     hashes.sort()
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     del hashes
@@ -231,7 +236,7 @@ def _refuse_duplicates(reader: Reader, rows: int, repeated: np.ndarray) -> None:
     for start in range(0, rows, _ID_BLOCK):
         stop = min(start + _ID_BLOCK, rows)
         ids = reader.ids(start, stop)
-        hashes = np.fromiter((hash(str(value)) for value in ids), dtype=np.int64, count=len(ids))
+        hashes = np.fromiter((_id_hash(str(value)) for value in ids), dtype=np.int64, count=len(ids))
         for offset in np.nonzero(np.isin(hashes, repeated))[0]:
             rows_by_id.setdefault(str(ids[offset]), []).append(start + int(offset))
     duplicates = {key: value for key, value in rows_by_id.items() if len(value) > 1}
