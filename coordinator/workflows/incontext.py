@@ -163,7 +163,7 @@ def dry_run_incontext(spec: InContextSpec, options: RunOptions, output: Path, jo
         sub = _sub_job(spec, run, job_dir / run)
         with open_input(spec.input) as reader:
             plan = describe_plan(sub, fleet, reader, options.limit, output, job_dir / run)
-        rows = plan.settings.rows
+        rows = plan.rows
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
         lines.append(f"{run} run: prompt {prompt.path} ({shapes}), sent once per server stream")
         lines += [f"  {line}" for line in plan.plan_text.splitlines()

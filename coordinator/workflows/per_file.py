@@ -113,7 +113,7 @@ def _dry_run(spec: JobSpec, jobs: list[tuple[str, JobSpec]], fleet: ModelFleet, 
                 plan = describe_plan(sub, fleet, reader, options.limit, output, job_dir / stem)
             except JobFatal as error:
                 raise JobFatal(f"input file {sub.input.path}: {error}") from None
-        rows += plan.settings.rows
+        rows += plan.rows
         body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:"))]
         lines.append(f"file {sub.input.path} -> {output}: " + "; ".join(body))
     lines.append(f"job folder: {job_dir}")

@@ -324,7 +324,7 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
                             "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(fields.items()))]
                 else:
                     plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
-                    rows = plan.settings.rows
+                    rows = plan.rows
                     body = [line for line in plan.plan_text.splitlines()
                             if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
             except JobFatal as error:
