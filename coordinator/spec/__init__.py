@@ -233,6 +233,12 @@ class OutputSpec(Strict):
         description="fsspec URL of a folder (e.g. s3://bucket/jobs/name/parts) for this job's part files; "
         "one folder per job. Unset: parts stay in the local job folder. The manifest stays local.",
     )
+    keep_input: list[str] = Field(
+        default_factory=list,
+        description="Input fields (CSV/parquet columns, HDF5 datasets, FASTA 'sequence') copied into the output "
+        "beside each row's outputs, in this order, after the id (e.g. [smiles]). Not for .h5ad outputs, which "
+        "keep an .h5ad input's obs whole.",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> OutputSpec:
@@ -257,6 +263,10 @@ class OutputSpec(Strict):
             raise ValueError("parquet takes compression gzip, zstd or snappy")
         if self.compression and self.format in ("csv", "tsv"):
             raise ValueError("csv/tsv outputs are written uncompressed; unset output.compression")
+        if self.keep_input:
+            from .output_options import check_keep_input
+
+            check_keep_input(self.keep_input, self.format)
         return self
 
 

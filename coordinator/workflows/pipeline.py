@@ -254,7 +254,8 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
             sub = _stage_job(spec, index, dirs[index])
             reader = _declared_reader(spec, index, source, fleets) if index else source
             try:
-                plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+                plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index],
+                                     reads_input=index == 0, writes_output=index == len(spec.stages) - 1)
             except JobFatal as error:
                 raise JobFatal(f"stage {stage.name}: {error}") from None
             rows = plan.rows
