@@ -82,7 +82,9 @@ def build_transformers(args: argparse.Namespace) -> Path:
             "over_length": args.over_length,
             "checksums": {name: file_sha256(folder / name) for name in ["config.json", *weights]},
         },
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
+        # max_length on the input is told to clients: the coordinator applies the job's
+        # input.over_length (truncate, marked in a `truncated` column, or error) before sending
+        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": [], "max_length": args.max_length}],
         "outputs": [
             {"name": "mean", "datatype": "FP32", "shape": [dim]},
             {"name": "per_token", "datatype": args.per_residue_dtype, "shape": [-1, dim], "ragged": True},
@@ -129,7 +131,9 @@ def build(args: argparse.Namespace) -> Path:
         "description": f"ESM-2 encoder, {config.layers} layers x {config.dim} ({config.heads} heads), "
         f"{params / 1e6:.1f}M parameters, {source}.",
         "max_batch_size": args.max_batch_size,
-        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": []}],
+        # max_length on the input is told to clients: the coordinator applies the job's
+        # input.over_length (truncate, marked in a `truncated` column, or error) before sending
+        "inputs": [{"name": "sequence", "datatype": "BYTES", "shape": [], "max_length": args.max_length}],
         "outputs": [
             {"name": "mean", "datatype": "FP32", "shape": [config.dim]},
             {"name": "per_residue", "datatype": args.per_residue_dtype, "shape": [-1, config.dim], "ragged": True},

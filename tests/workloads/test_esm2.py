@@ -64,7 +64,7 @@ def example(tmp_path_factory):
     (root / "proteins.fasta").write_text("".join(f">{key}\n{seq}\n" for key, seq in records))
     job = write_yaml(root / "esm2.yaml", {
         "name": "esm2",
-        "input": {"path": "proteins.fasta"},
+        "input": {"path": "proteins.fasta", "over_length": "error"},  # the model's input declares max_length
         "model": {"name": "esm2", "local": {"repository": "models", "count": "auto", "args": ["--threads", "1"]}},
         "output": {"path": "out/embeddings.h5", "tensors": {"mean": "mean", "per_residue": "per_residue"},
                    "ragged": {"per_residue": "length"}},
@@ -104,7 +104,8 @@ def test_over_length_row_with_error_policy_fails_alone(example):
     assert ok.sum() == len(records) - 1 and not ok[over]
     assert table["row"].tolist() == [over] and table["id"][0].decode() == OVER
     assert table["code"][0].decode() == "INVALID_ARGUMENT"
-    assert "45 residues" in table["message"][0].decode() and "max_length 40" in table["message"][0].decode()
+    # refused by the coordinator before sending (the input declares max_length), naming the length and limit
+    assert "is 45 long" in table["message"][0].decode() and "at most 40" in table["message"][0].decode()
     assert error[over].decode().startswith("INVALID_ARGUMENT")
     assert np.isnan(mean[over]).all() and offsets[over] == offsets[over + 1]
 
