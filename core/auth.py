@@ -83,35 +83,82 @@ def token_from(token: str | None, token_file: str | Path | None, use_env: bool =
 
 
 class TokenAuth:
-    """Which token grants which role; `check` answers for one request's authorization header."""
+    """Which token grants which role; `check` answers for one request's authorization header.
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    With `api_key_header` (e.g. `X-Api-Key`, what API gateways send), the token may also come as
+    that header's whole value; both are compared in constant time, every token, always."""
+
+    def __init__(self, tokens: Mapping[str, str], api_key_header: str | None = None) -> None:
         """`tokens`: role -> token (roles not given have no token of their own)."""
         unknown = set(tokens) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles {sorted(unknown)}; roles are {ROLES}")
-        self._granted = [(f"Bearer {token}".encode(), role) for role, token in tokens.items() if token]
+        self._granted = [(f"Bearer {token}".encode(), token.encode(), role) for role, token in tokens.items() if token]
+        #: The header (lower case, as gRPC metadata and HTTP/2 carry it) that may hold the bare token.
+        self.api_key_header = check_api_key_header(api_key_header) if api_key_header else None
 
-    def role_of(self, header: str | bytes | None) -> str | None:
-        """The strongest role the header's token grants, or None. Compares every token, always."""
-        given = header.encode() if isinstance(header, str) else (header or b"")
+    def role_of(self, header: str | bytes | None, api_key: str | bytes | None = None) -> str | None:
+        """The strongest role the `authorization` header's token (or the api-key header's value)
+        grants, or None. Compares every token, always."""
+        given = _as_bytes(header)
+        key = _as_bytes(api_key) if self.api_key_header else b""
         best = None
-        for expected, role in self._granted:
-            if hmac.compare_digest(given, expected) and (best is None or ROLES.index(role) > ROLES.index(best)):
+        for bearer, raw, role in self._granted:
+            matched = hmac.compare_digest(given, bearer)
+            matched = hmac.compare_digest(key, raw) | matched if self.api_key_header else matched
+            if matched and (best is None or ROLES.index(role) > ROLES.index(best)):
                 best = role
         return best
 
-    def check(self, header: str | bytes | None, role: str) -> bool:
+    def role_in(self, headers: Mapping[str, str | bytes]) -> str | None:
+        """role_of for a request's headers or metadata, looked up by lower-case name."""
+        key = headers.get(self.api_key_header) if self.api_key_header else None
+        return self.role_of(headers.get("authorization"), key)
+
+    def check(self, header: str | bytes | None, role: str, api_key: str | bytes | None = None) -> bool:
         """True when the header's token grants `role` (or a stronger one)."""
-        granted = self.role_of(header)
+        granted = self.role_of(header, api_key)
         return granted is not None and ROLES.index(granted) >= ROLES.index(role)
 
 
-def check_token(auth: TokenAuth | None, header: str | bytes | None, role: str) -> bool:
-    """For non-gRPC front ends: may a request with this `authorization` header act as `role`?
+def _as_bytes(value: str | bytes | None) -> bytes:
+    if isinstance(value, str):
+        return value.encode(errors="replace")
+    return value or b""
+
+
+#: Header names that carry something else: the token's own header, HTTP/2 pseudo-headers and gRPC's.
+_RESERVED_HEADERS = ("authorization", "host", "content-type", "content-length", "te", "user-agent", "cookie")
+
+
+def check_api_key_header(name: str) -> str:
+    """`--api-key-header NAME`, checked and in lower case: an HTTP header name that gRPC metadata
+    can carry as text (not `-bin`, not `grpc-*`), and not one that holds something else."""
+    lowered = name.strip().lower()
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+    if not lowered or not set(lowered) <= allowed or lowered.startswith(("grpc-", ":")) or lowered.endswith("-bin"):
+        raise ValueError(f"--api-key-header '{name}': want a header name of letters, digits, '-', '_' or '.' "
+                         "(not grpc-*, not *-bin), e.g. X-Api-Key")
+    if lowered in _RESERVED_HEADERS:
+        raise ValueError(f"--api-key-header '{name}': that header carries something else; pick another, e.g. X-Api-Key")
+    return lowered
+
+
+def check_token(auth: TokenAuth | None, header: str | bytes | None, role: str,
+                api_key: str | bytes | None = None) -> bool:
+    """For non-gRPC front ends: may a request with this `authorization` header (or this value of
+    the auth's api-key header) act as `role`?
 
     No auth configured (loopback or mTLS only) lets everything through."""
-    return auth is None or auth.check(header, role)
+    return auth is None or auth.check(header, role, api_key)
+
+
+def check_request(auth: TokenAuth | None, headers: Mapping[str, str | bytes], role: str) -> bool:
+    """check_token for a request's headers (a case-insensitive mapping, or lower-case names)."""
+    if auth is None:
+        return True
+    granted = auth.role_in(headers)
+    return granted is not None and ROLES.index(granted) >= ROLES.index(role)
 
 
 def _deny(code: grpc.StatusCode, message: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -157,8 +204,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        granted = self.auth.role_of(header)
+        granted = self.auth.role_in(dict(handler_call_details.invocation_metadata or ()))
         if granted is None:
             return _deny(grpc.StatusCode.UNAUTHENTICATED, DENIED, handler)
         needed = self.role_for(method)

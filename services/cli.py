@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(visible in ps: prefer --token-file)")
     parser.add_argument("--token-file", type=Path, default=env("TENSORFLEET_TOKEN_FILE"),
                         help="file holding the bearer token (default $TENSORFLEET_TOKEN_FILE)")
+    parser.add_argument("--api-key-header", default=env("TENSORFLEET_API_KEY_HEADER"), metavar="NAME",
+                        help="also accept the token in this header, as it is (e.g. X-Api-Key from an API gateway), "
+                        "besides 'authorization: Bearer <token>'; gRPC metadata and REST alike")
+    parser.add_argument("--exit-on-load-error", action="store_true",
+                        help="exit (status 2, the model's error in the log) when a model fails to load at start-up, "
+                        "instead of serving the others; a coordinator's local servers run with it")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host with no token and no mutual TLS (logged as a warning)")
     parser.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_BYTES // (1024 * 1024),
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from tensorfleet.core.exposure import ExposureError
 
     from .device import parse_device
-    from .server import ServerOptions, serve
+    from .server import ModelLoadFailed, ServerOptions, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -104,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         token = token_from(args.token, args.token_file)
     except TokenFileError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.api_key_header and not token:
+        print("error: --api-key-header names where a token may come; give the token too (--token-file)", file=sys.stderr)
         return 2
     try:
         options = ServerOptions(
@@ -129,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             drain_seconds=args.drain_seconds,
             threads=args.threads,
             shared_memory_max_bytes=args.shared_memory_max_bytes,
+            exit_on_load_error=args.exit_on_load_error,
+            api_key_header=args.api_key_header,
         )
         return asyncio.run(serve(options))
+    except ModelLoadFailed as error:
+        print(f"error: {error}; exiting (--exit-on-load-error)", file=sys.stderr)
+        return 2
     except TensorfleetError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -107,6 +107,16 @@ class ServerOptions:
     #: Unanswered requests one ModelStreamInfer stream may hold; more get RESOURCE_EXHAUSTED each.
     max_stream_in_flight: int = 1024
     shared_memory_max_bytes: int = DEFAULT_MAX_BYTES  # 0: the system shared-memory extension is off
+    #: Exit (status 2, the model's error in the log) instead of serving when a model fails to load
+    #: at start-up: what a coordinator that started this server for one model wants (Triton's
+    #: --exit-on-error); off by default, so one broken model does not take the others down.
+    exit_on_load_error: bool = False
+    #: A header that may carry the token instead of `authorization: Bearer` (e.g. x-api-key).
+    api_key_header: str | None = None
+
+
+class ModelLoadFailed(RuntimeError):
+    """A model named for this server failed to load, and the server was told to exit on it."""
 
 
 class ModelServer:
@@ -130,7 +140,7 @@ class ModelServer:
         # innermost: a request that does not parse is INVALID_ARGUMENT (core/malformed.py), not UNKNOWN
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), MalformedRequestInterceptor()]
         if options.token:  # one role on a model server: the token may do everything
-            interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token})))
+            interceptors.insert(0, TokenAuthInterceptor(TokenAuth({SUBMIT: options.token}, options.api_key_header)))
         self.listener = GrpcServer(
             what="model server", host=options.host, port=options.port, services=[INFERENCE_SERVICE, CONTROL_SERVICE],
             authenticated=bool(options.token), insecure=options.insecure,
@@ -191,11 +201,18 @@ class ModelServer:
         log.info("listening on %s:%d (%s); loading models from %s", self.options.host, self.port,
                  "TLS" if credentials else "plaintext", self.options.model_repository)
         await self.runtime.load_all()
+        failed = []
         for entry in self.repository.entries():
             if entry.state is ModelState.READY:
                 self.runtime.served(entry.name).batcher.start()
             else:
                 log.error("model %s is %s: %s", entry.name, entry.state.value, entry.reason)
+                failed.append(f"model '{entry.name}' failed to load: {entry.reason}")
+        if failed and self.options.exit_on_load_error:
+            await self._stop_http()
+            await self.grpc.stop(0)
+            await self.runtime.close()
+            raise ModelLoadFailed("; ".join(failed))
         await self._set_health(True)
         self.listener.write_port_file(self.options.port_file)
         log.info("SERVING on port %d with %d model(s) ready", self.port,
@@ -209,7 +226,7 @@ class ModelServer:
         )
 
         options = self.options
-        auth = TokenAuth({SUBMIT: options.token}) if options.token else None  # as on gRPC: one role
+        auth = TokenAuth({SUBMIT: options.token}, options.api_key_header) if options.token else None  # as on gRPC
         app = build_app(self.dataplane, auth, self.metrics.registry, max_body_bytes=options.max_message_bytes)
         self.http = HttpFrontEnd(app, options.host, options.http_port or 0, tls_cert=options.tls_cert,
                                  tls_key=options.tls_key, tls_ca=options.tls_ca, shutdown_seconds=options.drain_seconds,
@@ -239,7 +256,7 @@ class ModelServer:
         )
 
         options = self.options
-        auth = TokenAuth({SUBMIT: options.token}) if options.token else None
+        auth = TokenAuth({SUBMIT: options.token}, options.api_key_header) if options.token else None
         self.metrics_http = MetricsFrontEnd(
             build_metrics_app(self.metrics.registry, auth), options.host, options.metrics_port or 0,
             tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca,

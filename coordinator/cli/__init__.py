@@ -182,10 +182,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _status(job_dir: Path, as_json: bool) -> int:
+def _status(target: Path, as_json: bool) -> int:
     from ..engine.status import format_status
+    from ..spec.errors import JobFatal
     from ..workflows import api
+    from ..workflows.status_target import status_folder
 
+    try:
+        job_dir = status_folder(target)  # a job file or an output leads to its job folder
+    except JobFatal as error:
+        print(f"tensorfleet: error: {error}", file=sys.stderr)
+        return EXIT_FATAL
     report = api.status(job_dir)
     if report is None:
         print(f"tensorfleet: error: {job_dir} holds no job (no manifest.sqlite or workflow.json)", file=sys.stderr)

@@ -53,7 +53,8 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
 
 def add_status(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="progress of a job of any kind, from its (top) folder")
-    status.add_argument("job_dir", type=Path)
+    status.add_argument("job_dir", type=Path, metavar="JOB_DIR|JOB_FILE|OUTPUT",
+                        help="the job folder, or the job file, or the output (its <output>.tfjob folder)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
 

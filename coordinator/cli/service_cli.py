@@ -57,6 +57,9 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
                        "(default $TENSORFLEET_TOKEN_FILE)")
     serve.add_argument("--read-token-file", type=Path,
                        help="file holding the read token: status, watch, jobs, servers only")
+    serve.add_argument("--api-key-header", metavar="NAME",
+                       help="also accept a token in this header, as it is (e.g. X-Api-Key from an API gateway), "
+                       "besides 'authorization: Bearer <token>'; gRPC metadata and the dashboard alike")
     serve.add_argument("--model-root", type=Path, action="append", default=[],
                        help="folder whose model repositories submitted jobs may start servers on (repeatable); "
                        "without one, submitted jobs may only name running servers (model.servers)")
@@ -142,6 +145,9 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
     infer.add_argument("--model-version", default="")
     infer.add_argument("--input", action="append", required=True, metavar="NAME=VALUE",
                        help="an input: a JSON list (rows) or a string (one BYTES row); repeatable")
+    infer.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
+                       help="a request parameter (a python model's predict gets it as `parameters`): true/false a "
+                       "bool, 50 an int, 0.5 a float, else a string; repeatable")
     connection_args(infer)
     infer.set_defaults(handler=_infer)
 
@@ -213,6 +219,8 @@ def _serve(args: argparse.Namespace) -> int:
         token = token_from(args.token, args.token_file)
         read_token = token_from(None, args.read_token_file, use_env=False)
         server_token = token_from(args.server_token, args.server_token_file, use_env=False)
+        if args.api_key_header and not (token or read_token):
+            raise ValueError("--api-key-header names where a token may come; give the tokens too (--token-file)")
         if args.server_token_file:  # the jobs' engines read it there (never from a job's spec)
             os.environ[SERVER_TOKEN_FILE_ENV] = str(args.server_token_file.resolve())
             os.environ[OPERATOR_SERVERS_ENV] = args.servers  # ...and send it only to these (model_fleet.py)
@@ -229,6 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
             keep_finished=max(0, args.keep_finished),
             servers=[s.strip() for s in args.servers.split(",") if s.strip()], server_token=server_token,
             http_port=args.http_port, http_port_file=args.http_port_file, http_allow_hosts=args.http_allow_hosts,
+            api_key_header=args.api_key_header,
         )
         asyncio.run(serve(options))
     except (TokenFileError, ExposureError, ValueError, TensorfleetError) as error:
@@ -358,7 +367,10 @@ def _infer(args: argparse.Namespace) -> int:
     from tensorfleet.client import InferenceClient
     from tensorfleet.core.errors import TensorfleetError
 
+    from .request_parameters import parse_parameters
+
     try:
+        parameters = parse_parameters(args.parameter)
         with InferenceClient(args.server, options=connection_options(args)) as client:
             config = client.model_config(args.model, args.model_version)
             inputs = {}
@@ -368,7 +380,8 @@ def _infer(args: argparse.Namespace) -> int:
                 if not sep or name not in declared:
                     raise ValueError(f"--input '{item}': want NAME=VALUE with NAME one of {sorted(declared)}")
                 inputs[name] = _input_value(text, declared[name], config.max_batch_size > 0, np)
-            outputs = client.infer(args.model, inputs, **({"version": args.model_version} if args.model_version else {}))
+            outputs = client.infer(args.model, inputs, parameters=parameters or None,
+                                   **({"version": args.model_version} if args.model_version else {}))
     except (TensorfleetError, ValueError) as error:
         return _fail(error)
     print(json.dumps({"model": args.model, "outputs": {k: _jsonable(v) for k, v in outputs.items()}}))

@@ -23,6 +23,7 @@ import contextlib
 import shutil
 
 from ..fleet.model_fleet import ModelFleet
+from ..fleet.model_info import ModelInfo
 from ..io.filesystems import is_disk_full
 from ..io.objectstore import ObjectStoreError
 from ..io.part_store import missing_parts
@@ -42,6 +43,7 @@ from .job_dir import (
 )
 from .manifest import Manifest, drop_damaged_parts
 from .merge_phase import merge_output, provenance, unchanged_output
+from .output_checks import check_output_slots
 from .plan_phase import (
     adapt_run,
     check_build,
@@ -53,6 +55,7 @@ from .plan_phase import (
     plan_run,
     plan_settings,
 )
+from .rerun import holds_server_logs
 from .run_types import (
     Adapted,
     Dispatched,
@@ -100,10 +103,18 @@ def plan_fresh(ctx: RunContext) -> Planned:
     info = ctx.fleet.info()
     adapted = adapt_run(ctx, info)  # duplicate ids, over-length rows, gene alignment: before any server
     plan, fields = plan_run(ctx.spec, adapted.planned_from, info, ctx.options.limit)
+    check_slots(ctx, adapted, info)
     if ctx.options.shard is not None:  # --shard I/N: this shard's chunks of the whole plan
         plan = slice_plan(plan, ctx.options.shard)
         write_record(ctx.job_dir, ctx.options.shard, plan, info)
     return Planned(plan, fields, adapted, pending=bool(plan.chunks) or ctx.options.shard is None)
+
+
+def check_slots(ctx: RunContext, adapted: Adapted, info: ModelInfo) -> None:
+    """The output slots against the model (engine/output_checks.py): the input's policies where
+    this run reads the job's input, the output's where it writes the job's output."""
+    check_output_slots(ctx.spec, adapted.planned_from, info, reads_input=ctx.plan_reader is None,
+                       writes_output=ctx.hooks.merge_output)
 
 
 def check_resumed(ctx: RunContext, manifest: Manifest) -> Planned:
@@ -120,6 +131,7 @@ def check_resumed(ctx: RunContext, manifest: Manifest) -> Planned:
     adapted = adapt_run(ctx, info)
     settings = plan_settings(ctx.spec, adapted.planned_from, info, ctx.options.limit)
     check_resume(manifest, settings)
+    check_slots(ctx, adapted, info)
     return Planned(None, settings.fields, adapted, pending)
 
 
@@ -161,9 +173,10 @@ def run_one(ctx: RunContext) -> RunResult:
     except BaseException as error:
         if created and not planned_in_manifest:
             ctx.fleet.stop()
+        if created and not planned_in_manifest and not holds_server_logs(ctx.job_dir):
             with contextlib.suppress(OSError):
                 shutil.rmtree(ctx.job_dir)
-        else:
+        else:  # a folder with work, or with the logs of servers that would not start: kept
             with contextlib.suppress(OSError):
                 write_state(ctx, "failed")
         if is_disk_full(error):  # while planning or starting, too

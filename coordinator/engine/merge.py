@@ -145,6 +145,8 @@ class MergeInputs:
     #: `input_values(start, stop)` and stored after the model's outputs.
     input_columns: tuple[Column, ...] = ()
     input_values: Callable[[int, int], dict[str, np.ndarray]] | None = None
+    #: How many of input_columns (the first ones: output.keep_input) go before the model's outputs.
+    leading: int = 0
 
 
 def _chunk_arrays(
@@ -205,7 +207,8 @@ def merge(manifest: Manifest, inputs: MergeInputs) -> MergeResult:
     covered = sum(chunk.rows for chunk in chunks)
     if covered != rows or any(a.stop != b.start for a, b in zip(chunks, chunks[1:], strict=False)):
         raise MergeError(f"the chunks cover {covered} rows, not the planned {rows} in one run")
-    columns = [*_columns(inputs.job_dir, manifest, chunks, inputs.output, declared), *inputs.input_columns]
+    lead, trail = inputs.input_columns[: inputs.leading], inputs.input_columns[inputs.leading :]
+    columns = [*lead, *_columns(inputs.job_dir, manifest, chunks, inputs.output, declared), *trail]
     # the folder is checked and held open now: everything below writes through it (output_files.py)
     with OutputFolder(inputs.final_path.parent) as folder:
         folder.check_replaceable(inputs.final_path.name)  # before any work: never replace a file we did not write

@@ -43,12 +43,14 @@ def merge_output(ctx: RunContext, manifest: Manifest, adapted: Adapted, made: di
     from .merge import MergeError, MergeInputs, merge
 
     reader, progress = adapted.reader, dispatched.progress  # the merge copies input columns from this reader
+    fields = reader.fields()
+    kept = [Column(name, name, fields[name].dtype, fields[name].row_shape, from_input=True, kept=True)
+            for name in ctx.spec.output.keep_input if name in fields]  # output.keep_input, checked by the plan
+    columns = (*kept, *(Column(f.name, f.name, f.dtype, f.row_shape, from_input=True) for f in reader.stored_fields()))
     inputs = MergeInputs(
         job_dir=ctx.job_dir, output=ctx.spec.output, input_spec=ctx.spec.input, provenance=made,
-        limit=ctx.options.limit, final_path=ctx.output,
-        input_columns=tuple(Column(f.name, f.name, f.dtype, f.row_shape, from_input=True)
-                            for f in reader.stored_fields()),
-        input_values=lambda start, stop: {f.name: reader.read(f.name, start, stop) for f in reader.stored_fields()},
+        limit=ctx.options.limit, final_path=ctx.output, input_columns=columns, leading=len(kept),
+        input_values=lambda start, stop: {c.name: reader.read(c.source, start, stop) for c in columns},
     )
     try:
         result = merge(manifest, inputs)

@@ -15,6 +15,7 @@ from ..spec import JobSpec
 from ..spec.errors import JobFatal
 from .adapt import AlignmentError, InputReport, adapt_input
 from .manifest import Manifest
+from .output_checks import check_output_slots
 from .planner import PLAN_PRODUCTS, Plan, PlanError, PlanSettings, fingerprint, plan_with
 from .run_types import Adapted, RunContext, RunResult
 from .source import FieldMappingError, resolve_fields
@@ -100,11 +101,15 @@ def plan_run(spec: JobSpec, reader: Reader, info: ModelInfo, limit: int | None) 
     return plan, settings.fields
 
 
-def describe_plan(spec: JobSpec, fleet: ModelFleet, reader: Reader, limit: int | None, output: Path, job_dir: Path) -> RunResult:
-    """--dry-run: the plan as text; nothing started (a local fleet's model is read from its config)."""
+def describe_plan(spec: JobSpec, fleet: ModelFleet, reader: Reader, limit: int | None, output: Path, job_dir: Path,
+                  *, reads_input: bool = True, writes_output: bool = True) -> RunResult:
+    """--dry-run: the plan as text; nothing started (a local fleet's model is read from its config).
+    `reads_input` / `writes_output`: this run reads the job's input / writes its output, so their
+    slots are checked (engine/output_checks.py), as a run checks them."""
     info = fleet.info(wait_s=10.0)
     reader, report = adapt_reader(spec, reader, info)
     plan, _ = plan_run(spec, reader, info, limit)
+    check_output_slots(spec, reader, info, reads_input=reads_input, writes_output=writes_output)
     text = "\n".join(
         [
             f"job: {spec.name} (dry run: nothing computed, nothing written)",

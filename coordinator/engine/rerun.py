@@ -115,6 +115,15 @@ def holds_work(job_dir: Path) -> bool:
     )
 
 
+def holds_server_logs(job_dir: Path) -> bool:
+    """Servers were started in the folder (their logs, at any kind's depth): a run that failed
+    there keeps the folder, since the logs say why (a model that would not load)."""
+    if not job_dir.is_dir():
+        return False
+    return any(next(job_dir.glob(f"{depth}servers/server-*.log"), None) is not None
+               for depth in ("", "*/", "*/*/", "*/*/*/"))
+
+
 def differences(before: dict[str, Any], now: JobIdentity) -> list[str]:
     """What changed between the stored identity and this run's, one line each (spec keys dotted)."""
     lines = [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in _diff(_flat(before.get("spec", {})), _flat(now.spec))]
@@ -168,7 +177,7 @@ def rerun_guard(job_dir: Path, spec: Any, restart: bool) -> Iterator[None]:
     except BaseException:
         # A --restart that failed is not recorded: it may have been refused before removing the
         # old folder (another coordinator at work on it), whose job.json must then stay.
-        if created and not holds_work(job_dir):
+        if created and not holds_work(job_dir) and not holds_server_logs(job_dir):
             shutil.rmtree(job_dir, ignore_errors=True)
         raise
     write_identity(job_dir, identity)  # after --restart (which removed the old folder), or the inputs' new stat

@@ -161,7 +161,7 @@ class LocalFleet:
             port_file.unlink(missing_ok=True)
             command = self._command(server_command(
                 "--model-repository", str(self.repository), "--model", self.model, "--host", "127.0.0.1",
-                "--device", device_for(self.device, index), *self.args, port_file=port_file,
+                "--device", device_for(self.device, index), "--exit-on-load-error", *self.args, port_file=port_file,
             ))  # fmt: skip
             process = self._start(command, log_path)
             self.servers.append(LocalServer(process, port_file, log_path, command=command))

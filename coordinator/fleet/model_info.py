@@ -92,8 +92,25 @@ async def describe_model(address: str, model: str, version: str, options: Connec
         )
 
 
+class LoadFailure(str):
+    """A problem that waiting will not fix: the server says the model failed to load (its reason)."""
+
+
+async def load_failure(client: AsyncInferenceClient, model: str) -> LoadFailure | None:
+    """The server's own reason when `model` failed to load there (RepositoryIndex: UNAVAILABLE)."""
+    try:
+        entries = await client.repository_index()
+    except TensorfleetError:
+        return None
+    for entry in entries:
+        if entry.name == model and entry.state == "UNAVAILABLE" and entry.reason:
+            return LoadFailure(f"model '{model}' failed to load: {entry.reason}")
+    return None
+
+
 async def wait_serving(address: str, model: str, version: str, options: ConnectionOptions, timeout: float) -> str | None:
-    """None once `address` is SERVING with the model ready, else the last problem seen."""
+    """None once `address` is SERVING with the model ready, else the last problem seen (at once, a
+    LoadFailure, when the server says the model failed to load)."""
     deadline = time.monotonic() + timeout
     problem = "not reachable"
     async with AsyncInferenceClient(address, options=options, timeout=3.0) as client:
@@ -102,6 +119,9 @@ async def wait_serving(address: str, model: str, version: str, options: Connecti
                 if await client.health() == "SERVING":
                     if await client.is_model_ready(model, version):
                         return None
+                    failed = await load_failure(client, model)
+                    if failed is not None:
+                        return failed
                     problem = f"model '{model}' not ready"
                 else:
                     problem = "not SERVING"
@@ -122,6 +142,9 @@ async def inspect_fleet(
     described = [(s, a) for s, a in zip(servers, answers, strict=True) if isinstance(a, ModelInfo)]
     if not described:
         detail = "; ".join(f"{s}: {a}" for s, a in zip(servers, answers, strict=True))
+        if any(isinstance(a, LoadFailure) for a in answers):
+            raise FleetError(f"the servers could not load model '{model}' ({detail}); fix the model (or its "
+                             "config.yaml and artifacts) and load it again, or name another model")
         raise FleetError(
             f"no server reachable after {timeout:.0f}s ({detail}). "
             f"Start servers (tensorfleet serve ...) or fix model.servers / --servers"
@@ -153,7 +176,7 @@ async def serving_model(
     while True:
         problem = await wait_serving(address, model, version, options, max(0.0, deadline - time.monotonic()))
         if problem is not None:
-            return problem
+            return problem  # a LoadFailure at once, anything else after waiting the whole timeout
         try:
             return await describe_model(address, model, version, options)
         except (Unavailable, DeadlineExceeded) as error:

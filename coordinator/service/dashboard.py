@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from tensorfleet.core.auth import READ, TokenAuth, check_token
+from tensorfleet.core.auth import READ, TokenAuth, check_request
 
 from ..engine.manifest import Manifest
 from ..engine.run_progress import run_dirs
@@ -143,7 +143,7 @@ class Refused(Exception):
 def build_app(data: DashboardData, auth: TokenAuth | None = None) -> FastAPI:
     """The FastAPI app: the page, its script and style, and the JSON endpoints."""
     async def authorized(request: Request) -> None:
-        if not check_token(auth, request.headers.get("authorization"), READ):  # the read or the submit token
+        if not check_request(auth, request.headers, READ):  # the read or the submit token
             raise Refused(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')")
 
     async def refused(request: Request, error: Exception) -> JSONResponse:

@@ -82,6 +82,8 @@ class ServiceOptions:
     http_port_file: Path | None = None
     #: Host names the dashboard accepts besides loopback, IPs and --host (only checked with no token).
     http_allow_hosts: list[str] = field(default_factory=list)
+    #: A header that may carry a token as it is, besides `authorization: Bearer` (e.g. x-api-key).
+    api_key_header: str | None = None
 
 
 class CoordinatorServicer(tf_grpc.CoordinatorServicer):
@@ -215,7 +217,7 @@ class CoordinatorService:
         self.auth = None
         interceptors = []
         if options.token or options.read_token:
-            self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""})
+            self.auth = TokenAuth({SUBMIT: options.token or "", READ: options.read_token or ""}, options.api_key_header)
             interceptors.append(TokenAuthInterceptor(self.auth, METHOD_ROLES, default_role=SUBMIT))
         interceptors.append(MalformedRequestInterceptor())  # bad bytes: INVALID_ARGUMENT (core/malformed.py)
         self.listener = GrpcServer(

@@ -248,6 +248,12 @@ class OutputSpec(Strict):
         description="With several input files: one output per input file, <output.path>/<input name>.<format> "
         "(output.path is then a folder and output.format is required), each in its file's row order.",
     )
+    keep_input: list[str] = Field(
+        default_factory=list,
+        description="Input fields (CSV/parquet columns, HDF5 datasets, FASTA 'sequence') copied into the output "
+        "beside each row's outputs, in this order, after the id (e.g. [smiles]). Not for .h5ad outputs, which "
+        "keep an .h5ad input's obs whole.",
+    )
 
     @model_validator(mode="after")
     def _infer_format(self) -> OutputSpec:
@@ -275,6 +281,10 @@ class OutputSpec(Strict):
             raise ValueError("parquet takes compression gzip, zstd or snappy")
         if self.compression and self.format in ("csv", "tsv"):
             raise ValueError("csv/tsv outputs are written uncompressed; unset output.compression")
+        if self.keep_input:
+            from .output_options import check_keep_input
+
+            check_keep_input(self.keep_input, self.format)
         return self
 
 

@@ -323,7 +323,8 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
                     body = [children_line(spec, spaces[index]),
                             "fields: " + ", ".join(f"{k} <- {v}" for k, v in sorted(fields.items()))]
                 else:
-                    plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index])
+                    plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index],
+                                         reads_input=index == 0, writes_output=index == len(spec.stages) - 1)
                     rows = plan.rows
                     body = [line for line in plan.plan_text.splitlines()
                             if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]

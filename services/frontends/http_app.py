@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
-from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
+from tensorfleet.core.auth import SUBMIT, TokenAuth, check_request
 from tensorfleet.core.errors import (
     InvalidArgument,
     TensorfleetError,
@@ -127,7 +127,7 @@ def build_app(
     `max_body_bytes`: the server's message limit (--max-message-mb), for REST bodies too."""
 
     async def authorized(request: Request) -> None:
-        if not check_token(auth, request.headers.get("authorization"), SUBMIT):
+        if not check_request(auth, request.headers, SUBMIT):
             raise Unauthenticated("missing or wrong bearer token (header 'Authorization: Bearer <token>')")
 
     app = FastAPI(title="tensorfleet", docs_url=None, redoc_url=None, openapi_url=None)

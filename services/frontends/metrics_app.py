@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from tensorfleet.core.auth import SUBMIT, TokenAuth, check_token
+from tensorfleet.core.auth import SUBMIT, TokenAuth, check_request
 
 PATHS = frozenset({"/metrics", "/"})
 
@@ -40,8 +40,8 @@ def build_metrics_app(registry: CollectorRegistry, auth: TokenAuth | None = None
         if scope["method"] not in ("GET", "HEAD"):
             await error(send, 405, "metrics take GET only", [(b"allow", b"GET, HEAD")])
             return
-        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-        if not check_token(auth, header, SUBMIT):
+        headers = {name.decode("latin-1"): value for name, value in scope["headers"]}  # ASGI: lower-case names
+        if not check_request(auth, headers, SUBMIT):
             await error(send, 401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')",
                         [(b"www-authenticate", b"Bearer")])
             return

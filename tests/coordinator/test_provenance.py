@@ -47,7 +47,8 @@ def test_parameters_alignment_and_over_length_policy_reach_every_format(tmp_path
     for steps in (10, 50):
         job = write_job(
             tmp_path / f"job{steps}.yaml",
-            input={"path": "cells.h5ad", "over_length": "error", "align": {"min_coverage": 0.8}},
+            # over_length left at its default: `error` is refused for a model with no max_length (output_checks.py)
+            input={"path": "cells.h5ad", "align": {"min_coverage": 0.8}},
             model={"name": "genes", "servers": [s.address for s in servers], "parameters": {"steps": steps}},
             output={"path": f"out{steps}.{suffix}"}, chunking={"chunk_rows": 8},
         )
@@ -58,7 +59,7 @@ def test_parameters_alignment_and_over_length_policy_reach_every_format(tmp_path
         assert provenance["model_parameters"] == {"steps": steps}, provenance
         assert provenance["alignment_coverage"] == pytest.approx(0.9)
         assert provenance["alignment_missing"] == 2
-        assert provenance["over_length_policy"] == "error"
+        assert provenance["over_length_policy"] == "truncate"
         assert provenance["model_name"] == "genes"
     assert outputs[10]["spec_sha256"] != outputs[50]["spec_sha256"]
 

@@ -35,6 +35,10 @@ class Column:
     #: A per-row field of the input's own (e.g. `truncated`), kept beside the outputs: an
     #: .h5ad output puts a scalar one in obs, as anndata users expect, not in obsm.
     from_input: bool = False
+    #: A field kept from the input (output.keep_input): written for every row, failed ones too,
+    #: and a BYTES one as text (strings where the format tells them from bytes: parquet), not
+    #: as the binary a model's BYTES output is.
+    kept: bool = False
 
     @property
     def row_bytes(self) -> int:

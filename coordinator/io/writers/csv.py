@@ -1,7 +1,7 @@
 """CSV / TSV through pyarrow's CSV writer: id, the outputs, ok, error, one row per input row in order.
 
 A text table has no list cells, so a vector output NAME [k] becomes columns NAME_0 .. NAME_k-1
-(a matrix output NAME_i_j); scalars and strings keep their name. Failed rows have empty
+(a matrix output NAME_i_j); scalars, strings and one-value outputs ([1]) keep their name. Failed rows have empty
 output cells. Beside `out.csv` go `out.errors.csv` (row, id, code, message; only when rows
 failed) and `out.provenance.json` (what the parquet and HDF5 outputs carry as metadata).
 """
@@ -24,21 +24,22 @@ def _side(path: Path, kind: str) -> Path:
 
 
 def _names(column: Column) -> list[str]:
-    if not column.row_shape:
+    if not column.row_shape or column.row_shape == (1,):  # one value a row keeps its name: no `_0`
         return [column.name]
     return [column.name + "".join(f"_{i}" for i in index) for index in itertools.product(*map(range, column.row_shape))]
 
 
-def _text(values: np.ndarray) -> list[str]:
+def _text(values: np.ndarray) -> list[str | None]:
     """BYTES cells as text: UTF-8, bytes that are not UTF-8 replaced (a text table holds text)."""
-    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+    return [v.decode(errors="replace") if isinstance(v, bytes) else None if v is None else str(v) for v in values]
 
 
 def _cells(values: np.ndarray, ok: np.ndarray, column: Column) -> list[pa.Array]:
     flat = np.ascontiguousarray(values).reshape(len(values), -1)
+    mask = None if column.kept else ~ok  # a kept input column is the input's, failed rows too
     if values.dtype.hasobject:
-        return [pa.array(_text(flat[:, i]), pa.string(), mask=~ok) for i in range(flat.shape[1])]
-    return [pa.array(flat[:, i], mask=~ok) for i in range(flat.shape[1])]
+        return [pa.array(_text(flat[:, i]), pa.string(), mask=mask) for i in range(flat.shape[1])]
+    return [pa.array(flat[:, i], mask=mask) for i in range(flat.shape[1])]
 
 
 class _TableWriter(Writer):

@@ -24,24 +24,31 @@ def _is_text(column: Column) -> bool:
 
 
 def arrow_type(column: Column) -> pa.DataType:
-    if _is_text(column):
-        return pa.string()
-    kind = pa.binary() if column.dtype.hasobject else pa.from_numpy_dtype(column.dtype)
+    if _is_text(column) or (column.kept and column.dtype.hasobject):
+        kind = pa.string()
+    else:
+        kind = pa.binary() if column.dtype.hasobject else pa.from_numpy_dtype(column.dtype)
     for size in reversed(column.row_shape):
         kind = pa.list_(kind, size)
     return kind
 
 
 def arrow_array(values: np.ndarray, column: Column) -> pa.Array:
-    if _is_text(column):
-        return pa.array([v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values], pa.string())
-    if values.dtype.hasobject:  # BYTES: binary cells, the model's bytes unchanged
+    if _is_text(column) or (column.kept and values.dtype.hasobject):  # input text, as it was in the input
+        flat = pa.array([_text(v) for v in values.reshape(-1)], pa.string())
+    elif values.dtype.hasobject:  # BYTES: binary cells, the model's bytes unchanged
         flat = pa.array(list(values.reshape(-1)), pa.binary())
     else:
         flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     for size in reversed(column.row_shape):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def errors_path(path: Path) -> Path:
