@@ -223,7 +223,7 @@ def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOpt
                     plan = describe_plan(sub, fleet, reader, options.limit, Path(spec.output.dir), job_dir)
                 except JobFatal as error:
                     raise JobFatal(f"model {model.name}, source {source.label}: {error}") from None
-            rows += plan.settings.rows
+            rows += plan.rows
             body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:"))]
             lines.append(f"  source {source.label} ({source.path}): " + "; ".join(body))
     lines.append(f"job folder: {job_dir}")
