@@ -40,8 +40,10 @@ from typing import Any
 STAMP_NAME = "finished.json"
 _IDENTITY_NAME = "job.json"  # engine/rerun.IDENTITY_NAME (tests check they agree)
 _VERSION = 1
-#: Options under which the command must do work: never answered from a stamp.
-_WORKING_OPTIONS = ("restart", "dry_run", "retry_failed")
+#: Options under which the command must do work: never answered from a stamp (`--resume` asks
+#: for the folder's parts to be checked and what is missing computed, e.g. after a sub-folder
+#: was removed by hand, which no stamp sees).
+_WORKING_OPTIONS = ("restart", "dry_run", "retry_failed", "resume")
 #: Command-line options that change neither the result nor where it goes (and the working ones,
 #: which say how the run that left the stamp got there).
 _IGNORED_OPTIONS = frozenset({"command", "job", "servers", "resume", "verbose", "handler", *_WORKING_OPTIONS})
