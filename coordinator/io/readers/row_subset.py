@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .base import Reader
-from .views import View
+from .views import View, gather_rows
 
 
 class RowSubset(View):
@@ -24,11 +24,7 @@ class RowSubset(View):
         return len(self.rows)
 
     def _gather(self, read: Callable[[int, int], np.ndarray], start: int, stop: int) -> np.ndarray:
-        rows = self.rows[start:stop]
-        if not len(rows):
-            return read(0, 0)
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        return read(lo, hi)[rows - lo]
+        return gather_rows(read, self.rows[start:stop])
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         return self._gather(lambda a, b: self.inner.read(field, a, b), start, stop)

@@ -12,6 +12,7 @@ Each wraps one reader and changes only what it says; the rest passes through.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -121,12 +122,7 @@ class Deduplicated(View):
 
     def _gather(self, read, start: int, stop: int) -> np.ndarray:
         rows = self._rows(start, stop)
-        if rows is None:
-            return read(start, stop)
-        if not len(rows):
-            return read(0, 0)
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        return read(lo, hi)[rows - lo]
+        return read(start, stop) if rows is None else gather_rows(read, rows)
 
     def read(self, field: str, start: int, stop: int) -> np.ndarray:
         return self._gather(lambda a, b: self.inner.read(field, a, b), start, stop)
@@ -239,3 +235,11 @@ class Aligned(View):
         if field == self.field:
             return np.full(stop - start, len(self.columns), dtype=np.int64)
         return self.inner.lengths(field, start, stop)
+
+
+def gather_rows(read: Callable[[int, int], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The given rows (ascending) of a span reader: one read from the first to the last, then picked."""
+    if not len(rows):
+        return read(0, 0)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    return read(lo, hi)[rows - lo]
