@@ -19,10 +19,20 @@ computes every request), so exactly-once never rests on this index being complet
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .leases import Work
+
+class Work(Protocol):
+    """What the index reads and changes of a lease (leases.Work; named here, not imported, so
+    that leases.py may import this module)."""
+
+    pending: deque
+    inflight: int
+    ids: Any
+    handed_off: bool
+    isolating: bool
+    steal_key: tuple[int, int] | None
 
 #: Keys of dropped chunks left in the heap are pruned once they outnumber live ones by this.
 _SLACK = 64
