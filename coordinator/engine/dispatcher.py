@@ -40,6 +40,7 @@ from .manifest import RowError
 from .planner import Chunk
 from .server_stream import VERIFIED_FOR_S, ServerStreams
 from .source import RequestSource
+from .steal_index import StealIndex
 
 log = logging.getLogger("tensorfleet.coordinator")
 
@@ -72,7 +73,7 @@ class Dispatcher(LeaseBook, ServerStreams):
         self.source = source
         self.policy = policy
         self.options = options or ConnectionOptions()
-        self.servers = [ServerState(address) for address in servers]
+        self.servers = [ServerState(address, position) for position, address in enumerate(servers)]
         self._commit = commit
         self._on_lease = on_lease
         self._on_commit = on_commit
@@ -83,6 +84,7 @@ class Dispatcher(LeaseBook, ServerStreams):
             self._queue.append(work)
         heapq.heapify(self._queue)
         self._remaining = len(chunks)
+        self._steals = StealIndex()  # leased chunks others may take requests from (the job's tail)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="tf-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tf-write")
         self._commit_slots: asyncio.Semaphore | None = None
@@ -125,7 +127,7 @@ class Dispatcher(LeaseBook, ServerStreams):
         """A server that joined mid-job (fleet discovery): it gets a worker and pulls chunks too."""
         if any(server.address == address for server in self.servers):
             return
-        server = ServerState(address)
+        server = ServerState(address, len(self.servers))
         self.servers.append(server)
         if self._finished is None or self._finished.is_set():
             return  # run() starts a worker for every server it finds
@@ -171,12 +173,6 @@ class Dispatcher(LeaseBook, ServerStreams):
                 return
             await asyncio.sleep(0.2)
 
-
-
-
-
-
-
     # --- the next request: a leased chunk's, a new lease, or one taken from another server ---------
     async def _next_request(self, server: ServerState, busy: int) -> tuple[Work, int, int] | None:
         """The next request for this server's stream, which has `busy` requests in flight."""
@@ -207,6 +203,7 @@ class Dispatcher(LeaseBook, ServerStreams):
         loop = asyncio.get_running_loop()
         if work.ids is None:
             work.ids = await loop.run_in_executor(self._reader, self.source.ids, work.chunk.start, work.chunk.stop)
+        self._steals.leased(work, server.position)  # after its ids: a taken request's rows need them
         if self._on_lease is not None:
             noted = loop.run_in_executor(self._writer, self._on_lease, work.chunk.index, server.address, leased_at)
             # A lease note that fails (a full disk) is only a lost statistic; the commit reports it.
@@ -218,20 +215,15 @@ class Dispatcher(LeaseBook, ServerStreams):
         return work, start, stop
 
     def _steal(self, server: ServerState) -> tuple[Work, int, int] | None:
-        """A request waiting in another server's leased chunk (the owner takes from the front)."""
-        for other in self.servers:
-            if other is server:
-                continue
-            for work in other.leases:
-                if work.pending and work.ids is not None and not work.handed_off and not work.isolating:
-                    start, stop = work.pending.pop()
-                    work.inflight += 1
-                    return work, start, stop
-        return None
+        """A request waiting in another server's leased chunk (the owner takes from the front):
+        the first such chunk in the order of the servers, then of their leases (steal_index.py).
+        `server`'s own leases have nothing waiting when it gets here, so none of them is taken."""
+        return self._steals.take()
 
     # --- hand-off to the writer thread ------------------------------------------------------
     def _hand_off(self, work: Work, server: ServerState) -> None:
         work.handed_off = True
+        self._steals.dropped(work)
         chunk = work.chunk
         ok = np.ones(chunk.rows, dtype=bool)
         failed = {chunk.row_of(position): error for position, error in work.errors.items()}

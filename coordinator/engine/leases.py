@@ -21,6 +21,7 @@ from ..spec import PolicySpec
 from .manifest import RowError
 from .planner import Chunk
 from .source import RequestSource
+from .steal_index import StealIndex
 
 log = logging.getLogger("tensorfleet.coordinator")
 
@@ -66,6 +67,8 @@ class Work:
     #: server, and one in flight when its server dies is split in halves, down to the row that
     #: kills servers, which alone fails. Results survive its losses from then on.
     isolating: bool = False
+    #: Its place among the chunks other servers take requests from while leased (steal_index.py).
+    steal_key: tuple[int, int] | None = None
 
     def reset(self) -> None:
         self.generation += 1
@@ -85,6 +88,8 @@ class Work:
 @dataclass
 class ServerState:
     address: str
+    #: Its place in the fleet's list (the order in which other servers' chunks are taken from).
+    position: int = 0
     alive: bool = False
     rows: int = 0
     requests: int = 0
@@ -116,16 +121,28 @@ class LeaseBook:
     source: RequestSource
     _queue: list[Work]
     _commit_slots: asyncio.Semaphore
+    _steals: StealIndex
 
     if TYPE_CHECKING:
         def _notify(self) -> None: ...
         def _fail(self, error: BaseException) -> None: ...
         def _hand_off(self, work: Work, server: ServerState) -> None: ...
 
+    def _requeue(self, work: Work, start: int, stop: int) -> None:
+        """Put a request back at the front of its chunk's pending (it is sent again); its owner
+        is woken to send it, or another server takes it (steal_index.py)."""
+        work.pending.appendleft((start, stop))
+        self._steals.refilled(work)
+        if work.owner is not None:
+            work.owner.wake.set()
+
     def _return_leases(self, server: ServerState) -> None:
+        if not server.leases:
+            return  # nothing went back: no one to wake (every stream's end at a job's end)
         for work in server.leases:
             if work.handed_off:
                 continue
+            self._steals.dropped(work)
             if not work.isolating:
                 work.losses += 1
                 if work.losses > self.policy.retries:
@@ -156,8 +173,8 @@ class LeaseBook:
         device under it: halve it, or fail its one row."""
         if stop - start > 1:
             middle = (start + stop) // 2
-            work.pending.appendleft((middle, stop))
-            work.pending.appendleft((start, middle))
+            self._requeue(work, middle, stop)
+            self._requeue(work, start, middle)
             return
         self._row_failure(
             work, start, stop, "UNAVAILABLE",
@@ -188,14 +205,14 @@ class LeaseBook:
         if run_start < stop:
             runs.append((run_start, stop))
         for run in reversed(runs):
-            work.pending.appendleft(run)
+            self._requeue(work, *run)
         self._hand_off_if_complete(work, server)
 
     def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None:
         if stop - start > 1:
             middle = (start + stop) // 2
-            work.pending.appendleft((middle, stop))
-            work.pending.appendleft((start, middle))
+            self._requeue(work, middle, stop)
+            self._requeue(work, start, middle)
             return
         if self.policy.on_row_error == "fail":
             row = work.chunk.row_of(start)

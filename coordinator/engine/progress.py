@@ -20,8 +20,20 @@ __all__ = ["STATUS_NAME", "Progress", "format_duration", "pid_alive", "read_stat
 STATUS_NAME = "status.json"
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports KiB)."""
+def peak_rss_bytes(status_file: str = "/proc/self/status") -> int:
+    """This process's own peak resident memory: VmHWM, which exec resets.
+
+    Not getrusage's ru_maxrss where /proc has VmHWM: Linux keeps in it the largest RSS of the
+    memory the process had before its exec, which at a fork is its parent's, so a coordinator
+    started by a 2 GB process (the coordinator service, a notebook, a bench) reported 2 GB.
+    ru_maxrss stands in where there is no /proc (macOS, where it is in bytes; Linux: KiB)."""
+    try:
+        with open(status_file, "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value if sys.platform == "darwin" else value * 1024
 

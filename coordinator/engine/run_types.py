@@ -80,6 +80,12 @@ class RunResult:
         return (f"speed: {self.rows_computed} rows computed in {self.seconds:.1f}s = {self.rows_per_second:.1f} rows/s"
                 + where)
 
+    def plan_lines(self, *more: str) -> list[str]:
+        """A dry run's size lines (rows, requests, chunks) and those starting with `more`: what
+        a dry run of many parts (files, sources, stages) quotes for each."""
+        wanted = ("rows:", "requests:", "chunks:", *more)
+        return [line for line in self.plan_text.splitlines() if line.startswith(wanted)]
+
     def summary(self) -> str:
         if self.output is None:
             return self.plan_text

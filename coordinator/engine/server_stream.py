@@ -67,6 +67,7 @@ class ServerStreams:
         def _isolate(self, server: ServerState, inflight: dict) -> None: ...
         def _blame(self, server: ServerState, work: Work, start: int, stop: int) -> None: ...
         def _hand_off_if_complete(self, work: Work, server: ServerState) -> None: ...
+        def _requeue(self, work: Work, start: int, stop: int) -> None: ...
         def _reject(self, server: ServerState, work: Work, start: int, stop: int, errors: dict[int, str]) -> None: ...
         def _row_failure(self, work: Work, start: int, stop: int, code: str, message: str) -> None: ...
         async def _next_request(self, server: ServerState, busy: int) -> tuple[Work, int, int] | None: ...
@@ -207,12 +208,15 @@ class ServerStreams:
 
     def _give_back_taken(self, server: ServerState, inflight: dict) -> None:
         """Requests this stream took from other servers' chunks go back to those chunks."""
+        given = False
         for work, start, stop, _, generation in inflight.values():
             if work.owner is not server and generation == work.generation and not work.handed_off:
                 work.inflight -= 1
-                work.pending.appendleft((start, stop))
+                self._requeue(work, start, stop)
+                given = True
         inflight.clear()
-        self._notify()
+        if given:  # not at every stream's end: waking 1,000 servers 1,000 times is the tail's cost again
+            self._notify()
 
     async def _on_reply(self, server: ServerState, inflight: dict, reply: wire.StreamResponse) -> None:
         entry = inflight.pop(reply.response.message.id, None)
@@ -227,14 +231,14 @@ class ServerStreams:
         if reply.error_message:
             error = stream_error(reply.error_message)
             if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                work.pending.appendleft((start, stop))
+                self._requeue(work, start, stop)
                 await asyncio.sleep(0.05)
                 return
             if error.code in SERVER_CODES:
                 if work.isolating and DEVICE_FAILED in error.message:  # alone on it: it broke the device
                     self._blame(server, work, start, stop)
                 else:
-                    work.pending.appendleft((start, stop))
+                    self._requeue(work, start, stop)
                 raise ServerLost(reply.error_message)
             self._row_failure(work, start, stop, error.code.name, error.message)
         else:

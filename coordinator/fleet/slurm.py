@@ -24,6 +24,7 @@ from pathlib import Path
 from tensorfleet.core.auth import token_from
 from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
 
+from .sbatch_script import placement_options, sbatch_option, script_header
 from .slurm_steps import (
     MAX_RESTARTS,
     RESTART_TIMEOUT_S,
@@ -41,13 +42,6 @@ __all__ = ["MAX_RESTARTS", "RESTART_TIMEOUT_S", "SlurmError", "failed_file", "ma
 
 def _q(value: object) -> str:
     return shlex.quote(str(value))
-
-
-def _sbatch_time(value: str) -> str:
-    allowed = set("0123456789:-")
-    if not value or not set(value) <= allowed:
-        raise SlurmError(f"--time {value!r}: use SLURM's forms, e.g. 90, 01:30:00 or 1-00:00:00")
-    return value
 
 
 def render_batch_script(
@@ -132,12 +126,7 @@ def render_batch_script(
         sbatch.append(f"--cpus-per-task={int(cpus_per_task)}")
     if mem_per_cpu:
         sbatch.append(f"--mem-per-cpu={mem_per_cpu}")
-    if partition:
-        sbatch.append(f"--partition={partition}")
-    if account:
-        sbatch.append(f"--account={account}")
-    if time:
-        sbatch.append(f"--time={_sbatch_time(time)}")
+    sbatch += placement_options(partition, account, time)
     if shards:  # one array task per shard; each its own servers, run folder and log
         sbatch.append(f"--array=0-{int(shards) - 1}")
         sbatch.append(f"--output={run_root}/slurm-%A_%a.out")
@@ -168,14 +157,12 @@ def render_batch_script(
         run.append(f'--shard "$SLURM_ARRAY_TASK_ID/{int(shards)}"')
 
     lines = [
-        "#!/bin/bash",
-        f"# Written by `tensorfleet slurm` for {job_path}.",
-        f"# {gpus} model server(s) ({'one GPU each' if devices == 'cuda' else 'CPU'}) run as the tasks of one background",
-        "# srun step; a coordinator step waits for their gRPC health and runs the job; then the",
-        "# servers drain and stop. Submit with: sbatch THIS_FILE",
-        *(f"#SBATCH {option}" for option in sbatch),
-        "set -uo pipefail",
-        "",
+        *script_header([
+            f"Written by `tensorfleet slurm` for {job_path}.",
+            f"{gpus} model server(s) ({'one GPU each' if devices == 'cuda' else 'CPU'}) run as the tasks of one background",
+            "srun step; a coordinator step waits for their gRPC health and runs the job; then the",
+            "servers drain and stop. Submit with: sbatch THIS_FILE",
+        ], sbatch),
         f"PYTHON=({' '.join(_q(part) for part in launcher)})",
         f"JOB={_q(job_path)}",
         (f'RUN_DIR={_q(run_root)}/"job-${{SLURM_ARRAY_JOB_ID:-$$}}_${{SLURM_ARRAY_TASK_ID:-0}}"' if shards else
@@ -316,10 +303,9 @@ def _shards(args: argparse.Namespace) -> int | None:
 
 
 def _script_dir(script: str) -> Path:
-    for line in script.splitlines():
-        if line.startswith("#SBATCH --output="):
-            return Path(line.removeprefix("#SBATCH --output=")).parent
-    return Path.cwd()
+    """Where a script is saved: its SLURM output's folder (the run folder)."""
+    output = sbatch_option(script, "output")
+    return Path(output).parent if output else Path.cwd()
 
 
 # ------------------------------------------------------------------ the helpers' entry point (steps in slurm_steps.py)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tensorfleet.core.exit_codes import EXIT_OK
 
+from .sbatch_script import placement_options, sbatch_option, script_header
 from .slurm_steps import SlurmError
 
 #: The placeholder a dry run shows for the array's job id (sbatch gives it at submission).
@@ -30,25 +31,18 @@ def render_merge_script(array_script: str, shards: int, after: str = ARRAY_ID, *
     """The merge job for the array `array_script` (slurm.render_batch_script with shards): the same
     job file and python, one task, after every array task succeeded."""
     lines = array_script.splitlines()
-    pick = {prefix: next((line for line in lines if line.startswith(prefix)), "") for prefix in
-            ("#SBATCH --job-name=", "#SBATCH --output=", "PYTHON=(", "JOB=")}
-    if not all(pick.values()):
+    pick = {prefix: next((line for line in lines if line.startswith(prefix)), "") for prefix in ("PYTHON=(", "JOB=")}
+    name, output = sbatch_option(array_script, "job-name"), sbatch_option(array_script, "output")
+    if not (all(pick.values()) and name and output):
         raise SlurmError("the array script lacks its job name, output, python or job lines")
-    name = pick["#SBATCH --job-name="].removeprefix("#SBATCH --job-name=")
-    run_root = Path(pick["#SBATCH --output="].removeprefix("#SBATCH --output=")).parent
     sbatch = [f"--job-name={name}-merge", "--ntasks=1", f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes",
-              f"--output={run_root}/slurm-merge-%j.out"]
-    sbatch += [f"--partition={partition}"] if partition else []
-    sbatch += [f"--account={account}"] if account else []
-    sbatch += [f"--time={time}"] if time else []
+              f"--output={Path(output).parent}/slurm-merge-%j.out", *placement_options(partition, account, time)]
     return "\n".join([
-        "#!/bin/bash",
-        f"# Written by `tensorfleet slurm --shards {shards}`: the merge of the job's {shards} shards into its one",
-        "# output, once every array task succeeded (the last shard to finish has usually merged: this",
-        "# then confirms the output). Submitted with the array; on its own: sbatch --dependency=afterok:ID THIS_FILE",
-        *(f"#SBATCH {option}" for option in sbatch),
-        "set -uo pipefail",
-        "",
+        *script_header([
+            f"Written by `tensorfleet slurm --shards {shards}`: the merge of the job's {shards} shards into its one",
+            "output, once every array task succeeded (the last shard to finish has usually merged: this",
+            "then confirms the output). Submitted with the array; on its own: sbatch --dependency=afterok:ID THIS_FILE",
+        ], sbatch),
         pick["PYTHON=("],
         pick["JOB="],
         "export PYTHONUNBUFFERED=1",

@@ -166,8 +166,7 @@ def dry_run_incontext(spec: InContextSpec, options: RunOptions, output: Path, jo
         rows = plan.rows
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
         lines.append(f"{run} run: prompt {prompt.path} ({shapes}), sent once per server stream")
-        lines += [f"  {line}" for line in plan.plan_text.splitlines()
-                  if line.startswith(("model:", "rows:", "requests:", "chunks:", "fields:"))]
+        lines += [f"  {line}" for line in plan.plan_lines("model:", "fields:")]
     lines += [f"output: {output} ({spec.output.format})", f"job folder: {job_dir}"]
     return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 

@@ -114,8 +114,7 @@ def _dry_run(spec: JobSpec, jobs: list[tuple[str, JobSpec]], fleet: ModelFleet, 
             except JobFatal as error:
                 raise JobFatal(f"input file {sub.input.path}: {error}") from None
         rows += plan.rows
-        body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:"))]
-        lines.append(f"file {sub.input.path} -> {output}: " + "; ".join(body))
+        lines.append(f"file {sub.input.path} -> {output}: " + "; ".join(plan.plan_lines()))
     lines.append(f"job folder: {job_dir}")
     return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 

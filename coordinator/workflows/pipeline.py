@@ -326,8 +326,7 @@ def dry_run_pipeline(spec: PipelineSpec, options: RunOptions, output: Path, job_
                     plan = describe_plan(sub, fleet, reader, options.limit, output, dirs[index],
                                          reads_input=index == 0, writes_output=index == len(spec.stages) - 1)
                     rows = plan.rows
-                    body = [line for line in plan.plan_text.splitlines()
-                            if line.startswith(("rows:", "requests:", "chunks:", "fields:"))]
+                    body = plan.plan_lines("fields:")
             except JobFatal as error:
                 raise JobFatal(f"stage {stage.name}: {error}") from None
             outputs = ", ".join(f"{k} {v[0]}{v[1]}" for k, v in fleet.info().outputs.items())

@@ -224,8 +224,7 @@ def dry_run_sweep(spec: SweepSpec, models: list[SweepModelSpec], options: RunOpt
                 except JobFatal as error:
                     raise JobFatal(f"model {model.name}, source {source.label}: {error}") from None
             rows += plan.rows
-            body = [line for line in plan.plan_text.splitlines() if line.startswith(("rows:", "requests:", "chunks:"))]
-            lines.append(f"  source {source.label} ({source.path}): " + "; ".join(body))
+            lines.append(f"  source {source.label} ({source.path}): " + "; ".join(plan.plan_lines()))
     lines.append(f"job folder: {job_dir}")
     return RunResult(None, job_dir, rows, 0, 0, 0.0, plan_text="\n".join(lines))
 
