@@ -55,6 +55,9 @@ class Manifest:
         #: Lease notes not written yet: (chunk, server, at), see note_lease.
         self._leases: list[tuple[int, str, float]] = []
         self._leases_flushed = time.monotonic()
+        #: Servers this process recorded (note_server): the manifest is autocommit, so each
+        #: INSERT, ignored or not, was a synchronous write transaction of its own.
+        self._servers_noted: set[str] = set()
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             self.journal_mode = journal_mode_for(path.parent)
@@ -198,7 +201,11 @@ class Manifest:
         return [RowError(*row) for row in rows]
 
     def note_server(self, address: str) -> None:
+        """Record a server's first commit; one write per server and process, not one per chunk."""
+        if address in self._servers_noted:
+            return
         self._db.execute("INSERT OR IGNORE INTO servers VALUES (?, ?)", (address, time.time()))
+        self._servers_noted.add(address)
 
     def servers(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT address FROM servers ORDER BY address")]

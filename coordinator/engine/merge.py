@@ -163,6 +163,10 @@ def _chunk_arrays(
             lengths = _output_of(part, column.lengths_from, ok, column, lengths=True)
             arrays[column.name] = _ragged(values, lengths, ok, column, chunk)
             continue
+        if values.shape == (chunk.rows, *column.row_shape) and ok.all():  # every row ok: no copy to fill in
+            arrays[column.name] = np.asarray(values, dtype=column.dtype)
+            del values
+            continue
         full = np.zeros((chunk.rows, *column.row_shape), dtype=column.dtype)
         if column.dtype.kind == "f":
             full[~ok] = np.nan
@@ -233,16 +237,16 @@ def _merge_into(folder: OutputFolder, manifest: Manifest, inputs: MergeInputs, c
     try:
         for chunk in chunks:
             with open_part(job_dir, manifest.part_of(chunk.index)) as part:
-                ids = part.strings("ids")
+                ids = part.encoded_strings("ids")  # kept as bytes: digested and compared without a str per row
                 ok = np.array(part.array("ok"), dtype=bool)
                 if len(ids) != chunk.rows or len(ok) != chunk.rows:
                     raise MergeError(f"chunk {chunk.index} holds {len(ids)} rows, planned {chunk.rows}")
-                digest.add_many(map(str, ids))
+                digest.add_encoded(ids)
                 arrays = _chunk_arrays(part, chunk, ok, columns, from_input, inputs)
                 error = np.full(chunk.rows, "", dtype=object)
                 for offset in np.nonzero(~ok)[0]:
                     error[offset] = error_by_row.get(chunk.start + int(offset), "UNKNOWN: no error recorded")
-                writer.write(chunk.start, ids, arrays, ok, error)
+                writer.write_encoded(chunk.start, ids, arrays, ok, error)
                 del arrays, ok
                 crash_point("merge")
         if digest.hexdigest() != manifest.plan_settings()["ids_digest"]:

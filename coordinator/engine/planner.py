@@ -20,6 +20,7 @@ import numpy as np
 
 from tensorfleet.core.hashing import file_sha256_once
 
+from ..io.encoded_strings import EncodedStrings
 from ..io.readers import Reader
 from ..spec.input_files import as_list
 
@@ -95,16 +96,18 @@ class IdsDigest:
 
     def add_many(self, values: Iterable[str]) -> None:
         """Add ids in order: the same digest as `add` on each, in one hash update (a plan or a
-        merge of millions of rows hashes in blocks, not one call per id): the ids' bytes and
-        their length prefixes are laid out side by side with numpy."""
-        encoded = [value.encode() for value in values]
-        if not encoded:
+        merge of millions of rows hashes in blocks, not one call per id)."""
+        self.add_encoded(EncodedStrings.encode(list(values)))
+
+    def add_encoded(self, ids: EncodedStrings) -> None:
+        """Add ids given as their UTF-8 bytes and offsets (a part file's ids, never decoded): the
+        length prefixes and the bytes are laid out side by side with numpy, one hash update."""
+        if not len(ids):
             return
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        body = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        out = np.empty(4 * len(encoded) + len(body), dtype=np.uint8)
-        prefix_at = np.arange(len(encoded), dtype=np.int64) * 4
-        prefix_at[1:] += np.cumsum(lengths[:-1])
+        lengths = ids.lengths()
+        body = np.frombuffer(ids.data, dtype=np.uint8)
+        out = np.empty(4 * len(lengths) + len(body), dtype=np.uint8)
+        prefix_at = ids.offsets[:-1] + 4 * np.arange(len(lengths), dtype=np.int64)
         is_prefix = np.zeros(len(out), dtype=bool)
         is_prefix[(prefix_at[:, None] + np.arange(4)).reshape(-1)] = True
         out[is_prefix] = lengths.astype("<u4").view(np.uint8)

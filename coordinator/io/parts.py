@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoded_strings import EncodedStrings
+
 MAGIC = b"TFPART1\n"
 _ALIGN = 64
 
@@ -193,11 +195,17 @@ class Part:
         return out.reshape(shape)
 
     def strings(self, name: str) -> np.ndarray:
+        """A string array (the ids) as an object array of str."""
+        return self.encoded_strings(name).decoded()
+
+    def encoded_strings(self, name: str) -> EncodedStrings:
+        """A string array as stored (UTF-8 bytes and offsets), copied out of the file: the merge
+        digests and compares ids without a str object per row."""
         data = self._raw(self._entries[f"{name}.utf8"]).tobytes()
-        offsets = self._raw(self._entries[f"{name}.offsets"])
-        out = np.empty(len(offsets) - 1, dtype=object)
-        out[:] = [data[offsets[i] : offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
-        return out
+        offsets = np.array(self._raw(self._entries[f"{name}.offsets"]), dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) < 0):
+            raise CorruptPart(f"{self.path}: string array '{name}' has offsets outside its {len(data)} bytes")
+        return EncodedStrings(data, offsets)
 
     def close(self) -> None:
         if isinstance(self._map, bytes):

@@ -53,6 +53,21 @@ def write_array(group: h5py.Group, name: str, values: np.ndarray | Sequence[Any]
     _encoding(group.create_dataset(name, data=text, dtype=_STRING), "string-array", "0.2.0")
 
 
+def write_mostly_empty_text(group: h5py.Group, name: str, rows: int, text_at: Mapping[int, str]) -> None:
+    """A `string-array` of `rows` strings, all "" except `text_at` (row -> text): "" is the
+    dataset's declared fill value (every HDF5 reader returns it for an element never written),
+    so a column of 200,000 ok rows writes no string at all. Converting 200,000 "" for h5py
+    cost 0.08 s of a job's 3.6 s of coordinator CPU (issue 31)."""
+    _replace(group, name)
+    dataset = group.create_dataset(name, shape=(rows,), dtype=_STRING, fillvalue=b"")
+    if text_at:
+        values = np.full(rows, b"", dtype=object)
+        for row, text in text_at.items():
+            values[row] = text.encode(errors="replace")
+        dataset[...] = values
+    _encoding(dataset, "string-array", "0.2.0")
+
+
 def write_scalar(group: h5py.Group, name: str, value: str | int | float | bool) -> None:
     _replace(group, name)
     if isinstance(value, str):

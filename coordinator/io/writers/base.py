@@ -18,6 +18,7 @@ import numpy as np
 from tensorfleet.core.extras import EXTRAS, missing_module_message
 
 from ...spec import InputSpec, OutputSpec
+from ..encoded_strings import EncodedStrings
 from ..row_error import RowError
 
 
@@ -72,6 +73,12 @@ class Writer(abc.ABC):
     @abc.abstractmethod
     def write(self, start: int, ids: np.ndarray, arrays: dict[str, np.ndarray], ok: np.ndarray, error: np.ndarray) -> None:
         """Rows [start, start + len(ids)): ids (str), stored arrays by column name, ok, error text."""
+
+    def write_encoded(self, start: int, ids: EncodedStrings, arrays: dict[str, np.ndarray], ok: np.ndarray,
+                      error: np.ndarray) -> None:
+        """`write` with the ids as the part stores them (the merge calls this): a writer that can
+        use the bytes (the .h5ad writer compares them with its obs names) saves a str per row."""
+        self.write(start, ids.decoded(), arrays, ok, error)
 
     @abc.abstractmethod
     def finish(self) -> list[Path]:
