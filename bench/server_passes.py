@@ -30,8 +30,9 @@ a few times per batch when the device is free of contention (1-5 per batch here)
 arena fight made them block 150-400 times per batch. Throughput alone cannot tell a slow
 pass from a neighbour's load on a shared machine; the switch count can. The line also gives,
 per pass, the throughput relative to the round's fastest variant (`vs_round_best`), the
-event-loop thread's CPU per request (`loop_cpu_ms_per_request`: the main thread runs the
-asyncio loop, the servicer, the batcher, decode and encode) and the whole process's.
+event-loop thread's CPU per request (`loop_cpu_ms_per_request`: the thread that runs the
+asyncio loop, the servicer, the batcher, decode and encode: the main thread before issue 25's
+main-thread models, the one named `event-loop` since) and the whole process's.
 
     python -m bench.server_passes                          # tiny model, 5 rounds, 3 variants
     python -m bench.server_passes --rounds 8 --source before=../h-serve-perf-base
@@ -59,6 +60,7 @@ from bench.common import (
     thread_counters,
 )
 from bench.serve_overhead import MODEL, TritonLoad, make_batches
+from tensorfleet.services.main_thread import LOOP_THREAD_NAME
 
 PACKAGES = ("client", "coordinator", "core", "protos", "services")
 VARIANTS = {
@@ -110,6 +112,15 @@ def process_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
+def loop_thread(pid: int) -> int:
+    """The event loop's thread: the one named event-loop (services/main_thread.py), else the main one."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip() == LOOP_THREAD_NAME:
+                return int(task.name)
+    return pid
+
+
 def pass_figures(pid: int, before: dict, after: dict, seconds: float, batches: int, rows: int) -> dict:
     threads = before["threads"]
     switches = {tid: after[tid][0] - threads.get(tid, (0, 0))[0] for tid in after}
@@ -118,7 +129,7 @@ def pass_figures(pid: int, before: dict, after: dict, seconds: float, batches: i
         "seq_per_s": rows / seconds,
         "busiest_switches_per_batch": max(switches.values()) / batches,
         "all_switches_per_batch": sum(switches.values()) / batches,
-        "loop_cpu_ticks": cpu.get(pid, 0),
+        "loop_cpu_ticks": cpu.get(loop_thread(pid), 0),
         "process_cpu_ticks": sum(cpu.values()),
         "minor_faults_per_batch": (process_faults(pid) - before["faults"]) / batches,
     }

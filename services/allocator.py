@@ -25,11 +25,19 @@ Every thread keeps its own glibc arena. Until issue 25 the tuning also set `M_AR
 and its OpenMP workers fought the event loop's and gRPC's threads for the arena lock, with
 18,000-24,000 voluntary context switches per pass instead of 50-300 and a third of the
 throughput gone (`python -m bench.server_passes` counts such passes). The price of separate
-arenas: a non-main arena's heaps hold at most 64 MiB each, so a model thread's block larger
-than that is still mmapped and faulted in on every batch (128 MiB blocks: 16,384 faults each,
-tuned or not; with one arena 0). A large model on the CPU whose batches allocate such blocks
-can ask for the single arena back with `TENSORFLEET_MALLOC=single-arena`, or keep its
-batches under a token budget that keeps the blocks below 64 MiB.
+arenas: a non-main arena's heaps hold at most 64 MiB each, so a block larger than that,
+allocated on any thread but the main one, is mmapped and faulted in on every batch (128 MiB
+blocks: 16,384 faults each, tuned or not; with one arena 0). So a CPU server process runs its
+models' batches on the main thread, whose arena is glibc's main one, and its event loop on
+another (services/main_thread.py, issue 25): the blocks between 64 MiB and M_MMAP_THRESHOLD
+stay in the heap there, as in a hand-written loop, without the single arena's lock fights.
+Measured (`python -m bench.server_passes --layers 6 --dim 320 --heads 20 --median 0
+--sequences 128 --batch 16`, blocks of 64 MiB-1 GiB, 2 threads, 2026-12-07): on the model
+thread 398,406 minor faults per batch and 3.5 seq/s; on the main thread 1,143 and 14.3 seq/s;
+the single arena 20,800 and 13.6 seq/s.
+A model run on another thread (a server built inside another program, tests/inprocess.py)
+still pays it: `TENSORFLEET_MALLOC=single-arena` or a token budget that keeps the blocks
+below 64 MiB avoid it there.
 
 CPU servers only: on a GPU the activations live in device memory. It is a no-op where glibc
 is absent (macOS, musl) and can be switched off with `TENSORFLEET_MALLOC=default`.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from tensorfleet.core.exposure import ExposureError
 
     from .device import parse_device
-    from .server import ModelLoadFailed, ServerOptions, serve
+    from .server import ModelLoadFailed, ServerOptions, serve_process
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_on_load_error=args.exit_on_load_error,
             api_key_header=args.api_key_header,
         )
-        return asyncio.run(serve(options))
+        return serve_process(options)
     except ModelLoadFailed as error:
         print(f"error: {error}; exiting (--exit-on-load-error)", file=sys.stderr)
         return 2

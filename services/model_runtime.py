@@ -4,13 +4,17 @@ Each model has one thread for life: it loads the model, warms it up and runs eve
 Loading on one thread and running on another cost 22-26 % of a small model's speed on CPU
 (torch's OpenMP team belongs to the thread that warmed it: ~13,600 voluntary context
 switches per pass instead of <= 10), so the batcher runs on the thread that loaded.
+
+A CPU server process gives every model the same one, its main thread (`shared_worker`, a
+main_thread.MainThreadWorker: only that thread's malloc arena keeps blocks over 64 MiB across
+batches); the models then load, and run their batches, one after another.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tensorfleet.core.errors import FailedPrecondition
@@ -31,9 +35,11 @@ class ServedModel:
 class ModelRuntime:
     """Keeps one batcher per READY model in step with the repository's loads and unloads."""
 
-    def __init__(self, repository: ModelRepository, metrics: ServerMetrics) -> None:
+    def __init__(self, repository: ModelRepository, metrics: ServerMetrics, shared_worker: Executor | None = None) -> None:
+        """`shared_worker`: the one worker of every model, owned (and shut down) by the caller."""
         self.repository = repository
         self.metrics = metrics
+        self.shared_worker = shared_worker
         self._served: dict[str, ServedModel] = {}
         self._stats: dict[str, ModelStats] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
@@ -41,8 +47,10 @@ class ModelRuntime:
         #: Called from a model thread when the device itself failed (the server stops).
         self.on_device_lost: Callable[[BaseException], None] | None = None
 
-    def model_thread(self, name: str) -> ThreadPoolExecutor:
+    def model_thread(self, name: str) -> Executor:
         """The one thread that loads, warms, runs and unloads model `name`."""
+        if self.shared_worker is not None:
+            return self.shared_worker
         thread = self._threads.get(name)
         if thread is None:
             thread = self._threads[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
@@ -81,7 +89,8 @@ class ModelRuntime:
         await asyncio.get_running_loop().run_in_executor(self.model_thread(name), self.repository.load, name)
 
     async def load_all(self) -> None:
-        """Load every model, each on its own model thread (so several load at once)."""
+        """Load every model, each on its own model thread (so several load at once; with a
+        shared worker, one after another)."""
         names = [entry.name for entry in self.repository.entries()]
         await asyncio.gather(*(self._load_recorded(name) for name in names))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from .device import check_device_available
 from .frontends.control_servicer import ControlServicer
 from .frontends.inference_servicer import InferenceServicer
 from .frontends.interceptors import ErrorInterceptor
+from .main_thread import MainThreadWorker
 from .metrics import ServerMetrics
 from .model_runtime import ModelRuntime
 from .repository.repository import ModelRepository, ModelState
@@ -122,11 +124,13 @@ class ModelLoadFailed(RuntimeError):
 class ModelServer:
     """One process, one device, its models kept loaded across requests and jobs."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, model_worker: Executor | None = None) -> None:
+        """`model_worker`: where every model loads and runs (serve_process's main thread);
+        by default each model gets a thread of its own."""
         self.options = options
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(options.model_repository, options.device, options.models)
-        self.runtime = ModelRuntime(self.repository, self.metrics)
+        self.runtime = ModelRuntime(self.repository, self.metrics, model_worker)
         self.runtime.on_device_lost = self._device_lost
         #: The process's exit status: 0, or EXIT_DEVICE_LOST once the device failed.
         self.exit_code = 0
@@ -275,7 +279,9 @@ class ModelServer:
         """Serve until drain() (SIGTERM/SIGINT when `signals`), then stop: in-flight requests
         finish, listeners close, batchers and model threads end. `signals=False` for a server
         in a thread of a process that goes on (tests/inprocess.py)."""
-        if signals:
+        if signals and isinstance(self.runtime.shared_worker, MainThreadWorker):
+            self.runtime.shared_worker.stop_on_signals(self.drain)  # its thread, the main one, gets them
+        elif signals:
             stop_on_signals(self.drain)
         sweeper = asyncio.ensure_future(self._sweep_shared_memory())
         await self._stopping.wait()
@@ -302,9 +308,22 @@ class ModelServer:
             await asyncio.sleep(0.02)
 
 
-async def serve(options: ServerOptions) -> int:
+async def serve(options: ServerOptions, model_worker: Executor | None = None) -> int:
     """Serve until stopped; the exit status (EXIT_DEVICE_LOST when the device failed)."""
-    server = ModelServer(options)
+    server = ModelServer(options, model_worker)
     await server.start()
     await server.run_until_stopped()
     return server.exit_code
+
+
+def serve_process(options: ServerOptions) -> int:
+    """`serve` as a process's whole life (`tensorfleet serve`); the exit status.
+
+    On the CPU the models load and run on this, the main, thread, and the event loop with gRPC
+    on a second one: only the main thread's malloc arena keeps a batch's blocks over 64 MiB
+    from one batch to the next (services/main_thread.py). On a GPU the activations live in
+    device memory and each model keeps a thread of its own, so that several overlap."""
+    if options.device != "cpu":
+        return asyncio.run(serve(options))
+    worker = MainThreadWorker()
+    return worker.run_beside_loop(lambda: serve(options, worker))

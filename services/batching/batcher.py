@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tensorfleet.core.errors import InternalError, ResourceExhausted, TensorfleetError, Unavailable
@@ -68,13 +68,14 @@ class DynamicBatcher:
         predict: Predict,
         stats: ModelStats | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,
-        worker: ThreadPoolExecutor | None = None,
+        worker: Executor | None = None,
         device_stages: Callable[[], dict[str, int]] | None = None,
         staging: Staging | None = None,
         on_device_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """`worker`: the model's own thread, the one that loaded it (services/model_runtime.py);
-        the batcher then leaves it running when closed. Without one it makes and owns a thread.
+        """`worker`: the model's own thread, the one that loaded it (services/model_runtime.py;
+        in a CPU server process the main thread, shared by its models); the batcher then leaves
+        it running when closed. Without one it makes and owns a thread.
         `on_device_lost(error)`: called, from the model thread, when the device itself failed."""
         self.config = config
         self.policy = config.batching
@@ -84,7 +85,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._owns_worker = worker is None
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
+        self._worker: Executor = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{config.name}")
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feed-{config.name}") if staging else None
         self._loop_task: asyncio.Task | None = None
         self._batches: list[_Batch] = []  # handed to the worker, not yet answered
