@@ -158,11 +158,13 @@ class ServerStreams:
                         work, start, stop = item
                         serial += 1
                         request_id = f"{work.chunk.index}:{start}:{stop}:{serial}"
+                        rows, span = work.chunk.rows_at(start, stop), (work.chunk.start, work.chunk.stop)
                         try:
-                            request = await loop.run_in_executor(
-                                self._reader, self.source.request, request_id, work.chunk.rows_at(start, stop),
-                                (work.chunk.start, work.chunk.stop),
-                            )
+                            request = self.source.cached_request(request_id, rows, span)
+                            if request is None:  # a read: on the reader thread, the loop keeps serving
+                                request = await loop.run_in_executor(
+                                    self._reader, self.source.request, request_id, rows, span
+                                )
                         except RowsRejected as rejected:
                             self._reject(server, work, start, stop, rejected.errors)
                             continue

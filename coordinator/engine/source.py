@@ -15,6 +15,7 @@ Rows stored sparse stay sparse in the block; they are densified per request, or 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -107,7 +108,8 @@ def check_field(name: str, info: FieldInfo, datatype: str, shape: list[int]) -> 
 
 
 class RequestSource:
-    """Reads rows for one model's requests. Called from one thread at a time."""
+    """Reads rows for one model's requests. Its reading methods hold one lock, so one thread at a
+    time reads: the reader thread for block reads, the event loop for `cached_request`."""
 
     def __init__(
         self, reader: Reader, fields: dict[str, str], datatypes: dict[str, str], model: str, version: str = ""
@@ -127,6 +129,9 @@ class RequestSource:
         self.sparse: set[str] = set()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._block_rows: int | None = None
+        self._lock = threading.RLock()
+        # a reader that checks rows itself (FASTA, over-length) may read to do so: its requests stay on the reader thread
+        self._checks_rows = reader.checks_rows
 
     def inputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.inputs_at(slice(start, stop))
@@ -134,6 +139,10 @@ class RequestSource:
     def inputs_at(self, rows: slice | np.ndarray, span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """The mapped fields of these rows (a range, or row indices), sliced from the block that
         holds them; `span`: the chunk's rows [start, stop), which the block is read for."""
+        with self._lock:
+            return self._inputs_at(rows, span)
+
+    def _inputs_at(self, rows: slice | np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
         if isinstance(rows, slice):
             lo, hi = rows.start, rows.stop
         else:
@@ -185,6 +194,10 @@ class RequestSource:
     def release(self, start: int, stop: int) -> None:
         """Drop the blocks of rows [start, stop) (a committed chunk): they are not read again.
         Call from the thread that builds requests."""
+        with self._lock:
+            self._release(start, stop)
+
+    def _release(self, start: int, stop: int) -> None:
         for key in [key for key in self._blocks if start <= key[0] and key[1] <= stop]:
             del self._blocks[key]
 
@@ -204,6 +217,32 @@ class RequestSource:
         self, request_id: str, rows: slice | np.ndarray, span: tuple[int, int] | None = None
     ) -> InferRequest:
         """The request for these rows (of the chunk `span`); RowsRejected when the reader refuses some."""
+        with self._lock:
+            return self._request(request_id, rows, span)
+
+    def cached_request(
+        self, request_id: str, rows: slice | np.ndarray, span: tuple[int, int] | None = None
+    ) -> InferRequest | None:
+        """`request`, built now on the caller's thread when that costs no read: the rows sit in a
+        kept block, the reader checks no rows itself, and no other thread is reading (else None:
+        build it on the reader thread). Most requests of a chunk take this path, which saves the
+        event loop a thread hand-off (two wake-ups) per request."""
+        if self._checks_rows or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if isinstance(rows, slice):
+                lo, hi = rows.start, rows.stop
+            else:
+                lo, hi = int(rows.min()), int(rows.max()) + 1
+            if not any(block.start <= lo and hi <= block.stop for block in self._blocks.values()):
+                return None
+            return self._request(request_id, rows, span)
+        finally:
+            self._lock.release()
+
+    def _request(
+        self, request_id: str, rows: slice | np.ndarray, span: tuple[int, int] | None = None
+    ) -> InferRequest:
         refused = self.rejected(rows)
         if refused:
             raise RowsRejected(refused)
@@ -211,7 +250,7 @@ class RequestSource:
         if self.context is not None:
             parameters[CONTEXT] = self.context[0]
         return build_wire_request(
-            self.model, self.inputs_at(rows, span), request_id=request_id, parameters=parameters,
+            self.model, self._inputs_at(rows, span), request_id=request_id, parameters=parameters,
             version=self.version, outputs=self.outputs,
         )
 
@@ -226,4 +265,5 @@ class RequestSource:
         )]
 
     def ids(self, start: int, stop: int) -> np.ndarray:
-        return self.reader.ids(start, stop)
+        with self._lock:
+            return self.reader.ids(start, stop)

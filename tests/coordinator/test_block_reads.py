@@ -186,3 +186,33 @@ def test_a_csr_h5ad_job_reads_without_importing_scipy_or_anndata(csr_h5ad):
     rows, modules = json.loads(done.stdout.strip().splitlines()[-1])
     assert np.array_equal(np.array(rows, dtype=np.float32), dense[[7, 2, 300]])
     assert not [m for m in modules if m.split(".")[0] in ("scipy", "anndata", "pandas")]
+
+
+def test_cached_requests_are_built_only_from_kept_blocks_and_match_the_read_path(csr_h5ad):
+    """The event loop builds a request itself only when its rows sit in a kept block (no read);
+    the request is byte for byte the one the reader thread would build."""
+    from tensorfleet.coordinator.io.readers.views import View
+    from tensorfleet.core.wire import encode_request
+
+    path, _ = csr_h5ad
+    reader = open_reader(InputSpec(path=str(path), format="h5ad"))
+    source = RequestSource(reader, {"counts": "X"}, {"counts": "FP32"}, "m")
+    source.sparse = {"counts"}
+    rows = np.array([7, 3, 50, 26])
+    assert source.cached_request("r1", rows, (0, 100)) is None  # nothing read yet
+    built = source.request("r1", rows, (0, 100))  # reads the chunk's block
+    cached = source.cached_request("r1", rows, (0, 100))
+    assert cached is not None and encode_request(cached) == encode_request(built)
+    assert source.cached_request("r2", slice(100, 110), (100, 200)) is None  # another chunk: a read
+    source.release(0, 100)
+    assert source.cached_request("r1", rows, (0, 100)) is None
+    assert not reader.checks_rows and not View(reader).checks_rows  # a plain view passes the question on
+
+    class Checking(View):
+        def row_errors(self, start: int, stop: int) -> dict[int, str]:  # may read: stays on the reader thread
+            return {}
+
+    checked = RequestSource(Checking(reader), {"counts": "X"}, {"counts": "FP32"}, "m")
+    checked.request("r", rows, (0, 100))
+    assert checked.cached_request("r", rows, (0, 100)) is None
+    reader.close()

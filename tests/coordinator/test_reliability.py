@@ -209,6 +209,9 @@ def test_a_worker_that_dies_of_an_unexpected_error_fails_the_job_instead_of_hang
         def ids(self, start, stop):
             return [f"seq{i}" for i in range(start, stop)]
 
+        def cached_request(self, request_id, rows, span=None):
+            return None  # nothing kept: every request is read on the reader thread
+
         def request(self, request_id, rows, span=None):
             raise CorruptPart("parts/chunk-0000000.part is truncated")
 

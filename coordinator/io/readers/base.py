@@ -91,6 +91,12 @@ class Reader(abc.ABC):
         """Rows of [start, stop) the input itself makes unusable, and why; they are never sent."""
         return {}
 
+    @property
+    def checks_rows(self) -> bool:
+        """Whether `row_errors` does any work (it may read): a reader that keeps the default has
+        no row errors, and its requests can be built from kept blocks without a read."""
+        return type(self).row_errors is not Reader.row_errors
+
     def stored_fields(self) -> list[FieldInfo]:
         """Per-row fields the output keeps beside the model's outputs (e.g. `truncated`)."""
         return []

@@ -51,6 +51,10 @@ class View(Reader):
     def row_errors(self, start: int, stop: int) -> dict[int, str]:
         return self.inner.row_errors(start, stop)
 
+    @property
+    def checks_rows(self) -> bool:
+        return type(self).row_errors is not View.row_errors or self.inner.checks_rows
+
     def stored_fields(self) -> list[FieldInfo]:
         return self.inner.stored_fields()
 
