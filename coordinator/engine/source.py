@@ -107,6 +107,13 @@ def check_field(name: str, info: FieldInfo, datatype: str, shape: list[int]) -> 
         )
 
 
+def _row_range(rows: slice | np.ndarray) -> tuple[int, int]:
+    """The [lo, hi) span of a range or of row indices."""
+    if isinstance(rows, slice):
+        return rows.start, rows.stop
+    return int(rows.min()), int(rows.max()) + 1
+
+
 class RequestSource:
     """Reads rows for one model's requests. Its reading methods hold one lock, so one thread at a
     time reads: the reader thread for block reads, the event loop for `cached_request`."""
@@ -143,10 +150,7 @@ class RequestSource:
             return self._inputs_at(rows, span)
 
     def _inputs_at(self, rows: slice | np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-        if isinstance(rows, slice):
-            lo, hi = rows.start, rows.stop
-        else:
-            lo, hi = int(rows.min()), int(rows.max()) + 1
+        lo, hi = _row_range(rows)
         block = self._block(lo, hi, span or (lo, hi))
         if isinstance(rows, slice):
             pick: slice | np.ndarray = slice(lo - block.start, hi - block.start)
@@ -230,10 +234,7 @@ class RequestSource:
         if self._checks_rows or not self._lock.acquire(blocking=False):
             return None
         try:
-            if isinstance(rows, slice):
-                lo, hi = rows.start, rows.stop
-            else:
-                lo, hi = int(rows.min()), int(rows.max()) + 1
+            lo, hi = _row_range(rows)
             if not any(block.start <= lo and hi <= block.stop for block in self._blocks.values()):
                 return None
             return self._request(request_id, rows, span)

@@ -24,7 +24,7 @@ from pathlib import Path
 from tensorfleet.core.auth import token_from
 from tensorfleet.core.exit_codes import EXIT_FATAL, EXIT_OK
 
-from .sbatch_script import placement_options, sbatch_option, script_header
+from .sbatch_script import placement_options, sbatch_option, script_header, write_script
 from .slurm_steps import (
     MAX_RESTARTS,
     RESTART_TIMEOUT_S,
@@ -284,9 +284,7 @@ def run_subcommand(args: argparse.Namespace) -> int:
         script_dir = _script_dir(script)
         script_dir.mkdir(parents=True, exist_ok=True)
         path = script_dir / "submit.sbatch"
-        path.write_text(script)
-        if "TENSORFLEET_TOKEN" in script:
-            path.chmod(0o600)  # it holds the servers' token
+        write_script(path, script)
         job_id = submit(script)
     except SlurmError as error:
         print(f"tensorfleet: error: {error}", file=sys.stderr)

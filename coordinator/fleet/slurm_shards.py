@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tensorfleet.core.exit_codes import EXIT_OK
 
-from .sbatch_script import placement_options, sbatch_option, script_header
+from .sbatch_script import placement_options, sbatch_option, script_header, write_script
 from .slurm_steps import SlurmError
 
 #: The placeholder a dry run shows for the array's job id (sbatch gives it at submission).
@@ -66,13 +66,11 @@ def submit_sharded(args: argparse.Namespace, array_script: str, submit, script_d
     folder = script_dir(array_script)
     folder.mkdir(parents=True, exist_ok=True)
     array_path = folder / "submit-array.sbatch"
-    array_path.write_text(array_script)
-    if "TENSORFLEET_TOKEN=" in array_script:
-        array_path.chmod(0o600)  # it holds the servers' token
+    write_script(array_path, array_script)
     array_id = submit(array_script)
     merge_script = render_merge_script(array_script, args.shards, array_id, **merge_options)
     merge_path = folder / "submit-merge.sbatch"
-    merge_path.write_text(merge_script)
+    write_script(merge_path, merge_script)
     merge_id = submit(merge_script)
     print(f"submitted batch job {array_id} (array of {args.shards} shards, script {array_path}) and merge job "
           f"{merge_id} after it (script {merge_path}); follow them with: squeue -j {array_id},{merge_id}")
